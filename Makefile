@@ -1,0 +1,26 @@
+# `make demo` and `make test` both create .venv/ when it is missing.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.neuroscan-installed
+# CPU-only machines get the small CPU build of torch first; an unpinned torch is a multi-GB CUDA build.
+HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+
+.PHONY: demo test clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+ifneq ($(HAS_CUDA),yes)
+	$(PY) -m pip install -q torch==2.13.0
+endif
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/neuroscan scan seed --out runs/demo --stages 2 --overwrite
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs/ .pytest_cache

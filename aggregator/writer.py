@@ -1,0 +1,49 @@
+"""Write one table file atomically (temporary name, fsync, rename) and describe it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aggregator.manifest import fsync_dir
+
+SUFFIX = {"parquet": ".parquet", "arrow": ".arrow"}
+
+
+@dataclass(frozen=True)
+class PartFile:
+    path: str
+    """Relative to the output directory."""
+    rows: int
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def write_table(table: pa.Table, out_dir: Path, rel_stem: str, fmt: str) -> PartFile:
+    """Write ``table`` to ``out_dir/rel_stem + suffix``; the file appears complete or not at all."""
+    rel = rel_stem + SUFFIX[fmt]
+    final = Path(out_dir) / rel
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if fmt == "parquet":
+        pq.write_table(table, tmp, compression="zstd")
+    else:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    digest = hashlib.sha256()
+    with open(tmp, "rb+") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+        os.fsync(f.fileno())
+    size = tmp.stat().st_size
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    return PartFile(path=rel, rows=table.num_rows, bytes=size, sha256=digest.hexdigest())

@@ -1,0 +1,99 @@
+"""The ``neuroscan`` command line.
+
+Every command exits non-zero with one line, ``neuroscan: error: <what, the value, the fix>``,
+and no traceback, when the input is wrong (`cluster.errors.UserError` or a bad flag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cluster.errors import UserError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage block
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="neuroscan", description="Scan the MLP neurons of a GPT-J model over a prompt corpus.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    scan = sub.add_parser("scan", help="scan a prompt corpus and write Arrow tables")
+    scan.add_argument("prompts", help="a .jsonl/.csv/.parquet/.txt corpus, or a built-in corpus name (seed)")
+    scan.add_argument("--out", required=True, help="output directory")
+    scan.add_argument("--model", help="checkpoint directory or Hugging Face id in the local cache (default: the embedded tiny GPT-J)")
+    scan.add_argument("--stages", type=int, default=1, help="pipeline stages per replica (default 1)")
+    scan.add_argument("--replicas", type=int, default=1, help="pipeline replicas (default 1)")
+    scan.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    scan.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default auto)")
+    scan.add_argument("--high", type=float, default=3.0, help="select a neuron when some token is above this (default 3.0)")
+    scan.add_argument("--low", type=float, default=0.0, help="... or below this (default 0.0)")
+    scan.add_argument("--red", type=float, default=3.5, help="band edge between orange and red (default 3.5)")
+    scan.add_argument("--max-per-layer", type=int, default=500, help="keep at most K neurons per (prompt, layer), most extreme first; 0 keeps all (default 500)")
+    scan.add_argument("--batch-tokens", type=int, default=8192, help="token budget of a micro-batch (default 8192)")
+    scan.add_argument("--format", default="parquet", help="parquet (zstd) or arrow (default parquet)")
+    scan.add_argument("--truncate", action="store_true", help="keep the last tokens of prompts longer than the context instead of refusing them")
+    scan.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    scan.add_argument("--in-flight", type=int, default=0, help="micro-batches in flight per replica (default 2 x stages)")
+    scan.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    make = sub.add_parser("make-model", help="write a random GPT-J checkpoint in Hugging Face layout")
+    make.add_argument("--preset", default="tiny", help="tiny (the embedded model) or gptj-6b (GPT-J-6B's shapes, fp16)")
+    make.add_argument("--out", required=True, help="directory to write")
+    make.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def cmd_scan(args) -> int:
+    from cluster.config import ScanConfig, Selection
+    from cluster.driver import run_scan, summary_lines
+
+    cfg = ScanConfig(
+        prompts=args.prompts, out=args.out, model=args.model, stages=args.stages, replicas=args.replicas,
+        device=args.device, dtype=args.dtype,
+        selection=Selection(high=args.high, low=args.low, red=args.red, max_per_layer=args.max_per_layer),
+        batch_tokens=args.batch_tokens, format=args.format, truncate=args.truncate, overwrite=args.overwrite,
+        in_flight=args.in_flight, progress=not args.quiet,
+    )
+    manifest = run_scan(cfg)
+    print("\n".join(summary_lines(manifest, str(Path(args.out)))))
+    return 0
+
+
+def cmd_make_model(args) -> int:
+    from workers.embedded import PRESETS, gptj_config, write_checkpoint
+
+    if args.preset not in PRESETS:
+        raise UserError(f"--preset {args.preset!r} is not known: use one of {', '.join(PRESETS)}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} is not empty: choose a new directory")
+    write_checkpoint(gptj_config(args.preset), out, seed=args.seed)
+    print(out)
+    return 0
+
+
+COMMANDS = {"scan": cmd_scan, "make-model": cmd_make_model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UserError as err:
+        print(f"neuroscan: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("neuroscan: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The run configuration: frozen dataclasses, validated on the driver before any actor starts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from cluster.errors import UserError
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+FORMATS = ("parquet", "arrow")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which (prompt, neuron) pairs are kept, and how tokens are coloured."""
+
+    high: float = 3.0
+    """A neuron is selected when some prompt token has activation > high (red or orange band)."""
+    low: float = 0.0
+    """... or < low (blue band). GELU is negative for every negative input, so low=0 selects a lot."""
+    red: float = 3.5
+    """Band edge between orange (high < act <= red) and red (act > red)."""
+    max_per_layer: int = 500
+    """Keep at most this many selected neurons per (prompt, layer), most extreme first; 0 keeps all.
+
+    Extremeness is ``max(max_act - high, low - min_act)``: how far the neuron goes past
+    the threshold it crossed. Ties go to the lower neuron index."""
+
+    def validate(self) -> None:
+        for name in ("high", "low", "red"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise UserError(f"--{name} {value} is not a finite number: give a real threshold")
+        if self.high <= self.low:
+            raise UserError(
+                f"--high {self.high} must be greater than --low {self.low}: raise --high or lower --low"
+            )
+        if self.red < self.high:
+            raise UserError(
+                f"--red {self.red} must be at least --high {self.high}: the red band sits above orange"
+            )
+        if self.max_per_layer < 0:
+            raise UserError(
+                f"--max-per-layer {self.max_per_layer} is negative: give 0 (keep all) or a positive cap"
+            )
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Everything a scan needs; one tree, checked by `validate` before Ray starts."""
+
+    prompts: str
+    """Prompt corpus: a .jsonl/.csv/.parquet/.txt file, or the name of a built-in corpus ("seed")."""
+    out: str
+    """Output directory (manifest.json, activations/, prompts/, layers/)."""
+    model: str | None = None
+    """Local checkpoint directory in Hugging Face layout; None uses the embedded tiny GPT-J."""
+    stages: int = 1
+    """Pipeline stages per replica; each holds a contiguous range of blocks."""
+    replicas: int = 1
+    """Independent copies of the pipeline; micro-batches are dealt round-robin."""
+    device: str = "cpu"
+    """Where stages run: "cpu" or "cuda" (one GPU per stage)."""
+    dtype: str = "auto"
+    """Weights and activations dtype; "auto" is float32 on CPU and the checkpoint's dtype on CUDA."""
+    selection: Selection = field(default_factory=Selection)
+    """Thresholds, band edges and the per-layer cap."""
+    batch_tokens: int = 8192
+    """Token budget of a micro-batch (rows x padded length)."""
+    format: str = "parquet"
+    """Table file format: Parquet (zstd) or Arrow IPC."""
+    truncate: bool = False
+    """Cut prompts longer than the model's context instead of refusing them."""
+    overwrite: bool = False
+    """Replace a non-empty output directory."""
+    in_flight: int = 0
+    """Micro-batches in flight per replica; 0 means 2 x stages, so every stage has work."""
+    rows_per_part: int = 500_000
+    """Activation rows buffered by the aggregator before it commits a part."""
+    progress: bool = True
+    """Draw a progress bar on stderr."""
+
+    def validate(self) -> None:
+        self.selection.validate()
+        if self.stages < 1:
+            raise UserError(f"--stages {self.stages} must be at least 1")
+        if self.replicas < 1:
+            raise UserError(f"--replicas {self.replicas} must be at least 1")
+        if self.device not in DEVICES:
+            raise UserError(f"--device {self.device!r} is not known: use one of {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype!r} is not known: use one of {', '.join(DTYPES)}")
+        if self.format not in FORMATS:
+            raise UserError(f"--format {self.format!r} is not known: use one of {', '.join(FORMATS)}")
+        if self.batch_tokens < 1:
+            raise UserError(f"--batch-tokens {self.batch_tokens} must be a positive number of tokens")
+        if self.in_flight < 0:
+            raise UserError(f"--in-flight {self.in_flight} must be 0 (automatic) or positive")
+
+    @property
+    def window(self) -> int:
+        """Micro-batches in flight per replica."""
+        return self.in_flight or 2 * self.stages
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,215 @@
+"""The driver: check everything, place the pipeline, stream micro-batches through it.
+
+Micro-batches are dealt round-robin to R replicas of an S-stage pipeline. Each stage call
+returns two objects: the hidden state (passed by reference to the next stage, so it goes
+stage to stage through the object store) and the stage's compact rows. The driver hands the
+row references of all stages to the aggregator in one call, so rows go from the stages to
+the aggregator directly; the driver only ever holds references. A bounded window of
+micro-batches in flight per replica keeps every stage busy without flooding memory.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from aggregator.aggregator import Aggregator
+from aggregator.manifest import NAME as MANIFEST_NAME
+from aggregator.schema import SCHEMA_VERSION
+from cluster import placement
+from cluster.config import ScanConfig
+from cluster.errors import UserError
+from cluster.partition import partition_layers
+from prompts.batching import micro_batches
+from workers.checkpoint import load_config, load_tokenizer, resolve_model
+from workers.shard import ShardSpec
+from workers.stage import Stage, StageSpec
+
+PACKAGES = ("neuroscan", "torch", "transformers", "accelerate", "ray", "pyarrow", "numpy")
+
+
+@dataclass
+class Plan:
+    """What the driver resolved before starting anything."""
+
+    model_id: str
+    model_path: str
+    revision: str | None
+    dtype: str
+    n_layers: int
+    context: int
+    bounds: list[tuple[int, int]]
+    tokenizer: object
+    vocab_size: int
+    n_prompts: int
+    n_tokens: int
+
+
+def plan(cfg: ScanConfig) -> Plan:
+    """Validate the config, the model and the whole corpus; nothing is started or written."""
+    cfg.validate()
+    source = resolve_model(cfg.model)
+    config = load_config(source.path)
+    bounds = partition_layers(config.n_layer, cfg.stages)
+    tokenizer = load_tokenizer(source.path)
+    n_prompts = n_tokens = 0
+    for batch, _ in micro_batches(cfg.prompts, tokenizer, config.n_positions, cfg.batch_tokens, cfg.truncate):
+        n_prompts += len(batch.prompt_ids)
+        n_tokens += int(batch.n_tokens.sum())
+    return Plan(
+        model_id=source.id, model_path=source.path, revision=source.revision,
+        dtype=resolve_dtype(cfg.dtype, cfg.device, config), n_layers=config.n_layer,
+        context=config.n_positions, bounds=bounds, tokenizer=tokenizer,
+        vocab_size=max(config.vocab_size, len(tokenizer)), n_prompts=n_prompts, n_tokens=n_tokens,
+    )
+
+
+def resolve_dtype(dtype: str, device: str, config) -> str:
+    """"auto" is float32 on the CPU (half precision is slow there) and the checkpoint's dtype on CUDA."""
+    if dtype != "auto":
+        return dtype
+    if device == "cpu":
+        return "float32"
+    stored = str(getattr(config, "dtype", None) or "float16").removeprefix("torch.")
+    return stored if stored in ("float16", "bfloat16", "float32") else "float16"
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a directory")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out {out} is not empty: pass --overwrite to replace it, or choose another directory")
+        if not (out / MANIFEST_NAME).exists():
+            raise UserError(f"--out {out} is not a neuroscan output directory (no {MANIFEST_NAME}): refusing to delete it; choose another")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create --out {out} ({err.strerror}): choose a writable directory") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"--out {out} is not writable: choose a writable directory")
+
+
+def token_strings(tokenizer, vocab_size: int) -> list[str]:
+    """Readable text of every token id (``<id:N>`` for ids the tokenizer does not know)."""
+    known = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return known + [f"<id:{i}>" for i in range(len(known), vocab_size)]
+
+
+def manifest_header(cfg: ScanConfig, p: Plan) -> dict:
+    sel = cfg.selection
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"id": p.model_id, "path": p.model_path, "dtype": p.dtype, "revision": p.revision},
+        "selection": {"high": sel.high, "low": sel.low, "max_per_layer": sel.max_per_layer},
+        "bands": {"low": sel.low, "high": sel.high, "red": sel.red},
+        "stages": cfg.stages,
+        "replicas": cfg.replicas,
+        "partition": [list(b) for b in p.bounds],
+        "device": cfg.device,
+        "batch_tokens": cfg.batch_tokens,
+        "format": cfg.format,
+        "prompts_source": cfg.prompts,
+        "versions": {name: _version(name) for name in PACKAGES},
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_scan(cfg: ScanConfig) -> dict:
+    """Run a scan end to end; returns the final manifest."""
+    p = plan(cfg)
+    out = Path(cfg.out)
+    prepare_output(out, cfg.overwrite)
+    n_stage_actors = cfg.stages * cfg.replicas
+    started_ray = placement.start_ray(n_stage_actors + 1)
+    group, actors = None, []
+    try:
+        group = placement.reserve(cfg.device, n_stage_actors)
+        threads = max(1, (os.cpu_count() or 1) // n_stage_actors) if cfg.device == "cpu" else 0
+        pipelines = []
+        for r in range(cfg.replicas):
+            pipe = []
+            for s, (start, stop) in enumerate(p.bounds):
+                spec = StageSpec(p.model_path, ShardSpec(start, stop, p.n_layers), cfg.device, p.dtype, cfg.selection, threads)
+                pipe.append(placement.stage_actor(Stage, group, r * cfg.stages + s, cfg.device).remote(spec))
+            pipelines.append(pipe)
+        actors = [a for pipe in pipelines for a in pipe]
+        aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(
+            str(out.resolve()), manifest_header(cfg, p), token_strings(p.tokenizer, p.vocab_size), cfg.format, cfg.rows_per_part
+        )
+        actors.append(aggregator)
+        ray.get([a.setup.remote() for a in actors[:-1]] + [aggregator.__ray_ready__.remote()])
+        t0 = time.perf_counter()
+        _stream(cfg, p, pipelines, aggregator)
+        seconds = time.perf_counter() - t0
+        timings = {"seconds": seconds, "prompts_per_s": p.n_prompts / seconds, "tokens_per_s": p.n_tokens / seconds}
+        return ray.get(aggregator.finish.remote(timings))
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if group is not None:
+            placement.remove_placement_group(group)
+        if started_ray:
+            ray.shutdown()
+
+
+def _stream(cfg: ScanConfig, p: Plan, pipelines: list[list], aggregator) -> None:
+    window = cfg.window * cfg.replicas
+    in_flight: deque = deque()
+    bar = tqdm(total=p.n_prompts, unit="prompt", file=sys.stderr, disable=not cfg.progress, dynamic_ncols=True)
+    tokens_done, t0 = 0, time.perf_counter()
+
+    def settle(ref) -> None:
+        nonlocal tokens_done
+        n_prompts, n_tokens = ray.get(ref)
+        tokens_done += n_tokens
+        bar.update(n_prompts)
+        bar.set_postfix_str(f"{tokens_done / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+
+    batches = micro_batches(cfg.prompts, p.tokenizer, p.context, cfg.batch_tokens, cfg.truncate)
+    for i, (batch, group) in enumerate(batches):
+        batch_ref = ray.put(batch)
+        hidden, rows = None, []
+        for stage in pipelines[i % len(pipelines)]:
+            hidden, stage_rows = stage.forward.options(num_returns=2).remote(batch_ref, hidden)
+            rows.append(stage_rows)
+        in_flight.append(aggregator.add.remote(group, *rows))
+        while len(in_flight) >= window:
+            settle(in_flight.popleft())
+    while in_flight:
+        settle(in_flight.popleft())
+    bar.close()
+
+
+def summary_lines(manifest: dict, out: str) -> list[str]:
+    """The closing report: where the tables are, throughput, per-layer means per prompt."""
+    totals, timings = manifest["totals"], manifest.get("timings", {})
+    lines = [
+        f"wrote {out}  ({totals['prompts']} prompts, {totals['tokens']} tokens, "
+        f"{totals['activation_rows']} activation rows, {timings.get('seconds', math.nan):.1f} s, "
+        f"{timings.get('tokens_per_s', math.nan):,.0f} tokens/s)",
+        "layer  mean selected  mean kept   (per prompt)",
+    ]
+    for layer, row in manifest["summary"]["layers"].items():
+        lines.append(f"{int(layer):5d}  {row['mean_selected']:13.1f}  {row['mean_kept']:9.1f}")
+    for family, acc in manifest["summary"]["accuracy"].items():
+        lines.append(f"accuracy {family}: {acc['correct']}/{acc['total']} ({acc['accuracy']:.0%})")
+    return lines

@@ -1,0 +1,81 @@
+"""Ray start-up, the placement group for S stages x R replicas, and the actors in it.
+
+Stages of one replica sit in consecutive bundles of one placement group packed onto as few
+nodes as possible (a node first, then across nodes). Actors are thin: `ray.remote` around
+the plain `workers.stage.Stage` and `aggregator.aggregator.Aggregator` classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.errors import UserError
+
+PLACEMENT_TIMEOUT_S = 120
+
+
+def start_ray(n_actors: int) -> bool:
+    """Connect to Ray (RAY_ADDRESS or an already started one) or start a local one.
+
+    A local Ray gets at least one logical CPU per actor, so a 2-core machine can still run
+    three stages and the aggregator (they take turns on the cores). Returns True when this
+    call started Ray, so the caller shuts it down.
+    """
+    if ray.is_initialized():
+        return False
+    common = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **common)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, n_actors), **common)
+    return True
+
+
+def stage_bundle(device: str) -> dict[str, float]:
+    return {"CPU": 1, "GPU": 1} if device == "cuda" else {"CPU": 1}
+
+
+def check_resources(device: str, n_stage_actors: int) -> None:
+    """Refuse at once when the cluster cannot hold the stages, instead of waiting for placement."""
+    available = ray.cluster_resources()
+    need = {k: v * n_stage_actors for k, v in stage_bundle(device).items()}
+    for resource, amount in need.items():
+        if available.get(resource, 0) < amount:
+            raise UserError(
+                f"the scan needs {amount:g} {resource} ({n_stage_actors} stage actors) but the Ray cluster "
+                f"has {available.get(resource, 0):g} ({_describe(available)}): lower --stages/--replicas "
+                "or add nodes (see `ray status`)"
+            )
+
+
+def reserve(device: str, n_stage_actors: int):
+    """A ready placement group with one bundle per stage actor."""
+    check_resources(device, n_stage_actors)
+    group = placement_group([stage_bundle(device)] * n_stage_actors, strategy="PACK")
+    ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        remove_placement_group(group)
+        raise UserError(
+            f"cannot place {n_stage_actors} bundles of {stage_bundle(device)} within {PLACEMENT_TIMEOUT_S} s "
+            f"(cluster: {_describe(ray.cluster_resources())}); see `ray status`"
+        )
+    return group
+
+
+def stage_actor(cls, group, bundle: int, device: str):
+    """``ray.remote(cls)`` pinned to one bundle; it may be restarted and its calls retried."""
+    return ray.remote(cls).options(
+        num_cpus=1,
+        num_gpus=1 if device == "cuda" else 0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
+    )
+
+
+def _describe(resources: dict) -> str:
+    shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory") or k.startswith("accelerator")}
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(shown.items())) or "no resources"

@@ -1,0 +1,117 @@
+"""Tokenise prompts and pack them into length-bucketed, right-padded micro-batches.
+
+A micro-batch row is the prompt's tokens followed by its expected answer's tokens (when it
+has one), then padding. Because attention is causal, the answer tokens do not change any
+activation on the prompt's tokens; they let the last stage check the answer by teacher
+forcing in the same forward pass. Reductions only look at the prompt's own tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from cluster.errors import UserError
+from prompts.readers import Prompt, read_prompts
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    prompt: Prompt
+    token_ids: list[int]
+    """The prompt's tokens (after --truncate, if it applied)."""
+    answer_ids: list[int]
+    """The expected answer tokenised as a continuation; empty without ``expected``."""
+
+    @property
+    def n_input(self) -> int:
+        return len(self.token_ids) + len(self.answer_ids)
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """What every stage of a pipeline receives for one forward pass (numpy, cheap to ship)."""
+
+    batch_id: int
+    prompt_ids: np.ndarray  # [batch] int64
+    input_ids: np.ndarray  # [batch, pos] int32, prompt + answer tokens, right-padded
+    n_tokens: np.ndarray  # [batch] int32, the prompt's own tokens
+    n_input: np.ndarray  # [batch] int32, prompt + answer tokens
+    answer_ids: np.ndarray  # [batch, answer] int32, -1 past each answer's end
+
+    @property
+    def n_padded_tokens(self) -> int:
+        return int(self.input_ids.size)
+
+
+def tokenize(prompts: list[Prompt], tokenizer, context: int, truncate: bool) -> list[Tokenized]:
+    ids = tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]
+    with_answer = [p.expected for p in prompts if p.expected is not None]
+    answers = iter(tokenizer(with_answer, add_special_tokens=False)["input_ids"] if with_answer else [])
+    out = []
+    for prompt, token_ids in zip(prompts, ids):
+        answer = next(answers) if prompt.expected is not None else []
+        if not token_ids:
+            raise UserError(f"prompt {prompt.id!r} tokenises to zero tokens: give it some text the tokenizer keeps")
+        if len(answer) >= context:
+            raise UserError(f"prompt {prompt.id!r}: its expected answer has {len(answer)} tokens, more than the model's context {context}: shorten it")
+        if len(token_ids) + len(answer) > context:
+            if not truncate:
+                raise UserError(
+                    f"prompt {prompt.id!r} has {len(token_ids)} tokens (+{len(answer)} answer tokens), more than "
+                    f"the model's context of {context}: shorten it or pass --truncate to keep its last tokens"
+                )
+            token_ids = token_ids[len(token_ids) + len(answer) - context :]
+        out.append(Tokenized(prompt, list(token_ids), list(answer)))
+    return out
+
+
+def pack(items: list[Tokenized], batch_tokens: int) -> list[list[Tokenized]]:
+    """Group prompts of similar length so that rows x longest row <= batch_tokens.
+
+    Longest first; a prompt longer than the budget gets a micro-batch of its own.
+    """
+    order = sorted(items, key=lambda t: (-t.n_input, t.prompt.prompt_id))
+    groups: list[list[Tokenized]] = []
+    for item in order:
+        if groups and (len(groups[-1]) + 1) * groups[-1][0].n_input <= batch_tokens:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+def make_batch(batch_id: int, group: list[Tokenized], pad_id: int) -> MicroBatch:
+    width = max(t.n_input for t in group)
+    answer_width = max(len(t.answer_ids) for t in group)
+    input_ids = np.full((len(group), width), pad_id, dtype=np.int32)
+    answer_ids = np.full((len(group), answer_width), -1, dtype=np.int32)
+    for row, t in enumerate(group):
+        input_ids[row, : t.n_input] = t.token_ids + t.answer_ids
+        answer_ids[row, : len(t.answer_ids)] = t.answer_ids
+    return MicroBatch(
+        batch_id=batch_id,
+        prompt_ids=np.array([t.prompt.prompt_id for t in group], dtype=np.int64),
+        input_ids=input_ids,
+        n_tokens=np.array([len(t.token_ids) for t in group], dtype=np.int32),
+        n_input=np.array([t.n_input for t in group], dtype=np.int32),
+        answer_ids=answer_ids,
+    )
+
+
+def micro_batches(
+    source: str, tokenizer, context: int, batch_tokens: int, truncate: bool, chunk: int = 4096
+) -> Iterator[tuple[MicroBatch, list[Tokenized]]]:
+    """Stream (micro-batch, its prompts) pairs; lengths are bucketed within each chunk.
+
+    Batch ids are consecutive from 0 and depend only on the corpus and the budget, so a
+    resumed run plans the same micro-batches.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    batch_id = 0
+    for prompts in read_prompts(source, chunk=chunk):
+        for group in pack(tokenize(prompts, tokenizer, context, truncate), batch_tokens):
+            yield make_batch(batch_id, group, pad_id), group
+            batch_id += 1

@@ -1,0 +1,140 @@
+"""Read a prompt corpus from JSONL, CSV, Parquet, plain text or a built-in name, in chunks.
+
+Every reader yields lists of `Prompt` (a chunk at a time, never the whole file) and checks
+each row as it goes: a bad row stops the read with a one-line `UserError` naming the line or
+id and the fix. ``prompt_id`` is the 0-based position among the prompts; ``id`` is the user's
+id or ``str(prompt_id)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from cluster.errors import UserError
+from prompts.seed import BUILTIN
+
+SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".txt": "text"}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt_id: int
+    id: str
+    text: str
+    family: str | None = None
+    expected: str | None = None
+
+
+def read_prompts(source: str, chunk: int = 4096) -> Iterator[list[Prompt]]:
+    """Yield the corpus in chunks of at most ``chunk`` prompts, checking every row."""
+    rows = _rows(source)
+    seen: set[str] = set()
+    batch: list[Prompt] = []
+    for where, row in rows:
+        prompt = _to_prompt(len(seen), where, row)
+        if prompt.id in seen:
+            raise UserError(f"{where}: id {prompt.id!r} appears twice: give every prompt a unique id")
+        seen.add(prompt.id)
+        batch.append(prompt)
+        if len(batch) == chunk:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+    if not seen:
+        raise UserError(f"prompt corpus {source} holds no prompts: add at least one")
+
+
+def _rows(source: str) -> Iterable[tuple[str, dict]]:
+    """(where, row) pairs; ``where`` names the line or row for error messages."""
+    if source in BUILTIN and not Path(source).exists():
+        return ((f"{source}[{i}]", row) for i, row in enumerate(BUILTIN[source]))
+    path = Path(source)
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        known = ", ".join(sorted(SUFFIXES))
+        if not path.exists():
+            raise UserError(f"prompt file {source} does not exist: give a file ({known}) or a built-in corpus ({', '.join(BUILTIN)})")
+        raise UserError(f"prompt file {source} has an unknown type {path.suffix!r}: use one of {known}")
+    if not path.is_file():
+        raise UserError(f"prompt file {source} does not exist: check the path")
+    return {"jsonl": _jsonl, "csv": _csv, "parquet": _parquet, "text": _text}[kind](path)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{number}: the line is not valid UTF-8: save the file as UTF-8") from None
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    for number, line in _lines(path):
+        where = f"{path}:{number}"
+        if not line.strip():
+            raise UserError(f"{where}: blank line in JSONL: remove it (one JSON object a line)")
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where}: invalid JSON ({err.msg} at column {err.colno}): fix or remove the line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected a JSON object with a \"text\" field, got {type(row).__name__}")
+        yield where, row
+
+
+def _csv(path: Path) -> Iterator[tuple[str, dict]]:
+    reader = csv.DictReader(line for _, line in _lines(path))
+    if reader.fieldnames is None or "text" not in reader.fieldnames:
+        raise UserError(f"{path}: no \"text\" column in the CSV header {reader.fieldnames}: add one")
+    for row in reader:
+        yield f"{path}:{reader.line_num}", row
+
+
+def _parquet(path: Path) -> Iterator[tuple[str, dict]]:
+    try:
+        file = pq.ParquetFile(path)
+    except Exception as err:
+        raise UserError(f"{path}: not a readable Parquet file ({err}): write it again") from None
+    columns = [c for c in ("text", "id", "family", "expected") if c in file.schema_arrow.names]
+    if "text" not in columns:
+        raise UserError(f"{path}: no \"text\" column (columns: {file.schema_arrow.names}): add one")
+    offset = 0
+    for batch in file.iter_batches(batch_size=4096, columns=columns):
+        for i, row in enumerate(batch.to_pylist()):
+            yield f"{path} row {offset + i}", row
+        offset += batch.num_rows
+
+
+def _text(path: Path) -> Iterator[tuple[str, dict]]:
+    for number, line in _lines(path):
+        text = line.rstrip("\r\n")
+        if text.strip():  # blank lines separate nothing in a text corpus: skip them
+            yield f"{path}:{number}", {"text": text}
+
+
+def _to_prompt(prompt_id: int, where: str, row: dict) -> Prompt:
+    text = row.get("text")
+    pid = row.get("id")
+    pid = str(prompt_id) if pid is None or pid == "" else str(pid)
+    if text is None:
+        raise UserError(f"{where}: prompt {pid!r} has no \"text\" field: add the prompt text")
+    if not isinstance(text, str):
+        raise UserError(f"{where}: prompt {pid!r} has a non-string text ({type(text).__name__}): quote it")
+    if not text.strip():
+        raise UserError(f"{where}: prompt {pid!r} is empty or whitespace only: remove it or give it text")
+    family, expected = row.get("family"), row.get("expected")
+    return Prompt(
+        prompt_id=prompt_id,
+        id=pid,
+        text=text,
+        family=None if family in (None, "") else str(family),
+        expected=None if expected in (None, "") else str(expected),
+    )

@@ -1,0 +1,134 @@
+"""Find a checkpoint on disk and read only the tensors a stage owns.
+
+A checkpoint is a directory in Hugging Face layout: ``config.json``, ``model.safetensors``
+or shards listed in ``model.safetensors.index.json``, and tokenizer files. safetensors
+files are memory-mapped and read tensor by tensor, so a stage that owns blocks [a, b) never
+touches the bytes of any other block.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoTokenizer, GPTJConfig
+
+from cluster.errors import UserError
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from, as recorded in the manifest."""
+
+    id: str
+    """What the user asked for (a directory or a Hugging Face id), or "embedded:tiny"."""
+    path: str
+    """The local directory actually loaded."""
+    revision: str | None = None
+    """The snapshot's commit hash when the model came from the Hugging Face cache."""
+
+
+def resolve_model(model: str | None) -> ModelSource:
+    """Map ``--model`` to a local checkpoint directory, checking it is complete."""
+    if model is None:
+        from workers.embedded import EMBEDDED_PRESET, embedded_model_dir
+
+        return ModelSource(id=f"embedded:{EMBEDDED_PRESET}", path=str(embedded_model_dir()))
+    path, revision = Path(model).expanduser(), None
+    if not path.exists():
+        if model.count("/") != 1 or model.startswith((".", "/", "~")):
+            raise UserError(f"model directory {model} does not exist: pass a checkpoint directory or omit --model")
+        path, revision = _from_hub_cache(model)
+    check_checkpoint(path)
+    return ModelSource(id=model, path=str(path.resolve()), revision=revision)
+
+
+def _from_hub_cache(repo_id: str) -> tuple[Path, str | None]:
+    """A Hugging Face id is looked up in the local cache only: neuroscan never downloads."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        raise UserError(
+            f"model {repo_id} is neither a local directory nor in the Hugging Face cache: "
+            f"download it first (huggingface-cli download {repo_id}) or pass its directory"
+        ) from None
+    return snapshot, snapshot.name
+
+
+def check_checkpoint(path: Path) -> None:
+    if not path.is_dir():
+        raise UserError(f"model path {path} is not a directory: pass a checkpoint directory")
+    if not (path / "config.json").exists():
+        raise UserError(f"model directory {path} has no config.json: pass a Hugging Face checkpoint directory")
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise UserError(
+            f"model directory {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
+            "save the tokenizer there with tokenizer.save_pretrained"
+        )
+    if not tensor_files(path):
+        raise UserError(
+            f"model directory {path} has no safetensors weights: convert the checkpoint to safetensors"
+        )
+
+
+def load_config(path: str | Path) -> GPTJConfig:
+    config = GPTJConfig.from_pretrained(path)
+    if config.model_type != "gptj":
+        raise UserError(f"model at {path} is a {config.model_type!r} model: neuroscan scans GPT-J models")
+    return config
+
+
+def load_tokenizer(path: str | Path):
+    return AutoTokenizer.from_pretrained(path)
+
+
+def tensor_files(path: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file name, from the index or the single file's header."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return json.loads(index.read_text())["weight_map"]
+    single = path / "model.safetensors"
+    if not single.exists():
+        return {}
+    with _open(single) as f:
+        return dict.fromkeys(f.keys(), single.name)
+
+
+def read_tensors(path: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Read exactly ``names`` (each from its own file), on the CPU."""
+    path = Path(path)
+    where = tensor_files(path)
+    missing = [n for n in names if n not in where]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks tensors {missing[:3]}: it is not a complete GPT-J checkpoint")
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(where[name], []).append(name)
+    tensors = {}
+    for file, keys in by_file.items():
+        try:
+            with _open(path / file) as f:
+                for key in keys:
+                    tensors[key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as err:
+            raise _corrupt(path / file, err) from None
+    return tensors
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise _corrupt(file, err) from None
+
+
+def _corrupt(file: Path, err: Exception) -> UserError:
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return UserError(f"cannot read weights file {file} ({reason}): it is truncated or corrupted; write or download it again")

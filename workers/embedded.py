@@ -1,0 +1,145 @@
+"""Model checkpoints written in code: the embedded tiny GPT-J and a GPT-J-6B-shaped one.
+
+No machine here reaches the Hugging Face hub, so neuroscan builds its own GPT-J checkpoints
+with random weights and writes them in the standard layout (config.json, safetensors shards
+with an index, tokenizer files). They are then loaded by exactly the code that loads a real
+checkpoint (`workers.checkpoint`). Tensors are generated and written shard by shard, so the
+6B preset never holds the whole model in memory.
+
+The embedded model has GPT-J's depth (28 blocks) at a tiny width. Its ``fc_in`` rows are
+scaled per neuron (pre-activation std drawn log-uniformly from 0.5 to 3) so ordinary text
+produces all four bands: some neurons rarely leave grey, others go red on many tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import GPTJConfig
+
+from workers.tokenizer import byte_tokenizer
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        vocab_size=257, n_positions=2048, n_embd=128, n_layer=28, n_head=4, rotary_dim=16,
+        n_inner=512, bos_token_id=256, eos_token_id=256, dtype="float32",
+    ),
+    # GPT-J-6B's exact shapes (EleutherAI/gpt-j-6b config.json), random fp16 weights.
+    "gptj-6b": dict(
+        vocab_size=50400, n_positions=2048, n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,
+        n_inner=None, bos_token_id=50256, eos_token_id=50256, dtype="float16",
+    ),
+}
+EMBEDDED_PRESET = "tiny"
+EMBEDDED_SEED = 0
+EMBEDDED_VERSION = 1
+"""Bump when the embedded model's recipe changes, so cached copies are rebuilt."""
+
+
+def gptj_config(preset: str, **overrides) -> GPTJConfig:
+    fields = {**PRESETS[preset], **overrides}
+    return GPTJConfig(architectures=["GPTJForCausalLM"], tie_word_embeddings=False, **fields)
+
+
+def embedded_model_dir() -> Path:
+    """The embedded model's directory, written on first use (atomically) under the cache."""
+    root = Path(os.environ.get("NEUROSCAN_CACHE", Path.home() / ".cache" / "neuroscan"))
+    path = root / "models" / f"{EMBEDDED_PRESET}-v{EMBEDDED_VERSION}-seed{EMBEDDED_SEED}"
+    if not (path / "config.json").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=".building-"))
+        write_checkpoint(gptj_config(EMBEDDED_PRESET), staging, seed=EMBEDDED_SEED)
+        try:
+            staging.rename(path)
+        except OSError:  # another process finished first; theirs is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def write_checkpoint(config: GPTJConfig, out: Path, seed: int = 0, shard_bytes: int = 2 << 30) -> Path:
+    """Write a random GPT-J checkpoint in Hugging Face layout; returns ``out``.
+
+    Each tensor is drawn from its own generator (seeded by name), so a tensor's values do not
+    depend on the shard size. At most one shard is in memory at a time.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, str(config.dtype or "float32").removeprefix("torch."))
+    shards: list[list[str]] = []  # tensor names, one list a shard
+    shard: dict[str, torch.Tensor] = {}
+    filled = total = 0
+
+    def flush() -> None:
+        save_file(shard, str(out / f"part-{len(shards)}.safetensors"), metadata={"format": "pt"})
+        shards.append(list(shard))
+        shard.clear()
+
+    for key, shape in _tensor_shapes(config).items():
+        tensor = _random_tensor(key, shape, seed).to(dtype)
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and filled + nbytes > shard_bytes:
+            flush()
+            filled = 0
+        shard[key] = tensor
+        filled += nbytes
+        total += nbytes
+    flush()
+    if len(shards) == 1:
+        os.replace(out / "part-0.safetensors", out / "model.safetensors")
+    else:  # Hugging Face names shards model-0000i-of-0000n.safetensors, listed in an index
+        weight_map = {}
+        for i, keys in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            os.replace(out / f"part-{i}.safetensors", out / name)
+            weight_map |= dict.fromkeys(keys, name)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    config.save_pretrained(out)
+    byte_tokenizer().save_pretrained(out)
+    return out
+
+
+def _tensor_shapes(config: GPTJConfig) -> dict[str, tuple[int, ...]]:
+    d, v = config.n_embd, config.vocab_size
+    inner = config.n_inner or 4 * d
+    shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (v, d)}
+    for i in range(config.n_layer):
+        p = f"transformer.h.{i}."
+        shapes |= {
+            p + "ln_1.weight": (d,), p + "ln_1.bias": (d,),
+            p + "attn.q_proj.weight": (d, d), p + "attn.k_proj.weight": (d, d),
+            p + "attn.v_proj.weight": (d, d), p + "attn.out_proj.weight": (d, d),
+            p + "mlp.fc_in.weight": (inner, d), p + "mlp.fc_in.bias": (inner,),
+            p + "mlp.fc_out.weight": (d, inner), p + "mlp.fc_out.bias": (d,),
+        }
+    shapes |= {
+        "transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,),
+        "lm_head.weight": (v, d), "lm_head.bias": (v,),
+    }
+    return shapes
+
+
+def _random_tensor(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+    if key.endswith(("ln_1.weight", "ln_f.weight")):
+        return torch.ones(shape)
+    if key.endswith(("ln_1.bias", "ln_f.bias", "fc_out.bias", "lm_head.bias")):
+        return torch.zeros(shape)
+    if key.endswith("fc_in.weight"):
+        # ln_1 output has unit variance per element, so row norm = pre-activation std.
+        inner, d = shape
+        std = torch.exp(torch.empty(inner, 1).uniform_(math.log(0.5), math.log(3.0), generator=gen))
+        return torch.randn(shape, generator=gen) * (std / math.sqrt(d))
+    if key.endswith("fc_in.bias"):
+        return torch.randn(shape, generator=gen) * 0.5 - 0.25
+    if key == "transformer.wte.weight":
+        return torch.randn(shape, generator=gen)
+    return torch.randn(shape, generator=gen) * 0.02

@@ -1,0 +1,115 @@
+"""The on-device reduction of one layer's MLP activations: pure tensor functions.
+
+For each (prompt, neuron), over the prompt's own tokens only (no padding, no appended answer
+tokens): the max and its first position, the min and its first position, how many tokens are
+above ``high`` and below ``low``. A neuron is *selected* when ``max > high or min < low``.
+At most ``max_per_layer`` selected neurons are kept per (prompt, layer): the most extreme
+first, by ``score = max(max_act - high, low - min_act)`` (how far past its threshold the
+neuron goes), ties to the lower neuron index. Kept rows carry 2-bit band codes per token
+(0 grey, 1 blue < low, 2 orange in (high, red], 3 red > red), four tokens a byte, token t
+in byte t // 4 at bits 2 * (t % 4).
+
+Everything here keeps fixed shapes ((B, K) with K the cap), so no step needs the host to
+look at a value: the stage compacts all its layers at once, once per micro-batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cluster.config import Selection
+
+ROW_FIELDS = ("neuron", "max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "bands")
+PROMPT_FIELDS = ("n_selected", "n_kept", "n_above_any", "mean_coverage")
+
+
+def band_codes(act: torch.Tensor, sel: Selection) -> torch.Tensor:
+    """2-bit band code of every activation, as uint8, same shape as ``act``."""
+    code = (act < sel.low).to(torch.uint8)
+    code.masked_fill_(act > sel.high, 2)
+    return code.masked_fill_(act > sel.red, 3)
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 2-bit codes along the last dim, four a byte: (..., T) -> (..., ceil(T / 4))."""
+    t = codes.shape[-1]
+    pad = (-t) % 4
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    quads = codes.reshape(*codes.shape[:-1], -1, 4).to(torch.int32)  # (..., T/4, 4)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=codes.device)
+    return (quads << shifts).sum(-1).to(torch.uint8)
+
+
+def reduce_layer(act: torch.Tensor, valid: torch.Tensor, sel: Selection) -> dict[str, torch.Tensor]:
+    """Reduce one layer's activations to fixed-shape candidate rows.
+
+    act:   [batch, pos, d_mlp] activations (any float dtype)
+    valid: [batch, pos] bool, True on the prompt's own tokens (prompts start at position 0)
+
+    Returns (B = batch, K = cap or d_mlp, W = ceil(pos / 4)):
+      kept [B, K] bool, neuron [B, K] int32 (ascending among kept rows), max_act/min_act [B, K]
+      float32, max_pos/min_pos/n_above/n_below [B, K] int16, bands [B, K, W] uint8, and per
+      prompt n_selected/n_kept/n_above_any [B] int32 and mean_coverage [B] float32 (mean over
+      kept neurons of the fraction of the prompt's tokens above ``high``).
+    """
+    b, t, n = act.shape
+    invalid = ~valid[:, :, None]  # [batch, pos, 1]
+    hi = act.masked_fill(invalid, float("-inf"))
+    max_act, max_pos = hi.max(dim=1)  # [batch, d_mlp]; first position on ties
+    n_above = (hi > sel.high).sum(dim=1)
+    del hi
+    lo = act.masked_fill(invalid, float("inf"))
+    min_act, min_pos = lo.min(dim=1)
+    n_below = (lo < sel.low).sum(dim=1)
+    del lo
+    max_act, min_act = max_act.float(), min_act.float()
+
+    selected = (max_act > sel.high) | (min_act < sel.low)  # [batch, d_mlp]
+    score = torch.maximum(max_act - sel.high, sel.low - min_act).masked_fill(~selected, float("-inf"))
+    k = n if sel.max_per_layer == 0 else min(sel.max_per_layer, n)
+    ranked = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]  # [batch, K]
+    ranked_kept = score.gather(1, ranked) > float("-inf")
+    # Kept neurons in ascending index order, the dropped slots (sentinel n) last.
+    neuron = torch.sort(torch.where(ranked_kept, ranked, n), dim=1).values
+    kept = neuron < n
+    idx = neuron.clamp(max=n - 1)  # [batch, K]
+
+    act_k = act.gather(2, idx[:, None, :].expand(b, t, k))  # [batch, pos, K]
+    codes = band_codes(act_k, sel).masked_fill(invalid, 0).transpose(1, 2)  # [batch, K, pos]
+    n_tokens = valid.sum(dim=1).clamp(min=1)  # [batch]
+    n_above_k = n_above.gather(1, idx)
+    n_kept = kept.sum(dim=1)
+    coverage = (n_above_k * kept).sum(dim=1).float() / (n_kept * n_tokens).clamp(min=1).float()
+    return {
+        "kept": kept,
+        "neuron": idx.to(torch.int32),
+        "max_act": max_act.gather(1, idx),
+        "max_pos": max_pos.gather(1, idx).to(torch.int16),
+        "min_act": min_act.gather(1, idx),
+        "min_pos": min_pos.gather(1, idx).to(torch.int16),
+        "n_above": n_above_k.to(torch.int16),
+        "n_below": n_below.gather(1, idx).to(torch.int16),
+        "bands": pack_codes(codes),
+        "n_selected": selected.sum(dim=1).to(torch.int32),
+        "n_kept": n_kept.to(torch.int32),
+        "n_above_any": (max_act > sel.high).sum(dim=1).to(torch.int32),
+        "mean_coverage": coverage,
+    }
+
+
+def compact(layers: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Stack a stage's per-layer outputs and keep only the kept rows, on the device.
+
+    Returns ``rows`` (M kept rows: ``layer_offset`` and ``row`` index the stage's layer and the
+    batch row, plus ROW_FIELDS) and ``per_prompt`` ([L, B] arrays of PROMPT_FIELDS). The
+    ``nonzero`` here is the stage's one host synchronisation per micro-batch.
+    """
+    kept = torch.stack([layer["kept"] for layer in layers])  # [L, B, K]
+    where = kept.nonzero()  # [M, 3]: layer offset, batch row, slot
+    rows = {"layer_offset": where[:, 0].to(torch.int16), "row": where[:, 1].to(torch.int32)}
+    for name in ROW_FIELDS:
+        stacked = torch.stack([layer[name] for layer in layers])  # [L, B, K, ...]
+        rows[name] = stacked[where[:, 0], where[:, 1], where[:, 2]]
+    per_prompt = {name: torch.stack([layer[name] for layer in layers]) for name in PROMPT_FIELDS}
+    return rows, per_prompt

@@ -1,0 +1,165 @@
+"""A pipeline stage: a shard of the model whose every owned ``mlp.act`` is reduced on the device.
+
+`Stage` is a plain class (tested without Ray); `workers.actor` wraps it for Ray. Its
+``__init__`` only stores the spec; weights load in `setup`, after Ray has placed the actor
+and set ``CUDA_VISIBLE_DEVICES``. Per micro-batch the stage runs its blocks once under
+scoped hooks, compacts the kept rows of all its layers on the device (one host sync), and
+copies them, with the hidden state for the next stage, to pinned host memory in one go.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cluster.config import Selection
+from prompts.batching import MicroBatch
+from workers.checkpoint import load_config
+from workers.reduce import compact, reduce_layer
+from workers.rows import Hidden, StageRows
+from workers.shard import ShardSpec, load_stage
+
+TOP_TOKENS = 5
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    model_path: str
+    shard: ShardSpec
+    device: str
+    """"cpu" or "cuda" (the GPU Ray assigned)."""
+    dtype: str
+    """A resolved torch dtype name: float32, float16 or bfloat16."""
+    selection: Selection
+    threads: int = 0
+    """torch intra-op threads on CPU; 0 leaves torch's default."""
+
+
+@contextmanager
+def reducing_hooks(blocks, valid: torch.Tensor, sel: Selection, sink: list) -> Iterator[None]:
+    """Reduce every block's ``mlp.act`` output into ``sink`` while the context is open."""
+
+    def hook(module, inputs, output):
+        sink.append(reduce_layer(output, valid, sel))
+
+    handles = [block.mlp.act.register_forward_hook(hook) for block in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class Stage:
+    def __init__(self, spec: StageSpec):
+        self.spec = spec
+        self.model = None
+
+    def setup(self) -> dict:
+        """Load this stage's weights on its device; returns what was loaded."""
+        if self.spec.threads:
+            torch.set_num_threads(self.spec.threads)
+        config = load_config(self.spec.model_path)
+        self.device = torch.device(self.spec.device)
+        self.model = load_stage(
+            self.spec.model_path, config, self.spec.shard, self.device, getattr(torch, self.spec.dtype)
+        )
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.device.type != "meta")
+        return {"layers": (self.spec.shard.start, self.spec.shard.stop), "weight_bytes": weights, "device": str(self.device)}
+
+    @torch.inference_mode()
+    def forward(self, batch: MicroBatch, hidden: Hidden | None = None) -> tuple[Hidden | None, StageRows]:
+        shard, dev = self.spec.shard, self.device
+        b, t = batch.input_ids.shape
+        pos = torch.arange(t, device=dev)
+        n_input = torch.as_tensor(batch.n_input, device=dev)
+        n_tokens = torch.as_tensor(batch.n_tokens, device=dev)
+        attention_mask = (pos[None, :] < n_input[:, None]).long()  # [batch, pos]
+        valid = pos[None, :] < n_tokens[:, None]  # [batch, pos], the prompt's own tokens
+        position_ids = pos[None, :].expand(b, t)
+        if shard.first:
+            x = torch.as_tensor(batch.input_ids, device=dev).long()
+        else:
+            x = _from_host(hidden, dev)
+
+        layers: list[dict[str, torch.Tensor]] = []
+        with reducing_hooks(self.model.body.h, valid, self.spec.selection, layers):
+            h = self.model(x, attention_mask, position_ids)  # [batch, pos, d_model]
+        rows, per_prompt = compact(layers)
+        device_out = {"rows": rows, "per_prompt": per_prompt}
+        if shard.last:
+            device_out["predictions"] = self._predict(h, batch)
+        else:
+            device_out["hidden"] = {"data": h}
+        host = _to_host(device_out)
+
+        out_hidden = None if shard.last else Hidden(host["hidden"]["data"], self.spec.dtype)
+        return out_hidden, StageRows(
+            batch_id=batch.batch_id,
+            start=shard.start,
+            rows=host["rows"],
+            per_prompt=host["per_prompt"],
+            predictions=host.get("predictions"),
+        )
+
+    def _predict(self, h: torch.Tensor, batch: MicroBatch) -> dict[str, torch.Tensor]:
+        """Top tokens after each prompt and whether its expected answer is the greedy continuation.
+
+        The answer tokens follow the prompt in the batch, so the logits at positions
+        n_tokens - 1 ... n_tokens + len(answer) - 2 predict them one by one (teacher forcing).
+        """
+        dev = h.device
+        answers = torch.as_tensor(batch.answer_ids, device=dev).long()  # [batch, answer]
+        steps = max(answers.shape[1], 1)
+        last = torch.as_tensor(batch.n_tokens, device=dev).long() - 1  # [batch]
+        at = (last[:, None] + torch.arange(steps, device=dev)).clamp(max=h.shape[1] - 1)  # [batch, steps]
+        picked = h.gather(1, at[:, :, None].expand(-1, -1, h.shape[2]))  # [batch, steps, d_model]
+        logits = self.model.lm_head(picked).float()  # [batch, steps, vocab]
+        top_probs, top_ids = logits[:, 0].softmax(-1).topk(TOP_TOKENS, dim=-1)
+        if answers.shape[1]:
+            hit = (logits.argmax(-1) == answers) | (answers < 0)
+            correct = torch.where(answers[:, 0] >= 0, hit.all(dim=1).to(torch.int8), -1)
+        else:
+            correct = torch.full((h.shape[0],), -1, dtype=torch.int8, device=dev)
+        return {"top_ids": top_ids.to(torch.int32), "top_probs": top_probs, "correct": correct.to(torch.int8)}
+
+
+def _to_host(tree: dict) -> dict:
+    """Copy a nested dict of device tensors to numpy: pinned, asynchronous, one sync at the end."""
+    cuda = any(t.is_cuda for t in _leaves(tree))
+    host = _map(tree, lambda t: _start_copy(t) if cuda else t.contiguous())
+    if cuda:
+        torch.cuda.current_stream().synchronize()
+    return _map(host, _numpy)
+
+
+def _start_copy(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _from_host(hidden: Hidden, device: torch.device) -> torch.Tensor:
+    with warnings.catch_warnings():  # object-store arrays are read-only; nothing writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.from_numpy(hidden.data)
+    if hidden.dtype == "bfloat16":
+        x = x.view(torch.bfloat16)
+    return x.to(device, non_blocking=True)
+
+
+def _leaves(tree: dict):
+    for value in tree.values():
+        yield from _leaves(value) if isinstance(value, dict) else (value,)
+
+
+def _map(tree: dict, fn) -> dict:
+    return {k: _map(v, fn) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
