@@ -1,0 +1,133 @@
+"""The reference a scan is checked against: a plain per-prompt forward pass with hooks.
+
+No batching, no padding, no pipeline: the full ``GPTJForCausalLM`` from ``from_pretrained``
+runs one prompt at a time, every ``mlp.act`` output is copied out, and the statistics,
+selection, cap and band codes are recomputed here in numpy from their documented
+definitions (independently of ``workers.reduce``). ``assert_scan_matches`` then compares a
+scan's output directory with it. Floating-point results of differently shaped batches are
+not bit-identical, so a disagreement is accepted only where the reference value lies within
+``tol`` of the threshold or edge that decides it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import torch
+from transformers import AutoTokenizer, GPTJForCausalLM
+
+from cluster.config import Selection
+
+
+def reference_scan(model_dir: Path, texts: list[str]) -> dict:
+    """prompt_id -> {"token_ids", "acts": [layers, pos, d_mlp] float32, "top_ids", "top_probs"}."""
+    model = GPTJForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    out = {}
+    for prompt_id, text in enumerate(texts):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        acts = []
+        hooks = [b.mlp.act.register_forward_hook(lambda m, i, o: acts.append(o[0].numpy().copy())) for b in model.transformer.h]
+        try:
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, -1]
+        finally:
+            for h in hooks:
+                h.remove()
+        probs = logits.softmax(-1)
+        top = probs.topk(5)
+        out[prompt_id] = {"token_ids": ids, "acts": np.stack(acts), "probs": probs.numpy(), "top_ids": top.indices.numpy()}
+    return out
+
+
+def expected_layer(acts: np.ndarray, sel: Selection) -> dict:
+    """Statistics of every neuron of one (prompt, layer) from its [pos, d_mlp] activations."""
+    mx, mn = acts.max(0), acts.min(0)
+    selected = (mx > sel.high) | (mn < sel.low)
+    score = np.where(selected, np.maximum(mx - sel.high, sel.low - mn), -np.inf)
+    chosen = sorted(np.flatnonzero(selected), key=lambda j: (-score[j], j))
+    if sel.max_per_layer:
+        chosen = chosen[: sel.max_per_layer]
+    return {"max": mx, "min": mn, "selected": selected, "score": score, "kept": set(int(j) for j in chosen)}
+
+
+def band_codes(acts: np.ndarray, sel: Selection) -> np.ndarray:
+    return np.select([acts > sel.red, acts > sel.high, acts < sel.low], [3, 2, 1], 0).astype(np.uint8)
+
+
+def unpack_bands(blob: bytes, n_tokens: int) -> np.ndarray:
+    """Band codes of a ``bands`` value; the bits past the last token must be zero."""
+    raw = np.frombuffer(blob, dtype=np.uint8)
+    codes = ((raw[:, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3).reshape(-1)
+    assert not codes[n_tokens:].any(), "bits past the prompt's last token are set"
+    return codes[:n_tokens]
+
+
+def read_activations(out_dir: Path) -> dict:
+    """(prompt_id, layer) -> {neuron: row dict} from a scan's activations/."""
+    table = ds.dataset(Path(out_dir) / "activations", partitioning="hive", format=_format(out_dir)).to_table()
+    rows = defaultdict(dict)
+    for row in table.to_pylist():
+        rows[(row["prompt_id"], row["layer"])][row["neuron"]] = row
+    return rows
+
+
+def _format(out_dir: Path) -> str:
+    return "arrow" if any(Path(out_dir).rglob("*.arrow")) else "parquet"
+
+
+def assert_scan_matches(out_dir: Path, ref: dict, sel: Selection, tol: float = 1e-4) -> int:
+    """Compare a scan's tables with the reference; returns the number of rows checked."""
+    got = read_activations(out_dir)
+    layers = ds.dataset(Path(out_dir) / "layers", format=_format(out_dir)).to_table().to_pylist()
+    layer_rows = {(r["prompt_id"], r["layer"]): r for r in layers}
+    checked = 0
+    n_layers = next(iter(ref.values()))["acts"].shape[0]
+    assert len(layer_rows) == len(ref) * n_layers
+    for prompt_id, r in ref.items():
+        for layer in range(n_layers):
+            acts = r["acts"][layer]  # [pos, d_mlp]
+            exp = expected_layer(acts, sel)
+            rows = got.get((prompt_id, layer), {})
+            _check_kept_set(set(rows), exp, sel, tol, (prompt_id, layer))
+            summary = layer_rows[(prompt_id, layer)]
+            assert summary["n_tokens"] == acts.shape[0]
+            assert summary["n_kept"] == len(rows)
+            assert abs(summary["n_selected"] - int(exp["selected"].sum())) <= _near_selection(exp, sel, tol)
+            for neuron, row in rows.items():
+                _check_row(row, acts[:, neuron], sel, tol, (prompt_id, layer, neuron))
+                checked += 1
+    return checked
+
+
+def _near_selection(exp: dict, sel: Selection, tol: float) -> int:
+    return int(((np.abs(exp["max"] - sel.high) < tol) | (np.abs(exp["min"] - sel.low) < tol)).sum())
+
+
+def _check_kept_set(kept: set, exp: dict, sel: Selection, tol: float, where) -> None:
+    differ = kept ^ exp["kept"]
+    if not differ:
+        return
+    scores = exp["score"]
+    boundary = min(scores[j] for j in exp["kept"]) if exp["kept"] else np.inf
+    for j in differ:  # only near-ties at the cap, or neurons at a selection threshold, may differ
+        at_cap = abs(scores[j] - boundary) < tol
+        at_threshold = abs(exp["max"][j] - sel.high) < tol or abs(exp["min"][j] - sel.low) < tol
+        assert at_cap or at_threshold, f"{where}: neuron {j} kept={j in kept}, reference says {j in exp['kept']} (score {scores[j]}, boundary {boundary})"
+
+
+def _check_row(row: dict, acts: np.ndarray, sel: Selection, tol: float, where) -> None:
+    assert abs(row["max_act"] - acts.max()) < tol, where
+    assert abs(row["min_act"] - acts.min()) < tol, where
+    assert abs(acts[row["max_pos"]] - acts.max()) < tol, where
+    assert abs(acts[row["min_pos"]] - acts.min()) < tol, where
+    assert (acts > sel.high + tol).sum() <= row["n_above"] <= (acts > sel.high - tol).sum(), where
+    assert (acts < sel.low - tol).sum() <= row["n_below"] <= (acts < sel.low + tol).sum(), where
+    assert len(row["bands"]) == (len(acts) + 3) // 4, where
+    codes = unpack_bands(row["bands"], len(acts))
+    mismatch = codes != band_codes(acts, sel)
+    near_edge = np.min(np.abs(acts[:, None] - np.array([sel.low, sel.high, sel.red])), axis=1) < tol
+    assert not (mismatch & ~near_edge).any(), f"{where}: band codes differ at tokens {np.flatnonzero(mismatch & ~near_edge)}"
