@@ -1,0 +1,140 @@
+"""The command line as a user meets it: a real scan read back by four libraries, and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster import placement
+from cluster.cli import main
+from cluster.config import ScanConfig
+from cluster.driver import run_scan
+from cluster.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+NEUROSCAN = [sys.executable, "-m", "cluster.cli"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*NEUROSCAN, *args], capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), timeout=600)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, corpus):
+    """One full scan through the console entry point, in its own process with its own Ray."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = run_cli("scan", str(corpus), "--out", str(out), "--stages", "3", "--batch-tokens", "600")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out, result
+
+
+def test_scan_prints_path_and_per_layer_summary(cli_run):
+    out, result = cli_run
+    assert result.stdout.startswith(f"wrote {out}")
+    assert "mean selected" in result.stdout
+    assert sum(1 for line in result.stdout.splitlines() if line.strip()[:2].strip().isdigit()) == 28
+    assert "prompt" in result.stderr and "tok/s" in result.stderr  # the progress bar went to stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["stages"] == 3
+    assert manifest["model"]["id"] == "embedded:tiny" and Path(manifest["model"]["path"]).is_dir()
+    assert manifest["selection"] == {"high": 3.0, "low": 0.0, "max_per_layer": 500}
+    assert manifest["bands"] == {"low": 0.0, "high": 3.0, "red": 3.5}
+    assert manifest["versions"]["torch"] and manifest["versions"]["pyarrow"]
+
+
+def test_output_reads_the_same_in_pyarrow_duckdb_polars_pandas(cli_run):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    out, _ = cli_run
+    arrow = ds.dataset(out / "activations", partitioning="hive").to_table()
+    n = arrow.num_rows
+    assert n == json.loads((out / "manifest.json").read_text())["totals"]["activation_rows"] > 0
+    con = duckdb.connect()
+    glob = str(out / "activations" / "*" / "*.parquet")
+    assert con.execute(f"select count(*) from read_parquet('{glob}', hive_partitioning=true)").fetchone()[0] == n
+    layers_duck = con.execute(f"select count(distinct layer) from read_parquet('{glob}', hive_partitioning=true)").fetchone()[0]
+    assert layers_duck == 28
+    frame = pl.scan_parquet(str(out / "activations" / "**" / "*.parquet"), hive_partitioning=True).collect()
+    assert frame.height == n and frame["layer"].n_unique() == 28
+    assert len(pd.read_parquet(out / "activations")) == n
+    assert len(pd.read_parquet(out / "prompts")) == 9
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    result = run_cli("scan", str(bad), "--out", str(tmp_path / "o"))
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"{bad}:2: invalid JSON" in result.stderr
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nonexistent/model"], "model directory /nonexistent/model does not exist"),
+        (["--high", "0", "--low", "0"], "--high 0.0 must be greater than --low 0.0"),
+        (["--high", "nan"], "not a finite number"),
+        (["--red", "1"], "--red 1.0 must be at least --high 3.0"),
+        (["--stages", "29"], "--stages 29 is not possible: the model has 28 layers"),
+        (["--stages", "0"], "--stages 0 must be at least 1"),
+        (["--device", "tpu"], "--device 'tpu' is not known"),
+        (["--stages", "two"], "invalid int value: 'two'"),
+    ],
+)
+def test_cli_errors(capsys, tmp_path, args, message):
+    code = main(["scan", "seed", "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("neuroscan: error: ") and err.count("\n") == 1
+    assert message in err
+
+
+def test_non_empty_output_directory_is_refused(capsys, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    assert main(["scan", "seed", "--out", str(tmp_path / "o")]) == 2
+    assert "is not empty: pass --overwrite" in capsys.readouterr().err
+    assert main(["scan", "seed", "--out", str(tmp_path / "o"), "--overwrite"]) == 2
+    assert "not a neuroscan output directory" in capsys.readouterr().err
+    assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
+
+
+def test_more_gpus_than_the_cluster_has(ray_session, tmp_path):
+    cfg = ScanConfig(prompts="seed", out=str(tmp_path / "o"), device="cuda", stages=3, replicas=2, progress=False)
+    with pytest.raises(UserError, match=r"needs 6 GPU \(6 stage actors\) but the Ray cluster has 4"):
+        run_scan(cfg)
+
+
+def test_placement_group_packs_stages_on_logical_gpus(ray_session):
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    group = placement.reserve("cuda", 4)
+    try:
+        table = placement_group_table(group)
+        assert table["state"] == "CREATED"
+        assert [b for b in table["bundles"].values()] == [{"CPU": 1.0, "GPU": 1.0}] * 4
+        assert len(set(table["bundles_to_node_id"].values())) == 1  # one node first
+    finally:
+        ray.util.remove_placement_group(group)
+
+
+def test_make_model_writes_a_loadable_checkpoint(capsys, tmp_path):
+    assert main(["make-model", "--preset", "tiny", "--out", str(tmp_path / "m")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "m")
+    from workers.checkpoint import resolve_model
+
+    assert resolve_model(str(tmp_path / "m")).path == str((tmp_path / "m").resolve())
+    assert main(["make-model", "--preset", "huge", "--out", str(tmp_path / "n")]) == 2
+    assert main(["make-model", "--out", str(tmp_path / "m")]) == 2  # not empty

@@ -1,0 +1,102 @@
+"""The aggregator (no Ray): schemas, parts, manifest, duplicate deliveries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+
+from aggregator.aggregator import Aggregator
+from aggregator.manifest import read_manifest, write_manifest
+from aggregator.schema import ACTIVATIONS, SCHEMA_VERSION, packed_bands
+from prompts.batching import Tokenized
+from prompts.readers import Prompt
+from workers.rows import StageRows
+
+HEADER = {"schema_version": SCHEMA_VERSION, "model": {"id": "m"}, "selection": {}, "bands": {}}
+
+
+def _group(ids, lengths):
+    return [Tokenized(Prompt(i, str(i), "t" * n, family="f", expected=" x"), [65] * n, [66]) for i, n in zip(ids, lengths)]
+
+
+def _stage_rows(batch_id, start, n_layers, lengths, rows_per_layer=2, last=True):
+    b = len(lengths)
+    m = n_layers * b * rows_per_layer
+    layer_offset = np.repeat(np.arange(n_layers), b * rows_per_layer).astype(np.int16)
+    row = np.tile(np.repeat(np.arange(b), rows_per_layer), n_layers).astype(np.int32)
+    width = (max(lengths) + 3) // 4
+    rows = {
+        "layer_offset": layer_offset, "row": row,
+        "neuron": np.tile(np.arange(rows_per_layer), n_layers * b).astype(np.int32),
+        "max_act": np.full(m, 4.0, np.float32), "max_pos": np.zeros(m, np.int16),
+        "min_act": np.full(m, -0.1, np.float32), "min_pos": np.zeros(m, np.int16),
+        "n_above": np.ones(m, np.int16), "n_below": np.ones(m, np.int16),
+        "bands": np.full((m, width), 0b11100100, np.uint8),
+    }
+    per_prompt = {k: np.full((n_layers, b), rows_per_layer, np.int32) for k in ("n_selected", "n_kept", "n_above_any")}
+    per_prompt["mean_coverage"] = np.full((n_layers, b), 0.5, np.float32)
+    predictions = {"top_ids": np.tile(np.arange(5, dtype=np.int32), (b, 1)), "top_probs": np.full((b, 5), 0.2, np.float32), "correct": np.array([1] + [0] * (b - 1), np.int8)} if last else None
+    return StageRows(batch_id, start, rows, per_prompt, predictions)
+
+
+def test_packed_bands_cuts_each_row_to_its_prompt():
+    bands = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    arr = packed_bands(bands, np.array([16, 1, 5]))
+    assert arr.to_pylist() == [bytes([0, 1, 2, 3]), bytes([4]), bytes([8, 9])]
+
+
+def test_parts_manifest_and_duplicates(tmp_path):
+    tokens = [chr(i) for i in range(256)]
+    agg = Aggregator(str(tmp_path), HEADER, tokens, rows_per_part=10)
+    assert read_manifest(tmp_path)["status"] == "running"
+    lengths = [5, 3]
+    for batch_id, ids in [(0, [0, 1]), (1, [2, 3]), (0, [0, 1])]:  # batch 0 delivered twice
+        agg.add(_group(ids, lengths), _stage_rows(batch_id, 0, 2, lengths, last=False), _stage_rows(batch_id, 2, 1, lengths))
+    manifest = agg.finish({"seconds": 1.0})
+    assert manifest["status"] == "complete"
+    assert manifest["totals"]["prompts"] == 4
+    committed = [b for part in manifest["parts"] for b in part["batches"]]
+    assert sorted(committed) == [0, 1]  # each batch once
+    for part in manifest["parts"]:
+        for f in part["files"]:
+            data = (tmp_path / f["path"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == f["sha256"] and len(data) == f["bytes"]
+    table = ds.dataset(tmp_path / "activations", partitioning="hive").to_table()
+    assert table.num_rows == manifest["totals"]["activation_rows"] == 2 * 3 * 2 * 2
+    assert sorted(set(table["layer"].to_pylist())) == [0, 1, 2]
+    assert table.schema.field("layer").type == pa.int32()
+    assert table.schema.metadata[b"neuroscan.schema_version"] == str(SCHEMA_VERSION).encode()
+    prompts = ds.dataset(tmp_path / "prompts").to_table().sort_by("prompt_id").to_pylist()
+    assert [p["prompt_id"] for p in prompts] == [0, 1, 2, 3]
+    assert prompts[0]["top_tokens"] == ["\x00", "\x01", "\x02", "\x03", "\x04"] and prompts[0]["correct"] is True
+    layers = ds.dataset(tmp_path / "layers").to_table()
+    assert layers.num_rows == 4 * 3
+    assert manifest["summary"]["layers"]["0"]["mean_kept"] == 2
+    assert manifest["summary"]["accuracy"]["f"] == {"correct": 2, "total": 4, "accuracy": 0.5}
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_bands_column_bytes_per_row(tmp_path):
+    agg = Aggregator(str(tmp_path), HEADER, [chr(i) for i in range(256)])
+    agg.add(_group([0, 1], [9, 2]), _stage_rows(0, 0, 1, [9, 2]))
+    agg.finish({})
+    table = ds.dataset(tmp_path / "activations", partitioning="hive").to_table().to_pylist()
+    assert {len(r["bands"]) for r in table if r["prompt_id"] == 0} == {3}
+    assert {len(r["bands"]) for r in table if r["prompt_id"] == 1} == {1}
+
+
+def test_manifest_replace_is_atomic(tmp_path):
+    write_manifest(tmp_path, {"a": 1})
+    write_manifest(tmp_path, {"a": 2})
+    assert json.loads((tmp_path / "manifest.json").read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_activation_schema_matches_contract():
+    assert ACTIVATIONS.names == ["prompt_id", "neuron", "max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "bands"]
+    assert "layer" not in ACTIVATIONS.names  # it comes from layer=NN

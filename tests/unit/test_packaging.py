@@ -1,0 +1,31 @@
+"""Our packages, not the PyPI packages that share their names, are the ones imported."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["cluster", "workers", "aggregator", "prompts"])
+def test_package_is_this_repository(name):
+    module = importlib.import_module(name)
+    assert Path(module.__file__).resolve().parent == ROOT / name
+
+
+def test_console_script_points_at_cli():
+    [entry] = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "neuroscan"]
+    assert entry.value == "cluster.cli:main"
+
+
+def test_aggregator_does_not_need_torch():
+    """The aggregator process unpickles StageRows; it should not pay for importing torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, aggregator.aggregator, workers.rows, prompts.batching; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip() == "False"

@@ -1,0 +1,139 @@
+"""Corpus readers and micro-batch packing."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.errors import UserError
+from prompts.batching import make_batch, micro_batches, pack, tokenize
+from prompts.readers import Prompt, read_prompts
+from prompts.seed import SEED_PROMPTS
+from workers.tokenizer import byte_tokenizer
+
+ROWS = [{"text": "alpha", "id": "a", "family": "f"}, {"text": "beta gamma"}, {"text": "delta", "expected": " x"}]
+
+
+def _all(source, **kw):
+    return [p for chunk in read_prompts(str(source), **kw) for p in chunk]
+
+
+@pytest.fixture(params=["jsonl", "csv", "parquet"])
+def corpus_file(request, tmp_path):
+    path = tmp_path / f"c.{request.param}"
+    if request.param == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    elif request.param == "csv":
+        lines = ["text,id,family,expected"] + [f"\"{r['text']}\",{r.get('id', '')},{r.get('family', '')},{r.get('expected', '')}" for r in ROWS]
+        path.write_text("\n".join(lines) + "\n")
+    else:
+        pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in ("text", "id", "family", "expected")} for r in ROWS]), path)
+    return path
+
+
+def test_readers_agree(corpus_file):
+    prompts = _all(corpus_file)
+    assert [p.prompt_id for p in prompts] == [0, 1, 2]
+    assert [p.id for p in prompts] == ["a", "1", "2"]  # the user's id, else str(prompt_id)
+    assert [p.text for p in prompts] == ["alpha", "beta gamma", "delta"]
+    assert prompts[0].family == "f" and prompts[1].family is None
+    assert prompts[2].expected == " x"
+
+
+def test_text_file_skips_blank_lines_and_chunks(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("one\n\n  \ntwo\nthree\n")
+    chunks = list(read_prompts(str(path), chunk=2))
+    assert [[p.text for p in c] for c in chunks] == [["one", "two"], ["three"]]
+
+
+def test_builtin_seed_prompts_are_verbatim():
+    prompts = _all("seed")
+    assert [p.expected for p in prompts] == [" mango", " 10"]
+    assert prompts[0].text.endswith("Alphabetical order of fruit names Next Word:")
+    assert prompts[1].text.startswith("1. Sequence: 1, 3, 5, 7 Pattern: Increase by 2 Next Number: 9\n")
+    assert all(not p["text"].endswith(" ") for p in SEED_PROMPTS)
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('{"text": "ok"}\n{"text": oops}\n', r"c\.jsonl:2: invalid JSON"),
+        ('{"text": "ok"}\n\n', r"c\.jsonl:2: blank line"),
+        ('{"id": "q"}\n', "prompt 'q' has no \"text\" field"),
+        ('{"text": "   ", "id": "blank"}\n', "prompt 'blank' is empty or whitespace only"),
+        ('{"text": "a", "id": 1}\n{"text": "b", "id": "1"}\n', "id '1' appears twice"),
+        ('[1, 2]\n', "expected a JSON object"),
+        ("", "holds no prompts"),
+    ],
+)
+def test_jsonl_errors_name_the_line_or_id(tmp_path, content, match):
+    path = tmp_path / "c.jsonl"
+    path.write_text(content)
+    with pytest.raises(UserError, match=match):
+        _all(path)
+
+
+def test_non_utf8_line_is_named(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(UserError, match=r"c\.jsonl:2: the line is not valid UTF-8"):
+        _all(path)
+
+
+def test_unknown_and_missing_files(tmp_path):
+    (tmp_path / "c.docx").write_text("x")
+    with pytest.raises(UserError, match="unknown type '.docx'"):
+        _all(tmp_path / "c.docx")
+    with pytest.raises(UserError, match="does not exist"):
+        _all(tmp_path / "missing.jsonl")
+    with pytest.raises(UserError, match="does not exist"):
+        _all("nonesuch")
+
+
+def test_csv_without_text_column(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("prompt,id\nhello,1\n")
+    with pytest.raises(UserError, match='no "text" column'):
+        _all(path)
+
+
+def _tok(text, pid=0, expected=None):
+    return Prompt(prompt_id=pid, id=str(pid), text=text, expected=expected)
+
+
+def test_tokenize_context_and_truncate():
+    tok = byte_tokenizer()
+    with pytest.raises(UserError, match="prompt '0' has 12 tokens \\(\\+2 answer tokens\\), more than the model's context of 10"):
+        tokenize([_tok("abcdefghijkl", expected="xy")], tok, context=10, truncate=False)
+    [t] = tokenize([_tok("abcdefghijkl", expected="xy")], tok, context=10, truncate=True)
+    assert bytes(t.token_ids).decode() == "efghijkl" and t.n_input == 10  # keeps the last tokens
+
+
+def test_pack_respects_budget_and_length_order():
+    tok = byte_tokenizer()
+    items = tokenize([_tok("x" * n, pid=i) for i, n in enumerate([5, 50, 7, 48, 6, 200])], tok, 2048, False)
+    groups = pack(items, batch_tokens=100)
+    for g in groups:
+        assert len(g) == 1 or len(g) * max(t.n_input for t in g) <= 100
+    assert sorted(t.prompt.prompt_id for g in groups for t in g) == list(range(6))
+    assert [t.prompt.prompt_id for t in groups[0]] == [5]  # over budget: alone
+
+
+def test_make_batch_right_pads_prompt_then_answer():
+    tok = byte_tokenizer()
+    items = tokenize([_tok("abc", 0, expected="de"), _tok("a", 1)], tok, 2048, False)
+    batch = make_batch(3, items, pad_id=256)
+    assert batch.input_ids.tolist() == [[97, 98, 99, 100, 101], [97, 256, 256, 256, 256]]
+    assert batch.n_tokens.tolist() == [3, 1] and batch.n_input.tolist() == [5, 1]
+    assert batch.answer_ids.tolist() == [[100, 101], [-1, -1]]
+
+
+def test_micro_batch_ids_are_deterministic():
+    tok = byte_tokenizer()
+    first = [(b.batch_id, b.prompt_ids.tolist()) for b, _ in micro_batches("seed", tok, 2048, 500, False)]
+    again = [(b.batch_id, b.prompt_ids.tolist()) for b, _ in micro_batches("seed", tok, 2048, 500, False)]
+    assert first == again == [(0, [0]), (1, [1])]

@@ -1,0 +1,90 @@
+"""workers.reduce against numpy on random tensors with padding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.config import Selection
+from tests.reference import band_codes, expected_layer, unpack_bands
+from workers.reduce import compact, pack_codes, reduce_layer
+
+
+def test_pack_codes_layout():
+    codes = torch.tensor([[1, 2, 3, 0, 3]], dtype=torch.uint8)  # token t -> byte t // 4, bits 2 * (t % 4)
+    packed = pack_codes(codes)
+    assert packed.tolist() == [[1 | 2 << 2 | 3 << 4, 3]]
+    assert unpack_bands(bytes(packed[0].tolist()), 5).tolist() == [1, 2, 3, 0, 3]
+
+
+@pytest.mark.parametrize("t", [1, 3, 4, 5, 17])
+def test_pack_roundtrip_random(t):
+    codes = torch.randint(0, 4, (6, t), dtype=torch.uint8)
+    packed = pack_codes(codes)
+    assert packed.shape == (6, (t + 3) // 4)
+    for row in range(6):
+        assert unpack_bands(bytes(packed[row].tolist()), t).tolist() == codes[row].tolist()
+
+
+def test_band_codes_edges():
+    sel = Selection(high=3.0, low=0.0, red=3.5)
+    from workers.reduce import band_codes as device_codes
+
+    acts = torch.tensor([-0.1, 0.0, 3.0, 3.01, 3.5, 3.51])
+    assert device_codes(acts, sel).tolist() == [1, 0, 0, 2, 2, 3]
+
+
+@pytest.mark.parametrize("cap", [0, 5, 40])
+def test_reduce_layer_matches_numpy(cap):
+    gen = torch.Generator().manual_seed(cap)
+    b, t, n = 4, 11, 40
+    act = torch.randn(b, t, n, generator=gen) * 2.0 + 0.5  # [batch, pos, d_mlp]
+    lengths = [11, 7, 1, 4]
+    valid = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
+    act[~valid] = 100.0  # padding must never leak into any statistic
+    sel = Selection(high=2.5, low=-1.0, red=3.5, max_per_layer=cap)
+    out = reduce_layer(act, valid, sel)
+    for row, length in enumerate(lengths):
+        a = act[row, :length].numpy()  # [pos, d_mlp]
+        exp = expected_layer(a, sel)
+        kept = out["kept"][row]
+        neurons = out["neuron"][row][kept].tolist()
+        assert neurons == sorted(exp["kept"])  # exact on CPU: same values, same rule
+        assert out["n_selected"][row] == exp["selected"].sum()
+        assert out["n_kept"][row] == len(neurons)
+        assert out["n_above_any"][row] == (a.max(0) > sel.high).sum()
+        for slot in np.flatnonzero(kept.numpy()):
+            j = int(out["neuron"][row, slot])
+            col = a[:, j]
+            assert out["max_act"][row, slot] == col.max() and out["max_pos"][row, slot] == col.argmax()
+            assert out["min_act"][row, slot] == col.min() and out["min_pos"][row, slot] == col.argmin()
+            assert out["n_above"][row, slot] == (col > sel.high).sum()
+            assert out["n_below"][row, slot] == (col < sel.low).sum()
+            codes = unpack_bands(bytes(out["bands"][row, slot].tolist())[: (length + 3) // 4], length)
+            assert codes.tolist() == band_codes(col, sel).tolist()
+        if neurons:
+            cover = np.mean([(a[:, j] > sel.high).sum() / length for j in neurons])
+            assert out["mean_coverage"][row].item() == pytest.approx(cover, rel=1e-6)
+
+
+def test_cap_prefers_most_extreme_then_lower_index():
+    sel = Selection(high=3.0, low=0.0, max_per_layer=2)
+    # neuron: 0 grey, 1 at 4.0 (score 1.0), 2 at -1.0 (score 1.0), 3 at 5.0 (score 2.0)
+    act = torch.tensor([[[1.0, 4.0, -1.0, 5.0]]])
+    out = reduce_layer(act, torch.ones(1, 1, dtype=torch.bool), sel)
+    assert out["neuron"][0][out["kept"][0]].tolist() == [1, 3]  # tie 1 vs 2 goes to the lower index
+    assert out["n_selected"].tolist() == [3]
+
+
+def test_compact_keeps_only_kept_rows_in_layer_order():
+    sel = Selection(max_per_layer=3)
+    gen = torch.Generator().manual_seed(1)
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    layers = [reduce_layer(torch.randn(2, 5, 8, generator=gen) * 3, valid, sel) for _ in range(3)]
+    rows, per_prompt = compact(layers)
+    total = sum(int(layer["kept"].sum()) for layer in layers)
+    assert len(rows["neuron"]) == total
+    assert rows["layer_offset"].tolist() == sorted(rows["layer_offset"].tolist())
+    assert per_prompt["n_kept"].shape == (3, 2)
+    assert per_prompt["n_kept"].sum() == total
