@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--in-flight", type=int, default=0, help="micro-batches in flight per replica (default 2 x stages)")
     scan.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    prompts = sub.add_parser("prompts", help="prompt corpora").add_subparsers(dest="prompts_command", required=True, parser_class=_Parser)
+    gen = prompts.add_parser("generate", help="write in-context sequence prompts (JSONL) in the seed prompts' formats")
+    gen.add_argument("--n", type=int, required=True, help="number of prompts")
+    gen.add_argument("--out", required=True, help="output .jsonl file")
+    gen.add_argument("--shots", type=int, default=3, help="in-context examples per prompt (default 3)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--families", help="comma-separated families (default: all)")
+    gen.add_argument("--variants", default="icl", help="comma-separated: icl, zero_shot, shuffled (default icl)")
+
     make = sub.add_parser("make-model", help="write a random GPT-J checkpoint in Hugging Face layout")
     make.add_argument("--preset", default="tiny", help="tiny (the embedded model) or gptj-6b (GPT-J-6B's shapes, fp16)")
     make.add_argument("--out", required=True, help="directory to write")
@@ -80,7 +89,17 @@ def cmd_make_model(args) -> int:
     return 0
 
 
-COMMANDS = {"scan": cmd_scan, "make-model": cmd_make_model}
+def cmd_prompts(args) -> int:
+    from prompts.generate import generate, write_jsonl
+
+    split = lambda value: [v.strip() for v in value.split(",") if v.strip()] if value else None  # noqa: E731
+    rows = generate(args.n, shots=args.shots, seed=args.seed, families=split(args.families), variants=split(args.variants))
+    write_jsonl(rows, Path(args.out))
+    print(args.out)
+    return 0
+
+
+COMMANDS = {"scan": cmd_scan, "make-model": cmd_make_model, "prompts": cmd_prompts}
 
 
 def main(argv: list[str] | None = None) -> int:

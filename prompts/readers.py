@@ -1,7 +1,7 @@
 """Read a prompt corpus from JSONL, CSV, Parquet, plain text or a built-in name, in chunks.
 
 Every reader yields lists of `Prompt` (a chunk at a time, never the whole file) and checks
-each row as it goes: a bad row stops the read with a one-line `UserError` naming the line or
+each row as it goes (``text`` required; ``id``, ``family``, ``variant``, ``expected`` optional): a bad row stops the read with a one-line `UserError` naming the line or
 id and the fix. ``prompt_id`` is the 0-based position among the prompts; ``id`` is the user's
 id or ``str(prompt_id)``.
 """
@@ -28,6 +28,7 @@ class Prompt:
     id: str
     text: str
     family: str | None = None
+    variant: str | None = None
     expected: str | None = None
 
 
@@ -103,7 +104,7 @@ def _parquet(path: Path) -> Iterator[tuple[str, dict]]:
         file = pq.ParquetFile(path)
     except Exception as err:
         raise UserError(f"{path}: not a readable Parquet file ({err}): write it again") from None
-    columns = [c for c in ("text", "id", "family", "expected") if c in file.schema_arrow.names]
+    columns = [c for c in ("text", "id", "family", "variant", "expected") if c in file.schema_arrow.names]
     if "text" not in columns:
         raise UserError(f"{path}: no \"text\" column (columns: {file.schema_arrow.names}): add one")
     offset = 0
@@ -130,11 +131,12 @@ def _to_prompt(prompt_id: int, where: str, row: dict) -> Prompt:
         raise UserError(f"{where}: prompt {pid!r} has a non-string text ({type(text).__name__}): quote it")
     if not text.strip():
         raise UserError(f"{where}: prompt {pid!r} is empty or whitespace only: remove it or give it text")
-    family, expected = row.get("family"), row.get("expected")
+    family, variant, expected = (row.get(k) for k in ("family", "variant", "expected"))
     return Prompt(
         prompt_id=prompt_id,
         id=pid,
         text=text,
         family=None if family in (None, "") else str(family),
+        variant=None if variant in (None, "") else str(variant),
         expected=None if expected in (None, "") else str(expected),
     )
