@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--families", help="comma-separated families (default: all)")
     gen.add_argument("--variants", default="icl", help="comma-separated: icl, zero_shot, shuffled (default icl)")
 
+    cmp = sub.add_parser("compare", help="neurons whose selection differs between two groups of prompts")
+    cmp.add_argument("dir", help="a scan's output directory")
+    cmp.add_argument("--by", required=True, help="family or variant")
+    cmp.add_argument("--a", help="group A (default: the first of exactly two groups)")
+    cmp.add_argument("--b", help="group B")
+    cmp.add_argument("--out", required=True, help="output .parquet file")
+
     make = sub.add_parser("make-model", help="write a random GPT-J checkpoint in Hugging Face layout")
     make.add_argument("--preset", default="tiny", help="tiny (the embedded model) or gptj-6b (GPT-J-6B's shapes, fp16)")
     make.add_argument("--out", required=True, help="directory to write")
@@ -99,7 +106,20 @@ def cmd_prompts(args) -> int:
     return 0
 
 
-COMMANDS = {"scan": cmd_scan, "make-model": cmd_make_model, "prompts": cmd_prompts}
+def cmd_compare(args) -> int:
+    from aggregator.compare import compare, write_compare
+
+    table = compare(Path(args.dir), args.by, args.a, args.b)
+    write_compare(table, Path(args.out))
+    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+    print(f"A = {meta['a']} ({meta['n_a']} prompts), B = {meta['b']} ({meta['n_b']} prompts); wrote {args.out}")
+    print("layer  neuron  A kept  B kept    diff       z")
+    for row in table.slice(0, 10).to_pylist():
+        print(f"{row['layer']:5d}  {row['neuron']:6d}  {row['a_frac']:6.2f}  {row['b_frac']:6.2f}  {row['diff']:6.2f}  {row['z']:6.2f}")
+    return 0
+
+
+COMMANDS = {"scan": cmd_scan, "make-model": cmd_make_model, "prompts": cmd_prompts, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,100 @@
+"""Which neurons separate two groups of prompts: ``neuroscan compare DIR --by family|variant``.
+
+Reads only the output tables (no model). For every (layer, neuron) it counts the prompts of
+group A and of group B on which the neuron was kept (a row in ``activations/``) and on which
+it fired red (``max_act > red``), and compares the two proportions with a two-proportion z
+statistic (pooled variance). Rows are sorted by effect: the absolute difference in the kept
+fraction, then |z|. Activations are read a record batch at a time, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from aggregator.writer import write_table
+from cluster.errors import UserError
+
+COMPARE = pa.schema(
+    [
+        ("layer", pa.int32()), ("neuron", pa.int32()),
+        ("a_kept", pa.int64()), ("b_kept", pa.int64()),
+        ("a_frac", pa.float64()), ("b_frac", pa.float64()), ("diff", pa.float64()), ("z", pa.float64()),
+        ("a_red_frac", pa.float64()), ("b_red_frac", pa.float64()), ("red_diff", pa.float64()),
+    ]
+)
+
+
+def _format(out_dir: Path) -> str:
+    manifest = out_dir / "manifest.json"
+    if not manifest.exists():
+        raise UserError(f"{out_dir} has no manifest.json: give a neuroscan output directory")
+    return json.loads(manifest.read_text()).get("format", "parquet")
+
+
+def groups(out_dir: Path, by: str, a: str | None, b: str | None) -> tuple[np.ndarray, str, str, int, int]:
+    """prompt_id -> 0 (group A), 1 (group B) or -1, plus the group names and sizes."""
+    if by not in ("family", "variant"):
+        raise UserError(f"--by {by!r} is not known: use family or variant")
+    prompts = ds.dataset(out_dir / "prompts", format=_format(out_dir)).to_table(columns=["prompt_id", by])
+    values = prompts[by].to_pylist()
+    present = sorted({v for v in values if v is not None})
+    if a is None and b is None:
+        if len(present) != 2:
+            raise UserError(f"--by {by} has {len(present)} groups {present[:10]}: name two with --a and --b")
+        a, b = present
+    if a not in present or b not in present or a == b:
+        raise UserError(f"--a {a!r} and --b {b!r} must be two different {by} values of this run: {present[:20]}")
+    ids = prompts["prompt_id"].to_numpy()
+    code = np.full(int(ids.max()) + 1, -1, dtype=np.int8)
+    code[ids] = [0 if v == a else 1 if v == b else -1 for v in values]
+    return code, a, b, int((code == 0).sum()), int((code == 1).sum())
+
+
+def compare(out_dir: str | Path, by: str, a: str | None = None, b: str | None = None) -> pa.Table:
+    out_dir = Path(out_dir)
+    code, a, b, n_a, n_b = groups(out_dir, by, a, b)
+    red = json.loads((out_dir / "manifest.json").read_text())["bands"]["red"]
+    acts = ds.dataset(out_dir / "activations", partitioning="hive", format=_format(out_dir))
+    c = {name: np.zeros(0, dtype=np.int64) for name in ("a", "b", "a_red", "b_red")}
+    for batch in acts.to_batches(columns=["layer", "neuron", "prompt_id", "max_act"]):
+        key = batch["layer"].to_numpy().astype(np.int64) * (1 << 16) + batch["neuron"].to_numpy()  # neurons < 65,536
+        group = code[batch["prompt_id"].to_numpy()]
+        fired = batch["max_act"].to_numpy() > red
+        for name, mask in (("a", group == 0), ("b", group == 1), ("a_red", (group == 0) & fired), ("b_red", (group == 1) & fired)):
+            c[name] = _add(c[name], key[mask])
+    size = max(len(v) for v in c.values())
+    c = {name: np.pad(v, (0, size - len(v))) for name, v in c.items()}
+    keys = np.flatnonzero((c["a"] + c["b"]) > 0)
+    ka, kb = c["a"][keys], c["b"][keys]
+    pa_, pb_ = ka / n_a, kb / n_b
+    pooled = (ka + kb) / (n_a + n_b)
+    se = np.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+    z = np.divide(pa_ - pb_, se, out=np.zeros_like(se), where=se > 0)
+    ra, rb = c["a_red"][keys] / n_a, c["b_red"][keys] / n_b
+    order = np.lexsort((keys, -np.abs(z), -np.abs(pa_ - pb_)))
+    table = pa.table(
+        [
+            (keys >> 16).astype(np.int32)[order], (keys & 0xFFFF).astype(np.int32)[order], ka[order], kb[order],
+            pa_[order], pb_[order], (pa_ - pb_)[order], z[order], ra[order], rb[order], (ra - rb)[order],
+        ],
+        schema=COMPARE.with_metadata({"by": by, "a": a, "b": b, "n_a": str(n_a), "n_b": str(n_b)}),
+    )
+    return table
+
+
+def _add(total: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Add a histogram of ``keys`` to ``total``, growing it as needed."""
+    grown = np.bincount(keys, minlength=len(total))
+    grown[: len(total)] += total
+    return grown
+
+
+def write_compare(table: pa.Table, out: Path) -> None:
+    if out.suffix != ".parquet":
+        raise UserError(f"--out {out} must end in .parquet")
+    write_table(table, out.parent, out.stem, "parquet")

@@ -1,0 +1,74 @@
+"""compare on a constructed output directory: the separating neuron tops the list."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from aggregator.compare import compare
+from aggregator.schema import ACTIVATIONS, PROMPTS
+from cluster.cli import main
+from cluster.errors import UserError
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """20 'days' and 30 'months' prompts; neuron (3, 7) fires red on every days prompt only."""
+    families = ["days"] * 20 + ["months"] * 30
+    prompts = [
+        {"prompt_id": i, "id": str(i), "family": f, "variant": "icl", "text": "t", "token_ids": [1], "tokens": ["t"],
+         "n_tokens": 1, "expected": None, "top_tokens": [], "top_probs": [], "correct": None}
+        for i, f in enumerate(families)
+    ]
+    (tmp_path / "prompts").mkdir()
+    pq.write_table(pa.Table.from_pylist(prompts, schema=PROMPTS), tmp_path / "prompts" / "part-00001.parquet")
+    rng = np.random.default_rng(0)
+    rows = {layer: [] for layer in (0, 3)}
+    for pid, family in enumerate(families):
+        for layer in (0, 3):
+            for neuron in rng.choice(64, size=10, replace=False):
+                if (layer, neuron) != (3, 7):
+                    rows[layer].append((pid, int(neuron), float(rng.uniform(0, 5))))
+        if family == "days":
+            rows[3].append((pid, 7, 4.2))
+    for layer, items in rows.items():
+        table = pa.table(
+            {"prompt_id": [r[0] for r in items], "neuron": [r[1] for r in items], "max_act": [r[2] for r in items],
+             "max_pos": [0] * len(items), "min_act": [0.0] * len(items), "min_pos": [0] * len(items),
+             "n_above": [1] * len(items), "n_below": [0] * len(items), "bands": [b"\x03"] * len(items)},
+            schema=ACTIVATIONS,
+        )
+        (tmp_path / "activations" / f"layer={layer:02d}").mkdir(parents=True)
+        pq.write_table(table, tmp_path / "activations" / f"layer={layer:02d}" / "part-00001.parquet")
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "parquet", "bands": {"low": 0.0, "high": 3.0, "red": 3.5}}))
+    return tmp_path
+
+
+def test_separating_neuron_tops_the_list(run_dir):
+    table = compare(run_dir, "family", "days", "months")
+    top = table.slice(0, 1).to_pylist()[0]
+    assert (top["layer"], top["neuron"]) == (3, 7)
+    assert top["a_frac"] == 1.0 and top["b_frac"] == 0.0 and top["diff"] == 1.0
+    assert top["a_red_frac"] == 1.0 and top["red_diff"] == 1.0
+    assert top["z"] == pytest.approx(np.sqrt(50), rel=1e-9)  # pooled p = 0.4: 1 / sqrt(0.24 * (1/20 + 1/30))
+    diffs = np.abs(table["diff"].to_numpy())
+    assert (diffs[:-1] >= diffs[1:]).all()
+    swapped = compare(run_dir, "family", "months", "days").slice(0, 1).to_pylist()[0]
+    assert (swapped["layer"], swapped["neuron"], swapped["diff"]) == (3, 7, -1.0)
+
+
+def test_groups_default_and_errors(run_dir, tmp_path, capsys):
+    assert compare(run_dir, "family").schema.metadata[b"a"] == b"days"  # exactly two groups
+    with pytest.raises(UserError, match="variant has 1 groups"):
+        compare(run_dir, "variant")
+    with pytest.raises(UserError, match="must be two different family values"):
+        compare(run_dir, "family", "days", "weeks")
+    out = tmp_path / "cmp.parquet"
+    assert main(["compare", str(run_dir), "--by", "family", "--out", str(out)]) == 0
+    assert pq.read_table(out).num_rows > 1
+    assert "A = days (20 prompts)" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "nope"), "--by", "family", "--out", str(out)]) == 2
