@@ -35,7 +35,7 @@ class Aggregator:
         self.seen: set[int] = set()
         self._reset_buffer()
         self.layer_sums = defaultdict(lambda: np.zeros(3, dtype=np.float64))  # layer -> prompts, selected, kept
-        self.accuracy = defaultdict(lambda: [0, 0])  # family -> [correct, with answer]
+        self.accuracy = defaultdict(lambda: [0, 0])  # ("family" | "variant", value) -> [correct, with answer]
         write_manifest(self.out, self.manifest)
 
     def _reset_buffer(self) -> None:
@@ -82,9 +82,10 @@ class Aggregator:
     def _count_accuracy(self, group, correct: np.ndarray) -> None:
         for t, c in zip(group, correct.tolist()):
             if c >= 0:
-                counts = self.accuracy[t.prompt.family or ""]
-                counts[0] += c
-                counts[1] += 1
+                for key in (("family", t.prompt.family), ("variant", t.prompt.variant)):
+                    counts = self.accuracy[key]
+                    counts[0] += c
+                    counts[1] += 1
 
     def commit(self) -> None:
         """Write the buffered micro-batches as part N and list it in the manifest."""
@@ -116,7 +117,9 @@ class Aggregator:
             str(layer): {"mean_selected": s[1] / s[0], "mean_kept": s[2] / s[0]}
             for layer, s in sorted(self.layer_sums.items())
         }
-        accuracy = {family or "(none)": {"correct": c, "total": n, "accuracy": c / n} for family, (c, n) in sorted(self.accuracy.items())}
+        accuracy = {"family": {}, "variant": {}}
+        for (by, value), (c, n) in sorted(self.accuracy.items(), key=lambda item: (item[0][0], str(item[0][1]))):
+            accuracy[by][value or "(none)"] = {"correct": c, "total": n, "accuracy": c / n}
         return {"layers": layers, "accuracy": accuracy}
 
     def finish(self, timings: dict) -> dict:

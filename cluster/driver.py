@@ -210,6 +210,7 @@ def summary_lines(manifest: dict, out: str) -> list[str]:
     ]
     for layer, row in manifest["summary"]["layers"].items():
         lines.append(f"{int(layer):5d}  {row['mean_selected']:13.1f}  {row['mean_kept']:9.1f}")
-    for family, acc in manifest["summary"]["accuracy"].items():
-        lines.append(f"accuracy {family}: {acc['correct']}/{acc['total']} ({acc['accuracy']:.0%})")
+    for by, groups in manifest["summary"]["accuracy"].items():
+        for value, acc in groups.items():
+            lines.append(f"accuracy {by}={value}: {acc['correct']}/{acc['total']} ({acc['accuracy']:.0%})")
     return lines

@@ -77,7 +77,8 @@ def test_parts_manifest_and_duplicates(tmp_path):
     layers = ds.dataset(tmp_path / "layers").to_table()
     assert layers.num_rows == 4 * 3
     assert manifest["summary"]["layers"]["0"]["mean_kept"] == 2
-    assert manifest["summary"]["accuracy"]["f"] == {"correct": 2, "total": 4, "accuracy": 0.5}
+    assert manifest["summary"]["accuracy"]["family"]["f"] == {"correct": 2, "total": 4, "accuracy": 0.5}
+    assert manifest["summary"]["accuracy"]["variant"]["(none)"]["total"] == 4
     assert not list(tmp_path.rglob("*.tmp"))
 
 
