@@ -21,6 +21,7 @@ import pyarrow as pa
 from aggregator import schema
 from aggregator.manifest import write_manifest
 from aggregator.writer import write_table
+from cluster.memory import MemoryWatch
 
 
 class Aggregator:
@@ -33,6 +34,7 @@ class Aggregator:
         self.run_meta = {k: header[k] for k in ("model", "selection", "bands") if k in header}
         self.manifest = {**header, "status": "running", "parts": [], "totals": {"prompts": 0, "tokens": 0, "activation_rows": 0}}
         self.seen: set[int] = set()
+        self.watch = MemoryWatch()
         self._reset_buffer()
         self.layer_sums = defaultdict(lambda: np.zeros(3, dtype=np.float64))  # layer -> prompts, selected, kept
         self.accuracy = defaultdict(lambda: [0, 0])  # ("family" | "variant", value) -> [correct, with answer]
@@ -57,6 +59,10 @@ class Aggregator:
         prompt_ids = np.array([t.prompt.prompt_id for t in group], dtype=np.int64)
         n_tokens = np.array([len(t.token_ids) for t in group], dtype=np.int32)
         for stage in stages:
+            # Arrow wraps numpy without copying; copy once so that no buffered batch pins the
+            # stage's object-store buffers until the next commit.
+            stage.rows = {name: array.copy() for name, array in stage.rows.items()}
+            stage.per_prompt = {name: array.copy() for name, array in stage.per_prompt.items()}
             for layer, batch in schema.activation_batches(stage.rows, stage.start, prompt_ids, n_tokens).items():
                 self.buf_acts[layer].append(batch)
                 self.buf_rows += batch.num_rows
@@ -69,6 +75,7 @@ class Aggregator:
         totals = self.manifest["totals"]
         totals["prompts"] += len(group)
         totals["tokens"] += int(n_tokens.sum())
+        self.watch.sample()
         if self.buf_rows >= self.rows_per_part:
             self.commit()
         return len(group), int(n_tokens.sum())
@@ -121,6 +128,9 @@ class Aggregator:
         for (by, value), (c, n) in sorted(self.accuracy.items(), key=lambda item: (item[0][0], str(item[0][1]))):
             accuracy[by][value or "(none)"] = {"correct": c, "total": n, "accuracy": c / n}
         return {"layers": layers, "accuracy": accuracy}
+
+    def memory(self) -> dict[str, float]:
+        return self.watch.report()
 
     def finish(self, timings: dict) -> dict:
         """Commit what is buffered, mark the run complete; returns the final manifest."""

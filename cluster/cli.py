@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--truncate", action="store_true", help="keep the last tokens of prompts longer than the context instead of refusing them")
     scan.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     scan.add_argument("--in-flight", type=int, default=0, help="micro-batches in flight per replica (default 2 x stages)")
+    scan.add_argument("--rows-per-part", type=int, default=500_000, help="activation rows buffered before a part is committed (default 500000)")
     scan.add_argument("--quiet", action="store_true", help="no progress bar")
 
     prompts = sub.add_parser("prompts", help="prompt corpora").add_subparsers(dest="prompts_command", required=True, parser_class=_Parser)
@@ -76,7 +77,7 @@ def cmd_scan(args) -> int:
         device=args.device, dtype=args.dtype,
         selection=Selection(high=args.high, low=args.low, red=args.red, max_per_layer=args.max_per_layer),
         batch_tokens=args.batch_tokens, format=args.format, truncate=args.truncate, overwrite=args.overwrite,
-        in_flight=args.in_flight, progress=not args.quiet,
+        in_flight=args.in_flight, rows_per_part=args.rows_per_part, progress=not args.quiet,
     )
     manifest = run_scan(cfg)
     print("\n".join(summary_lines(manifest, str(Path(args.out)))))

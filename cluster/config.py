@@ -96,6 +96,8 @@ class ScanConfig:
             raise UserError(f"--format {self.format!r} is not known: use one of {', '.join(FORMATS)}")
         if self.batch_tokens < 1:
             raise UserError(f"--batch-tokens {self.batch_tokens} must be a positive number of tokens")
+        if self.rows_per_part < 1:
+            raise UserError(f"--rows-per-part {self.rows_per_part} must be a positive number of rows")
         if self.in_flight < 0:
             raise UserError(f"--in-flight {self.in_flight} must be 0 (automatic) or positive")
 

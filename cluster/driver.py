@@ -29,6 +29,7 @@ from aggregator.schema import SCHEMA_VERSION
 from cluster import placement
 from cluster.config import ScanConfig
 from cluster.errors import UserError
+from cluster.memory import MemoryWatch
 from cluster.partition import partition_layers
 from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer, resolve_model
@@ -158,9 +159,14 @@ def run_scan(cfg: ScanConfig) -> dict:
         actors.append(aggregator)
         ray.get([a.setup.remote() for a in actors[:-1]] + [aggregator.__ray_ready__.remote()])
         t0 = time.perf_counter()
-        _stream(cfg, p, pipelines, aggregator)
+        watch = MemoryWatch()
+        _stream(cfg, p, pipelines, aggregator, watch)
         seconds = time.perf_counter() - t0
-        timings = {"seconds": seconds, "prompts_per_s": p.n_prompts / seconds, "tokens_per_s": p.n_tokens / seconds}
+        *stages, aggregated = ray.get([a.memory.remote() for a in actors])
+        timings = {
+            "seconds": seconds, "prompts_per_s": p.n_prompts / seconds, "tokens_per_s": p.n_tokens / seconds,
+            "memory": {"driver": watch.report(), "aggregator": aggregated, "stages": stages},
+        }
         return ray.get(aggregator.finish.remote(timings))
     finally:
         for actor in actors:
@@ -171,7 +177,7 @@ def run_scan(cfg: ScanConfig) -> dict:
             ray.shutdown()
 
 
-def _stream(cfg: ScanConfig, p: Plan, pipelines: list[list], aggregator) -> None:
+def _stream(cfg: ScanConfig, p: Plan, pipelines: list[list], aggregator, watch: MemoryWatch) -> None:
     window = cfg.window * cfg.replicas
     in_flight: deque = deque()
     bar = tqdm(total=p.n_prompts, unit="prompt", file=sys.stderr, disable=not cfg.progress, dynamic_ncols=True)
@@ -181,6 +187,7 @@ def _stream(cfg: ScanConfig, p: Plan, pipelines: list[list], aggregator) -> None
         nonlocal tokens_done
         n_prompts, n_tokens = ray.get(ref)
         tokens_done += n_tokens
+        watch.sample()
         bar.update(n_prompts)
         bar.set_postfix_str(f"{tokens_done / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
 

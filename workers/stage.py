@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from cluster.config import Selection
+from cluster.memory import MemoryWatch, release_free_heap
 from prompts.batching import MicroBatch
 from workers.checkpoint import load_config
 from workers.reduce import compact, reduce_layer
@@ -59,6 +60,7 @@ class Stage:
     def __init__(self, spec: StageSpec):
         self.spec = spec
         self.model = None
+        self.watch = MemoryWatch()
 
     def setup(self) -> dict:
         """Load this stage's weights on its device; returns what was loaded."""
@@ -71,6 +73,9 @@ class Stage:
         )
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.device.type != "meta")
         return {"layers": (self.spec.shard.start, self.spec.shard.stop), "weight_bytes": weights, "device": str(self.device)}
+
+    def memory(self) -> dict[str, float]:
+        return self.watch.report()
 
     @torch.inference_mode()
     def forward(self, batch: MicroBatch, hidden: Hidden | None = None) -> tuple[Hidden | None, StageRows]:
@@ -99,6 +104,10 @@ class Stage:
         host = _to_host(device_out)
 
         out_hidden = None if shard.last else Hidden(host["hidden"]["data"], self.spec.dtype)
+        if dev.type == "cpu":
+            del h, layers, rows, per_prompt, device_out
+            release_free_heap()
+        self.watch.sample()
         return out_hidden, StageRows(
             batch_id=batch.batch_id,
             start=shard.start,
