@@ -48,10 +48,10 @@ def test_seed_prompts_match_the_format_patterns():
 
 
 def test_deterministic_and_unique():
-    a = generate(3000, seed=5, variants=["icl", "zero_shot", "shuffled"])
-    assert a == generate(3000, seed=5, variants=["icl", "zero_shot", "shuffled"])
-    assert a != generate(3000, seed=6, variants=["icl", "zero_shot", "shuffled"])
-    assert len({r["text"] for r in a}) == 3000 and len({r["id"] for r in a}) == 3000
+    a = generate(10_000, seed=5, variants=["icl", "zero_shot", "shuffled"])
+    assert a == generate(10_000, seed=5, variants=["icl", "zero_shot", "shuffled"])
+    assert a != generate(10_000, seed=6, variants=["icl", "zero_shot", "shuffled"])
+    assert len({r["text"] for r in a}) == 10_000 and len({r["id"] for r in a}) == 10_000
     assert {r["family"] for r in a} == set(FAMILIES) and len(FAMILIES) >= 12
     assert {r["variant"] for r in a} == {"icl", "zero_shot", "shuffled"}
 
