@@ -19,25 +19,38 @@ import numpy as np
 import pyarrow as pa
 
 from aggregator import schema
-from aggregator.manifest import write_manifest
+from aggregator.manifest import read_manifest, write_manifest
 from aggregator.writer import write_table
 from cluster.memory import MemoryWatch
 
 
 class Aggregator:
     def __init__(self, out_dir: str, header: dict, token_strings: list[str], fmt: str = "parquet", rows_per_part: int = 500_000):
-        """``header`` is the manifest's fixed part (model, selection, bands, stages, versions...)."""
+        """``header`` is the manifest's fixed part (model, selection, bands, stages, versions...).
+
+        When ``out_dir`` already has a manifest (a resumed run, or this actor restarted by Ray)
+        the aggregator continues it: committed parts stay, files no part lists are removed,
+        and micro-batches already committed are dropped if they arrive again.
+        """
         self.out = Path(out_dir)
         self.fmt = fmt
         self.rows_per_part = rows_per_part
         self.token_strings = token_strings
         self.run_meta = {k: header[k] for k in ("model", "selection", "bands") if k in header}
-        self.manifest = {**header, "status": "running", "parts": [], "totals": {"prompts": 0, "tokens": 0, "activation_rows": 0}}
-        self.seen: set[int] = set()
         self.watch = MemoryWatch()
+        existing = read_manifest(self.out)
+        if existing is None:
+            self.manifest = {
+                **header, "status": "running", "parts": [],
+                "totals": {"prompts": 0, "tokens": 0, "activation_rows": 0},
+                "counters": {"layers": {}, "accuracy": {"family": {}, "variant": {}}},
+            }
+        else:
+            self.manifest = {**existing, "status": "running"}
+            self.manifest.setdefault("resumed_at", []).append(_now())
+            remove_uncommitted(self.out, self.manifest)
+        self.seen: set[int] = {b for part in self.manifest["parts"] for b in part["batches"]}
         self._reset_buffer()
-        self.layer_sums = defaultdict(lambda: np.zeros(3, dtype=np.float64))  # layer -> prompts, selected, kept
-        self.accuracy = defaultdict(lambda: [0, 0])  # ("family" | "variant", value) -> [correct, with answer]
         write_manifest(self.out, self.manifest)
 
     def _reset_buffer(self) -> None:
@@ -46,6 +59,7 @@ class Aggregator:
         self.buf_layers: list[pa.RecordBatch] = []
         self.buf_batches: list[int] = []
         self.buf_rows = 0
+        self.buf_counts = {"prompts": 0, "tokens": 0, "layers": defaultdict(lambda: [0, 0, 0]), "accuracy": defaultdict(lambda: [0, 0])}
 
     def add(self, group: list, *stages) -> tuple[int, int]:
         """Take one micro-batch: its prompts (`prompts.batching.Tokenized`) and every stage's `StageRows`.
@@ -72,9 +86,8 @@ class Aggregator:
                 self.buf_prompts.append(schema.prompts_batch(group, stage.predictions, self.token_strings))
                 self._count_accuracy(group, stage.predictions["correct"])
         self.buf_batches.append(batch_id)
-        totals = self.manifest["totals"]
-        totals["prompts"] += len(group)
-        totals["tokens"] += int(n_tokens.sum())
+        self.buf_counts["prompts"] += len(group)
+        self.buf_counts["tokens"] += int(n_tokens.sum())
         self.watch.sample()
         if self.buf_rows >= self.rows_per_part:
             self.commit()
@@ -83,14 +96,16 @@ class Aggregator:
     def _count_layers(self, stage) -> None:
         selected, kept = stage.per_prompt["n_selected"], stage.per_prompt["n_kept"]  # [layers, batch]
         for offset in range(selected.shape[0]):
-            sums = self.layer_sums[stage.start + offset]
-            sums += (selected.shape[1], selected[offset].sum(), kept[offset].sum())
+            sums = self.buf_counts["layers"][str(stage.start + offset)]
+            sums[0] += selected.shape[1]
+            sums[1] += int(selected[offset].sum())
+            sums[2] += int(kept[offset].sum())
 
     def _count_accuracy(self, group, correct: np.ndarray) -> None:
         for t, c in zip(group, correct.tolist()):
             if c >= 0:
-                for key in (("family", t.prompt.family), ("variant", t.prompt.variant)):
-                    counts = self.accuracy[key]
+                for key in (("family", t.prompt.family or "(none)"), ("variant", t.prompt.variant or "(none)")):
+                    counts = self.buf_counts["accuracy"][key]
                     counts[0] += c
                     counts[1] += 1
 
@@ -109,10 +124,23 @@ class Aggregator:
         self.manifest["parts"].append(
             {"part": part, "batches": sorted(self.buf_batches), "files": [f.to_dict() for f in files]}
         )
-        self.manifest["totals"]["activation_rows"] += self.buf_rows
+        self._fold_counts()
         self.manifest["summary"] = self.summary()
         write_manifest(self.out, self.manifest)
         self._reset_buffer()
+
+    def _fold_counts(self) -> None:
+        """Counters cover committed parts only, so a resumed run counts every batch once."""
+        totals, counters, pending = self.manifest["totals"], self.manifest["counters"], self.buf_counts
+        totals["prompts"] += pending["prompts"]
+        totals["tokens"] += pending["tokens"]
+        totals["activation_rows"] += self.buf_rows
+        for layer, (n, selected, kept) in pending["layers"].items():
+            sums = counters["layers"].setdefault(layer, [0, 0, 0])
+            counters["layers"][layer] = [sums[0] + n, sums[1] + selected, sums[2] + kept]
+        for (by, value), (correct, total) in pending["accuracy"].items():
+            c, n = counters["accuracy"][by].get(value, [0, 0])
+            counters["accuracy"][by][value] = [c + correct, n + total]
 
     def _table(self, table_schema: pa.Schema, batches: list[pa.RecordBatch]) -> pa.Table:
         return pa.Table.from_batches(batches, schema=table_schema).replace_schema_metadata(
@@ -120,13 +148,16 @@ class Aggregator:
         )
 
     def summary(self) -> dict:
+        """Per-layer means per prompt and accuracy, from the committed counters."""
+        counters = self.manifest["counters"]
         layers = {
-            str(layer): {"mean_selected": s[1] / s[0], "mean_kept": s[2] / s[0]}
-            for layer, s in sorted(self.layer_sums.items())
+            layer: {"mean_selected": s[1] / s[0], "mean_kept": s[2] / s[0]}
+            for layer, s in sorted(counters["layers"].items(), key=lambda item: int(item[0]))
         }
-        accuracy = {"family": {}, "variant": {}}
-        for (by, value), (c, n) in sorted(self.accuracy.items(), key=lambda item: (item[0][0], str(item[0][1]))):
-            accuracy[by][value or "(none)"] = {"correct": c, "total": n, "accuracy": c / n}
+        accuracy = {
+            by: {value: {"correct": c, "total": n, "accuracy": c / n} for value, (c, n) in sorted(groups.items())}
+            for by, groups in counters["accuracy"].items()
+        }
         return {"layers": layers, "accuracy": accuracy}
 
     def memory(self) -> dict[str, float]:
@@ -136,7 +167,23 @@ class Aggregator:
         """Commit what is buffered, mark the run complete; returns the final manifest."""
         self.commit()
         self.manifest["summary"] = self.summary()
-        self.manifest["timings"] = {**timings, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.manifest["timings"] = {**timings, "finished_at": _now()}
         self.manifest["status"] = "complete"
         write_manifest(self.out, self.manifest)
         return self.manifest
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def remove_uncommitted(out: Path, manifest: dict) -> list[Path]:
+    """Delete table files no committed part lists (a part cut short by a crash); returns them."""
+    listed = {f["path"] for part in manifest["parts"] for f in part["files"]}
+    removed = []
+    for table in schema.TABLES:
+        for path in sorted((out / table).rglob("*")) if (out / table).exists() else []:
+            if path.is_file() and path.relative_to(out).as_posix() not in listed:
+                path.unlink()
+                removed.append(path)
+    return removed

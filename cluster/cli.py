@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--format", default="parquet", help="parquet (zstd) or arrow (default parquet)")
     scan.add_argument("--truncate", action="store_true", help="keep the last tokens of prompts longer than the context instead of refusing them")
     scan.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    scan.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same model, thresholds, corpus and --batch-tokens)")
     scan.add_argument("--in-flight", type=int, default=0, help="micro-batches in flight per replica (default 2 x stages)")
     scan.add_argument("--rows-per-part", type=int, default=500_000, help="activation rows buffered before a part is committed (default 500000)")
     scan.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -76,7 +77,7 @@ def cmd_scan(args) -> int:
         prompts=args.prompts, out=args.out, model=args.model, stages=args.stages, replicas=args.replicas,
         device=args.device, dtype=args.dtype,
         selection=Selection(high=args.high, low=args.low, red=args.red, max_per_layer=args.max_per_layer),
-        batch_tokens=args.batch_tokens, format=args.format, truncate=args.truncate, overwrite=args.overwrite,
+        batch_tokens=args.batch_tokens, format=args.format, truncate=args.truncate, overwrite=args.overwrite, resume=args.resume,
         in_flight=args.in_flight, rows_per_part=args.rows_per_part, progress=not args.quiet,
     )
     manifest = run_scan(cfg)
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"neuroscan: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("neuroscan: interrupted", file=sys.stderr)
+        print("neuroscan: interrupted: committed parts are kept; continue with the same command and --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -75,6 +75,8 @@ class ScanConfig:
     """Cut prompts longer than the model's context instead of refusing them."""
     overwrite: bool = False
     """Replace a non-empty output directory."""
+    resume: bool = False
+    """Continue the run in ``out``: keep its committed parts, redo the rest."""
     in_flight: int = 0
     """Micro-batches in flight per replica; 0 means 2 x stages, so every stage has work."""
     rows_per_part: int = 500_000

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.metadata
 import math
 import os
-import shutil
 import sys
 import time
 from collections import deque
@@ -24,12 +23,13 @@ import ray
 from tqdm import tqdm
 
 from aggregator.aggregator import Aggregator
-from aggregator.manifest import NAME as MANIFEST_NAME
+from aggregator.manifest import read_manifest
 from aggregator.schema import SCHEMA_VERSION
 from cluster import placement
 from cluster.config import ScanConfig
 from cluster.errors import UserError
 from cluster.memory import MemoryWatch
+from cluster.output import corpus_fingerprint, prepare_output
 from cluster.partition import partition_layers
 from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer, resolve_model
@@ -85,23 +85,6 @@ def resolve_dtype(dtype: str, device: str, config) -> str:
     return stored if stored in ("float16", "bfloat16", "float32") else "float16"
 
 
-def prepare_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: give a directory")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"--out {out} is not empty: pass --overwrite to replace it, or choose another directory")
-        if not (out / MANIFEST_NAME).exists():
-            raise UserError(f"--out {out} is not a neuroscan output directory (no {MANIFEST_NAME}): refusing to delete it; choose another")
-        shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create --out {out} ({err.strerror}): choose a writable directory") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"--out {out} is not writable: choose a writable directory")
-
-
 def token_strings(tokenizer, vocab_size: int) -> list[str]:
     """Readable text of every token id (``<id:N>`` for ids the tokenizer does not know)."""
     known = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
@@ -121,7 +104,8 @@ def manifest_header(cfg: ScanConfig, p: Plan) -> dict:
         "device": cfg.device,
         "batch_tokens": cfg.batch_tokens,
         "format": cfg.format,
-        "prompts_source": cfg.prompts,
+        "truncate": cfg.truncate,
+        "corpus": corpus_fingerprint(cfg.prompts),
         "versions": {name: _version(name) for name in PACKAGES},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -138,7 +122,11 @@ def run_scan(cfg: ScanConfig) -> dict:
     """Run a scan end to end; returns the final manifest."""
     p = plan(cfg)
     out = Path(cfg.out)
-    prepare_output(out, cfg.overwrite)
+    header = manifest_header(cfg, p)
+    committed = prepare_output(out, cfg.overwrite, cfg.resume, header)
+    existing = read_manifest(out)
+    if existing is not None and existing["status"] == "complete":
+        return existing  # resuming a finished run: nothing left to do
     n_stage_actors = cfg.stages * cfg.replicas
     started_ray = placement.start_ray(n_stage_actors + 1)
     group, actors = None, []
@@ -154,17 +142,17 @@ def run_scan(cfg: ScanConfig) -> dict:
             pipelines.append(pipe)
         actors = [a for pipe in pipelines for a in pipe]
         aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(
-            str(out.resolve()), manifest_header(cfg, p), token_strings(p.tokenizer, p.vocab_size), cfg.format, cfg.rows_per_part
+            str(out.resolve()), header, token_strings(p.tokenizer, p.vocab_size), cfg.format, cfg.rows_per_part
         )
         actors.append(aggregator)
         ray.get([a.setup.remote() for a in actors[:-1]] + [aggregator.__ray_ready__.remote()])
         t0 = time.perf_counter()
         watch = MemoryWatch()
-        _stream(cfg, p, pipelines, aggregator, watch)
+        n_prompts, n_tokens = _stream(cfg, p, pipelines, aggregator, watch, committed)
         seconds = time.perf_counter() - t0
         *stages, aggregated = ray.get([a.memory.remote() for a in actors])
         timings = {
-            "seconds": seconds, "prompts_per_s": p.n_prompts / seconds, "tokens_per_s": p.n_tokens / seconds,
+            "seconds": seconds, "prompts_per_s": n_prompts / seconds, "tokens_per_s": n_tokens / seconds,
             "memory": {"driver": watch.report(), "aggregator": aggregated, "stages": stages},
         }
         return ray.get(aggregator.finish.remote(timings))
@@ -177,15 +165,20 @@ def run_scan(cfg: ScanConfig) -> dict:
             ray.shutdown()
 
 
-def _stream(cfg: ScanConfig, p: Plan, pipelines: list[list], aggregator, watch: MemoryWatch) -> None:
+def _stream(cfg: ScanConfig, p: Plan, pipelines: list[list], aggregator, watch: MemoryWatch, committed: set[int]) -> tuple[int, int]:
+    """Send every micro-batch not yet committed through a pipeline, at most ``window`` in flight.
+
+    Returns the prompts and prompt tokens scanned in this session."""
     window = cfg.window * cfg.replicas
     in_flight: deque = deque()
     bar = tqdm(total=p.n_prompts, unit="prompt", file=sys.stderr, disable=not cfg.progress, dynamic_ncols=True)
-    tokens_done, t0 = 0, time.perf_counter()
+    prompts_done = tokens_done = 0
+    t0 = time.perf_counter()
 
     def settle(ref) -> None:
-        nonlocal tokens_done
+        nonlocal prompts_done, tokens_done
         n_prompts, n_tokens = ray.get(ref)
+        prompts_done += n_prompts
         tokens_done += n_tokens
         watch.sample()
         bar.update(n_prompts)
@@ -193,6 +186,9 @@ def _stream(cfg: ScanConfig, p: Plan, pipelines: list[list], aggregator, watch: 
 
     batches = micro_batches(cfg.prompts, p.tokenizer, p.context, cfg.batch_tokens, cfg.truncate)
     for i, (batch, group) in enumerate(batches):
+        if batch.batch_id in committed:
+            bar.update(len(group))
+            continue
         batch_ref = ray.put(batch)
         hidden, rows = None, []
         for stage in pipelines[i % len(pipelines)]:
@@ -204,6 +200,7 @@ def _stream(cfg: ScanConfig, p: Plan, pipelines: list[list], aggregator, watch: 
     while in_flight:
         settle(in_flight.popleft())
     bar.close()
+    return prompts_done, tokens_done
 
 
 def summary_lines(manifest: dict, out: str) -> list[str]:

@@ -103,10 +103,9 @@ def test_cli_errors(capsys, tmp_path, args, message):
 def test_non_empty_output_directory_is_refused(capsys, tmp_path):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep.txt").write_text("mine")
-    assert main(["scan", "seed", "--out", str(tmp_path / "o")]) == 2
-    assert "is not empty: pass --overwrite" in capsys.readouterr().err
-    assert main(["scan", "seed", "--out", str(tmp_path / "o"), "--overwrite"]) == 2
-    assert "not a neuroscan output directory" in capsys.readouterr().err
+    for flags in ([], ["--overwrite"], ["--resume"]):
+        assert main(["scan", "seed", "--out", str(tmp_path / "o"), *flags]) == 2
+        assert "is not empty and not a neuroscan output directory" in capsys.readouterr().err
     assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
 
 

@@ -1,0 +1,75 @@
+"""The output directory before a scan starts: fresh, replaced (--overwrite) or resumed (--resume).
+
+A resumed run must produce the tables an uninterrupted run would have, so it is refused
+when anything that shapes the rows differs from the run on disk: the model, its dtype, the
+thresholds and bands, the corpus (path and checksum) or the micro-batch budget (batch ids
+depend on it). Stages, replicas and the device may change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from aggregator.manifest import NAME as MANIFEST_NAME
+from aggregator.manifest import read_manifest
+from cluster.errors import UserError
+from prompts.seed import BUILTIN
+
+IDENTITY = {
+    "model.id": "--model", "model.path": "--model", "model.dtype": "--dtype",
+    "selection.high": "--high", "selection.low": "--low", "selection.max_per_layer": "--max-per-layer",
+    "bands.red": "--red", "batch_tokens": "--batch-tokens", "format": "--format",
+    "corpus.source": "PROMPTS", "corpus.sha256": "PROMPTS (its contents changed)", "truncate": "--truncate",
+}
+
+
+def corpus_fingerprint(source: str) -> dict:
+    if source in BUILTIN and not Path(source).exists():
+        return {"source": source, "sha256": None}
+    digest = hashlib.sha256()
+    with open(source, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"source": str(Path(source).resolve()), "sha256": digest.hexdigest()}
+
+
+def prepare_output(out: Path, overwrite: bool, resume: bool, header: dict) -> set[int]:
+    """Make ``out`` ready; returns the micro-batch ids already committed (empty unless resuming)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a directory")
+    existing = read_manifest(out) if out.is_dir() else None
+    if resume and existing is not None:
+        _check_same_run(out, existing, header)
+        return {b for part in existing["parts"] for b in part["batches"]}
+    if out.exists() and any(out.iterdir()):
+        if existing is None:
+            raise UserError(f"--out {out} is not empty and not a neuroscan output directory (no {MANIFEST_NAME}): choose another directory")
+        if not overwrite:
+            raise UserError(f"--out {out} is not empty: pass --resume to continue that run, --overwrite to replace it, or choose another directory")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create --out {out} ({err.strerror}): choose a writable directory") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"--out {out} is not writable: choose a writable directory")
+    return set()
+
+
+def _check_same_run(out: Path, existing: dict, header: dict) -> None:
+    for key, flag in IDENTITY.items():
+        before, now = _get(existing, key), _get(header, key)
+        if before != now:
+            raise UserError(
+                f"cannot resume {out}: {flag} differs (the run has {key}={before!r}, now {now!r}): "
+                "use the run's settings, or --overwrite to start again"
+            )
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree

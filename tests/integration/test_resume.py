@@ -1,0 +1,148 @@
+"""Nothing lost: a scan killed at any moment and resumed equals an uninterrupted scan.
+
+Each run is the real command in its own process group (driver, its local Ray and actors);
+kills are SIGKILL to the whole group, interrupts are SIGINT (Ctrl-C) to the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from prompts.generate import generate, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+FLAGS = ["--max-per-layer", "5", "--batch-tokens", "1024", "--rows-per-part", "3000", "--quiet"]
+
+
+def command(corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cluster.cli", "scan", str(corpus), "--out", str(out), *FLAGS, *extra]
+
+
+def run(corpus: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(command(corpus, out, *extra), capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def start(corpus: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen(command(corpus, out), cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_parts(out: Path, proc: subprocess.Popen, parts: int, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the scan finished before it could be interrupted"
+        try:
+            manifest = json.loads((out / "manifest.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            manifest = None
+        if manifest and len(manifest["parts"]) >= parts:
+            return manifest
+        time.sleep(0.05)
+    raise AssertionError(f"no {parts} parts within {timeout} s")
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(2)  # let Ray's fate-sharing processes go
+
+
+def tables(out: Path) -> dict:
+    sort = {"activations": [("layer", "ascending"), ("prompt_id", "ascending"), ("neuron", "ascending")],
+            "prompts": [("prompt_id", "ascending")], "layers": [("prompt_id", "ascending"), ("layer", "ascending")]}
+    return {
+        name: ds.dataset(out / name, partitioning="hive" if name == "activations" else None).to_table().sort_by(keys).replace_schema_metadata(None)
+        for name, keys in sort.items()
+    }
+
+
+def assert_same_output(out: Path, reference: Path) -> None:
+    got, want = tables(out), tables(reference)
+    for name in want:
+        assert got[name].num_rows == want[name].num_rows, name
+        assert got[name].equals(want[name]), name
+    m_got, m_want = (json.loads((d / "manifest.json").read_text()) for d in (out, reference))
+    assert m_got["status"] == "complete"
+    assert m_got["totals"] == m_want["totals"] and m_got["summary"] == m_want["summary"]
+    batches = [b for part in m_got["parts"] for b in part["batches"]]
+    assert sorted(batches) == sorted(set(batches))  # no batch committed twice
+    listed = {f["path"] for part in m_got["parts"] for f in part["files"]}
+    on_disk = {p.relative_to(out).as_posix() for t in ("activations", "prompts", "layers") for p in (out / t).rglob("*") if p.is_file()}
+    assert on_disk == listed
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("resume") / "prompts.jsonl"
+    write_jsonl(generate(600, families=["arithmetic", "countdown", "geometric"], variants=["zero_shot"], seed=3), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "out"
+    run(corpus, out)
+    assert len(json.loads((out / "manifest.json").read_text())["parts"]) >= 5
+    return out
+
+
+@pytest.mark.parametrize("parts_before_kill", [0, 3])
+def test_killed_run_resumes_to_the_same_tables(corpus, reference, tmp_path, parts_before_kill):
+    out = tmp_path / "out"
+    proc = start(corpus, out)
+    committed = wait_for_parts(out, proc, parts_before_kill)
+    kill_group(proc)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "running" and len(manifest["parts"]) >= len(committed["parts"])
+    run(corpus, out, "--resume")
+    assert_same_output(out, reference)
+
+
+def test_killed_during_the_final_summary(corpus, reference, tmp_path):
+    """Every part committed, the manifest not yet marked complete, a half-written part on disk."""
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["status"] = "running"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    stray = out / "activations" / "layer=00" / "part-99999.parquet"
+    stray.write_bytes(b"PAR1 half a file")
+    run(corpus, out, "--resume")
+    assert not stray.exists()
+    assert_same_output(out, reference)
+
+
+def test_ctrl_c_stops_quickly_and_resumes(corpus, reference, tmp_path):
+    out = tmp_path / "out"
+    proc = start(corpus, out)
+    wait_for_parts(out, proc, 2)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert time.monotonic() - sent < 15
+    assert "Traceback" not in stderr and "--resume" in stderr
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    run(corpus, out, "--resume")
+    assert_same_output(out, reference)
+
+
+def test_resume_refuses_other_settings(corpus, reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    for flags, message in [(["--high", "2.5"], "--high differs"), (["--batch-tokens", "2048"], "--batch-tokens differs")]:
+        cmd = [sys.executable, "-m", "cluster.cli", "scan", str(corpus), "--out", str(out), "--max-per-layer", "5", "--rows-per-part", "3000", "--batch-tokens", "1024", "--quiet", "--resume", *flags]
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert_same_output(out, reference)  # untouched
