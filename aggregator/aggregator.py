@@ -21,6 +21,7 @@ import pyarrow as pa
 from aggregator import schema
 from aggregator.manifest import read_manifest, write_manifest
 from aggregator.writer import write_table
+from cluster.errors import UserError
 from cluster.memory import MemoryWatch
 
 
@@ -116,11 +117,19 @@ class Aggregator:
         part = len(self.manifest["parts"]) + 1
         stem = f"part-{part:05d}"
         files = []
-        for layer in sorted(self.buf_acts):
-            table = self._table(schema.ACTIVATIONS, self.buf_acts[layer])
-            files.append(write_table(table, self.out, f"activations/layer={layer:02d}/{stem}", self.fmt))
-        files.append(write_table(self._table(schema.PROMPTS, self.buf_prompts), self.out, f"prompts/{stem}", self.fmt))
-        files.append(write_table(self._table(schema.LAYERS, self.buf_layers), self.out, f"layers/{stem}", self.fmt))
+        try:
+            for layer in sorted(self.buf_acts):
+                table = self._table(schema.ACTIVATIONS, self.buf_acts[layer])
+                files.append(write_table(table, self.out, f"activations/layer={layer:02d}/{stem}", self.fmt))
+            files.append(write_table(self._table(schema.PROMPTS, self.buf_prompts), self.out, f"prompts/{stem}", self.fmt))
+            files.append(write_table(self._table(schema.LAYERS, self.buf_layers), self.out, f"layers/{stem}", self.fmt))
+        except OSError as err:
+            for f in files:  # never listed: remove so that the directory holds committed parts only
+                (self.out / f.path).unlink(missing_ok=True)
+            raise UserError(
+                f"writing part {part} to {self.out} failed ({err.strerror or err}); parts 1-{part - 1} are intact: "
+                "fix the disk (space, permissions), then rerun the same command with --resume"
+            ) from None
         self.manifest["parts"].append(
             {"part": part, "batches": sorted(self.buf_batches), "files": [f.to_dict() for f in files]}
         )

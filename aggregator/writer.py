@@ -33,16 +33,20 @@ def write_table(table: pa.Table, out_dir: Path, rel_stem: str, fmt: str) -> Part
     final = Path(out_dir) / rel
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp")
-    if fmt == "parquet":
-        pq.write_table(table, tmp, compression="zstd")
-    else:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-    digest = hashlib.sha256()
-    with open(tmp, "rb+") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-        os.fsync(f.fileno())
+    try:
+        if fmt == "parquet":
+            pq.write_table(table, tmp, compression="zstd")
+        else:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+        digest = hashlib.sha256()
+        with open(tmp, "rb+") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     size = tmp.stat().st_size
     os.replace(tmp, final)
     fsync_dir(final.parent)

@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except UserError as err:
-        print(f"neuroscan: error: {err}", file=sys.stderr)
+        cause = getattr(err, "cause", None)  # raised in an actor: Ray wraps it with the remote traceback
+        print(f"neuroscan: error: {cause if isinstance(cause, UserError) else err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("neuroscan: interrupted: committed parts are kept; continue with the same command and --resume", file=sys.stderr)

@@ -72,10 +72,16 @@ def check_checkpoint(path: Path) -> None:
             f"model directory {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
             "save the tokenizer there with tokenizer.save_pretrained"
         )
-    if not tensor_files(path):
+    files = tensor_files(path)
+    if not files:
         raise UserError(
             f"model directory {path} has no safetensors weights: convert the checkpoint to safetensors"
         )
+    for name in sorted(set(files.values())):  # headers only: a truncated file fails here, before any actor starts
+        if not (path / name).exists():
+            raise UserError(f"weights file {path / name} listed in the index is missing: write or download it again")
+        with _open(path / name):
+            pass
 
 
 def load_config(path: str | Path) -> GPTJConfig:

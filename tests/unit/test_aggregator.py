@@ -101,3 +101,46 @@ def test_manifest_replace_is_atomic(tmp_path):
 def test_activation_schema_matches_contract():
     assert ACTIVATIONS.names == ["prompt_id", "neuron", "max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "bands"]
     assert "layer" not in ACTIVATIONS.names  # it comes from layer=NN
+
+
+def test_disk_full_during_a_part_keeps_earlier_parts(tmp_path, monkeypatch):
+    import errno
+
+    import aggregator.writer as writer
+    from cluster.errors import UserError
+
+    agg = Aggregator(str(tmp_path), HEADER, [chr(i) for i in range(256)], rows_per_part=1)
+    agg.add(_group([0, 1], [5, 3]), _stage_rows(0, 0, 3, [5, 3]))  # part 1 committed
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.parquet")}
+    calls = {"n": 0}
+    real = writer.pq.write_table
+
+    def full_disk(table, where, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # fail in the middle of part 2
+            with open(where, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(writer.pq, "write_table", full_disk)
+    with pytest.raises(UserError, match=r"writing part 2 .* failed \(No space left on device\); parts 1-1 are intact: .*--resume"):
+        agg.add(_group([2, 3], [5, 3]), _stage_rows(1, 0, 3, [5, 3]))
+    manifest = read_manifest(tmp_path)
+    assert [p["part"] for p in manifest["parts"]] == [1]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.parquet")} == before  # part 1 intact, nothing of part 2
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_restarted_aggregator_continues_the_manifest(tmp_path):
+    tokens = [chr(i) for i in range(256)]
+    first = Aggregator(str(tmp_path), HEADER, tokens, rows_per_part=1)
+    first.add(_group([0, 1], [5, 3]), _stage_rows(0, 0, 3, [5, 3]))
+    (tmp_path / "layers" / "part-00002.parquet").write_bytes(b"half")  # a part cut short
+    second = Aggregator(str(tmp_path), HEADER, tokens, rows_per_part=1)
+    assert not (tmp_path / "layers" / "part-00002.parquet").exists()
+    assert second.add(_group([0, 1], [5, 3]), _stage_rows(0, 0, 3, [5, 3])) == (0, 0)  # already committed
+    second.add(_group([2, 3], [5, 3]), _stage_rows(1, 0, 3, [5, 3]))
+    manifest = second.finish({})
+    assert [p["batches"] for p in manifest["parts"]] == [[0], [1]]
+    assert manifest["totals"]["prompts"] == 4 and manifest["summary"]["layers"]["0"]["mean_kept"] == 2

@@ -128,3 +128,19 @@ def test_missing_and_broken_checkpoints_are_refused(other_model, tmp_path):
     (single / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="truncated or corrupted"):
         checkpoint.read_tensors(single, ["lm_head.weight"])
+
+
+def test_truncated_weights_are_refused_before_loading(tmp_path):
+    path = write_checkpoint(gptj_config("tiny", n_layer=2, n_embd=32, n_head=2, rotary_dim=4, n_inner=64), tmp_path / "m")
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(UserError, match=r"model\.safetensors \(Error while deserializing header.*truncated or corrupted"):
+        checkpoint.resolve_model(str(path))
+
+
+def test_missing_shard_is_refused(other_model, tmp_path):
+    broken = tmp_path / "m"
+    shutil.copytree(other_model, broken)
+    next(broken.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(UserError, match="listed in the index is missing"):
+        checkpoint.resolve_model(str(broken))
