@@ -44,7 +44,7 @@ class Aggregator:
             self.manifest = {
                 **header, "status": "running", "parts": [],
                 "totals": {"prompts": 0, "tokens": 0, "activation_rows": 0},
-                "counters": {"layers": {}, "accuracy": {"family": {}, "variant": {}}},
+                "counters": {"layers": {}, "accuracy": {"family": {}, "variant": {}}}, "skipped": [],
             }
         else:
             self.manifest = {**existing, "status": "running"}
@@ -60,6 +60,7 @@ class Aggregator:
         self.buf_layers: list[pa.RecordBatch] = []
         self.buf_batches: list[int] = []
         self.buf_rows = 0
+        self.buf_skipped: list[dict] = []
         self.buf_counts = {"prompts": 0, "tokens": 0, "layers": defaultdict(lambda: [0, 0, 0]), "accuracy": defaultdict(lambda: [0, 0])}
 
     def add(self, group: list, *stages) -> tuple[int, int]:
@@ -93,6 +94,13 @@ class Aggregator:
         if self.buf_rows >= self.rows_per_part:
             self.commit()
         return len(group), int(n_tokens.sum())
+
+    def skip(self, batch_id: int, skipped: list[dict], batch_done: bool) -> None:
+        """Record prompts left out (--on-error skip); ``batch_done`` when nothing of the batch remains."""
+        self.buf_skipped.extend(skipped)
+        if batch_done and batch_id not in self.seen:
+            self.seen.add(batch_id)
+            self.buf_batches.append(batch_id)
 
     def _count_layers(self, stage) -> None:
         selected, kept = stage.per_prompt["n_selected"], stage.per_prompt["n_kept"]  # [layers, batch]
@@ -144,6 +152,7 @@ class Aggregator:
         totals["prompts"] += pending["prompts"]
         totals["tokens"] += pending["tokens"]
         totals["activation_rows"] += self.buf_rows
+        self.manifest.setdefault("skipped", []).extend(self.buf_skipped)
         for layer, (n, selected, kept) in pending["layers"].items():
             sums = counters["layers"].setdefault(layer, [0, 0, 0])
             counters["layers"][layer] = [sums[0] + n, sums[1] + selected, sums[2] + kept]

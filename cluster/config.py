@@ -10,6 +10,7 @@ from cluster.errors import UserError
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 FORMATS = ("parquet", "arrow")
+ON_ERROR = ("stop", "skip")
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ class ScanConfig:
     """Continue the run in ``out``: keep its committed parts, redo the rest."""
     in_flight: int = 0
     """Micro-batches in flight per replica; 0 means 2 x stages, so every stage has work."""
+    on_error: str = "stop"
+    """A prompt that does not fit in device memory even alone: "stop" the run or "skip" it."""
     rows_per_part: int = 500_000
     """Activation rows buffered by the aggregator before it commits a part."""
     progress: bool = True
@@ -98,6 +101,8 @@ class ScanConfig:
             raise UserError(f"--format {self.format!r} is not known: use one of {', '.join(FORMATS)}")
         if self.batch_tokens < 1:
             raise UserError(f"--batch-tokens {self.batch_tokens} must be a positive number of tokens")
+        if self.on_error not in ON_ERROR:
+            raise UserError(f"--on-error {self.on_error!r} is not known: use one of {', '.join(ON_ERROR)}")
         if self.rows_per_part < 1:
             raise UserError(f"--rows-per-part {self.rows_per_part} must be a positive number of rows")
         if self.in_flight < 0:

@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import ray
 from tqdm import tqdm
 
@@ -34,6 +35,7 @@ from cluster.partition import partition_layers
 from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer, resolve_model
 from workers.shard import ShardSpec
+from workers.split import PromptTooLarge
 from workers.stage import Stage, StageSpec
 
 PACKAGES = ("neuroscan", "torch", "transformers", "accelerate", "ray", "pyarrow", "numpy")
@@ -175,26 +177,45 @@ def _stream(cfg: ScanConfig, p: Plan, pipelines: list[list], aggregator, watch: 
     prompts_done = tokens_done = 0
     t0 = time.perf_counter()
 
-    def settle(ref) -> None:
+    def submit(batch, group, pipe) -> None:
+        batch_ref = ray.put(batch)
+        hidden, rows = None, []
+        for stage in pipe:
+            hidden, stage_rows = stage.forward.options(num_returns=2).remote(batch_ref, hidden)
+            rows.append(stage_rows)
+        in_flight.append((aggregator.add.remote(group, *rows), batch, group, pipe))
+
+    def settle(entry) -> None:
         nonlocal prompts_done, tokens_done
-        n_prompts, n_tokens = ray.get(ref)
+        ref, batch, group, pipe = entry
+        try:
+            n_prompts, n_tokens = ray.get(ref)
+        except PromptTooLarge as err:
+            if cfg.on_error == "stop":
+                raise
+            _skip(err, batch, group, pipe)
+            return
         prompts_done += n_prompts
         tokens_done += n_tokens
         watch.sample()
         bar.update(n_prompts)
         bar.set_postfix_str(f"{tokens_done / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
 
+    def _skip(err: PromptTooLarge, batch, group, pipe) -> None:
+        """--on-error skip: record the prompt as skipped and rerun the rest of its micro-batch."""
+        keep = np.flatnonzero(batch.prompt_ids != err.prompt_id)
+        skipped = [{"prompt_id": err.prompt_id, "id": t.prompt.id, "reason": str(err)} for t in group if t.prompt.prompt_id == err.prompt_id]
+        ray.get(aggregator.skip.remote(batch.batch_id, skipped, batch_done=len(keep) == 0))
+        bar.update(1)
+        if len(keep):
+            submit(batch.take(keep, trim=True), [group[i] for i in keep], pipe)
+
     batches = micro_batches(cfg.prompts, p.tokenizer, p.context, cfg.batch_tokens, cfg.truncate)
     for i, (batch, group) in enumerate(batches):
         if batch.batch_id in committed:
             bar.update(len(group))
             continue
-        batch_ref = ray.put(batch)
-        hidden, rows = None, []
-        for stage in pipelines[i % len(pipelines)]:
-            hidden, stage_rows = stage.forward.options(num_returns=2).remote(batch_ref, hidden)
-            rows.append(stage_rows)
-        in_flight.append(aggregator.add.remote(group, *rows))
+        submit(batch, group, pipelines[i % len(pipelines)])
         while len(in_flight) >= window:
             settle(in_flight.popleft())
     while in_flight:
@@ -214,6 +235,8 @@ def summary_lines(manifest: dict, out: str) -> list[str]:
     ]
     for layer, row in manifest["summary"]["layers"].items():
         lines.append(f"{int(layer):5d}  {row['mean_selected']:13.1f}  {row['mean_kept']:9.1f}")
+    if manifest.get("skipped"):
+        lines.append(f"skipped {len(manifest['skipped'])} prompts that do not fit in device memory (listed in manifest.json)")
     for by, groups in manifest["summary"]["accuracy"].items():
         for value, acc in groups.items():
             lines.append(f"accuracy {by}={value}: {acc['correct']}/{acc['total']} ({acc['accuracy']:.0%})")

@@ -40,10 +40,21 @@ class MicroBatch:
     n_tokens: np.ndarray  # [batch] int32, the prompt's own tokens
     n_input: np.ndarray  # [batch] int32, prompt + answer tokens
     answer_ids: np.ndarray  # [batch, answer] int32, -1 past each answer's end
+    ids: tuple[str, ...] = ()
+    """The users' prompt ids, for error messages."""
 
     @property
     def n_padded_tokens(self) -> int:
         return int(self.input_ids.size)
+
+    def take(self, rows: np.ndarray, trim: bool = False) -> MicroBatch:
+        """The same micro-batch (same id) restricted to ``rows``; ``trim`` drops padding columns."""
+        width = int(self.n_input[rows].max()) if trim else self.input_ids.shape[1]
+        return MicroBatch(
+            batch_id=self.batch_id, prompt_ids=self.prompt_ids[rows], input_ids=self.input_ids[rows, :width],
+            n_tokens=self.n_tokens[rows], n_input=self.n_input[rows], answer_ids=self.answer_ids[rows],
+            ids=tuple(self.ids[i] for i in rows) if self.ids else (),
+        )
 
 
 def tokenize(prompts: list[Prompt], tokenizer, context: int, truncate: bool) -> list[Tokenized]:
@@ -98,6 +109,7 @@ def make_batch(batch_id: int, group: list[Tokenized], pad_id: int) -> MicroBatch
         n_tokens=np.array([len(t.token_ids) for t in group], dtype=np.int32),
         n_input=np.array([t.n_input for t in group], dtype=np.int32),
         answer_ids=answer_ids,
+        ids=tuple(t.prompt.id for t in group),
     )
 
 

@@ -9,6 +9,7 @@ copies them, with the hidden state for the next stage, to pinned host memory in 
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,8 +25,11 @@ from workers.checkpoint import load_config
 from workers.reduce import compact, reduce_layer
 from workers.rows import Hidden, StageRows
 from workers.shard import ShardSpec, load_stage
+from workers.split import forward_splitting
 
 TOP_TOKENS = 5
+FAULT_OOM_TOKENS = int(os.environ.get("NEUROSCAN_FAULT_OOM_TOKENS", "0"))
+"""Testing hook: act as if a micro-batch of more padded tokens than this ran out of memory."""
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,16 @@ class Stage:
     def memory(self) -> dict[str, float]:
         return self.watch.report()
 
-    @torch.inference_mode()
     def forward(self, batch: MicroBatch, hidden: Hidden | None = None) -> tuple[Hidden | None, StageRows]:
+        """Run one micro-batch; out of memory, its halves are run and merged (`workers.split`)."""
+        if self.model is None:  # Ray restarted this actor: load the weights again
+            self.setup()
+        return forward_splitting(self._forward, batch, hidden)
+
+    @torch.inference_mode()
+    def _forward(self, batch: MicroBatch, hidden: Hidden | None) -> tuple[Hidden | None, StageRows]:
+        if FAULT_OOM_TOKENS and batch.input_ids.size > FAULT_OOM_TOKENS:
+            raise torch.OutOfMemoryError(f"injected: {batch.input_ids.size} tokens > {FAULT_OOM_TOKENS}")
         shard, dev = self.spec.shard, self.device
         b, t = batch.input_ids.shape
         pos = torch.arange(t, device=dev)
