@@ -26,6 +26,9 @@ def start_ray(n_actors: int) -> bool:
     three stages and the aggregator (they take turns on the cores). Returns True when this
     call started Ray, so the caller shuts it down.
     """
+    # A failed stage call fails every later call of its micro-batch; the driver reads the error
+    # from the aggregator's call, so Ray's "unhandled error" log of the others is noise.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     if ray.is_initialized():
         return False
     common = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
