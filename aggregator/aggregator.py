@@ -12,6 +12,7 @@ once) is dropped by its batch id.
 from __future__ import annotations
 
 import time
+import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -51,6 +52,8 @@ class Aggregator:
             self.manifest.setdefault("resumed_at", []).append(_now())
             remove_uncommitted(self.out, self.manifest)
         self.seen: set[int] = {b for part in self.manifest["parts"] for b in part["batches"]}
+        self.incarnation = uuid.uuid4().hex  # tells the driver when Ray has restarted this actor
+        self.just_committed: list[int] = []
         self._reset_buffer()
         write_manifest(self.out, self.manifest)
 
@@ -63,14 +66,16 @@ class Aggregator:
         self.buf_skipped: list[dict] = []
         self.buf_counts = {"prompts": 0, "tokens": 0, "layers": defaultdict(lambda: [0, 0, 0]), "accuracy": defaultdict(lambda: [0, 0])}
 
-    def add(self, group: list, *stages) -> tuple[int, int]:
+    def add(self, group: list, *stages) -> tuple[int, int, str, list[int]]:
         """Take one micro-batch: its prompts (`prompts.batching.Tokenized`) and every stage's `StageRows`.
 
-        Returns (prompts, prompt tokens) added; (0, 0) for a duplicate delivery.
+        Returns (prompts, prompt tokens) added ((0, 0) for a duplicate delivery), this
+        aggregator's incarnation, and the micro-batches committed by this call.
         """
+        self.just_committed = []
         batch_id = stages[0].batch_id
         if batch_id in self.seen:
-            return 0, 0
+            return 0, 0, self.incarnation, []
         self.seen.add(batch_id)
         prompt_ids = np.array([t.prompt.prompt_id for t in group], dtype=np.int64)
         n_tokens = np.array([len(t.token_ids) for t in group], dtype=np.int32)
@@ -93,7 +98,7 @@ class Aggregator:
         self.watch.sample()
         if self.buf_rows >= self.rows_per_part:
             self.commit()
-        return len(group), int(n_tokens.sum())
+        return len(group), int(n_tokens.sum()), self.incarnation, self.just_committed
 
     def skip(self, batch_id: int, skipped: list[dict], batch_done: bool) -> None:
         """Record prompts left out (--on-error skip); ``batch_done`` when nothing of the batch remains."""
@@ -144,6 +149,7 @@ class Aggregator:
         self._fold_counts()
         self.manifest["summary"] = self.summary()
         write_manifest(self.out, self.manifest)
+        self.just_committed = list(self.buf_batches)
         self._reset_buffer()
 
     def _fold_counts(self) -> None:
@@ -181,14 +187,14 @@ class Aggregator:
     def memory(self) -> dict[str, float]:
         return self.watch.report()
 
-    def finish(self, timings: dict) -> dict:
-        """Commit what is buffered, mark the run complete; returns the final manifest."""
+    def finish(self, timings: dict) -> tuple[str, dict]:
+        """Commit what is buffered, mark the run complete; returns (incarnation, final manifest)."""
         self.commit()
         self.manifest["summary"] = self.summary()
         self.manifest["timings"] = {**timings, "finished_at": _now()}
         self.manifest["status"] = "complete"
         write_manifest(self.out, self.manifest)
-        return self.manifest
+        return self.incarnation, self.manifest
 
 
 def _now() -> str:

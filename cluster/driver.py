@@ -13,29 +13,25 @@ from __future__ import annotations
 import importlib.metadata
 import math
 import os
-import sys
 import time
-from collections import deque
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import ray
-from tqdm import tqdm
 
 from aggregator.aggregator import Aggregator
 from aggregator.manifest import read_manifest
 from aggregator.schema import SCHEMA_VERSION
 from cluster import placement
 from cluster.config import ScanConfig
-from cluster.errors import UserError
 from cluster.memory import MemoryWatch
 from cluster.output import corpus_fingerprint, prepare_output
 from cluster.partition import partition_layers
+from cluster.schedule import Scheduler
 from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer, resolve_model
 from workers.shard import ShardSpec
-from workers.split import PromptTooLarge
 from workers.stage import Stage, StageSpec
 
 PACKAGES = ("neuroscan", "torch", "transformers", "accelerate", "ray", "pyarrow", "numpy")
@@ -134,30 +130,34 @@ def run_scan(cfg: ScanConfig) -> dict:
     group, actors = None, []
     try:
         group = placement.reserve(cfg.device, n_stage_actors)
+        run_id = uuid.uuid4().hex[:8]  # actor names: `ray list actors` shows which run they serve
         threads = max(1, (os.cpu_count() or 1) // n_stage_actors) if cfg.device == "cpu" else 0
         pipelines = []
         for r in range(cfg.replicas):
             pipe = []
             for s, (start, stop) in enumerate(p.bounds):
                 spec = StageSpec(p.model_path, ShardSpec(start, stop, p.n_layers), cfg.device, p.dtype, cfg.selection, threads)
-                pipe.append(placement.stage_actor(Stage, group, r * cfg.stages + s, cfg.device).remote(spec))
+                name = f"neuroscan-{run_id}-stage-{r}-{s}"
+                pipe.append(placement.stage_actor(Stage, group, r * cfg.stages + s, cfg.device, name).remote(spec))
             pipelines.append(pipe)
         actors = [a for pipe in pipelines for a in pipe]
-        aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(
+        aggregator = ray.remote(Aggregator).options(name=f"neuroscan-{run_id}-aggregator", num_cpus=0, **placement.RESTARTS).remote(
             str(out.resolve()), header, token_strings(p.tokenizer, p.vocab_size), cfg.format, cfg.rows_per_part
         )
         actors.append(aggregator)
         ray.get([a.setup.remote() for a in actors[:-1]] + [aggregator.__ray_ready__.remote()])
         t0 = time.perf_counter()
         watch = MemoryWatch()
-        n_prompts, n_tokens = _stream(cfg, p, pipelines, aggregator, watch, committed)
+        scheduler = Scheduler(cfg, pipelines, aggregator, p.n_prompts, watch)
+        batches = micro_batches(cfg.prompts, p.tokenizer, p.context, cfg.batch_tokens, cfg.truncate)
+        n_prompts, n_tokens = scheduler.run(batches, committed)
         seconds = time.perf_counter() - t0
         *stages, aggregated = ray.get([a.memory.remote() for a in actors])
         timings = {
             "seconds": seconds, "prompts_per_s": n_prompts / seconds, "tokens_per_s": n_tokens / seconds,
             "memory": {"driver": watch.report(), "aggregator": aggregated, "stages": stages},
         }
-        return ray.get(aggregator.finish.remote(timings))
+        return scheduler.finish(timings)
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -165,63 +165,6 @@ def run_scan(cfg: ScanConfig) -> dict:
             placement.remove_placement_group(group)
         if started_ray:
             ray.shutdown()
-
-
-def _stream(cfg: ScanConfig, p: Plan, pipelines: list[list], aggregator, watch: MemoryWatch, committed: set[int]) -> tuple[int, int]:
-    """Send every micro-batch not yet committed through a pipeline, at most ``window`` in flight.
-
-    Returns the prompts and prompt tokens scanned in this session."""
-    window = cfg.window * cfg.replicas
-    in_flight: deque = deque()
-    bar = tqdm(total=p.n_prompts, unit="prompt", file=sys.stderr, disable=not cfg.progress, dynamic_ncols=True)
-    prompts_done = tokens_done = 0
-    t0 = time.perf_counter()
-
-    def submit(batch, group, pipe) -> None:
-        batch_ref = ray.put(batch)
-        hidden, rows = None, []
-        for stage in pipe:
-            hidden, stage_rows = stage.forward.options(num_returns=2).remote(batch_ref, hidden)
-            rows.append(stage_rows)
-        in_flight.append((aggregator.add.remote(group, *rows), batch, group, pipe))
-
-    def settle(entry) -> None:
-        nonlocal prompts_done, tokens_done
-        ref, batch, group, pipe = entry
-        try:
-            n_prompts, n_tokens = ray.get(ref)
-        except PromptTooLarge as err:
-            if cfg.on_error == "stop":
-                raise
-            _skip(err, batch, group, pipe)
-            return
-        prompts_done += n_prompts
-        tokens_done += n_tokens
-        watch.sample()
-        bar.update(n_prompts)
-        bar.set_postfix_str(f"{tokens_done / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
-
-    def _skip(err: PromptTooLarge, batch, group, pipe) -> None:
-        """--on-error skip: record the prompt as skipped and rerun the rest of its micro-batch."""
-        keep = np.flatnonzero(batch.prompt_ids != err.prompt_id)
-        skipped = [{"prompt_id": err.prompt_id, "id": t.prompt.id, "reason": str(err)} for t in group if t.prompt.prompt_id == err.prompt_id]
-        ray.get(aggregator.skip.remote(batch.batch_id, skipped, batch_done=len(keep) == 0))
-        bar.update(1)
-        if len(keep):
-            submit(batch.take(keep, trim=True), [group[i] for i in keep], pipe)
-
-    batches = micro_batches(cfg.prompts, p.tokenizer, p.context, cfg.batch_tokens, cfg.truncate)
-    for i, (batch, group) in enumerate(batches):
-        if batch.batch_id in committed:
-            bar.update(len(group))
-            continue
-        submit(batch, group, pipelines[i % len(pipelines)])
-        while len(in_flight) >= window:
-            settle(in_flight.popleft())
-    while in_flight:
-        settle(in_flight.popleft())
-    bar.close()
-    return prompts_done, tokens_done
 
 
 def summary_lines(manifest: dict, out: str) -> list[str]:

@@ -17,6 +17,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.errors import UserError
 
 PLACEMENT_TIMEOUT_S = 120
+RESTARTS = {"max_restarts": 3, "max_task_retries": 3}
+"""A crashed actor is restarted (and its calls retried) this many times before the run stops."""
 
 
 def start_ray(n_actors: int) -> bool:
@@ -70,11 +72,13 @@ def reserve(device: str, n_stage_actors: int):
     return group
 
 
-def stage_actor(cls, group, bundle: int, device: str):
+def stage_actor(cls, group, bundle: int, device: str, name: str):
     """``ray.remote(cls)`` pinned to one bundle; it may be restarted and its calls retried."""
     return ray.remote(cls).options(
+        name=name,
         num_cpus=1,
         num_gpus=1 if device == "cuda" else 0,
+        **RESTARTS,
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
     )
 

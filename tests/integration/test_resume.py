@@ -15,10 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.dataset as ds
 import pytest
 
 from prompts.generate import generate, write_jsonl
+from tests.same_output import assert_same_output
 
 ROOT = Path(__file__).resolve().parents[2]
 FLAGS = ["--max-per-layer", "5", "--batch-tokens", "1024", "--rows-per-part", "3000", "--quiet"]
@@ -56,30 +56,6 @@ def kill_group(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     time.sleep(2)  # let Ray's fate-sharing processes go
-
-
-def tables(out: Path) -> dict:
-    sort = {"activations": [("layer", "ascending"), ("prompt_id", "ascending"), ("neuron", "ascending")],
-            "prompts": [("prompt_id", "ascending")], "layers": [("prompt_id", "ascending"), ("layer", "ascending")]}
-    return {
-        name: ds.dataset(out / name, partitioning="hive" if name == "activations" else None).to_table().sort_by(keys).replace_schema_metadata(None)
-        for name, keys in sort.items()
-    }
-
-
-def assert_same_output(out: Path, reference: Path) -> None:
-    got, want = tables(out), tables(reference)
-    for name in want:
-        assert got[name].num_rows == want[name].num_rows, name
-        assert got[name].equals(want[name]), name
-    m_got, m_want = (json.loads((d / "manifest.json").read_text()) for d in (out, reference))
-    assert m_got["status"] == "complete"
-    assert m_got["totals"] == m_want["totals"] and m_got["summary"] == m_want["summary"]
-    batches = [b for part in m_got["parts"] for b in part["batches"]]
-    assert sorted(batches) == sorted(set(batches))  # no batch committed twice
-    listed = {f["path"] for part in m_got["parts"] for f in part["files"]}
-    on_disk = {p.relative_to(out).as_posix() for t in ("activations", "prompts", "layers") for p in (out / t).rglob("*") if p.is_file()}
-    assert on_disk == listed
 
 
 @pytest.fixture(scope="module")

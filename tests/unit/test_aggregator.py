@@ -57,7 +57,7 @@ def test_parts_manifest_and_duplicates(tmp_path):
     lengths = [5, 3]
     for batch_id, ids in [(0, [0, 1]), (1, [2, 3]), (0, [0, 1])]:  # batch 0 delivered twice
         agg.add(_group(ids, lengths), _stage_rows(batch_id, 0, 2, lengths, last=False), _stage_rows(batch_id, 2, 1, lengths))
-    manifest = agg.finish({"seconds": 1.0})
+    _, manifest = agg.finish({"seconds": 1.0})
     assert manifest["status"] == "complete"
     assert manifest["totals"]["prompts"] == 4
     committed = [b for part in manifest["parts"] for b in part["batches"]]
@@ -139,8 +139,8 @@ def test_restarted_aggregator_continues_the_manifest(tmp_path):
     (tmp_path / "layers" / "part-00002.parquet").write_bytes(b"half")  # a part cut short
     second = Aggregator(str(tmp_path), HEADER, tokens, rows_per_part=1)
     assert not (tmp_path / "layers" / "part-00002.parquet").exists()
-    assert second.add(_group([0, 1], [5, 3]), _stage_rows(0, 0, 3, [5, 3])) == (0, 0)  # already committed
+    assert second.add(_group([0, 1], [5, 3]), _stage_rows(0, 0, 3, [5, 3]))[:2] == (0, 0)  # already committed
     second.add(_group([2, 3], [5, 3]), _stage_rows(1, 0, 3, [5, 3]))
-    manifest = second.finish({})
+    _, manifest = second.finish({})
     assert [p["batches"] for p in manifest["parts"]] == [[0], [1]]
     assert manifest["totals"]["prompts"] == 4 and manifest["summary"]["layers"]["0"]["mean_kept"] == 2

@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-
 from safetensors.torch import load_file, save_file
 
 import workers.checkpoint as checkpoint

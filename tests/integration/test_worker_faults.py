@@ -1,0 +1,95 @@
+"""Crashed actors: Ray restarts them, in-flight work is retried, nothing is lost or doubled."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from cluster.config import ScanConfig, Selection
+from cluster.driver import run_scan
+from cluster.errors import UserError
+from prompts.generate import generate, write_jsonl
+from tests.same_output import assert_same_output
+
+
+def config(corpus: Path, out: Path, **kw) -> ScanConfig:
+    return ScanConfig(prompts=str(corpus), out=str(out), stages=2, batch_tokens=1024, rows_per_part=3000, progress=False,
+                      selection=Selection(max_per_layer=5), **kw)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("faults") / "prompts.jsonl"
+    write_jsonl(generate(500, families=["arithmetic", "countdown", "geometric"], variants=["zero_shot"], seed=4), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session, corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faults-ref") / "out"
+    run_scan(config(corpus, out))
+    return out
+
+
+def parts(out: Path) -> int:
+    try:
+        return len(json.loads((out / "manifest.json").read_text())["parts"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def actor(suffix: str):
+    names = [n for n in ray.util.list_named_actors() if n.startswith("neuroscan-") and n.endswith(suffix)]
+    return ray.get_actor(names[-1]) if names else None
+
+
+def saboteur(out: Path, plan: list[tuple[int, str]], killed: list, stop: threading.Event) -> threading.Thread:
+    """Kill (letting Ray restart) the actor named ``suffix`` once ``parts`` parts are committed."""
+
+    def work():
+        for at_parts, suffix in plan:
+            while parts(out) < at_parts and not stop.is_set():
+                time.sleep(0.02)
+            handle = actor(suffix)
+            if stop.is_set() or handle is None:
+                return
+            ray.kill(handle, no_restart=False)
+            killed.append(suffix)
+            time.sleep(1.0)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_stage_and_aggregator_crashes_leave_the_same_tables(ray_session, corpus, reference, tmp_path):
+    out, killed, stop = tmp_path / "out", [], threading.Event()
+    thread = saboteur(out, [(1, "stage-0-1"), (2, "stage-0-0"), (4, "aggregator")], killed, stop)
+    try:
+        run_scan(config(corpus, out))
+    finally:
+        stop.set()
+        thread.join()
+    assert killed == ["stage-0-1", "stage-0-0", "aggregator"]
+    assert json.loads((out / "manifest.json").read_text())["resumed_at"]  # the aggregator did restart
+    assert_same_output(out, reference)
+
+
+def test_a_fault_that_keeps_recurring_stops_the_run_resumably(ray_session, corpus, reference, tmp_path):
+    out, killed, stop = tmp_path / "out", [], threading.Event()
+    thread = saboteur(out, [(1, "stage-0-1")] * 5, killed, stop)
+    try:
+        with pytest.raises(UserError, match="a pipeline actor died and could not be restarted .* --resume"):
+            run_scan(config(corpus, out))
+    finally:
+        stop.set()
+        thread.join()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "running" and manifest["parts"]
+    run_scan(config(corpus, out, resume=True))
+    assert_same_output(out, reference)
