@@ -1,0 +1,113 @@
+"""The bad-input matrix: each case is one line naming the problem and the fix, exit 2, no
+traceback, and nothing written (all of them are caught before Ray or any actor starts)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from cluster.cli import main
+from workers.embedded import gptj_config, write_checkpoint
+
+
+def jsonl(tmp_path, lines: list[str]) -> str:
+    path = tmp_path / f"c{len(list(tmp_path.glob('c*.jsonl')))}.jsonl"  # a new file per call
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    config = gptj_config("tiny", n_layer=3, n_embd=32, n_head=2, rotary_dim=4, n_inner=64, n_positions=64)
+    return write_checkpoint(config, tmp_path_factory.mktemp("m") / "model")
+
+
+def case_files(tmp_path, small_model):
+    """name -> (scan arguments, expected message)."""
+    no_tok = tmp_path / "no_tok"
+    shutil.copytree(small_model, no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    truncated = tmp_path / "truncated"
+    shutil.copytree(small_model, truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) - 64])
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    (tmp_path / "c.docx").write_text("x")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    good = jsonl(tmp_path, ['{"text": "fine"}'])
+    return {
+        "empty corpus": ([jsonl(tmp_path, [])], "holds no prompts: add at least one"),
+        "blank-only text file": ([str(tmp_path / "blank.txt")], "holds no prompts"),
+        "blank line in JSONL": ([jsonl(tmp_path, ['{"text": "a"}', "", '{"text": "b"}'])], ".jsonl:2: blank line in JSONL: remove it"),
+        "invalid JSON": ([jsonl(tmp_path, ['{"text": "a"}', '{"text": "b"', '{"text": "c"}'])], ".jsonl:2: invalid JSON"),
+        "row without text": ([jsonl(tmp_path, ['{"id": "q1", "prompt": "a"}'])], "prompt 'q1' has no \"text\" field: add the prompt text"),
+        "non-UTF-8": ([str(tmp_path / "latin1.jsonl")], "latin1.jsonl:2: the line is not valid UTF-8: save the file as UTF-8"),
+        "duplicate ids": ([jsonl(tmp_path, ['{"id": "a", "text": "x"}', '{"id": "a", "text": "y"}'])], "id 'a' appears twice: give every prompt a unique id"),
+        "empty prompt": ([jsonl(tmp_path, ['{"id": "e", "text": "  "}'])], "prompt 'e' is empty or whitespace only"),
+        "longer than the context": ([jsonl(tmp_path, [json.dumps({"id": "big", "text": "x" * 100})]), "--model", str(small_model)], "prompt 'big' has 100 tokens (+0 answer tokens), more than the model's context of 64: shorten it or pass --truncate"),
+        "unknown file type": ([str(tmp_path / "c.docx")], "unknown type '.docx'"),
+        "missing file": ([str(tmp_path / "nope.jsonl")], "does not exist"),
+        "NaN threshold": ([good, "--high", "nan"], "--high nan is not a finite number"),
+        "infinite threshold": ([good, "--low=-inf"], "--low -inf is not a finite number"),
+        "high <= low": ([good, "--high", "1", "--low", "1"], "--high 1.0 must be greater than --low 1.0"),
+        "red < high": ([good, "--red", "2"], "--red 2.0 must be at least --high 3.0"),
+        "zero stages": ([good, "--stages", "0"], "--stages 0 must be at least 1"),
+        "too many stages": ([good, "--model", str(small_model), "--stages", "4"], "--stages 4 is not possible: the model has 3 layers"),
+        "no tokenizer files": ([good, "--model", str(no_tok)], "has no tokenizer files"),
+        "truncated safetensors": ([good, "--model", str(truncated)], "is truncated or corrupted"),
+        "missing model directory": ([good, "--model", str(tmp_path / "nomodel")], "does not exist: pass a checkpoint directory"),
+        "unknown device": ([good, "--device", "tpu"], "--device 'tpu' is not known: use one of cpu, cuda"),
+        "unknown on-error": ([good, "--on-error", "ignore"], "--on-error 'ignore' is not known"),
+        "out is a file": ([good, "--out", good], "is a file: give a directory"),
+    }
+
+
+CASES = [
+    "empty corpus", "blank-only text file", "blank line in JSONL", "invalid JSON", "row without text", "non-UTF-8",
+    "duplicate ids", "empty prompt", "longer than the context", "unknown file type", "missing file", "NaN threshold",
+    "infinite threshold", "high <= low", "red < high", "zero stages", "too many stages", "no tokenizer files",
+    "truncated safetensors", "missing model directory", "unknown device", "unknown on-error", "out is a file",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line(case, tmp_path, small_model, capsys):
+    args, message = case_files(tmp_path, small_model)[case]
+    out = tmp_path / "out"
+    argv = ["scan", *args] if "--out" in args else ["scan", *args, "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("neuroscan: error: ") and err.count("\n") == 1, err
+    assert message in err, err
+    assert not out.exists()  # nothing written
+
+
+def test_truncate_accepts_the_long_prompt(tmp_path, small_model):
+    from prompts.batching import tokenize
+    from prompts.readers import Prompt
+    from workers.checkpoint import load_tokenizer
+
+    [t] = tokenize([Prompt(0, "big", "x" * 100)], load_tokenizer(small_model), 64, truncate=True)
+    assert len(t.token_ids) == 64
+
+
+def test_zero_token_prompt_is_named():
+    from cluster.errors import UserError
+    from prompts.batching import tokenize
+    from prompts.readers import Prompt
+
+    def drops_everything(texts, add_special_tokens=False):  # a tokenizer that keeps nothing of the text
+        return {"input_ids": [[] for _ in texts]}
+
+    with pytest.raises(UserError, match="prompt 'z' tokenises to zero tokens"):
+        tokenize([Prompt(0, "z", "\u200b")], drops_everything, 64, truncate=False)
+
+
+def test_bad_input_leaves_a_finished_run_untouched(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"status": "complete"}')
+    assert main(["scan", jsonl(tmp_path, ['{"text": oops}']), "--out", str(out), "--overwrite"]) == 2
+    assert (out / "manifest.json").read_text() == '{"status": "complete"}'
