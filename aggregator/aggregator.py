@@ -188,8 +188,13 @@ class Aggregator:
         return self.watch.report()
 
     def finish(self, timings: dict) -> tuple[str, dict]:
-        """Commit what is buffered, mark the run complete; returns (incarnation, final manifest)."""
+        """Commit what is buffered, mark the run complete; returns (incarnation, final manifest).
+
+        ``aggregator_lag_s`` is how long the last commit kept the driver waiting after the
+        stages had finished: the aggregator's lag behind the pipeline."""
+        t0 = time.perf_counter()
         self.commit()
+        timings = {**timings, "aggregator_lag_s": time.perf_counter() - t0}
         self.manifest["summary"] = self.summary()
         self.manifest["timings"] = {**timings, "finished_at": _now()}
         self.manifest["status"] = "complete"

@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--stages", type=int, default=1, help="pipeline stages per replica (default 1)")
     scan.add_argument("--replicas", type=int, default=1, help="pipeline replicas (default 1)")
     scan.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    scan.add_argument("--gpus-per-stage", type=float, default=1.0, help="GPUs each stage reserves; 0.5 puts two stages on one GPU (default 1)")
     scan.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default auto)")
     scan.add_argument("--high", type=float, default=3.0, help="select a neuron when some token is above this (default 3.0)")
     scan.add_argument("--low", type=float, default=0.0, help="... or below this (default 0.0)")
@@ -63,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--b", help="group B")
     cmp.add_argument("--out", required=True, help="output .parquet file")
 
+    bench = sub.add_parser("bench", help="the benchmark of record: bare forward vs naive vs neuroscan, one run")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--preset", default="tiny", help="tiny or gptj-6b (random weights, written once under --cache)")
+    bench.add_argument("--model", help="a checkpoint directory instead of a preset")
+    bench.add_argument("--dtype", default="auto", help="auto (float16 on cuda, float32 on cpu), float32, float16, bfloat16")
+    bench.add_argument("--prompts", type=int, default=64)
+    bench.add_argument("--prompt-tokens", type=int, default=256)
+    bench.add_argument("--batch-tokens", type=int, default=8192)
+    bench.add_argument("--modes", help="comma-separated subset of: " + ", ".join(("bare", "naive", "scan_local", "scan", "scan_2stage")))
+    bench.add_argument("--cache", default=str(Path.home() / ".cache" / "neuroscan" / "bench"))
+    bench.add_argument("--out", help="write the report as JSON here")
+
     make = sub.add_parser("make-model", help="write a random GPT-J checkpoint in Hugging Face layout")
     make.add_argument("--preset", default="tiny", help="tiny (the embedded model) or gptj-6b (GPT-J-6B's shapes, fp16)")
     make.add_argument("--out", required=True, help="directory to write")
@@ -76,7 +89,7 @@ def cmd_scan(args) -> int:
 
     cfg = ScanConfig(
         prompts=args.prompts, out=args.out, model=args.model, stages=args.stages, replicas=args.replicas,
-        device=args.device, dtype=args.dtype,
+        device=args.device, dtype=args.dtype, gpus_per_stage=args.gpus_per_stage,
         selection=Selection(high=args.high, low=args.low, red=args.red, max_per_layer=args.max_per_layer),
         batch_tokens=args.batch_tokens, format=args.format, truncate=args.truncate, overwrite=args.overwrite, resume=args.resume,
         in_flight=args.in_flight, rows_per_part=args.rows_per_part, on_error=args.on_error, progress=not args.quiet,
@@ -122,7 +135,20 @@ def cmd_compare(args) -> int:
     return 0
 
 
-COMMANDS = {"scan": cmd_scan, "make-model": cmd_make_model, "prompts": cmd_prompts, "compare": cmd_compare}
+def cmd_bench(args) -> int:
+    import json
+
+    from bench.run import run_bench, table
+
+    report = run_bench(args)
+    print(table(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+COMMANDS = {"bench": cmd_bench, "scan": cmd_scan, "make-model": cmd_make_model, "prompts": cmd_prompts, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

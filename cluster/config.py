@@ -64,6 +64,8 @@ class ScanConfig:
     """Independent copies of the pipeline; micro-batches are dealt round-robin."""
     device: str = "cpu"
     """Where stages run: "cpu" or "cuda" (one GPU per stage)."""
+    gpus_per_stage: float = 1.0
+    """GPUs a stage reserves; 0.5 puts two stages on one GPU."""
     dtype: str = "auto"
     """Weights and activations dtype; "auto" is float32 on CPU and the checkpoint's dtype on CUDA."""
     selection: Selection = field(default_factory=Selection)
@@ -99,6 +101,8 @@ class ScanConfig:
             raise UserError(f"--dtype {self.dtype!r} is not known: use one of {', '.join(DTYPES)}")
         if self.format not in FORMATS:
             raise UserError(f"--format {self.format!r} is not known: use one of {', '.join(FORMATS)}")
+        if not 0 < self.gpus_per_stage <= 8:
+            raise UserError(f"--gpus-per-stage {self.gpus_per_stage} must be in (0, 8]")
         if self.batch_tokens < 1:
             raise UserError(f"--batch-tokens {self.batch_tokens} must be a positive number of tokens")
         if self.on_error not in ON_ERROR:

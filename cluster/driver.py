@@ -129,7 +129,7 @@ def run_scan(cfg: ScanConfig) -> dict:
     started_ray = placement.start_ray(n_stage_actors + 1)
     group, actors = None, []
     try:
-        group = placement.reserve(cfg.device, n_stage_actors)
+        group = placement.reserve(cfg.device, n_stage_actors, cfg.gpus_per_stage)
         run_id = uuid.uuid4().hex[:8]  # actor names: `ray list actors` shows which run they serve
         threads = max(1, (os.cpu_count() or 1) // n_stage_actors) if cfg.device == "cpu" else 0
         pipelines = []
@@ -138,7 +138,7 @@ def run_scan(cfg: ScanConfig) -> dict:
             for s, (start, stop) in enumerate(p.bounds):
                 spec = StageSpec(p.model_path, ShardSpec(start, stop, p.n_layers), cfg.device, p.dtype, cfg.selection, threads)
                 name = f"neuroscan-{run_id}-stage-{r}-{s}"
-                pipe.append(placement.stage_actor(Stage, group, r * cfg.stages + s, cfg.device, name).remote(spec))
+                pipe.append(placement.stage_actor(Stage, group, r * cfg.stages + s, cfg.device, name, cfg.gpus_per_stage).remote(spec))
             pipelines.append(pipe)
         actors = [a for pipe in pipelines for a in pipe]
         aggregator = ray.remote(Aggregator).options(name=f"neuroscan-{run_id}-aggregator", num_cpus=0, **placement.RESTARTS).remote(

@@ -41,14 +41,15 @@ def start_ray(n_actors: int) -> bool:
     return True
 
 
-def stage_bundle(device: str) -> dict[str, float]:
-    return {"CPU": 1, "GPU": 1} if device == "cuda" else {"CPU": 1}
+def stage_bundle(device: str, gpus: float = 1.0) -> dict[str, float]:
+    """One stage's resources; ``gpus`` < 1 lets several stages share a GPU."""
+    return {"CPU": 1, "GPU": gpus} if device == "cuda" else {"CPU": 1}
 
 
-def check_resources(device: str, n_stage_actors: int) -> None:
+def check_resources(device: str, n_stage_actors: int, gpus: float = 1.0) -> None:
     """Refuse at once when the cluster cannot hold the stages, instead of waiting for placement."""
     available = ray.cluster_resources()
-    need = {k: v * n_stage_actors for k, v in stage_bundle(device).items()}
+    need = {k: v * n_stage_actors for k, v in stage_bundle(device, gpus).items()}
     for resource, amount in need.items():
         if available.get(resource, 0) < amount:
             raise UserError(
@@ -58,26 +59,26 @@ def check_resources(device: str, n_stage_actors: int) -> None:
             )
 
 
-def reserve(device: str, n_stage_actors: int):
+def reserve(device: str, n_stage_actors: int, gpus: float = 1.0):
     """A ready placement group with one bundle per stage actor."""
-    check_resources(device, n_stage_actors)
-    group = placement_group([stage_bundle(device)] * n_stage_actors, strategy="PACK")
+    check_resources(device, n_stage_actors, gpus)
+    group = placement_group([stage_bundle(device, gpus)] * n_stage_actors, strategy="PACK")
     ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:
         remove_placement_group(group)
         raise UserError(
-            f"cannot place {n_stage_actors} bundles of {stage_bundle(device)} within {PLACEMENT_TIMEOUT_S} s "
+            f"cannot place {n_stage_actors} bundles of {stage_bundle(device, gpus)} within {PLACEMENT_TIMEOUT_S} s "
             f"(cluster: {_describe(ray.cluster_resources())}); see `ray status`"
         )
     return group
 
 
-def stage_actor(cls, group, bundle: int, device: str, name: str):
+def stage_actor(cls, group, bundle: int, device: str, name: str, gpus: float = 1.0):
     """``ray.remote(cls)`` pinned to one bundle; it may be restarted and its calls retried."""
     return ray.remote(cls).options(
         name=name,
         num_cpus=1,
-        num_gpus=1 if device == "cuda" else 0,
+        num_gpus=gpus if device == "cuda" else 0,
         **RESTARTS,
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
     )

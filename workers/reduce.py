@@ -31,14 +31,13 @@ def band_codes(act: torch.Tensor, sel: Selection) -> torch.Tensor:
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """Pack 2-bit codes along the last dim, four a byte: (..., T) -> (..., ceil(T / 4))."""
+    """Pack 2-bit codes along the last dim, four a byte: (..., T) -> (..., ceil(T / 4)), all in uint8."""
     t = codes.shape[-1]
     pad = (-t) % 4
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
-    quads = codes.reshape(*codes.shape[:-1], -1, 4).to(torch.int32)  # (..., T/4, 4)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=codes.device)
-    return (quads << shifts).sum(-1).to(torch.uint8)
+    quads = codes.reshape(*codes.shape[:-1], -1, 4)  # (..., T/4, 4)
+    return quads[..., 0] | (quads[..., 1] << 2) | (quads[..., 2] << 4) | (quads[..., 3] << 6)
 
 
 def reduce_layer(act: torch.Tensor, valid: torch.Tensor, sel: Selection) -> dict[str, torch.Tensor]:
@@ -75,8 +74,7 @@ def reduce_layer(act: torch.Tensor, valid: torch.Tensor, sel: Selection) -> dict
     kept = neuron < n
     idx = neuron.clamp(max=n - 1)  # [batch, K]
 
-    act_k = act.gather(2, idx[:, None, :].expand(b, t, k))  # [batch, pos, K]
-    codes = band_codes(act_k, sel).masked_fill(invalid, 0).transpose(1, 2)  # [batch, K, pos]
+    bands = packed_bands(act, idx, invalid, sel)
     n_tokens = valid.sum(dim=1).clamp(min=1)  # [batch]
     n_above_k = n_above.gather(1, idx)
     n_kept = kept.sum(dim=1)
@@ -90,12 +88,29 @@ def reduce_layer(act: torch.Tensor, valid: torch.Tensor, sel: Selection) -> dict
         "min_pos": min_pos.gather(1, idx).to(torch.int16),
         "n_above": n_above_k.to(torch.int16),
         "n_below": n_below.gather(1, idx).to(torch.int16),
-        "bands": pack_codes(codes),
+        "bands": bands,
         "n_selected": selected.sum(dim=1).to(torch.int32),
         "n_kept": n_kept.to(torch.int32),
         "n_above_any": (max_act > sel.high).sum(dim=1).to(torch.int32),
         "mean_coverage": coverage,
     }
+
+
+def packed_bands(act: torch.Tensor, idx: torch.Tensor, invalid: torch.Tensor, sel: Selection, chunk: int = 2048) -> torch.Tensor:
+    """Band codes of the neurons ``idx`` [batch, K], packed: [batch, K, ceil(pos / 4)] uint8.
+
+    Done ``chunk`` neurons at a time, so that keeping every neuron (--max-per-layer 0) costs
+    a few chunk-sized temporaries instead of several copies of the layer's activations.
+    """
+    b, t, _ = act.shape
+    k = idx.shape[1]
+    out = torch.empty(b, k, (t + 3) // 4, dtype=torch.uint8, device=act.device)
+    for lo in range(0, k, chunk):
+        cols = idx[:, lo : lo + chunk]  # [batch, C]
+        act_c = act.gather(2, cols[:, None, :].expand(b, t, cols.shape[1]))  # [batch, pos, C]
+        codes = band_codes(act_c, sel).masked_fill_(invalid, 0).transpose(1, 2)  # [batch, C, pos]
+        out[:, lo : lo + chunk] = pack_codes(codes)
+    return out
 
 
 def compact(layers: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -1,0 +1,219 @@
+"""``neuroscan bench``: the benchmark of record, every mode on the same micro-batches in one run.
+
+Modes (tokens are the prompts' own tokens; ratios are against ``bare`` of the same run):
+  bare         the model alone: blocks + last-token logits, no hooks
+  naive        a hook copies every MLP activation to the host and reduces it there (the notebook way)
+  scan_local   neuroscan's stage code in this process (on-device reduction, compaction, host copy)
+  scan         the full Ray pipeline, one stage, aggregator writing Parquet
+  scan_2stage  the Ray pipeline with two stages sharing the device
+MFU is model FLOPs per second over a large matmul's FLOPs per second measured in the same run.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cluster.config import ScanConfig, Selection
+from cluster.errors import UserError
+from prompts.batching import micro_batches
+from workers.checkpoint import load_config, load_tokenizer, resolve_model
+from workers.shard import ShardSpec, load_stage
+from workers.stage import Stage, StageSpec
+
+MODES = ("bare", "naive", "scan_local", "scan", "scan_2stage")
+
+
+def synthetic_corpus(path: Path, n: int, tokens: int, seed: int = 0) -> Path:
+    """``n`` prompts of random lowercase words, about ``tokens`` tokens each with a byte tokenizer."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz    ") for _ in range(tokens - 1))
+            f.write(json.dumps({"id": f"b{i}", "text": "x" + text}) + "\n")
+    return path
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Achievable FLOP/s of a square matmul on ``device`` (the MFU denominator)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    t0, reps = time.perf_counter(), 10 if device.type == "cuda" else 3
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def flops_per_token(config, seq: float) -> float:
+    """Forward FLOPs per token: 2 x block parameters, plus attention scores and values."""
+    d, inner = config.n_embd, config.n_inner or 4 * config.n_embd
+    block = 4 * d * d + 2 * d * inner
+    return config.n_layer * (2 * block + 2 * seq * d)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _inputs(batch, device):
+    b, t = batch.input_ids.shape
+    pos = torch.arange(t, device=device)
+    n_input = torch.as_tensor(batch.n_input, device=device)
+    mask = (pos[None, :] < n_input[:, None]).long()
+    return torch.as_tensor(batch.input_ids, device=device).long(), mask, pos[None, :].expand(b, t)
+
+
+def timed(step, batches, device) -> dict:
+    """Warm up on the first micro-batch, then time them all; peak device memory on CUDA."""
+    step(batches[0])
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    copied = 0
+    t0 = time.perf_counter()
+    for batch in batches:
+        copied += step(batch) or 0
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    return {"seconds": seconds, "d2h_bytes": copied, "peak_device_mb": peak}
+
+
+def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: Selection) -> dict:
+    config = load_config(path)
+    n = config.n_layer
+    model = load_stage(path, config, ShardSpec(0, n, n), device, getattr(torch, dtype))
+
+    @torch.inference_mode()
+    def bare(batch):
+        ids, mask, pos = _inputs(batch, device)
+        h = model(ids, mask, pos)
+        last = torch.as_tensor(batch.n_tokens, device=device).long() - 1
+        model.lm_head(h[torch.arange(len(last), device=device), last])
+        return 0
+
+    @torch.inference_mode()
+    def naive(batch):
+        ids, mask, pos = _inputs(batch, device)
+        copied, stats = [], []
+
+        def to_host(acts):  # [batch, pos, d_mlp] -> numpy, reduced on the host per prompt
+            a = acts.float().cpu().numpy()
+            copied.append(a.nbytes)
+            for row, length in enumerate(batch.n_tokens):
+                x = a[row, :length]  # [pos, d_mlp]
+                stats.append((x.max(0), x.argmax(0), x.min(0), x.argmin(0), (x > sel.high).sum(0), (x < sel.low).sum(0)))
+
+        handles = [b.mlp.act.register_forward_hook(lambda m, i, o: to_host(o)) for b in model.body.h]
+        try:
+            model(ids, mask, pos)
+        finally:
+            for h in handles:
+                h.remove()
+        return sum(copied)
+
+    results = {"bare": timed(bare, batches, device), "naive": timed(naive, batches, device)}
+    del model
+    stage = Stage(StageSpec(path, ShardSpec(0, n, n), device.type, dtype, sel))
+    stage.setup()
+
+    def scan_local(batch):
+        hidden, rows = stage.forward(batch)
+        arrays = [*rows.rows.values(), *rows.per_prompt.values(), *(rows.predictions or {}).values()]
+        return sum(a.nbytes for a in arrays)
+
+    results["scan_local"] = timed(scan_local, batches, device)
+    return results
+
+
+def bench_ray(corpus: Path, model: str | None, device: str, dtype: str, batch_tokens: int, stages: int, sel: Selection) -> dict:
+    from cluster.driver import run_scan
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = ScanConfig(
+            prompts=str(corpus), out=str(Path(tmp) / "out"), model=model, stages=stages, device=device, dtype=dtype,
+            gpus_per_stage=1.0 / stages if device == "cuda" else 1.0, selection=sel, batch_tokens=batch_tokens, progress=False,
+        )
+        timings = run_scan(cfg)["timings"]
+    return {"seconds": timings["seconds"], "d2h_bytes": None, "peak_device_mb": None, "aggregator_lag_s": timings["aggregator_lag_s"]}
+
+
+def run_bench(args) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but torch sees no CUDA device: use --device cpu or run on a GPU machine")
+    if args.model:
+        path, model_arg = resolve_model(args.model).path, args.model
+    elif args.preset == "tiny":
+        path, model_arg = resolve_model(None).path, None
+    else:
+        from workers.embedded import gptj_config, write_checkpoint
+
+        cache = Path(args.cache) / f"{args.preset}-seed0"
+        if not (cache / "config.json").exists():
+            write_checkpoint(gptj_config(args.preset), cache)
+        path = model_arg = str(cache)
+    dtype = args.dtype if args.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
+    sel = Selection()
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = synthetic_corpus(Path(tmp) / "bench.jsonl", args.prompts, args.prompt_tokens)
+        tokenizer = load_tokenizer(path)
+        config = load_config(path)
+        batches = [b for b, _ in micro_batches(str(corpus), tokenizer, config.n_positions, args.batch_tokens, False)]
+        tokens = int(sum(b.n_tokens.sum() for b in batches))
+        modes = args.modes.split(",") if args.modes else list(MODES)
+        peak = matmul_flops(device, getattr(torch, dtype))
+        results = bench_in_process(path, batches, device, dtype, sel) if {"bare", "naive", "scan_local"} & set(modes) else {}
+        for mode, stages in (("scan", 1), ("scan_2stage", 2)):
+            if mode in modes:
+                results[mode] = bench_ray(corpus, model_arg, device.type, dtype, args.batch_tokens, stages, sel)
+    seq = float(np.mean([b.n_tokens.mean() for b in batches]))
+    per_token = flops_per_token(config, seq)
+    bare_rate = tokens / results["bare"]["seconds"] if "bare" in results else None
+    for r in results.values():
+        r["tokens_per_s"] = tokens / r["seconds"]
+        r["ratio_to_bare"] = r["tokens_per_s"] / bare_rate if bare_rate else None
+        r["mfu"] = r["tokens_per_s"] * per_token / peak
+        r["d2h_bytes_per_token"] = None if r["d2h_bytes"] is None else r["d2h_bytes"] / tokens
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(["neuroscan", *sys.argv[1:]]),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+        "versions": {p: _version(p) for p in ("torch", "transformers", "ray", "pyarrow")},
+        "model": {"path": path, "n_layer": config.n_layer, "d_model": config.n_embd, "dtype": dtype},
+        "workload": {"prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "batch_tokens": args.batch_tokens,
+                     "micro_batches": len(batches), "tokens": tokens},
+        "matmul_flops": peak,
+        "results": results,
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def table(report: dict) -> str:
+    lines = [f"{report['device']}  {report['model']['n_layer']} layers x {report['model']['d_model']}  {report['model']['dtype']}  "
+             f"{report['workload']['tokens']} tokens in {report['workload']['micro_batches']} micro-batches",
+             f"{'mode':<16}{'tokens/s':>12}{'vs bare':>9}{'MFU':>8}{'D2H B/token':>13}{'peak MB':>10}"]
+    for mode, r in report["results"].items():
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        lines.append(f"{mode:<16}{r['tokens_per_s']:>12,.0f}{fmt(r['ratio_to_bare'], '.3f'):>9}{r['mfu']:>8.3f}"
+                     f"{fmt(r['d2h_bytes_per_token'], ',.0f'):>13}{fmt(r['peak_device_mb'], ',.0f'):>10}")
+    return "\n".join(lines)
