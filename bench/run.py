@@ -93,6 +93,22 @@ def timed(step, batches, device) -> dict:
 
 
 def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: Selection) -> dict:
+    """bare, naive and scan_local; each model is freed before the next loads."""
+    results = bench_plain_model(path, batches, device, dtype, sel)
+    n = load_config(path).n_layer
+    stage = Stage(StageSpec(path, ShardSpec(0, n, n), device.type, dtype, sel))
+    stage.setup()
+
+    def scan_local(batch):
+        hidden, rows = stage.forward(batch)
+        arrays = [*rows.rows.values(), *rows.per_prompt.values(), *(rows.predictions or {}).values()]
+        return sum(a.nbytes for a in arrays)
+
+    results["scan_local"] = timed(scan_local, batches, device)
+    return results
+
+
+def bench_plain_model(path: str, batches, device: torch.device, dtype: str, sel: Selection) -> dict:
     config = load_config(path)
     n = config.n_layer
     model = load_stage(path, config, ShardSpec(0, n, n), device, getattr(torch, dtype))
@@ -125,18 +141,7 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
                 h.remove()
         return sum(copied)
 
-    results = {"bare": timed(bare, batches, device), "naive": timed(naive, batches, device)}
-    del model
-    stage = Stage(StageSpec(path, ShardSpec(0, n, n), device.type, dtype, sel))
-    stage.setup()
-
-    def scan_local(batch):
-        hidden, rows = stage.forward(batch)
-        arrays = [*rows.rows.values(), *rows.per_prompt.values(), *(rows.predictions or {}).values()]
-        return sum(a.nbytes for a in arrays)
-
-    results["scan_local"] = timed(scan_local, batches, device)
-    return results
+    return {"bare": timed(bare, batches, device), "naive": timed(naive, batches, device)}
 
 
 def bench_ray(corpus: Path, model: str | None, device: str, dtype: str, batch_tokens: int, stages: int, sel: Selection) -> dict:
