@@ -55,7 +55,10 @@ LAYERS = pa.schema(
         ("n_selected", pa.int32()),
         ("n_kept", pa.int32()),
         ("n_above_any", pa.int32()),
-        ("mean_coverage", pa.float32()),  # mean over kept neurons of the fraction of tokens > high
+        # Means over the kept neurons of the fraction of the prompt's tokens > high, > red, < low.
+        ("mean_coverage", pa.float32()),
+        ("red_coverage", pa.float32()),
+        ("blue_coverage", pa.float32()),
     ]
 )
 
@@ -103,7 +106,7 @@ def layers_batch(per_prompt: dict[str, np.ndarray], start: int, prompt_ids: np.n
         pa.array(np.tile(prompt_ids, n_layers)),
         pa.array(np.repeat(np.arange(start, start + n_layers, dtype=np.int32), n_rows)),
         pa.array(np.tile(n_tokens.astype(np.int32), n_layers)),
-        *(pa.array(per_prompt[name].reshape(-1)) for name in ("n_selected", "n_kept", "n_above_any", "mean_coverage")),
+        *(pa.array(per_prompt[name].reshape(-1)) for name in ("n_selected", "n_kept", "n_above_any", "mean_coverage", "red_coverage", "blue_coverage")),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=LAYERS)
 

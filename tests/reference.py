@@ -100,7 +100,18 @@ def assert_scan_matches(out_dir: Path, ref: dict, sel: Selection, tol: float = 1
             for neuron, row in rows.items():
                 _check_row(row, acts[:, neuron], sel, tol, (prompt_id, layer, neuron))
                 checked += 1
+            _check_coverage(summary, acts[:, sorted(rows)], sel, tol, (prompt_id, layer))
     return checked
+
+
+def _check_coverage(summary: dict, kept_acts: np.ndarray, sel: Selection, tol: float, where) -> None:
+    """layers/ coverage columns: mean over kept neurons of the fraction of tokens in a band."""
+    if kept_acts.shape[1] == 0:
+        return
+    for name, edge, above in (("mean_coverage", sel.high, True), ("red_coverage", sel.red, True), ("blue_coverage", sel.low, False)):
+        strict = (kept_acts > edge + tol) if above else (kept_acts < edge - tol)
+        loose = (kept_acts > edge - tol) if above else (kept_acts < edge + tol)
+        assert strict.mean() - 1e-6 <= summary[name] <= loose.mean() + 1e-6, (where, name, summary[name], strict.mean())
 
 
 def _near_selection(exp: dict, sel: Selection, tol: float) -> int:

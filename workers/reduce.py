@@ -20,7 +20,7 @@ import torch
 from cluster.config import Selection
 
 ROW_FIELDS = ("neuron", "max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "bands")
-PROMPT_FIELDS = ("n_selected", "n_kept", "n_above_any", "mean_coverage")
+PROMPT_FIELDS = ("n_selected", "n_kept", "n_above_any", "mean_coverage", "red_coverage", "blue_coverage")
 
 
 def band_codes(act: torch.Tensor, sel: Selection) -> torch.Tensor:
@@ -49,8 +49,9 @@ def reduce_layer(act: torch.Tensor, valid: torch.Tensor, sel: Selection) -> dict
     Returns (B = batch, K = cap or d_mlp, W = ceil(pos / 4)):
       kept [B, K] bool, neuron [B, K] int32 (ascending among kept rows), max_act/min_act [B, K]
       float32, max_pos/min_pos/n_above/n_below [B, K] int16, bands [B, K, W] uint8, and per
-      prompt n_selected/n_kept/n_above_any [B] int32 and mean_coverage [B] float32 (mean over
-      kept neurons of the fraction of the prompt's tokens above ``high``).
+      prompt n_selected/n_kept/n_above_any [B] int32 and, as [B] float32 means over the kept
+      neurons of a fraction of the prompt's tokens: mean_coverage (above ``high``),
+      red_coverage (above ``red``) and blue_coverage (below ``low``).
     """
     b, t, n = act.shape
     invalid = ~valid[:, :, None]  # [batch, pos, 1]
@@ -74,11 +75,15 @@ def reduce_layer(act: torch.Tensor, valid: torch.Tensor, sel: Selection) -> dict
     kept = neuron < n
     idx = neuron.clamp(max=n - 1)  # [batch, K]
 
-    bands = packed_bands(act, idx, invalid, sel)
+    bands, n_red = packed_bands(act, idx, invalid, sel)
     n_tokens = valid.sum(dim=1).clamp(min=1)  # [batch]
-    n_above_k = n_above.gather(1, idx)
+    n_above_k, n_below_k = n_above.gather(1, idx), n_below.gather(1, idx)
     n_kept = kept.sum(dim=1)
-    coverage = (n_above_k * kept).sum(dim=1).float() / (n_kept * n_tokens).clamp(min=1).float()
+    per_token = (n_kept * n_tokens).clamp(min=1).float()  # [batch]
+
+    def coverage(counts: torch.Tensor) -> torch.Tensor:  # [batch, K] token counts -> [batch]
+        return (counts * kept).sum(dim=1).float() / per_token
+
     return {
         "kept": kept,
         "neuron": idx.to(torch.int32),
@@ -87,17 +92,20 @@ def reduce_layer(act: torch.Tensor, valid: torch.Tensor, sel: Selection) -> dict
         "min_act": min_act.gather(1, idx),
         "min_pos": min_pos.gather(1, idx).to(torch.int16),
         "n_above": n_above_k.to(torch.int16),
-        "n_below": n_below.gather(1, idx).to(torch.int16),
+        "n_below": n_below_k.to(torch.int16),
         "bands": bands,
         "n_selected": selected.sum(dim=1).to(torch.int32),
         "n_kept": n_kept.to(torch.int32),
         "n_above_any": (max_act > sel.high).sum(dim=1).to(torch.int32),
-        "mean_coverage": coverage,
+        "mean_coverage": coverage(n_above_k),
+        "red_coverage": coverage(n_red),
+        "blue_coverage": coverage(n_below_k),
     }
 
 
-def packed_bands(act: torch.Tensor, idx: torch.Tensor, invalid: torch.Tensor, sel: Selection, chunk: int = 2048) -> torch.Tensor:
-    """Band codes of the neurons ``idx`` [batch, K], packed: [batch, K, ceil(pos / 4)] uint8.
+def packed_bands(act: torch.Tensor, idx: torch.Tensor, invalid: torch.Tensor, sel: Selection, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Band codes of the neurons ``idx`` [batch, K], packed: [batch, K, ceil(pos / 4)] uint8,
+    and how many of the prompt's tokens are red for each: [batch, K] int32.
 
     Done ``chunk`` neurons at a time, so that keeping every neuron (--max-per-layer 0) costs
     a few chunk-sized temporaries instead of several copies of the layer's activations.
@@ -105,12 +113,14 @@ def packed_bands(act: torch.Tensor, idx: torch.Tensor, invalid: torch.Tensor, se
     b, t, _ = act.shape
     k = idx.shape[1]
     out = torch.empty(b, k, (t + 3) // 4, dtype=torch.uint8, device=act.device)
+    n_red = torch.empty(b, k, dtype=torch.int32, device=act.device)
     for lo in range(0, k, chunk):
         cols = idx[:, lo : lo + chunk]  # [batch, C]
         act_c = act.gather(2, cols[:, None, :].expand(b, t, cols.shape[1]))  # [batch, pos, C]
         codes = band_codes(act_c, sel).masked_fill_(invalid, 0).transpose(1, 2)  # [batch, C, pos]
         out[:, lo : lo + chunk] = pack_codes(codes)
-    return out
+        n_red[:, lo : lo + chunk] = (codes == 3).sum(dim=2)
+    return out, n_red
 
 
 def compact(layers: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -39,7 +39,8 @@ def _stage_rows(batch_id, start, n_layers, lengths, rows_per_layer=2, last=True)
         "bands": np.full((m, width), 0b11100100, np.uint8),
     }
     per_prompt = {k: np.full((n_layers, b), rows_per_layer, np.int32) for k in ("n_selected", "n_kept", "n_above_any")}
-    per_prompt["mean_coverage"] = np.full((n_layers, b), 0.5, np.float32)
+    for name in ("mean_coverage", "red_coverage", "blue_coverage"):
+        per_prompt[name] = np.full((n_layers, b), 0.5, np.float32)
     predictions = {"top_ids": np.tile(np.arange(5, dtype=np.int32), (b, 1)), "top_probs": np.full((b, 5), 0.2, np.float32), "correct": np.array([1] + [0] * (b - 1), np.int8)} if last else None
     return StageRows(batch_id, start, rows, per_prompt, predictions)
 

@@ -64,8 +64,9 @@ def test_reduce_layer_matches_numpy(cap):
             codes = unpack_bands(bytes(out["bands"][row, slot].tolist())[: (length + 3) // 4], length)
             assert codes.tolist() == band_codes(col, sel).tolist()
         if neurons:
-            cover = np.mean([(a[:, j] > sel.high).sum() / length for j in neurons])
-            assert out["mean_coverage"][row].item() == pytest.approx(cover, rel=1e-6)
+            for name, hit in (("mean_coverage", a > sel.high), ("red_coverage", a > sel.red), ("blue_coverage", a < sel.low)):
+                cover = np.mean([hit[:, j].sum() / length for j in neurons])
+                assert out[name][row].item() == pytest.approx(cover, rel=1e-6), name
 
 
 def test_cap_prefers_most_extreme_then_lower_index():
