@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from aggregator import schema
 from aggregator.manifest import read_manifest, write_manifest
+from aggregator.neurons import neurons_table
 from aggregator.writer import write_table
 from cluster.errors import UserError
 from cluster.memory import MemoryWatch
@@ -194,6 +195,9 @@ class Aggregator:
         stages had finished: the aggregator's lag behind the pipeline."""
         t0 = time.perf_counter()
         self.commit()
+        table = neurons_table(self.out, self.manifest, self.manifest.get("top_k", 20))
+        table = table.replace_schema_metadata(schema.with_run_metadata(table.schema, self.run_meta).metadata)
+        self.manifest["neurons"] = write_table(table, self.out, "neurons/part-00001", self.fmt).to_dict()
         timings = {**timings, "aggregator_lag_s": time.perf_counter() - t0}
         self.manifest["summary"] = self.summary()
         self.manifest["timings"] = {**timings, "finished_at": _now()}
@@ -210,7 +214,7 @@ def remove_uncommitted(out: Path, manifest: dict) -> list[Path]:
     """Delete table files no committed part lists (a part cut short by a crash); returns them."""
     listed = {f["path"] for part in manifest["parts"] for f in part["files"]}
     removed = []
-    for table in schema.TABLES:
+    for table in (*schema.TABLES, "neurons"):
         for path in sorted((out / table).rglob("*")) if (out / table).exists() else []:
             if path.is_file() and path.relative_to(out).as_posix() not in listed:
                 path.unlink()

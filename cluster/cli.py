@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same model, thresholds, corpus and --batch-tokens)")
     scan.add_argument("--in-flight", type=int, default=0, help="micro-batches in flight per replica (default 2 x stages)")
     scan.add_argument("--on-error", default="stop", help="a prompt too large for device memory even alone: stop (default) or skip it")
+    scan.add_argument("--top-k", type=int, default=20, help="max-activating prompts kept per neuron in neurons/ (default 20)")
     scan.add_argument("--rows-per-part", type=int, default=500_000, help="activation rows buffered before a part is committed (default 500000)")
     scan.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -92,7 +93,7 @@ def cmd_scan(args) -> int:
         device=args.device, dtype=args.dtype, gpus_per_stage=args.gpus_per_stage,
         selection=Selection(high=args.high, low=args.low, red=args.red, max_per_layer=args.max_per_layer),
         batch_tokens=args.batch_tokens, format=args.format, truncate=args.truncate, overwrite=args.overwrite, resume=args.resume,
-        in_flight=args.in_flight, rows_per_part=args.rows_per_part, on_error=args.on_error, progress=not args.quiet,
+        in_flight=args.in_flight, rows_per_part=args.rows_per_part, on_error=args.on_error, top_k=args.top_k, progress=not args.quiet,
     )
     manifest = run_scan(cfg)
     print("\n".join(summary_lines(manifest, str(Path(args.out)))))

@@ -84,6 +84,8 @@ class ScanConfig:
     """Micro-batches in flight per replica; 0 means 2 x stages, so every stage has work."""
     on_error: str = "stop"
     """A prompt that does not fit in device memory even alone: "stop" the run or "skip" it."""
+    top_k: int = 20
+    """Max-activating prompts kept per neuron in neurons/."""
     rows_per_part: int = 500_000
     """Activation rows buffered by the aggregator before it commits a part."""
     progress: bool = True
@@ -107,6 +109,8 @@ class ScanConfig:
             raise UserError(f"--batch-tokens {self.batch_tokens} must be a positive number of tokens")
         if self.on_error not in ON_ERROR:
             raise UserError(f"--on-error {self.on_error!r} is not known: use one of {', '.join(ON_ERROR)}")
+        if self.top_k < 1:
+            raise UserError(f"--top-k {self.top_k} must be at least 1")
         if self.rows_per_part < 1:
             raise UserError(f"--rows-per-part {self.rows_per_part} must be a positive number of rows")
         if self.in_flight < 0:

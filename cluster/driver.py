@@ -101,6 +101,7 @@ def manifest_header(cfg: ScanConfig, p: Plan) -> dict:
         "partition": [list(b) for b in p.bounds],
         "device": cfg.device,
         "batch_tokens": cfg.batch_tokens,
+        "top_k": cfg.top_k,
         "format": cfg.format,
         "truncate": cfg.truncate,
         "corpus": corpus_fingerprint(cfg.prompts),

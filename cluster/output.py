@@ -23,6 +23,7 @@ IDENTITY = {
     "selection.high": "--high", "selection.low": "--low", "selection.max_per_layer": "--max-per-layer",
     "bands.red": "--red", "batch_tokens": "--batch-tokens", "format": "--format",
     "corpus.source": "PROMPTS", "corpus.sha256": "PROMPTS (its contents changed)", "truncate": "--truncate",
+    "top_k": "--top-k",
 }
 
 

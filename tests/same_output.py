@@ -10,7 +10,8 @@ import pyarrow.dataset as ds
 
 def tables(out: Path) -> dict:
     sort = {"activations": [("layer", "ascending"), ("prompt_id", "ascending"), ("neuron", "ascending")],
-            "prompts": [("prompt_id", "ascending")], "layers": [("prompt_id", "ascending"), ("layer", "ascending")]}
+            "prompts": [("prompt_id", "ascending")], "layers": [("prompt_id", "ascending"), ("layer", "ascending")],
+            "neurons": [("layer", "ascending"), ("neuron", "ascending")]}
     return {
         name: ds.dataset(out / name, partitioning="hive" if name == "activations" else None).to_table().sort_by(keys).replace_schema_metadata(None)
         for name, keys in sort.items()
@@ -27,6 +28,6 @@ def assert_same_output(out: Path, reference: Path) -> None:
     assert m_got["totals"] == m_want["totals"] and m_got["summary"] == m_want["summary"]
     batches = [b for part in m_got["parts"] for b in part["batches"]]
     assert sorted(batches) == sorted(set(batches))  # no batch committed twice
-    listed = {f["path"] for part in m_got["parts"] for f in part["files"]}
-    on_disk = {p.relative_to(out).as_posix() for t in ("activations", "prompts", "layers") for p in (out / t).rglob("*") if p.is_file()}
+    listed = {f["path"] for part in m_got["parts"] for f in part["files"]} | {m_got["neurons"]["path"]}
+    on_disk = {p.relative_to(out).as_posix() for t in ("activations", "prompts", "layers", "neurons") for p in (out / t).rglob("*") if p.is_file()}
     assert on_disk == listed

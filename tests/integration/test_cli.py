@@ -137,3 +137,20 @@ def test_make_model_writes_a_loadable_checkpoint(capsys, tmp_path):
     assert resolve_model(str(tmp_path / "m")).path == str((tmp_path / "m").resolve())
     assert main(["make-model", "--preset", "huge", "--out", str(tmp_path / "n")]) == 2
     assert main(["make-model", "--out", str(tmp_path / "m")]) == 2  # not empty
+
+
+def test_neurons_table_matches_the_activations(cli_run):
+    import pyarrow.dataset as ds
+
+    out, _ = cli_run
+    acts = ds.dataset(out / "activations", partitioning="hive").to_table().to_pandas()
+    neurons = ds.dataset(out / "neurons").to_table().to_pandas()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["neurons"]["rows"] == len(neurons) == len(acts.groupby(["layer", "neuron"]))
+    for _, row in neurons.sample(50, random_state=0).iterrows():
+        mine = acts[(acts.layer == row.layer) & (acts.neuron == row.neuron)]
+        ranked = mine.sort_values(["max_act", "prompt_id"], ascending=[False, True]).head(20)
+        assert list(row.top_prompt_ids) == ranked.prompt_id.tolist()
+        assert list(row.top_pos) == ranked.max_pos.tolist()
+        assert row.n_prompts == len(mine) and row.n_red == int((mine.max_act > 3.5).sum())
+        assert row.max_act == mine.max_act.max()

@@ -17,7 +17,7 @@ from prompts.batching import Tokenized
 from prompts.readers import Prompt
 from workers.rows import StageRows
 
-HEADER = {"schema_version": SCHEMA_VERSION, "model": {"id": "m"}, "selection": {}, "bands": {}}
+HEADER = {"schema_version": SCHEMA_VERSION, "model": {"id": "m"}, "selection": {}, "bands": {"low": 0.0, "high": 3.0, "red": 3.5}}
 
 
 def _group(ids, lengths):

@@ -1,0 +1,57 @@
+"""neurons/: the streamed top-k merge against a brute-force sort."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from aggregator.neurons import empty_state, layer_table, merge_top_k
+from aggregator.schema import ACTIVATIONS
+
+
+def brute_force(neuron, act, prompt_id, pos, k):
+    out = {}
+    for n in np.unique(neuron):
+        rows = sorted(zip(-act[neuron == n], prompt_id[neuron == n], pos[neuron == n]))[:k]
+        out[int(n)] = ([p for _, p, _ in rows], [-a for a, _, _ in rows], [q for _, _, q in rows])
+    return out
+
+
+@pytest.mark.parametrize("k, chunks", [(1, 1), (3, 4), (5, 7), (50, 3)])
+def test_merge_top_k_matches_brute_force(k, chunks):
+    rng = np.random.default_rng(k)
+    m = 600
+    neuron = rng.integers(0, 40, m).astype(np.int32)
+    act = np.round(rng.normal(size=m), 1).astype(np.float32)  # rounded: many ties
+    prompt_id = rng.permutation(m).astype(np.int64)
+    pos = rng.integers(0, 100, m).astype(np.int16)
+    state = empty_state()
+    for part in np.array_split(np.arange(m), chunks):
+        state = merge_top_k(state, neuron[part], act[part], prompt_id[part], pos[part], k)
+    want = brute_force(neuron, act, prompt_id, pos, k)
+    for n, (pids, acts, poss) in want.items():
+        sel = state["neuron"] == n
+        assert state["prompt_id"][sel].tolist() == pids
+        assert state["act"][sel].tolist() == pytest.approx(acts)
+        assert state["pos"][sel].tolist() == poss
+
+
+def test_layer_table_counts_and_top_lists(tmp_path):
+    rows = [(0, 1, 4.0, 2), (1, 1, 3.6, 0), (2, 1, 1.0, 5), (0, 2, -0.5, 1), (3, 1, 4.0, 7)]
+    table = pa.table(
+        {"prompt_id": [r[0] for r in rows], "neuron": [r[1] for r in rows], "max_act": [r[2] for r in rows],
+         "max_pos": [r[3] for r in rows], "min_act": [0.0] * 5, "min_pos": [0] * 5, "n_above": [0] * 5,
+         "n_below": [0] * 5, "bands": [b""] * 5},
+        schema=ACTIVATIONS,
+    )
+    files = []
+    for i, part in enumerate((table.slice(0, 2), table.slice(2))):  # two parts
+        pq.write_table(part, tmp_path / f"p{i}.parquet")
+        files.append(str(tmp_path / f"p{i}.parquet"))
+    got = {r["neuron"]: r for r in layer_table(3, files, "parquet", 2, red=3.5).to_pylist()}
+    assert set(got) == {1, 2}
+    assert got[1]["layer"] == 3 and got[1]["n_prompts"] == 4 and got[1]["n_red"] == 3 and got[1]["max_act"] == 4.0
+    assert got[1]["top_prompt_ids"] == [0, 3] and got[1]["top_pos"] == [2, 7]  # tie at 4.0: lower prompt id first
+    assert got[2]["top_acts"] == [-0.5] and got[2]["n_red"] == 0
