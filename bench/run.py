@@ -11,7 +11,6 @@ MFU is model FLOPs per second over a large matmul's FLOPs per second measured in
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import platform
 import random
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from cluster.config import ScanConfig, Selection
+from cluster.driver import package_version, run_scan
 from cluster.errors import UserError
 from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer, resolve_model
@@ -145,8 +145,6 @@ def bench_plain_model(path: str, batches, device: torch.device, dtype: str, sel:
 
 
 def bench_ray(corpus: Path, model: str | None, device: str, dtype: str, batch_tokens: int, stages: int, sel: Selection) -> dict:
-    from cluster.driver import run_scan
-
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ScanConfig(
             prompts=str(corpus), out=str(Path(tmp) / "out"), model=model, stages=stages, device=device, dtype=dtype,
@@ -197,20 +195,13 @@ def run_bench(args) -> dict:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(["neuroscan", *sys.argv[1:]]),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-        "versions": {p: _version(p) for p in ("torch", "transformers", "ray", "pyarrow")},
+        "versions": {p: package_version(p) for p in ("torch", "transformers", "ray", "pyarrow")},
         "model": {"path": path, "n_layer": config.n_layer, "d_model": config.n_embd, "dtype": dtype},
         "workload": {"prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "batch_tokens": args.batch_tokens,
                      "micro_batches": len(batches), "tokens": tokens},
         "matmul_flops": peak,
         "results": results,
     }
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def table(report: dict) -> str:

@@ -105,12 +105,12 @@ def manifest_header(cfg: ScanConfig, p: Plan) -> dict:
         "format": cfg.format,
         "truncate": cfg.truncate,
         "corpus": corpus_fingerprint(cfg.prompts),
-        "versions": {name: _version(name) for name in PACKAGES},
+        "versions": {name: package_version(name) for name in PACKAGES},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:

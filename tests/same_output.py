@@ -7,6 +7,14 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 
+from prompts.generate import generate, write_jsonl
+
+
+def sequence_corpus(path: Path, n: int, seed: int) -> Path:
+    """Short numeric prompts (about 60 tokens): enough micro-batches and parts to interrupt."""
+    write_jsonl(generate(n, families=["arithmetic", "countdown", "geometric"], variants=["zero_shot"], seed=seed), path)
+    return path
+
 
 def tables(out: Path) -> dict:
     sort = {"activations": [("layer", "ascending"), ("prompt_id", "ascending"), ("neuron", "ascending")],

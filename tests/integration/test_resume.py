@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from prompts.generate import generate, write_jsonl
-from tests.same_output import assert_same_output
+from tests.same_output import assert_same_output, sequence_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 FLAGS = ["--max-per-layer", "5", "--batch-tokens", "1024", "--rows-per-part", "3000", "--quiet"]
@@ -60,9 +59,7 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("resume") / "prompts.jsonl"
-    write_jsonl(generate(600, families=["arithmetic", "countdown", "geometric"], variants=["zero_shot"], seed=3), path)
-    return path
+    return sequence_corpus(tmp_path_factory.mktemp("resume") / "prompts.jsonl", 600, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ import ray
 from cluster.config import ScanConfig, Selection
 from cluster.driver import run_scan
 from cluster.errors import UserError
-from prompts.generate import generate, write_jsonl
-from tests.same_output import assert_same_output
+from tests.same_output import assert_same_output, sequence_corpus
 
 
 def config(corpus: Path, out: Path, **kw) -> ScanConfig:
@@ -24,9 +23,7 @@ def config(corpus: Path, out: Path, **kw) -> ScanConfig:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("faults") / "prompts.jsonl"
-    write_jsonl(generate(500, families=["arithmetic", "countdown", "geometric"], variants=["zero_shot"], seed=4), path)
-    return path
+    return sequence_corpus(tmp_path_factory.mktemp("faults") / "prompts.jsonl", 500, seed=4)
 
 
 @pytest.fixture(scope="module")
