@@ -210,13 +210,10 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def remove_uncommitted(out: Path, manifest: dict) -> list[Path]:
-    """Delete table files no committed part lists (a part cut short by a crash); returns them."""
+def remove_uncommitted(out: Path, manifest: dict) -> None:
+    """Delete table files no committed part lists (a part cut short by a crash)."""
     listed = {f["path"] for part in manifest["parts"] for f in part["files"]}
-    removed = []
     for table in (*schema.TABLES, "neurons"):
         for path in sorted((out / table).rglob("*")) if (out / table).exists() else []:
             if path.is_file() and path.relative_to(out).as_posix() not in listed:
                 path.unlink()
-                removed.append(path)
-    return removed

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from cluster.errors import UserError
 
@@ -120,6 +120,3 @@ class ScanConfig:
     def window(self) -> int:
         """Micro-batches in flight per replica."""
         return self.in_flight or 2 * self.stages
-
-    def to_dict(self) -> dict:
-        return asdict(self)

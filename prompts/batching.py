@@ -43,10 +43,6 @@ class MicroBatch:
     ids: tuple[str, ...] = ()
     """The users' prompt ids, for error messages."""
 
-    @property
-    def n_padded_tokens(self) -> int:
-        return int(self.input_ids.size)
-
     def take(self, rows: np.ndarray, trim: bool = False) -> MicroBatch:
         """The same micro-batch (same id) restricted to ``rows``; ``trim`` drops padding columns."""
         width = int(self.n_input[rows].max()) if trim else self.input_ids.shape[1]

@@ -65,8 +65,9 @@ def test_prompts_table_matches_per_prompt_forward(ray_session, tmp_path, corpus,
         ref = tiny_reference[p["prompt_id"]]
         assert p["token_ids"] == ref["token_ids"]
         assert p["n_tokens"] == len(ref["token_ids"])
-        assert "".join(p["tokens"]).encode("utf-8", "replace")  # readable strings, one per token
         assert len(p["tokens"]) == p["n_tokens"]
+        if p["text"].isascii():  # byte-level tokens of ASCII text spell the text back
+            assert "".join(p["tokens"]) == p["text"]
         ref_probs = ref["probs"][ref["top_ids"]]
         assert max(abs(a - b) for a, b in zip(p["top_probs"], ref_probs)) < 1e-5
         assert p["top_probs"] == sorted(p["top_probs"], reverse=True)
