@@ -11,9 +11,11 @@ once) is dropped by its batch id.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,7 @@ class Aggregator:
         """
         self.out = Path(out_dir)
         self.fmt = fmt
+        self.pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="neuroscan-write")
         self.rows_per_part = rows_per_part
         self.token_strings = token_strings
         self.run_meta = {k: header[k] for k in ("model", "selection", "bands") if k in header}
@@ -82,8 +85,9 @@ class Aggregator:
         n_tokens = np.array([len(t.token_ids) for t in group], dtype=np.int32)
         for stage in stages:
             # Arrow wraps numpy without copying; copy once so that no buffered batch pins the
-            # stage's object-store buffers until the next commit.
-            stage.rows = {name: array.copy() for name, array in stage.rows.items()}
+            # stage's object-store buffers until the next commit (the band codes are copied
+            # anyway when each row is cut to its prompt's length).
+            stage.rows = {name: array if name == "bands" else array.copy() for name, array in stage.rows.items()}
             stage.per_prompt = {name: array.copy() for name, array in stage.per_prompt.items()}
             for layer, batch in schema.activation_batches(stage.rows, stage.start, prompt_ids, n_tokens).items():
                 self.buf_acts[layer].append(batch)
@@ -132,11 +136,18 @@ class Aggregator:
         stem = f"part-{part:05d}"
         files = []
         try:
-            for layer in sorted(self.buf_acts):
-                table = self._table(schema.ACTIVATIONS, self.buf_acts[layer])
-                files.append(write_table(table, self.out, f"activations/layer={layer:02d}/{stem}", self.fmt))
-            files.append(write_table(self._table(schema.PROMPTS, self.buf_prompts), self.out, f"prompts/{stem}", self.fmt))
-            files.append(write_table(self._table(schema.LAYERS, self.buf_layers), self.out, f"layers/{stem}", self.fmt))
+            jobs = [(self._table(schema.ACTIVATIONS, self.buf_acts[layer]), f"activations/layer={layer:02d}/{stem}") for layer in sorted(self.buf_acts)]
+            jobs += [(self._table(schema.PROMPTS, self.buf_prompts), f"prompts/{stem}"), (self._table(schema.LAYERS, self.buf_layers), f"layers/{stem}")]
+            # Encoding, hashing and fsync release the GIL: the part's files are written in parallel.
+            futures = [self.pool.submit(write_table, table, self.out, rel, self.fmt) for table, rel in jobs]
+            errors = []
+            for future in futures:
+                try:
+                    files.append(future.result())
+                except OSError as err:
+                    errors.append(err)
+            if errors:
+                raise errors[0]
         except OSError as err:
             for f in files:  # never listed: remove so that the directory holds committed parts only
                 (self.out / f.path).unlink(missing_ok=True)

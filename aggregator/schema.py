@@ -72,10 +72,15 @@ def with_run_metadata(schema: pa.Schema, run: dict) -> pa.Schema:
 
 
 def packed_bands(bands: np.ndarray, n_tokens: np.ndarray) -> pa.Array:
-    """Binary column from a padded [rows, width] uint8 matrix, row i cut to ceil(n_tokens[i] / 4) bytes."""
+    """Binary column from a padded [rows, width] uint8 matrix, row i cut to ceil(n_tokens[i] / 4) bytes.
+
+    Always a copy, so the column never pins the caller's (object-store) buffer."""
     lengths = (n_tokens.astype(np.int64) + 3) // 4
-    keep = np.arange(bands.shape[1])[None, :] < lengths[:, None]
-    data = np.ascontiguousarray(bands[keep])  # row-major: the rows' bytes, one after another
+    if (lengths == bands.shape[1]).all():  # every row fills the width: the bytes as they are
+        data = np.array(bands, order="C", copy=True).reshape(-1)
+    else:
+        keep = np.arange(bands.shape[1])[None, :] < lengths[:, None]
+        data = bands[keep]  # row-major: the rows' bytes, one after another (a copy)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     return pa.Array.from_buffers(pa.binary(), len(lengths), [None, pa.py_buffer(offsets), pa.py_buffer(data)])

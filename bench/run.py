@@ -1,11 +1,13 @@
 """``neuroscan bench``: the benchmark of record, every mode on the same micro-batches in one run.
 
 Modes (tokens are the prompts' own tokens; ratios are against ``bare`` of the same run):
-  bare         the model alone: blocks + last-token logits, no hooks
-  naive        a hook copies every MLP activation to the host and reduces it there (the notebook way)
-  scan_local   neuroscan's stage code in this process (on-device reduction, compaction, host copy)
-  scan         the full Ray pipeline, one stage, aggregator writing Parquet
-  scan_2stage  the Ray pipeline with two stages sharing the device
+  bare              the model alone: blocks + last-token logits, no hooks
+  bare_hf_gelu      the same with transformers' eight-op ``gelu_new`` (before the one-kernel GELU)
+  naive             a hook copies every MLP activation to the host and reduces it there (the notebook way)
+  scan_local_eager  the stage code in this process with the eager reduction (the reference path)
+  scan_local        the stage code in this process: fused reduction on a GPU, compaction, one host copy
+  scan              the full Ray pipeline, one stage, aggregator writing Parquet
+  scan_2stage       the Ray pipeline with two stages sharing the device
 MFU is model FLOPs per second over a large matmul's FLOPs per second measured in the same run.
 """
 
@@ -17,20 +19,22 @@ import random
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.activations import NewGELUActivation
 
 from cluster.config import ScanConfig, Selection
 from cluster.driver import package_version, run_scan
 from cluster.errors import UserError
 from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer, resolve_model
-from workers.shard import ShardSpec, load_stage
+from workers.shard import ShardSpec
 from workers.stage import Stage, StageSpec
 
-MODES = ("bare", "naive", "scan_local", "scan", "scan_2stage")
+MODES = ("bare", "bare_hf_gelu", "naive", "scan_local_eager", "scan_local", "scan", "scan_2stage")
 
 
 def synthetic_corpus(path: Path, n: int, tokens: int, seed: int = 0) -> Path:
@@ -76,9 +80,15 @@ def _inputs(batch, device):
     return torch.as_tensor(batch.input_ids, device=device).long(), mask, pos[None, :].expand(b, t)
 
 
-def timed(step, batches, device) -> dict:
+NAIVE_BATCHES = 2
+"""``naive`` is timed on this many micro-batches only: at ~2 % of the bare rate the full
+workload would take minutes, and a rate over two micro-batches says the same."""
+
+
+def timed(step, batches, device, warm_up: bool = True) -> dict:
     """Warm up on the first micro-batch, then time them all; peak device memory on CUDA."""
-    step(batches[0])
+    if warm_up:
+        step(batches[0])
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -89,29 +99,16 @@ def timed(step, batches, device) -> dict:
     _sync(device)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return {"seconds": seconds, "d2h_bytes": copied, "peak_device_mb": peak}
+    tokens = int(sum(b.n_tokens.sum() for b in batches))
+    return {"seconds": seconds, "tokens": tokens, "d2h_bytes": copied, "peak_device_mb": peak}
 
 
-def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: Selection) -> dict:
-    """bare, naive and scan_local; each model is freed before the next loads."""
-    results = bench_plain_model(path, batches, device, dtype, sel)
+def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: Selection, modes: list[str]) -> dict:
+    """The in-process modes, all on one loaded copy of the model (a stage holding every layer)."""
     n = load_config(path).n_layer
     stage = Stage(StageSpec(path, ShardSpec(0, n, n), device.type, dtype, sel))
     stage.setup()
-
-    def scan_local(batch):
-        hidden, rows = stage.forward(batch)
-        arrays = [*rows.rows.values(), *rows.per_prompt.values(), *(rows.predictions or {}).values()]
-        return sum(a.nbytes for a in arrays)
-
-    results["scan_local"] = timed(scan_local, batches, device)
-    return results
-
-
-def bench_plain_model(path: str, batches, device: torch.device, dtype: str, sel: Selection) -> dict:
-    config = load_config(path)
-    n = config.n_layer
-    model = load_stage(path, config, ShardSpec(0, n, n), device, getattr(torch, dtype))
+    model = stage.model
 
     @torch.inference_mode()
     def bare(batch):
@@ -141,7 +138,46 @@ def bench_plain_model(path: str, batches, device: torch.device, dtype: str, sel:
                 h.remove()
         return sum(copied)
 
-    return {"bare": timed(bare, batches, device), "naive": timed(naive, batches, device)}
+    def scan_local(batch):
+        hidden, rows = stage.forward(batch)
+        arrays = [*rows.rows.values(), *rows.per_prompt.values(), *(rows.predictions or {}).values()]
+        return sum(a.nbytes for a in arrays)
+
+    fused = stage.fused
+    variants = {
+        "bare": (bare, fused, False),
+        "bare_hf_gelu": (bare, fused, True),
+        "naive": (naive, fused, False),
+        "scan_local_eager": (scan_local, False, False),
+        "scan_local": (scan_local, fused, False),
+    }
+    results = {}
+    for mode in MODES:
+        if mode in modes and mode in variants:
+            step, stage.fused, hf_gelu = variants[mode]
+            run = batches[:NAIVE_BATCHES] if mode == "naive" else batches
+            with transformers_gelu(model, hf_gelu):
+                results[mode] = {**timed(step, run, device, warm_up=mode != "naive"), "reduction": "fused" if stage.fused else "eager"}
+    stage.fused = fused
+    del stage, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the Ray modes' actors need the memory
+    return results
+
+
+@contextmanager
+def transformers_gelu(model, on: bool):
+    """Put transformers' own ``gelu_new`` (eight elementwise ops) back in place of neuroscan's
+    one-kernel GELU while the context is open: the "before" of that optimisation."""
+    saved = [block.mlp.act for block in model.body.h]
+    if on:
+        for block in model.body.h:
+            block.mlp.act = NewGELUActivation()
+    try:
+        yield
+    finally:
+        for block, act in zip(model.body.h, saved):
+            block.mlp.act = act
 
 
 def bench_ray(corpus: Path, model: str | None, device: str, dtype: str, batch_tokens: int, stages: int, sel: Selection) -> dict:
@@ -165,9 +201,10 @@ def run_bench(args) -> dict:
     else:
         from workers.embedded import gptj_config, write_checkpoint
 
-        cache = Path(args.cache) / f"{args.preset}-seed0"
+        # On a GPU the random weights are drawn there (seconds instead of a minute for 6B).
+        cache = Path(args.cache) / f"{args.preset}-seed0-{device.type}"
         if not (cache / "config.json").exists():
-            write_checkpoint(gptj_config(args.preset), cache)
+            write_checkpoint(gptj_config(args.preset), cache, device=device.type)
         path = model_arg = str(cache)
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
     sel = Selection()
@@ -178,19 +215,23 @@ def run_bench(args) -> dict:
         batches = [b for b, _ in micro_batches(str(corpus), tokenizer, config.n_positions, args.batch_tokens, False)]
         tokens = int(sum(b.n_tokens.sum() for b in batches))
         modes = args.modes.split(",") if args.modes else list(MODES)
+        unknown = sorted(set(modes) - set(MODES))
+        if unknown:
+            raise UserError(f"--modes: {', '.join(unknown)} not known: use a comma-separated subset of {', '.join(MODES)}")
         peak = matmul_flops(device, getattr(torch, dtype))
-        results = bench_in_process(path, batches, device, dtype, sel) if {"bare", "naive", "scan_local"} & set(modes) else {}
+        in_process = [m for m in modes if m not in ("scan", "scan_2stage")]
+        results = bench_in_process(path, batches, device, dtype, sel, in_process) if in_process else {}
         for mode, stages in (("scan", 1), ("scan_2stage", 2)):
             if mode in modes:
-                results[mode] = bench_ray(corpus, model_arg, device.type, dtype, args.batch_tokens, stages, sel)
+                results[mode] = {**bench_ray(corpus, model_arg, device.type, dtype, args.batch_tokens, stages, sel), "tokens": tokens}
     seq = float(np.mean([b.n_tokens.mean() for b in batches]))
     per_token = flops_per_token(config, seq)
-    bare_rate = tokens / results["bare"]["seconds"] if "bare" in results else None
+    bare_rate = results["bare"]["tokens"] / results["bare"]["seconds"] if "bare" in results else None
     for r in results.values():
-        r["tokens_per_s"] = tokens / r["seconds"]
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
         r["ratio_to_bare"] = r["tokens_per_s"] / bare_rate if bare_rate else None
         r["mfu"] = r["tokens_per_s"] * per_token / peak
-        r["d2h_bytes_per_token"] = None if r["d2h_bytes"] is None else r["d2h_bytes"] / tokens
+        r["d2h_bytes_per_token"] = None if r["d2h_bytes"] is None else r["d2h_bytes"] / r["tokens"]
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(["neuroscan", *sys.argv[1:]]),
@@ -207,9 +248,10 @@ def run_bench(args) -> dict:
 def table(report: dict) -> str:
     lines = [f"{report['device']}  {report['model']['n_layer']} layers x {report['model']['d_model']}  {report['model']['dtype']}  "
              f"{report['workload']['tokens']} tokens in {report['workload']['micro_batches']} micro-batches",
-             f"{'mode':<16}{'tokens/s':>12}{'vs bare':>9}{'MFU':>8}{'D2H B/token':>13}{'peak MB':>10}"]
+             f"{'mode':<18}{'tokens/s':>12}{'vs bare':>9}{'MFU':>8}{'D2H B/token':>13}{'peak MB':>10}{'agg lag s':>11}"]
     for mode, r in report["results"].items():
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-        lines.append(f"{mode:<16}{r['tokens_per_s']:>12,.0f}{fmt(r['ratio_to_bare'], '.3f'):>9}{r['mfu']:>8.3f}"
-                     f"{fmt(r['d2h_bytes_per_token'], ',.0f'):>13}{fmt(r['peak_device_mb'], ',.0f'):>10}")
+        lines.append(f"{mode:<18}{r['tokens_per_s']:>12,.0f}{fmt(r['ratio_to_bare'], '.3f'):>9}{r['mfu']:>8.3f}"
+                     f"{fmt(r['d2h_bytes_per_token'], ',.0f'):>13}{fmt(r['peak_device_mb'], ',.0f'):>10}"
+                     f"{fmt(r.get('aggregator_lag_s'), '.2f'):>11}")
     return "\n".join(lines)

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", type=int, default=64)
     bench.add_argument("--prompt-tokens", type=int, default=256)
     bench.add_argument("--batch-tokens", type=int, default=8192)
-    bench.add_argument("--modes", help="comma-separated subset of: " + ", ".join(("bare", "naive", "scan_local", "scan", "scan_2stage")))
+    bench.add_argument("--modes", help="comma-separated subset of: " + ", ".join(BENCH_MODES) + " (default: all)")
     bench.add_argument("--cache", default=str(Path.home() / ".cache" / "neuroscan" / "bench"))
     bench.add_argument("--out", help="write the report as JSON here")
 
@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--out", required=True, help="directory to write")
     make.add_argument("--seed", type=int, default=0)
     return parser
+
+
+BENCH_MODES = ("bare", "bare_hf_gelu", "naive", "scan_local_eager", "scan_local", "scan", "scan_2stage")
+"""bench.run.MODES, named here so that `neuroscan --help` needs no torch import (a test checks they agree)."""
 
 
 def cmd_scan(args) -> int:

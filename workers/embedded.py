@@ -64,11 +64,12 @@ def embedded_model_dir() -> Path:
     return path
 
 
-def write_checkpoint(config: GPTJConfig, out: Path, seed: int = 0, shard_bytes: int = 2 << 30) -> Path:
+def write_checkpoint(config: GPTJConfig, out: Path, seed: int = 0, shard_bytes: int = 2 << 30, device: str = "cpu") -> Path:
     """Write a random GPT-J checkpoint in Hugging Face layout; returns ``out``.
 
     Each tensor is drawn from its own generator (seeded by name), so a tensor's values do not
-    depend on the shard size. At most one shard is in memory at a time.
+    depend on the shard size. At most one shard is in memory at a time. ``device`` draws the
+    numbers there (a CUDA generator gives other values than the CPU's for the same seed).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +84,7 @@ def write_checkpoint(config: GPTJConfig, out: Path, seed: int = 0, shard_bytes: 
         shard.clear()
 
     for key, shape in _tensor_shapes(config).items():
-        tensor = _random_tensor(key, shape, seed).to(dtype)
+        tensor = _random_tensor(key, shape, seed, device).to(dtype).cpu()
         nbytes = tensor.numel() * tensor.element_size()
         if shard and filled + nbytes > shard_bytes:
             flush()
@@ -127,19 +128,23 @@ def _tensor_shapes(config: GPTJConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _random_tensor(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+def _random_tensor(key: str, shape: tuple[int, ...], seed: int, device: str = "cpu") -> torch.Tensor:
+    gen = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+
+    def randn(*size):
+        return torch.randn(size, generator=gen, device=device)
+
     if key.endswith(("ln_1.weight", "ln_f.weight")):
-        return torch.ones(shape)
+        return torch.ones(shape, device=device)
     if key.endswith(("ln_1.bias", "ln_f.bias", "fc_out.bias", "lm_head.bias")):
-        return torch.zeros(shape)
+        return torch.zeros(shape, device=device)
     if key.endswith("fc_in.weight"):
         # ln_1 output has unit variance per element, so row norm = pre-activation std.
         inner, d = shape
-        std = torch.exp(torch.empty(inner, 1).uniform_(math.log(0.5), math.log(3.0), generator=gen))
-        return torch.randn(shape, generator=gen) * (std / math.sqrt(d))
+        std = torch.exp(torch.empty(inner, 1, device=device).uniform_(math.log(0.5), math.log(3.0), generator=gen))
+        return randn(*shape) * (std / math.sqrt(d))
     if key.endswith("fc_in.bias"):
-        return torch.randn(shape, generator=gen) * 0.5 - 0.25
+        return randn(*shape) * 0.5 - 0.25
     if key == "transformer.wte.weight":
-        return torch.randn(shape, generator=gen)
-    return torch.randn(shape, generator=gen) * 0.02
+        return randn(*shape)
+    return randn(*shape) * 0.02

@@ -15,6 +15,9 @@ look at a value: the stage compacts all its layers at once, once per micro-batch
 
 from __future__ import annotations
 
+import struct
+
+import numpy as np
 import torch
 
 from cluster.config import Selection
@@ -23,11 +26,45 @@ ROW_FIELDS = ("neuron", "max_act", "max_pos", "min_act", "min_pos", "n_above", "
 PROMPT_FIELDS = ("n_selected", "n_kept", "n_above_any", "mean_coverage", "red_coverage", "blue_coverage")
 
 
+def threshold(value: float, dtype: torch.dtype, side: str) -> float:
+    """The ``dtype`` value that makes a comparison in ``dtype`` exact for the real threshold.
+
+    ``x > value`` for every ``x`` of ``dtype`` is ``x > threshold(value, dtype, "above")`` (the
+    largest ``dtype`` value <= ``value``); ``x < value`` is ``x < threshold(value, dtype, "below")``
+    (the smallest >= ``value``). Both paths (eager and fused) compare against these, so a
+    threshold that ``dtype`` cannot hold (3.1 in float16) means the same thing everywhere.
+    Pure Python: no tensor op, so nothing here can wait on a device.
+    """
+    down = side == "above"
+    if dtype == torch.float64:
+        return float(value)
+    if dtype == torch.bfloat16:  # float32 with the low 16 bits zero
+        f = threshold(value, torch.float32, side)
+        bits = struct.unpack("<I", struct.pack("<f", f))[0] & 0xFFFF0000
+        toward_zero = struct.unpack("<f", struct.pack("<I", bits))[0]
+        if toward_zero == f:
+            return toward_zero
+        away = struct.unpack("<f", struct.pack("<I", bits + 0x10000))[0]
+        lower, upper = sorted((toward_zero, away))
+        return lower if down else upper
+    kind = {torch.float16: np.float16, torch.float32: np.float32}[dtype]
+    t = kind(value)
+    if (down and float(t) > value) or (not down and float(t) < value):
+        t = np.nextafter(t, kind(-np.inf if down else np.inf))
+    return float(t)
+
+
+def thresholds(sel: Selection, dtype: torch.dtype) -> tuple[float, float, float]:
+    """(high, low, red) for comparisons in ``dtype``; see `threshold`."""
+    return threshold(sel.high, dtype, "above"), threshold(sel.low, dtype, "below"), threshold(sel.red, dtype, "above")
+
+
 def band_codes(act: torch.Tensor, sel: Selection) -> torch.Tensor:
     """2-bit band code of every activation, as uint8, same shape as ``act``."""
-    code = (act < sel.low).to(torch.uint8)
-    code.masked_fill_(act > sel.high, 2)
-    return code.masked_fill_(act > sel.red, 3)
+    high, low, red = thresholds(sel, act.dtype)
+    code = (act < low).to(torch.uint8)
+    code.masked_fill_(act > high, 2)
+    return code.masked_fill_(act > red, 3)
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -40,11 +77,37 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     return quads[..., 0] | (quads[..., 1] << 2) | (quads[..., 2] << 4) | (quads[..., 3] << 6)
 
 
-def reduce_layer(act: torch.Tensor, valid: torch.Tensor, sel: Selection) -> dict[str, torch.Tensor]:
+def layer_stats(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection) -> dict[str, torch.Tensor]:
+    """Per (prompt, neuron) over the prompt's own tokens: the eager reference of
+    `workers.fused.layer_stats_fused` (same fields, same values).
+
+    act [batch, pos, d_mlp], n_tokens [batch] -> [batch, d_mlp] max_act/min_act float32
+    (first position on ties in max_pos/min_pos), n_above/n_below/n_red token counts.
+    """
+    high, low, red = thresholds(sel, act.dtype)
+    pos = torch.arange(act.shape[1], device=act.device)
+    invalid = (pos[None, :] >= n_tokens[:, None])[:, :, None]  # [batch, pos, 1]
+    hi = act.masked_fill(invalid, float("-inf"))
+    max_act, max_pos = hi.max(dim=1)  # [batch, d_mlp]; first position on ties
+    n_above = (hi > high).sum(dim=1)
+    n_red = (hi > red).sum(dim=1)
+    del hi
+    lo = act.masked_fill(invalid, float("inf"))
+    min_act, min_pos = lo.min(dim=1)
+    n_below = (lo < low).sum(dim=1)
+    del lo
+    return {"max_act": max_act.float(), "max_pos": max_pos, "min_act": min_act.float(), "min_pos": min_pos,
+            "n_above": n_above, "n_below": n_below, "n_red": n_red}
+
+
+def reduce_layer(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, fused: bool = False) -> dict[str, torch.Tensor]:
     """Reduce one layer's activations to fixed-shape candidate rows.
 
-    act:   [batch, pos, d_mlp] activations (any float dtype)
-    valid: [batch, pos] bool, True on the prompt's own tokens (prompts start at position 0)
+    act:      [batch, pos, d_mlp] activations (any float dtype)
+    n_tokens: [batch] the prompt's own tokens (prompts start at position 0; the rest is
+              padding or appended answer tokens and is ignored)
+    fused:    take the statistics from the one-pass Triton kernel (`workers.fused`)
+              instead of the eager reference; the rows are the same
 
     Returns (B = batch, K = cap or d_mlp, W = ceil(pos / 4)):
       kept [B, K] bool, neuron [B, K] int32 (ascending among kept rows), max_act/min_act [B, K]
@@ -53,19 +116,16 @@ def reduce_layer(act: torch.Tensor, valid: torch.Tensor, sel: Selection) -> dict
       neurons of a fraction of the prompt's tokens: mean_coverage (above ``high``),
       red_coverage (above ``red``) and blue_coverage (below ``low``).
     """
-    b, t, n = act.shape
-    invalid = ~valid[:, :, None]  # [batch, pos, 1]
-    hi = act.masked_fill(invalid, float("-inf"))
-    max_act, max_pos = hi.max(dim=1)  # [batch, d_mlp]; first position on ties
-    n_above = (hi > sel.high).sum(dim=1)
-    del hi
-    lo = act.masked_fill(invalid, float("inf"))
-    min_act, min_pos = lo.min(dim=1)
-    n_below = (lo < sel.low).sum(dim=1)
-    del lo
-    max_act, min_act = max_act.float(), min_act.float()
+    n = act.shape[2]
+    if fused:
+        from workers.fused import layer_stats_fused
 
-    selected = (max_act > sel.high) | (min_act < sel.low)  # [batch, d_mlp]
+        stats = layer_stats_fused(act, n_tokens, sel)
+    else:
+        stats = layer_stats(act, n_tokens, sel)
+    high, low, _ = thresholds(sel, act.dtype)
+    max_act, min_act = stats["max_act"], stats["min_act"]
+    selected = (max_act > high) | (min_act < low)  # [batch, d_mlp]
     score = torch.maximum(max_act - sel.high, sel.low - min_act).masked_fill(~selected, float("-inf"))
     k = n if sel.max_per_layer == 0 else min(sel.max_per_layer, n)
     ranked = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]  # [batch, K]
@@ -75,52 +135,53 @@ def reduce_layer(act: torch.Tensor, valid: torch.Tensor, sel: Selection) -> dict
     kept = neuron < n
     idx = neuron.clamp(max=n - 1)  # [batch, K]
 
-    bands, n_red = packed_bands(act, idx, invalid, sel)
-    n_tokens = valid.sum(dim=1).clamp(min=1)  # [batch]
-    n_above_k, n_below_k = n_above.gather(1, idx), n_below.gather(1, idx)
+    def pick(name: str) -> torch.Tensor:
+        return stats[name].gather(1, idx)
+
+    bands = packed_bands(act, idx, n_tokens, sel)
     n_kept = kept.sum(dim=1)
-    per_token = (n_kept * n_tokens).clamp(min=1).float()  # [batch]
+    per_token = (n_kept * n_tokens.clamp(min=1)).clamp(min=1).float()  # [batch]
 
     def coverage(counts: torch.Tensor) -> torch.Tensor:  # [batch, K] token counts -> [batch]
         return (counts * kept).sum(dim=1).float() / per_token
 
+    n_above, n_below = pick("n_above"), pick("n_below")
     return {
         "kept": kept,
         "neuron": idx.to(torch.int32),
-        "max_act": max_act.gather(1, idx),
-        "max_pos": max_pos.gather(1, idx).to(torch.int16),
-        "min_act": min_act.gather(1, idx),
-        "min_pos": min_pos.gather(1, idx).to(torch.int16),
-        "n_above": n_above_k.to(torch.int16),
-        "n_below": n_below_k.to(torch.int16),
+        "max_act": pick("max_act"),
+        "max_pos": pick("max_pos").to(torch.int16),
+        "min_act": pick("min_act"),
+        "min_pos": pick("min_pos").to(torch.int16),
+        "n_above": n_above.to(torch.int16),
+        "n_below": n_below.to(torch.int16),
         "bands": bands,
         "n_selected": selected.sum(dim=1).to(torch.int32),
         "n_kept": n_kept.to(torch.int32),
-        "n_above_any": (max_act > sel.high).sum(dim=1).to(torch.int32),
-        "mean_coverage": coverage(n_above_k),
-        "red_coverage": coverage(n_red),
-        "blue_coverage": coverage(n_below_k),
+        "n_above_any": (max_act > high).sum(dim=1).to(torch.int32),
+        "mean_coverage": coverage(n_above),
+        "red_coverage": coverage(pick("n_red")),
+        "blue_coverage": coverage(n_below),
     }
 
 
-def packed_bands(act: torch.Tensor, idx: torch.Tensor, invalid: torch.Tensor, sel: Selection, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_bands(act: torch.Tensor, idx: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, chunk: int = 2048) -> torch.Tensor:
     """Band codes of the neurons ``idx`` [batch, K], packed: [batch, K, ceil(pos / 4)] uint8,
-    and how many of the prompt's tokens are red for each: [batch, K] int32.
+    grey (0) past each prompt's ``n_tokens``.
 
     Done ``chunk`` neurons at a time, so that keeping every neuron (--max-per-layer 0) costs
     a few chunk-sized temporaries instead of several copies of the layer's activations.
     """
     b, t, _ = act.shape
     k = idx.shape[1]
+    invalid = (torch.arange(t, device=act.device)[None, :] >= n_tokens[:, None])[:, :, None]  # [batch, pos, 1]
     out = torch.empty(b, k, (t + 3) // 4, dtype=torch.uint8, device=act.device)
-    n_red = torch.empty(b, k, dtype=torch.int32, device=act.device)
     for lo in range(0, k, chunk):
         cols = idx[:, lo : lo + chunk]  # [batch, C]
         act_c = act.gather(2, cols[:, None, :].expand(b, t, cols.shape[1]))  # [batch, pos, C]
         codes = band_codes(act_c, sel).masked_fill_(invalid, 0).transpose(1, 2)  # [batch, C, pos]
         out[:, lo : lo + chunk] = pack_codes(codes)
-        n_red[:, lo : lo + chunk] = (codes == 3).sum(dim=2)
-    return out, n_red
+    return out
 
 
 def compact(layers: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -43,6 +43,18 @@ class ShardSpec:
         return self.stop == self.n_layers
 
 
+class TanhGELU(nn.Module):
+    """GPT-J's ``gelu_new`` (the tanh approximation) as one fused kernel.
+
+    transformers writes it as eight elementwise ops, each a pass over the [batch, pos, d_mlp]
+    activations; ``F.gelu(approximate="tanh")`` is the same function in one pass. It stays a
+    module because the stage's hooks hang on ``mlp.act``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.gelu(x, approximate="tanh")
+
+
 class StageModel(nn.Module):
     """Blocks [start, stop) of a GPT-J, plus ``wte`` (first stage) or ``ln_f``/``lm_head`` (last)."""
 
@@ -52,6 +64,9 @@ class StageModel(nn.Module):
         config = copy.deepcopy(config)
         config.n_layer = shard.stop - shard.start
         self.body = GPTJModel(config)
+        if config.activation_function == "gelu_new":
+            for block in self.body.h:
+                block.mlp.act = TanhGELU()
         if not shard.last:
             self.body.ln_f = nn.Identity()
         if not shard.first:

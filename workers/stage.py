@@ -3,8 +3,9 @@
 `Stage` is a plain class (tested without Ray); `workers.actor` wraps it for Ray. Its
 ``__init__`` only stores the spec; weights load in `setup`, after Ray has placed the actor
 and set ``CUDA_VISIBLE_DEVICES``. Per micro-batch the stage runs its blocks once under
-scoped hooks, compacts the kept rows of all its layers on the device (one host sync), and
-copies them, with the hidden state for the next stage, to pinned host memory in one go.
+scoped hooks (one fused Triton pass per layer on a GPU, `workers.fused`), compacts the kept
+rows of all its layers on the device (one host sync), and copies them, with the hidden state
+for the next stage, to pinned host memory in one copy (`workers.transfer`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from cluster.config import Selection
 from cluster.memory import MemoryWatch, release_free_heap
 from prompts.batching import MicroBatch
 from workers.checkpoint import load_config
+from workers.fused import available as fused_available
 from workers.reduce import compact, reduce_layer
 from workers.rows import Hidden, StageRows
 from workers.shard import ShardSpec, load_stage
 from workers.split import forward_splitting
+from workers.transfer import to_host
 
 TOP_TOKENS = 5
 FAULT_OOM_TOKENS = int(os.environ.get("NEUROSCAN_FAULT_OOM_TOKENS", "0"))
@@ -43,14 +46,17 @@ class StageSpec:
     selection: Selection
     threads: int = 0
     """torch intra-op threads on CPU; 0 leaves torch's default."""
+    reduction: str = "auto"
+    """"fused" (one Triton pass per layer), "eager" (the reference) or "auto": fused where
+    Triton runs on the stage's device (CUDA), eager elsewhere."""
 
 
 @contextmanager
-def reducing_hooks(blocks, valid: torch.Tensor, sel: Selection, sink: list) -> Iterator[None]:
+def reducing_hooks(blocks, n_tokens: torch.Tensor, sel: Selection, sink: list, fused: bool = False) -> Iterator[None]:
     """Reduce every block's ``mlp.act`` output into ``sink`` while the context is open."""
 
     def hook(module, inputs, output):
-        sink.append(reduce_layer(output, valid, sel))
+        sink.append(reduce_layer(output, n_tokens, sel, fused))
 
     handles = [block.mlp.act.register_forward_hook(hook) for block in blocks]
     try:
@@ -72,11 +78,24 @@ class Stage:
             torch.set_num_threads(self.spec.threads)
         config = load_config(self.spec.model_path)
         self.device = torch.device(self.spec.device)
+        self.fused = self.spec.reduction == "fused" or (self.spec.reduction == "auto" and fused_available(self.device))
         self.model = load_stage(
             self.spec.model_path, config, self.spec.shard, self.device, getattr(torch, self.spec.dtype)
         )
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.device.type != "meta")
-        return {"layers": (self.spec.shard.start, self.spec.shard.stop), "weight_bytes": weights, "device": str(self.device)}
+        if self.device.type == "cuda":
+            self._warm_up(config.n_embd)
+        return {"layers": (self.spec.shard.start, self.spec.shard.stop), "weight_bytes": weights, "device": str(self.device),
+                "reduction": "fused" if self.fused else "eager"}
+
+    def _warm_up(self, d_model: int) -> None:
+        """One small forward, so that kernel compilation (Triton, cuBLAS handles) happens at
+        set-up and not inside the first micro-batch."""
+        n = 16
+        batch = MicroBatch(-1, np.zeros(1, np.int64), np.zeros((1, n), np.int32), np.array([n], np.int32),
+                           np.array([n], np.int32), np.zeros((1, 0), np.int32))
+        hidden = None if self.spec.shard.first else Hidden(np.zeros((1, n, d_model), _host_dtype(self.spec.dtype)), self.spec.dtype)
+        self._forward(batch, hidden)
 
     def memory(self) -> dict[str, float]:
         return self.watch.report()
@@ -97,7 +116,6 @@ class Stage:
         n_input = torch.as_tensor(batch.n_input, device=dev)
         n_tokens = torch.as_tensor(batch.n_tokens, device=dev)
         attention_mask = (pos[None, :] < n_input[:, None]).long()  # [batch, pos]
-        valid = pos[None, :] < n_tokens[:, None]  # [batch, pos], the prompt's own tokens
         position_ids = pos[None, :].expand(b, t)
         if shard.first:
             x = torch.as_tensor(batch.input_ids, device=dev).long()
@@ -105,7 +123,7 @@ class Stage:
             x = _from_host(hidden, dev)
 
         layers: list[dict[str, torch.Tensor]] = []
-        with reducing_hooks(self.model.body.h, valid, self.spec.selection, layers):
+        with reducing_hooks(self.model.body.h, n_tokens, self.spec.selection, layers, self.fused):
             h = self.model(x, attention_mask, position_ids)  # [batch, pos, d_model]
         rows, per_prompt = compact(layers)
         device_out = {"rows": rows, "per_prompt": per_prompt}
@@ -113,7 +131,7 @@ class Stage:
             device_out["predictions"] = self._predict(h, batch)
         else:
             device_out["hidden"] = {"data": h}
-        host = _to_host(device_out)
+        host = to_host(device_out)
 
         out_hidden = None if shard.last else Hidden(host["hidden"]["data"], self.spec.dtype)
         if dev.type == "cpu":
@@ -150,22 +168,8 @@ class Stage:
         return {"top_ids": top_ids.to(torch.int32), "top_probs": top_probs, "correct": correct.to(torch.int8)}
 
 
-def _to_host(tree: dict) -> dict:
-    """Copy a nested dict of device tensors to numpy: pinned, asynchronous, one sync at the end."""
-    cuda = any(t.is_cuda for t in _leaves(tree))
-    host = _map(tree, lambda t: _start_copy(t) if cuda else t.contiguous())
-    if cuda:
-        torch.cuda.current_stream().synchronize()
-    return _map(host, _numpy)
-
-
-def _start_copy(t: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return out.copy_(t, non_blocking=True)
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+def _host_dtype(dtype: str) -> type:
+    return {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}[dtype]
 
 
 def _from_host(hidden: Hidden, device: torch.device) -> torch.Tensor:
@@ -175,12 +179,3 @@ def _from_host(hidden: Hidden, device: torch.device) -> torch.Tensor:
     if hidden.dtype == "bfloat16":
         x = x.view(torch.bfloat16)
     return x.to(device, non_blocking=True)
-
-
-def _leaves(tree: dict):
-    for value in tree.values():
-        yield from _leaves(value) if isinstance(value, dict) else (value,)
-
-
-def _map(tree: dict, fn) -> dict:
-    return {k: _map(v, fn) if isinstance(v, dict) else fn(v) for k, v in tree.items()}

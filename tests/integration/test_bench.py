@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from cluster.cli import main
+from bench.run import MODES
+from cluster.cli import BENCH_MODES, main
 
 
 def test_bench_smoke(ray_session, tmp_path, capsys):
@@ -13,7 +14,7 @@ def test_bench_smoke(ray_session, tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {"bare", "naive", "scan_local", "scan", "scan_2stage"}
+    assert list(report["results"]) == list(MODES) == list(BENCH_MODES)
     for mode, r in report["results"].items():
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] and mode in printed
     assert report["results"]["bare"]["ratio_to_bare"] == 1.0
@@ -22,3 +23,10 @@ def test_bench_smoke(ray_session, tmp_path, capsys):
     assert report["results"]["scan_local"]["d2h_bytes_per_token"] < report["results"]["naive"]["d2h_bytes_per_token"] / 4
     assert report["results"]["scan"]["aggregator_lag_s"] >= 0
     assert report["versions"]["torch"] and report["matmul_flops"] > 0
+    # The reduction each in-process mode used (CPU: the eager reference everywhere).
+    assert {r.get("reduction") for m, r in report["results"].items() if m.startswith("scan_local")} == {"eager"}
+
+
+def test_bench_refuses_an_unknown_mode(capsys):
+    assert main(["bench", "--device", "cpu", "--modes", "bare,fast"]) == 2
+    assert "--modes: fast not known" in capsys.readouterr().err

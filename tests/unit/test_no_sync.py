@@ -53,10 +53,9 @@ def test_the_counter_sees_syncing_ops():
 
 def test_reduce_layer_has_no_syncing_op():
     act = torch.randn(3, 10, 64) * 3
-    valid = torch.arange(10)[None, :] < torch.tensor([10, 4, 7])[:, None]
     for cap in (0, 5):
         with OpCounter() as counter:
-            reduce_layer(act, valid, Selection(max_per_layer=cap))
+            reduce_layer(act, torch.tensor([10, 4, 7]), Selection(max_per_layer=cap))
         assert counter.syncing() == {}, counter.syncing()
 
 

@@ -8,6 +8,7 @@ import torch
 
 from cluster.config import Selection
 from tests.reference import band_codes, expected_layer, unpack_bands
+from tests.triton_cpu import needs_triton
 from workers.reduce import compact, pack_codes, reduce_layer
 
 
@@ -35,8 +36,9 @@ def test_band_codes_edges():
     assert device_codes(acts, sel).tolist() == [1, 0, 0, 2, 2, 3]
 
 
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_triton)], ids=["eager", "fused"])
 @pytest.mark.parametrize("cap", [0, 5, 40])
-def test_reduce_layer_matches_numpy(cap):
+def test_reduce_layer_matches_numpy(cap, fused):
     gen = torch.Generator().manual_seed(cap)
     b, t, n = 4, 11, 40
     act = torch.randn(b, t, n, generator=gen) * 2.0 + 0.5  # [batch, pos, d_mlp]
@@ -44,7 +46,7 @@ def test_reduce_layer_matches_numpy(cap):
     valid = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
     act[~valid] = 100.0  # padding must never leak into any statistic
     sel = Selection(high=2.5, low=-1.0, red=3.5, max_per_layer=cap)
-    out = reduce_layer(act, valid, sel)
+    out = reduce_layer(act, torch.tensor(lengths), sel, fused)
     for row, length in enumerate(lengths):
         a = act[row, :length].numpy()  # [pos, d_mlp]
         exp = expected_layer(a, sel)
@@ -73,7 +75,7 @@ def test_cap_prefers_most_extreme_then_lower_index():
     sel = Selection(high=3.0, low=0.0, max_per_layer=2)
     # neuron: 0 grey, 1 at 4.0 (score 1.0), 2 at -1.0 (score 1.0), 3 at 5.0 (score 2.0)
     act = torch.tensor([[[1.0, 4.0, -1.0, 5.0]]])
-    out = reduce_layer(act, torch.ones(1, 1, dtype=torch.bool), sel)
+    out = reduce_layer(act, torch.tensor([1]), sel)
     assert out["neuron"][0][out["kept"][0]].tolist() == [1, 3]  # tie 1 vs 2 goes to the lower index
     assert out["n_selected"].tolist() == [3]
 
@@ -81,8 +83,7 @@ def test_cap_prefers_most_extreme_then_lower_index():
 def test_compact_keeps_only_kept_rows_in_layer_order():
     sel = Selection(max_per_layer=3)
     gen = torch.Generator().manual_seed(1)
-    valid = torch.ones(2, 5, dtype=torch.bool)
-    layers = [reduce_layer(torch.randn(2, 5, 8, generator=gen) * 3, valid, sel) for _ in range(3)]
+    layers = [reduce_layer(torch.randn(2, 5, 8, generator=gen) * 3, torch.tensor([5, 5]), sel) for _ in range(3)]
     rows, per_prompt = compact(layers)
     total = sum(int(layer["kept"].sum()) for layer in layers)
     assert len(rows["neuron"]) == total

@@ -42,9 +42,9 @@ class PeakBytes(TorchDispatchMode):
 
 def reduction_peak(batch: int, pos: int, d_mlp: int, sel: Selection) -> int:
     act = torch.empty(batch, pos, d_mlp, dtype=torch.float16, device="meta")  # [batch, pos, d_mlp]
-    valid = torch.ones(batch, pos, dtype=torch.bool, device="meta")
+    n_tokens = torch.full((batch,), pos, device="meta")
     with PeakBytes() as tracker:
-        reduce_layer(act, valid, sel)
+        reduce_layer(act, n_tokens, sel)
     return tracker.peak
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from cluster.config import Selection
 from prompts.batching import MicroBatch
@@ -64,3 +65,16 @@ def test_rows_are_compacted_and_per_prompt_counts_agree(other_model):
             assert hits.sum() == n_kept[layer, row]
     assert rows.rows["bands"].shape[1] == 3  # ceil(9 / 4) bytes for the longest row
     assert rows.predictions is None
+
+
+def test_the_one_host_buffer_layout_gives_back_every_tensor():
+    from workers.transfer import layout, pack, unpack
+
+    tensors = [torch.arange(5, dtype=torch.int16), torch.randn(3, 4), torch.zeros(0, 7, dtype=torch.int32),
+               torch.tensor([True, False, True]), torch.randn(2, 3).to(torch.bfloat16), torch.randint(0, 255, (2, 3, 5), dtype=torch.uint8)]
+    offsets, total = layout(tensors)
+    assert all(o % 16 == 0 for o in offsets) and total % 16 == 0
+    arrays = unpack(pack(tensors, offsets, total), tensors, offsets)
+    for t, a in zip(tensors, arrays):
+        expected = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        assert a.dtype == expected.dtype and a.shape == expected.shape and (a == expected).all()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine (device tool): Ray's wheels, the GPU tests, the benchmark
+# of record. Everything it writes lands in $OUT. Build .whl/ first, here:
+#   ../shared/tools/device-wheels.sh
+# then run this with carry [".whl"]:  bash bench/device.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/neuroscan-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, triton, ray, pyarrow; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__, 'ray', ray.__version__, 'pyarrow', pyarrow.__version__)" | tee -a "$OUT/gpu.txt"
+timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+timeout "${BENCH_TIMEOUT:-420}" python3 -m cluster.cli bench --device cuda --preset gptj-6b --prompts "${PROMPTS:-512}" \
+  --prompt-tokens 256 --batch-tokens 8192 --cache /tmp/neuroscan-bench --out "$OUT/bench.json" ${MODES:+--modes "$MODES"} 2>&1 | tee "$OUT/bench.log" | tail -40
+if [ -n "${PROFILE:-}" ]; then
+  timeout 120 python3 -m bench.profile /tmp/neuroscan-bench/gptj-6b-seed0-cuda 2>&1 | tee "$OUT/profile.log" | grep "^== "
+fi

@@ -1,0 +1,71 @@
+"""Where a scanned micro-batch's device time goes: torch.profiler over ``bare`` and ``scan_local``.
+
+    python -m bench.profile CHECKPOINT_DIR [--batches 2] [--prompts 32] [--prompt-tokens 256]
+
+Prints, for each mode, the kernels by total device time and the wall time per micro-batch;
+the difference between the two tables is what the scan costs. A diagnostic for bench/RESULTS.md,
+not a benchmark (the profiler itself slows launches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.run import _inputs, synthetic_corpus
+from cluster.config import Selection
+from prompts.batching import micro_batches
+from workers.checkpoint import load_config, load_tokenizer
+from workers.shard import ShardSpec
+from workers.stage import Stage, StageSpec
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--batches", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args()
+    config = load_config(args.model)
+    n = config.n_layer
+    stage = Stage(StageSpec(args.model, ShardSpec(0, n, n), "cuda", "float16", Selection()))
+    stage.setup()
+    model, device = stage.model, torch.device("cuda")
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = synthetic_corpus(Path(tmp) / "p.jsonl", args.prompts * args.batches, args.prompt_tokens)
+        batches = [b for b, _ in micro_batches(str(corpus), load_tokenizer(args.model), config.n_positions, args.prompts * args.prompt_tokens, False)]
+
+    @torch.inference_mode()
+    def bare(batch):
+        ids, mask, pos = _inputs(batch, device)
+        h = model(ids, mask, pos)
+        last = torch.as_tensor(batch.n_tokens, device=device).long() - 1
+        model.lm_head(h[torch.arange(len(last), device=device), last])
+
+    def scan_local(batch):
+        stage.forward(batch)
+
+    for name, step in (("bare", bare), ("scan_local", scan_local)):
+        step(batches[0])
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for batch in batches:
+                step(batch)
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) / len(batches)
+        events = prof.key_averages()
+        device_total = sum(e.self_device_time_total for e in events) / 1e3 / len(batches)
+        print(f"\n== {name}: {wall * 1e3:.1f} ms wall per micro-batch, {device_total:.1f} ms of kernels per micro-batch")
+        print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

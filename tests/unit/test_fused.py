@@ -1,0 +1,73 @@
+"""The one-pass Triton statistics against the eager reference, on the CPU under Triton's
+interpreter (on a GPU the same comparisons run in tests/gpu/)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.config import Selection
+from tests.triton_cpu import needs_triton
+from workers.reduce import layer_stats, reduce_layer
+
+pytestmark = needs_triton
+
+STATS = ("max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "n_red")
+
+
+def fused_stats(act, n_tokens, sel):
+    from workers.fused import layer_stats_fused
+
+    return layer_stats_fused(act, n_tokens, sel)
+
+
+def assert_same_stats(act, n_tokens, sel):
+    eager, fused = layer_stats(act, n_tokens, sel), fused_stats(act, n_tokens, sel)
+    for name in STATS:
+        assert torch.equal(eager[name].to(fused[name].dtype), fused[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("b", "t", "n"), [(1, 1, 1), (3, 33, 130), (2, 70, 257), (4, 5, 128)])
+def test_same_statistics_as_eager(dtype, b, t, n):
+    gen = torch.Generator().manual_seed(b * 1000 + t * 10 + n)
+    act = (torch.randn(b, t, n, generator=gen) * 2.5).to(dtype)  # [batch, pos, d_mlp]
+    n_tokens = torch.randint(1, t + 1, (b,), generator=gen)
+    n_tokens[0] = t
+    for row in range(b):
+        act[row, n_tokens[row]:] = 50.0  # padding must never be read into a statistic
+    assert_same_stats(act, n_tokens, Selection(high=2.0, low=-0.5, red=3.0))
+
+
+def test_ties_take_the_first_position_across_slices():
+    # Values on a coarse grid, so the max and min repeat within and across 32-token slices.
+    gen = torch.Generator().manual_seed(7)
+    act = torch.randint(-2, 3, (2, 100, 140), generator=gen).float()
+    assert_same_stats(act, torch.tensor([100, 65]), Selection(high=1.0, low=-1.0, red=1.5))
+
+
+def test_thresholds_a_float16_cannot_hold_mean_the_same_on_both_paths():
+    sel = Selection(high=3.1, low=-0.01, red=3.3)  # none of these is a float16 value
+    values = torch.tensor([3.0996, 3.1016, -0.01, -0.0099, 3.3008, 3.2988], dtype=torch.float16)
+    act = values.repeat(40, 1)[None]  # [1, 40, 6]
+    assert_same_stats(act, torch.tensor([40]), sel)
+    counts = layer_stats(act, torch.tensor([40]), sel)
+    assert counts["n_above"][0].tolist() == [0, 40, 0, 0, 40, 40]  # 3.0996 < 3.1 < 3.1016
+    assert counts["n_below"][0].tolist() == [0, 0, 40, 0, 0, 0]  # -0.01 in float16 is -0.010002
+
+
+def test_a_strided_input_gives_the_same_statistics():
+    act = torch.randn(3, 40, 300)[:, ::2, :]  # [batch, pos, d_mlp], pos stride 600
+    assert_same_stats(act, torch.tensor([20, 3, 11]), Selection())
+
+
+@pytest.mark.parametrize("cap", [0, 7])
+def test_reduce_layer_rows_are_the_same_fused_or_eager(cap):
+    gen = torch.Generator().manual_seed(cap)
+    act = torch.randn(3, 37, 150, generator=gen) * 3  # [batch, pos, d_mlp]
+    n_tokens = torch.tensor([37, 12, 1])
+    sel = Selection(max_per_layer=cap)
+    eager, fused = reduce_layer(act, n_tokens, sel), reduce_layer(act, n_tokens, sel, fused=True)
+    assert eager.keys() == fused.keys()
+    for name in eager:
+        assert torch.equal(eager[name], fused[name]), name

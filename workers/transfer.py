@@ -1,0 +1,84 @@
+"""Device -> host: everything a stage returns for a micro-batch in one pinned, asynchronous copy.
+
+The tensors (kept rows, per-prompt statistics, predictions or the hidden state) are packed
+into one device byte buffer at 16-byte aligned offsets, copied on a side stream into pinned
+host memory, and read back as numpy views of that one buffer. Pinned blocks come from
+torch's caching host allocator: a block is reused for a later micro-batch once nothing
+refers to the arrays of the earlier one, so the pool cannot overwrite rows still in use.
+On a CPU the tensors are already on the host and are returned as they are.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+ALIGN = 16
+
+
+def layout(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
+    """Byte offsets of ``tensors`` packed back to back at ``ALIGN``-byte boundaries, and the total."""
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    return offsets, total
+
+
+def pack(tensors: list[torch.Tensor], offsets: list[int], total: int) -> torch.Tensor:
+    """One uint8 buffer on the tensors' device holding each tensor's bytes at its offset."""
+    device = tensors[0].device if tensors else torch.device("cpu")
+    buf = torch.empty(max(total, ALIGN), dtype=torch.uint8, device=device)
+    for t, o in zip(tensors, offsets):
+        n = t.numel() * t.element_size()
+        if n:
+            buf[o : o + n].view(t.dtype).copy_(t.reshape(-1))
+    return buf
+
+
+def unpack(buf: torch.Tensor, like: list[torch.Tensor], offsets: list[int]) -> list[np.ndarray]:
+    """Numpy views of ``buf`` shaped and typed like ``like`` (bfloat16 as its int16 bits)."""
+    out = []
+    for t, o in zip(like, offsets):
+        n = t.numel() * t.element_size()
+        view = buf[o : o + n].view(t.dtype).view(t.shape)
+        out.append(view.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else view.numpy())
+    return out
+
+
+@functools.cache
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device)
+
+
+def to_host(tree: dict) -> dict:
+    """A nested dict of device tensors -> the same dict of numpy arrays (one copy, one wait)."""
+    leaves = list(_leaves(tree))
+    if not any(t.is_cuda for t in leaves):
+        return _map(tree, lambda t: _numpy(t.contiguous()))
+    offsets, total = layout(leaves)
+    staging = pack(leaves, offsets, total)
+    host = torch.empty(staging.numel(), dtype=torch.uint8, pin_memory=True)
+    stream = _copy_stream(staging.device)
+    stream.wait_stream(torch.cuda.current_stream(staging.device))  # the rows are written
+    with torch.cuda.stream(stream):
+        host.copy_(staging, non_blocking=True)
+    staging.record_stream(stream)  # the allocator must not hand it out before the copy ends
+    stream.synchronize()
+    arrays = iter(unpack(host, leaves, offsets))
+    return _map(tree, lambda _: next(arrays))
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _leaves(tree: dict):
+    for value in tree.values():
+        yield from _leaves(value) if isinstance(value, dict) else (value,)
+
+
+def _map(tree: dict, fn) -> dict:
+    return {k: _map(v, fn) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
