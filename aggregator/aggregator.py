@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from aggregator import schema
 from aggregator.manifest import read_manifest, write_manifest
-from aggregator.neurons import neurons_table
+from aggregator.neurons import neurons_table, part_delta
 from aggregator.writer import write_table
 from cluster.errors import UserError
 from cluster.memory import MemoryWatch
@@ -136,8 +136,10 @@ class Aggregator:
         stem = f"part-{part:05d}"
         files = []
         try:
-            jobs = [(self._table(schema.ACTIVATIONS, self.buf_acts[layer]), f"activations/layer={layer:02d}/{stem}") for layer in sorted(self.buf_acts)]
+            acts = {layer: self._table(schema.ACTIVATIONS, self.buf_acts[layer]) for layer in sorted(self.buf_acts)}
+            jobs = [(table, f"activations/layer={layer:02d}/{stem}") for layer, table in acts.items()]
             jobs += [(self._table(schema.PROMPTS, self.buf_prompts), f"prompts/{stem}"), (self._table(schema.LAYERS, self.buf_layers), f"layers/{stem}")]
+            jobs.append((part_delta(acts, self.manifest.get("top_k", 20), self.manifest["bands"]["red"]), f"neuron_parts/{stem}"))
             # Encoding, hashing and fsync release the GIL: the part's files are written in parallel.
             futures = [self.pool.submit(write_table, table, self.out, rel, self.fmt) for table, rel in jobs]
             errors = []
@@ -224,7 +226,7 @@ def _now() -> str:
 def remove_uncommitted(out: Path, manifest: dict) -> None:
     """Delete table files no committed part lists (a part cut short by a crash)."""
     listed = {f["path"] for part in manifest["parts"] for f in part["files"]}
-    for table in (*schema.TABLES, "neurons"):
+    for table in (*schema.TABLES, "neurons", "neuron_parts"):
         for path in sorted((out / table).rglob("*")) if (out / table).exists() else []:
             if path.is_file() and path.relative_to(out).as_posix() not in listed:
                 path.unlink()

@@ -1,10 +1,12 @@
 """``neurons/``: per (layer, neuron), how many prompts kept it, how many it fired red on, its
 corpus max, and its top-k prompts by max activation (Neuroscope's max-activating examples).
 
-The table is a function of the committed activation rows, so it is built from them when the
-run finishes, one layer and one record batch at a time: memory is the top-k state of one
-layer (d_mlp x k), whatever the corpus. A resumed run builds it from the same rows and gets
-the same table. Ties go to the lower prompt id.
+Kept incrementally: each committed part carries a delta (``neuron_parts/part-N``, listed with
+the part's other files): the same table over that part's rows alone. Counts add, maxima take
+the max and top-k lists merge, so the whole table is the merge of the committed parts'
+deltas; the run's end writes it to ``neurons/``. A resumed run merges the same committed
+deltas and gets the same table. Memory while merging is one ``LayerState`` per layer (at
+most d_mlp x k entries each), whatever the corpus. Ties go to the lower prompt id.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 NEURONS = pa.schema(
@@ -47,39 +50,76 @@ def empty_state() -> dict[str, np.ndarray]:
     return {"neuron": np.zeros(0, np.int32), "act": np.zeros(0, np.float32), "prompt_id": np.zeros(0, np.int64), "pos": np.zeros(0, np.int16)}
 
 
-def layer_table(layer: int, files: list[str], fmt: str, k: int, red: float) -> pa.Table:
-    state = empty_state()
-    n_prompts, n_red, best = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    for batch in ds.dataset(files, format=fmt).to_batches(columns=["neuron", "prompt_id", "max_act", "max_pos"]):
-        neuron, act = batch["neuron"].to_numpy(), batch["max_act"].to_numpy()
-        size = max(len(n_prompts), int(neuron.max(initial=-1)) + 1)
-        n_prompts = np.bincount(neuron, minlength=size) + np.pad(n_prompts, (0, size - len(n_prompts)))
-        n_red = np.bincount(neuron[act > red], minlength=size) + np.pad(n_red, (0, size - len(n_red)))
-        best = np.pad(best, (0, size - len(best)), constant_values=-np.inf)
-        np.maximum.at(best, neuron, act)
-        state = merge_top_k(state, neuron, act, batch["prompt_id"].to_numpy(), batch["max_pos"].to_numpy(), k)
-    present = np.flatnonzero(n_prompts)
-    bounds = np.searchsorted(state["neuron"], present), np.searchsorted(state["neuron"], present, side="right")
-    top = {name: [state[name][a:b] for a, b in zip(*bounds)] for name in ("prompt_id", "act", "pos")}
-    return pa.table(
-        [
-            np.full(len(present), layer, np.int32), present.astype(np.int32), n_prompts[present], n_red[present],
-            best[present].astype(np.float32), pa.array(top["prompt_id"], pa.list_(pa.int64())),
-            pa.array(top["act"], pa.list_(pa.float32())), pa.array(top["pos"], pa.list_(pa.int16())),
-        ],
-        schema=NEURONS,
-    )
+class LayerState:
+    """Running counts, max and top-k of one layer's neurons."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.n_prompts = np.zeros(0, np.int64)
+        self.n_red = np.zeros(0, np.int64)
+        self.best = np.zeros(0, np.float32)
+        self.top = empty_state()
+
+    def _grow(self, size: int) -> None:
+        pad = size - len(self.n_prompts)
+        if pad > 0:
+            self.n_prompts = np.pad(self.n_prompts, (0, pad))
+            self.n_red = np.pad(self.n_red, (0, pad))
+            self.best = np.pad(self.best, (0, pad), constant_values=-np.inf)
+
+    def add_rows(self, neuron: np.ndarray, act: np.ndarray, prompt_id: np.ndarray, pos: np.ndarray, red: float) -> None:
+        """Fold activation rows (one per kept (prompt, neuron)) in."""
+        self._grow(int(neuron.max(initial=-1)) + 1)
+        self.n_prompts += np.bincount(neuron, minlength=len(self.n_prompts))
+        self.n_red += np.bincount(neuron[act > red], minlength=len(self.n_red))
+        np.maximum.at(self.best, neuron, act)
+        self.top = merge_top_k(self.top, neuron, act, prompt_id, pos, self.k)
+
+    def add_table(self, table: pa.Table) -> None:
+        """Fold another ``NEURONS`` table of this layer in (a part's delta)."""
+        neuron = table["neuron"].to_numpy()
+        self._grow(int(neuron.max(initial=-1)) + 1)
+        np.add.at(self.n_prompts, neuron, table["n_prompts"].to_numpy())
+        np.add.at(self.n_red, neuron, table["n_red"].to_numpy())
+        np.maximum.at(self.best, neuron, table["max_act"].to_numpy())
+        lengths = pc.list_value_length(table["top_acts"]).to_numpy()
+        flat = {name: pc.list_flatten(table[col]).to_numpy() for name, col in (("act", "top_acts"), ("prompt_id", "top_prompt_ids"), ("pos", "top_pos"))}
+        self.top = merge_top_k(self.top, np.repeat(neuron, lengths), flat["act"], flat["prompt_id"], flat["pos"], self.k)
+
+    def table(self, layer: int) -> pa.Table:
+        present = np.flatnonzero(self.n_prompts)
+        bounds = np.searchsorted(self.top["neuron"], present), np.searchsorted(self.top["neuron"], present, side="right")
+        top = {name: [self.top[name][a:b] for a, b in zip(*bounds)] for name in ("prompt_id", "act", "pos")}
+        return pa.table(
+            [
+                np.full(len(present), layer, np.int32), present.astype(np.int32), self.n_prompts[present], self.n_red[present],
+                self.best[present].astype(np.float32), pa.array(top["prompt_id"], pa.list_(pa.int64())),
+                pa.array(top["act"], pa.list_(pa.float32())), pa.array(top["pos"], pa.list_(pa.int16())),
+            ],
+            schema=NEURONS,
+        )
+
+
+def part_delta(layers: dict[int, pa.Table], k: int, red: float) -> pa.Table:
+    """The neurons table of one part's activation rows ({layer: ACTIVATIONS table})."""
+    tables = []
+    for layer, rows in sorted(layers.items()):
+        state = LayerState(k)
+        state.add_rows(rows["neuron"].to_numpy(), rows["max_act"].to_numpy(), rows["prompt_id"].to_numpy(), rows["max_pos"].to_numpy(), red)
+        tables.append(state.table(layer))
+    return pa.concat_tables(tables) if tables else NEURONS.empty_table()
 
 
 def neurons_table(out: Path, manifest: dict, k: int) -> pa.Table:
-    """The whole neurons table from the parts the manifest lists."""
-    by_layer: dict[int, list[str]] = {}
+    """The whole table: the merge of the deltas of the parts the manifest lists, one file at a time."""
+    fmt = "arrow" if manifest.get("format") == "arrow" else "parquet"
+    states: dict[int, LayerState] = {}
     for part in manifest["parts"]:
         for f in part["files"]:
-            if f["path"].startswith("activations/layer="):
-                layer = int(f["path"].split("/")[1].removeprefix("layer="))
-                by_layer.setdefault(layer, []).append(str(out / f["path"]))
-    fmt = "arrow" if manifest.get("format") == "arrow" else "parquet"
-    red = manifest["bands"]["red"]
-    tables = [layer_table(layer, files, fmt, k, red) for layer, files in sorted(by_layer.items())]
+            if f["path"].startswith("neuron_parts/"):
+                delta = ds.dataset(str(out / f["path"]), format=fmt).to_table()
+                layer = delta["layer"].to_numpy()
+                for value in np.unique(layer):
+                    states.setdefault(int(value), LayerState(k)).add_table(delta.filter(pa.array(layer == value)))
+    tables = [state.table(layer) for layer, state in sorted(states.items())]
     return pa.concat_tables(tables) if tables else NEURONS.empty_table()

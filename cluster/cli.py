@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache", default=str(Path.home() / ".cache" / "neuroscan" / "bench"))
     bench.add_argument("--out", help="write the report as JSON here")
 
+    rep = sub.add_parser("report", help="write DIR/report/, a static site of the scan (opens from file://)")
+    rep.add_argument("dir", help="a finished scan's output directory")
+    rep.add_argument("--serve", action="store_true", help="also serve it on 127.0.0.1 and print the URL (Ctrl-C stops)")
+    rep.add_argument("--port", type=int, default=0, help="port for --serve (default: any free port)")
+    rep.add_argument("--strips", type=int, default=32, help="strips per (prompt, layer): the kept neurons covering most of the prompt")
+    rep.add_argument("--neurons-per-layer", type=int, default=20, help="neurons per layer with their own page (the most often red)")
+
     make = sub.add_parser("make-model", help="write a random GPT-J checkpoint in Hugging Face layout")
     make.add_argument("--preset", default="tiny", help="tiny (the embedded model) or gptj-6b (GPT-J-6B's shapes, fp16)")
     make.add_argument("--out", required=True, help="directory to write")
@@ -120,7 +127,7 @@ def cmd_make_model(args) -> int:
 def cmd_prompts(args) -> int:
     from prompts.generate import generate, write_jsonl
 
-    split = lambda value: [v.strip() for v in value.split(",") if v.strip()] if value else None  # noqa: E731
+    split = lambda value: [v.strip() for v in value.split(",") if v.strip()] if value else None
     rows = generate(args.n, shots=args.shots, seed=args.seed, families=split(args.families), variants=split(args.variants))
     write_jsonl(rows, Path(args.out))
     print(args.out)
@@ -153,7 +160,35 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "scan": cmd_scan, "make-model": cmd_make_model, "prompts": cmd_prompts, "compare": cmd_compare}
+def cmd_report(args) -> int:
+    import time
+
+    from report import serve
+    from report.site import Options, build
+
+    for flag, value in (("--strips", args.strips), ("--neurons-per-layer", args.neurons_per_layer)):
+        if value < 1:
+            raise UserError(f"{flag} {value} must be a positive number")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} is not a port number: use 1-65535, or 0 for any free port")
+    index = build(args.dir, Options(strips=args.strips, neurons_per_layer=args.neurons_per_layer))
+    print(f"wrote {index.parent}/ (open {index.as_uri()})", flush=True)
+    if args.serve:
+        try:
+            server = serve.start(index.parent, args.port)
+        except OSError as err:
+            raise UserError(f"cannot serve on 127.0.0.1:{args.port} ({err.strerror or err}): choose another --port") from None
+        print(f"serving {serve.url(server)}  (Ctrl-C stops)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            server.shutdown()
+            print("stopped serving", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"report": cmd_report, "bench": cmd_bench, "scan": cmd_scan, "make-model": cmd_make_model, "prompts": cmd_prompts, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

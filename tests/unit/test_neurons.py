@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from aggregator.neurons import empty_state, layer_table, merge_top_k
+from aggregator.neurons import LayerState, empty_state, merge_top_k, part_delta
 from aggregator.schema import ACTIVATIONS
 
 
@@ -38,20 +37,22 @@ def test_merge_top_k_matches_brute_force(k, chunks):
         assert state["pos"][sel].tolist() == poss
 
 
-def test_layer_table_counts_and_top_lists(tmp_path):
-    rows = [(0, 1, 4.0, 2), (1, 1, 3.6, 0), (2, 1, 1.0, 5), (0, 2, -0.5, 1), (3, 1, 4.0, 7)]
+def test_merged_part_deltas_equal_one_pass_over_all_rows():
+    rows = [(0, 1, 4.0, 2), (1, 1, 3.6, 0), (2, 1, 1.0, 5), (0, 2, -0.5, 1), (3, 1, 4.0, 7), (4, 2, 0.2, 3)]
     table = pa.table(
         {"prompt_id": [r[0] for r in rows], "neuron": [r[1] for r in rows], "max_act": [r[2] for r in rows],
-         "max_pos": [r[3] for r in rows], "min_act": [0.0] * 5, "min_pos": [0] * 5, "n_above": [0] * 5,
-         "n_below": [0] * 5, "bands": [b""] * 5},
+         "max_pos": [r[3] for r in rows], "min_act": [0.0] * 6, "min_pos": [0] * 6, "n_above": [0] * 6,
+         "n_below": [0] * 6, "bands": [b""] * 6},
         schema=ACTIVATIONS,
     )
-    files = []
-    for i, part in enumerate((table.slice(0, 2), table.slice(2))):  # two parts
-        pq.write_table(part, tmp_path / f"p{i}.parquet")
-        files.append(str(tmp_path / f"p{i}.parquet"))
-    got = {r["neuron"]: r for r in layer_table(3, files, "parquet", 2, red=3.5).to_pylist()}
+    merged = LayerState(k=2)
+    for part in (table.slice(0, 2), table.slice(2, 3), table.slice(5)):  # three committed parts
+        merged.add_table(part_delta({3: part}, k=2, red=3.5))
+    one_pass = LayerState(k=2)
+    one_pass.add_rows(*(table[c].to_numpy() for c in ("neuron", "max_act", "prompt_id", "max_pos")), red=3.5)
+    assert merged.table(3).equals(one_pass.table(3))
+    got = {r["neuron"]: r for r in merged.table(3).to_pylist()}
     assert set(got) == {1, 2}
     assert got[1]["layer"] == 3 and got[1]["n_prompts"] == 4 and got[1]["n_red"] == 3 and got[1]["max_act"] == 4.0
     assert got[1]["top_prompt_ids"] == [0, 3] and got[1]["top_pos"] == [2, 7]  # tie at 4.0: lower prompt id first
-    assert got[2]["top_acts"] == [-0.5] and got[2]["n_red"] == 0
+    assert got[2]["top_prompt_ids"] == [4, 0] and got[2]["top_acts"] == pytest.approx([0.2, -0.5]) and got[2]["n_red"] == 0

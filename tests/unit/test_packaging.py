@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["cluster", "workers", "aggregator", "prompts"])
+@pytest.mark.parametrize("name", ["cluster", "workers", "aggregator", "prompts", "bench", "report"])
 def test_package_is_this_repository(name):
     module = importlib.import_module(name)
     assert Path(module.__file__).resolve().parent == ROOT / name

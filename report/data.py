@@ -1,0 +1,132 @@
+"""What the report shows, read from a scan's output directory: pure functions over Arrow tables.
+
+Only committed files (those the manifest lists) are read, one layer at a time, so memory is
+one layer's kept rows whatever the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from cluster.errors import UserError
+
+
+@dataclass
+class Run:
+    out: Path
+    manifest: dict
+    fmt: str
+
+    def files(self, table: str, layer: int | None = None) -> list[str]:
+        """Committed files of ``table`` (``activations`` of one ``layer`` when given)."""
+        prefix = f"{table}/" if layer is None else f"{table}/layer={layer:02d}/"
+        return [str(self.out / f["path"]) for part in self.manifest["parts"] for f in part["files"] if f["path"].startswith(prefix)]
+
+    def read(self, table: str, columns: list[str] | None = None, layer: int | None = None) -> pa.Table:
+        files = self.files(table, layer)
+        if not files:
+            return pa.table({c: [] for c in columns or []})
+        return ds.dataset(files, format=self.fmt).to_table(columns=columns)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.manifest["partition"][-1][1])
+
+    @property
+    def bands(self) -> dict:
+        return self.manifest["bands"]
+
+
+def open_run(out_dir: str | Path) -> Run:
+    out = Path(out_dir)
+    path = out / "manifest.json"
+    if not path.exists():
+        raise UserError(f"{out} has no manifest.json: give the output directory of a neuroscan scan")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg}): rerun the scan with --resume to rewrite it") from None
+    if not manifest.get("parts"):
+        raise UserError(f"{out} has no committed rows yet: wait for the scan to commit a part (or rerun it with --resume)")
+    return Run(out, manifest, manifest.get("format", "parquet"))
+
+
+def prompts(run: Run) -> pa.Table:
+    """One row per prompt, in prompt-id order: prompt_id, id, family, variant, tokens, n_tokens, expected, correct."""
+    table = run.read("prompts", ["prompt_id", "id", "family", "variant", "tokens", "n_tokens", "expected", "correct"])
+    return table.sort_by("prompt_id")
+
+
+def layer_spread(run: Run, columns: list[str]) -> dict[str, np.ndarray]:
+    """Per layer, the 25th, 50th and 75th percentile across prompts of each column of layers/:
+    {column: [n_layers, 3]}."""
+    table = run.read("layers", ["layer", *columns])
+    layer = table["layer"].to_numpy()
+    out = {}
+    for column in columns:
+        values = table[column].to_numpy().astype(np.float64)
+        out[column] = np.array([np.percentile(values[layer == i], [25, 50, 75]) if (layer == i).any() else [np.nan] * 3
+                                for i in range(run.n_layers)])
+    return out
+
+
+def top_neurons(run: Run, per_layer: int) -> pa.Table:
+    """Each layer's ``per_layer`` most often red neurons (then highest corpus max, lower index)."""
+    neurons = ds.dataset(str(run.out / run.manifest["neurons"]["path"]), format=run.fmt).to_table()
+    order = np.lexsort((neurons["neuron"].to_numpy(), -neurons["max_act"].to_numpy(), -neurons["n_red"].to_numpy(), neurons["layer"].to_numpy()))
+    neurons = neurons.take(order)
+    layer = neurons["layer"].to_numpy()
+    starts = np.searchsorted(layer, layer, side="left")
+    rank = np.arange(len(layer)) - starts
+    return neurons.filter(pa.array(rank < per_layer))
+
+
+def _rank_within(group: np.ndarray) -> np.ndarray:
+    """Rank of each element among equal neighbours of a sorted ``group`` array (0, 1, 2...)."""
+    return np.arange(len(group)) - np.searchsorted(group, group, side="left")
+
+
+def strips(rows: pa.Table, n_tokens: dict[int, int], per_prompt: int) -> pa.Table:
+    """A layer's kept rows cut to ``per_prompt`` a prompt, in display order: widest coverage first.
+
+    coverage = (tokens above high + tokens below low) / prompt tokens. GELU is negative on every
+    negative input, so the widest strips are almost all blue: half the strips (rounded up) go
+    to the neurons that fire above ``high`` on most tokens, the rest to the widest of the
+    others. Ties go to the lower neuron index.
+    """
+    prompt_id = rows["prompt_id"].to_numpy()
+    neuron = rows["neuron"].to_numpy()
+    length = np.array([n_tokens[int(p)] for p in prompt_id], dtype=np.float64) if len(prompt_id) else np.zeros(0)
+    above = rows["n_above"].to_numpy().astype(np.float64)
+    coverage = (above + rows["n_below"].to_numpy()) / np.maximum(length, 1)
+    firing = (-(-per_prompt // 2))
+    order = np.lexsort((neuron, -coverage, -above, prompt_id))
+    first = np.zeros(len(order), bool)
+    first[order] = (_rank_within(prompt_id[order]) < firing) & (above[order] > 0)
+    taken = np.bincount(np.searchsorted(np.unique(prompt_id), prompt_id[first]), minlength=len(np.unique(prompt_id)))
+    budget = per_prompt - taken[np.searchsorted(np.unique(prompt_id), prompt_id)]
+    rest = np.flatnonzero(~first)
+    rest = rest[np.lexsort((neuron[rest], -coverage[rest], prompt_id[rest]))]
+    second = rest[_rank_within(prompt_id[rest]) < budget[rest]]
+    keep = np.concatenate([np.flatnonzero(first), second])
+    keep = keep[np.lexsort((neuron[keep], -coverage[keep], prompt_id[keep]))]
+    return rows.take(pa.array(keep)).append_column("coverage", pa.array(coverage[keep], pa.float32()))
+
+
+def family_frequency(rows: pa.Table, neurons: np.ndarray, family_of: dict[int, str], family_size: dict[str, int]) -> dict[int, dict[str, float]]:
+    """For each neuron in ``neurons``: per family, the fraction of that family's prompts on which
+    the layer kept it."""
+    mask = pc.is_in(rows["neuron"], pa.array(neurons, pa.int32()))
+    picked = rows.filter(mask)
+    out: dict[int, dict[str, float]] = {int(n): {} for n in neurons}
+    for neuron, prompt_id in zip(picked["neuron"].to_pylist(), picked["prompt_id"].to_pylist()):
+        family = family_of.get(prompt_id) or "(none)"
+        out[neuron][family] = out[neuron].get(family, 0) + 1
+    return {n: {f: c / family_size[f] for f, c in sorted(counts.items())} for n, counts in out.items()}

@@ -1,0 +1,214 @@
+"""Write the static site: pages (bounded: an index, one page per layer, one per listed neuron)
+and the data they load in chunks (``data/*.js``, loaded by script tags so that the site works
+from ``file://``, where browsers refuse ``fetch``).
+
+A layer page loads the chunk holding the selected prompt: its tokens and, for that layer, its
+strips (the ``strips`` widest-covering kept neurons, band codes as base64). Pages stay the
+same size whatever the corpus; the data grow linearly with it, at most ``strips`` rows a
+(prompt, layer).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cluster.errors import UserError
+from report import data, plots
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass(frozen=True)
+class Options:
+    strips: int = 32
+    """Strips a (prompt, layer) on layer pages (`report.data.strips` says which)."""
+    neurons_per_layer: int = 20
+    """Neurons a layer with their own page: the most often red."""
+    chunk: int = 200
+    """Prompts a data chunk."""
+
+
+def build(out_dir: str | Path, options: Options = Options()) -> Path:
+    """Write ``out_dir/report/``; returns the path of its index.html."""
+    run = data.open_run(out_dir)
+    if run.manifest.get("status") != "complete":
+        raise UserError(f"{run.out} is not a finished scan (neurons/ is written at the end): finish it with `neuroscan scan ... --resume`, then report")
+    site = run.out / "report"
+    staging = run.out / ".report.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    for sub in ("static", "plots", "layers", "neurons", "data/prompts"):
+        (staging / sub).mkdir(parents=True, exist_ok=True)
+    for f in STATIC.iterdir():
+        shutil.copy(f, staging / "static" / f.name)
+
+    prompts = data.prompts(run)
+    ids = prompts["prompt_id"].to_numpy()
+    families = [f or "(none)" for f in prompts["family"].to_pylist()]
+    n_tokens = dict(zip(ids.tolist(), prompts["n_tokens"].to_pylist()))
+    family_of = dict(zip(ids.tolist(), families))
+    family_size = {f: families.count(f) for f in sorted(set(families))}
+    position = {int(p): i for i, p in enumerate(ids)}
+    chunk_of = {p: i // options.chunk for p, i in position.items()}
+    tokens = prompts["tokens"].to_pylist()
+    for c in range(0, len(ids), options.chunk):
+        _write_chunk(staging / "data" / "prompts" / f"{c // options.chunk:04d}.js", f"prompts/{c // options.chunk:04d}",
+                     {str(int(p)): t for p, t in zip(ids[c : c + options.chunk], tokens[c : c + options.chunk])})
+    index = [[int(p), i, f, n] for p, i, f, n in zip(ids.tolist(), prompts["id"].to_pylist(), families, prompts["n_tokens"].to_pylist())]
+    _write_chunk(staging / "data" / "prompt-index.js", "prompt-index", index)
+
+    top = data.top_neurons(run, options.neurons_per_layer)
+    listed: dict[int, list[dict]] = {}
+    for row in top.to_pylist():
+        listed.setdefault(row["layer"], []).append(row)
+    config = {"bands": run.bands, "chunk": options.chunk, "n_layers": run.n_layers,
+              "neuron_pages": {str(layer): sorted(r["neuron"] for r in rows) for layer, rows in listed.items()}}
+    _write_chunk(staging / "data" / "config.js", "config", config)
+
+    for layer in range(run.n_layers):
+        rows = run.read("activations", ["prompt_id", "neuron", "max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "bands"], layer)
+        _write_layer(staging, layer, rows, n_tokens, chunk_of, options)
+        neurons = listed.get(layer, [])
+        if neurons:
+            freq = data.family_frequency(rows, np.array([r["neuron"] for r in neurons]), family_of, family_size)
+            bands_of = _bands_lookup(rows, neurons)
+            for neuron in neurons:
+                _write_neuron(staging, run, neuron, freq[neuron["neuron"]], bands_of, prompts, position)
+        (staging / "layers" / f"{layer:02d}.html").write_text(_layer_page(run, layer, neurons, options))
+
+    spread = data.layer_spread(run, ["n_selected", "n_kept", "red_coverage", "blue_coverage"])
+    plots.kept_per_layer(spread, staging / "plots" / "kept-per-layer.png")
+    plots.coverage_by_depth(spread, run.bands, staging / "plots" / "coverage-by-depth.png")
+    (staging / "index.html").write_text(_index_page(run, family_size))
+
+    shutil.rmtree(site, ignore_errors=True)
+    staging.rename(site)
+    return site / "index.html"
+
+
+def _write_chunk(path: Path, name: str, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"(self.NEUROSCAN_DATA = self.NEUROSCAN_DATA || {{}})[{json.dumps(name)}] = {_json(payload)};\n")
+
+
+def _json(payload) -> str:
+    return json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _write_layer(staging: Path, layer: int, rows, n_tokens: dict, chunk_of: dict, options: Options) -> None:
+    picked = data.strips(rows, n_tokens, options.strips)
+    chunks: dict[int, dict[str, list]] = {}
+    columns = [picked[c].to_pylist() for c in ("prompt_id", "neuron", "coverage", "max_act", "max_pos", "min_act", "min_pos", "bands")]
+    for prompt_id, neuron, coverage, max_act, max_pos, min_act, min_pos, bands in zip(*columns):
+        strip = [neuron, round(coverage, 4), round(max_act, 3), max_pos, round(min_act, 3), min_pos, _b64(bands)]
+        chunks.setdefault(chunk_of[prompt_id], {}).setdefault(str(prompt_id), []).append(strip)
+    for c in set(chunk_of.values()):
+        _write_chunk(staging / "data" / f"layer-{layer:02d}" / f"{c:04d}.js", f"layer-{layer:02d}/{c:04d}", chunks.get(c, {}))
+
+
+def _bands_lookup(rows, neurons: list[dict]) -> dict[tuple[int, int], bytes]:
+    """(prompt_id, neuron) -> band codes, for the listed neurons' top prompts."""
+    wanted = {(p, n["neuron"]) for n in neurons for p in n["top_prompt_ids"]}
+    picked = rows.filter(pc.is_in(rows["neuron"], pa.array([n["neuron"] for n in neurons], pa.int32())))
+    return {(p, n): b for p, n, b in zip(picked["prompt_id"].to_pylist(), picked["neuron"].to_pylist(), picked["bands"].to_pylist()) if (p, n) in wanted}
+
+
+def _write_neuron(staging: Path, run, neuron: dict, frequency: dict, bands_of: dict, prompts, position: dict) -> None:
+    layer, index = neuron["layer"], neuron["neuron"]
+    top = []
+    for prompt_id, act, pos in zip(neuron["top_prompt_ids"], neuron["top_acts"], neuron["top_pos"]):
+        row = position[prompt_id]
+        top.append({"prompt_id": prompt_id, "id": prompts["id"][row].as_py(), "family": prompts["family"][row].as_py() or "(none)",
+                    "act": act, "pos": pos, "tokens": prompts["tokens"][row].as_py(), "bands": _b64(bands_of.get((prompt_id, index), b""))})
+    payload = {"layer": layer, "neuron": index, "n_prompts": neuron["n_prompts"], "n_red": neuron["n_red"],
+               "max_act": neuron["max_act"], "top": top, "families": frequency}
+    title = f"Layer {layer} · neuron {index}"
+    body = f"""<h1>{title}</h1>
+<p class="stats">kept on <b>{neuron['n_prompts']}</b> prompts, red on <b>{neuron['n_red']}</b>, corpus max <b>{neuron['max_act']:.3f}</b></p>
+<div id="legend"></div>
+<h2>Max-activating prompts</h2>
+<p class="hint">The outlined token is where the neuron peaks; hover a token for its band.</p>
+<table id="top-prompts"><thead><tr><th>#</th><th>prompt</th><th>family</th><th>max</th><th>at</th><th>tokens</th></tr></thead><tbody></tbody></table>
+<h2>Kept on, by family</h2>
+<table id="families"><thead><tr><th>family</th><th>share of its prompts</th><th></th></tr></thead><tbody></tbody></table>
+<script>window.NEURON = {_json(payload)};</script>"""
+    nav = f'<a href="../index.html">index</a> · <a href="../layers/{layer:02d}.html">layer {layer}</a>'
+    (staging / "neurons" / f"{layer:02d}-{index:05d}.html").write_text(_page(title, "neuron", body, root="../", nav=nav))
+
+
+def _page(title: str, kind: str, body: str, root: str, nav: str = "", extra: str = "") -> str:
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)} · neuroscan</title>
+<link rel="stylesheet" href="{root}static/report.css"></head>
+<body data-page="{kind}" data-root="{root}">
+<header><nav>{nav}</nav><button id="palette" type="button" aria-pressed="false">colour-blind palette</button></header>
+<main>
+{body}
+</main>
+<script src="{root}data/config.js"></script>{extra}
+<script src="{root}static/report.js"></script>
+</body></html>
+"""
+
+
+def _layer_page(run, layer: int, neurons: list[dict], options: Options) -> str:
+    nav = ['<a href="../index.html">index</a>']
+    if layer > 0:
+        nav.append(f'<a href="{layer - 1:02d}.html">◀ layer {layer - 1}</a>')
+    if layer + 1 < run.n_layers:
+        nav.append(f'<a href="{layer + 1:02d}.html">layer {layer + 1} ▶</a>')
+    links = " ".join(f'<a href="../neurons/{layer:02d}-{n["neuron"]:05d}.html" title="red on {n["n_red"]} prompts, max {n["max_act"]:.2f}">{n["neuron"]}</a>' for n in neurons)
+    body = f"""<h1>Layer {layer}</h1>
+<div id="legend"></div>
+<p class="top-neurons">Most often red here: {links or "none"}</p>
+<div class="picker"><label>Prompt <select id="prompt"></select></label>
+<button id="prev" type="button">◀</button><button id="next" type="button">▶</button></div>
+<p id="prompt-info"></p>
+<p class="hint">One strip per kept neuron, at most {options.strips}: half of them the neurons above {run.bands['high']:g} on most tokens, the rest the widest of the others; widest coverage (red, orange or blue tokens) first. Hover a token for its band, a label for the neuron's values.</p>
+<div id="strips" data-layer="{layer}"></div>"""
+    return _page(f"Layer {layer}", "layer", body, root="../", nav=" · ".join(nav), extra='\n<script src="../data/prompt-index.js"></script>')
+
+
+def _index_page(run, family_size: dict) -> str:
+    m = run.manifest
+    totals, timings, bands = m["totals"], m.get("timings", {}), m["bands"]
+    model = m["model"]
+    rows = [
+        ("model", f"{model.get('id')} ({model.get('dtype')})"),
+        ("bands", f"red &gt; {bands['red']:g}, orange {bands['high']:g}–{bands['red']:g}, grey {bands['low']:g}–{bands['high']:g}, blue &lt; {bands['low']:g}"),
+        ("kept per (prompt, layer)", f"at most {m['selection'].get('max_per_layer')}" if m["selection"].get("max_per_layer") else "every selected neuron"),
+        ("prompts", f"{totals['prompts']:,} ({len(family_size)} famil{'y' if len(family_size) == 1 else 'ies'})"),
+        ("tokens", f"{totals['tokens']:,}"),
+        ("activation rows", f"{totals['activation_rows']:,}"),
+        ("stages × replicas", f"{m.get('stages')} × {m.get('replicas')} on {m.get('device')}"),
+        ("time", f"{timings.get('seconds', float('nan')):.1f} s ({timings.get('tokens_per_s', float('nan')):,.0f} tokens/s)"),
+    ]
+    summary = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    accuracy = m.get("summary", {}).get("accuracy", {})
+    acc_rows = "\n".join(
+        f"<tr><td>{html.escape(by)}</td><td>{html.escape(str(value))}</td><td>{a['correct']}/{a['total']}</td><td>{a['accuracy']:.0%}</td></tr>"
+        for by, groups in accuracy.items() for value, a in groups.items()
+    )
+    layer_links = " ".join(f'<a class="layer-link" href="layers/{i:02d}.html">{i}</a>' for i in range(run.n_layers))
+    body = f"""<h1>neuroscan report</h1>
+<table class="summary">{summary}</table>
+<div id="legend"></div>
+<h2>Layers</h2>
+<p class="layers">{layer_links}</p>
+<figure><img src="plots/kept-per-layer.png" alt="selected and kept neurons per layer"><figcaption>Neurons per prompt that cross a threshold (selected) and that are kept (the cap), median and 25–75 % of prompts.</figcaption></figure>
+<figure><img src="plots/coverage-by-depth.png" alt="red and blue coverage by depth"><figcaption>For each prompt and layer, the mean over kept neurons of the fraction of the prompt's tokens that are red (or blue): scattered firing reads low, whole-prompt firing high.</figcaption></figure>
+<h2>Accuracy (teacher-forced)</h2>
+<table class="accuracy"><thead><tr><th>by</th><th>group</th><th>correct</th><th>accuracy</th></tr></thead><tbody>{acc_rows or '<tr><td colspan="4">no prompt has an expected answer</td></tr>'}</tbody></table>"""
+    return _page("report", "index", body, root="")

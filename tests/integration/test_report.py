@@ -1,0 +1,190 @@
+"""``neuroscan report`` in a real headless Chromium (Debian's ``chromium``, driven by Playwright).
+
+One scan of a generated corpus with the embedded model, one report; the pages are opened
+from ``file://`` as a user would and checked against the tables they show.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from cluster.cli import main
+from cluster.config import ScanConfig
+from cluster.driver import run_scan
+from prompts.generate import generate, write_jsonl
+from report.site import build
+
+CHROMIUM = "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    if os.environ.get("NEUROSCAN_REQUIRE_BROWSER") == "1":
+        raise RuntimeError(f"{CHROMIUM} is missing: apt-get install chromium (CI installs it in .ci/run)")
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def scanned(ray_session, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("report")
+    corpus = tmp / "corpus.jsonl"
+    write_jsonl(generate(48, families=["days", "arithmetic", "colors", "letters"], variants=["icl", "zero_shot"]), corpus)
+    out = tmp / "out"
+    run_scan(ScanConfig(prompts=str(corpus), out=str(out), stages=2, batch_tokens=2048, progress=False))
+    build(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A page that fails the test on any console error or uncaught exception."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    problems = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    yield page
+    page.close()
+    assert problems == []
+
+
+def open_page(page, path: Path, fragment: str = ""):
+    page.goto(path.as_uri() + fragment)
+    page.wait_for_function("document.body.dataset.ready === 'true'", timeout=15_000)
+
+
+def table(out: Path, name: str, layer: int | None = None):
+    path = out / name if layer is None else out / name / f"layer={layer:02d}"
+    return ds.dataset(path, format="parquet").to_table()
+
+
+def decode(raw: bytes, n: int) -> np.ndarray:
+    codes = np.frombuffer(raw, np.uint8)
+    return np.stack([(codes >> (2 * i)) & 3 for i in range(4)], axis=1).reshape(-1)[:n]
+
+
+def test_index_renders_with_its_plots(scanned, page):
+    open_page(page, scanned / "report" / "index.html")
+    for img in page.query_selector_all("figure img"):
+        assert img.evaluate("i => i.complete && i.naturalWidth > 300")
+    assert len(page.query_selector_all("a.layer-link")) == 28
+    text = page.inner_text("table.summary")
+    assert "embedded:tiny" in text and "48" in text
+    assert "family" in page.inner_text("table.accuracy")
+    assert len(page.query_selector_all("#legend .swatch")) == 4
+
+
+def test_a_layer_page_shows_the_strips_of_the_tables_in_all_four_bands(scanned, page):
+    prompts = table(scanned, "prompts").sort_by("prompt_id")
+    longest = int(np.argmax(prompts["n_tokens"].to_numpy()))
+    pid, n = prompts["prompt_id"][longest].as_py(), prompts["n_tokens"][longest].as_py()
+    seen = set()
+    for layer in (0, 14, 27):
+        open_page(page, scanned / "report" / "layers" / f"{layer:02d}.html", f"#p={pid}")
+        assert page.get_attribute("#strips", "data-prompt") == str(pid)
+        shown = page.eval_on_selector_all(".strip", "rows => rows.map(r => [Number(r.dataset.neuron), [...r.querySelectorAll('.tok')].map(t => Number(t.dataset.band))])")
+        rows = table(scanned, "activations", layer).to_pandas()
+        rows = rows[rows.prompt_id == pid].set_index("neuron")
+        assert 0 < len(shown) <= 32
+        coverage = [(rows.n_above[nrn] + rows.n_below[nrn]) / n for nrn, _ in shown]
+        assert coverage == sorted(coverage, reverse=True)  # widest coverage first
+        for neuron, bands in shown:
+            assert bands == decode(rows.bands[neuron], n).tolist()  # the page shows the table's codes
+            seen |= set(bands)
+    assert seen == {0, 1, 2, 3}
+
+
+def test_the_prompt_selector_changes_the_strips(scanned, page):
+    prompts = table(scanned, "prompts").sort_by("prompt_id")
+    open_page(page, scanned / "report" / "layers" / "05.html")
+    first = page.inner_text("#strips")
+    assert page.get_attribute("#strips", "data-prompt") == str(prompts["prompt_id"][0].as_py())
+    page.select_option("#prompt", "7")
+    page.wait_for_function(f"document.querySelector('#strips').dataset.prompt === '{prompts['prompt_id'][7].as_py()}'")
+    strip = page.query_selector(".strip .tokens")
+    assert strip.inner_text() == "".join(prompts["tokens"][7].as_py()).replace("\n", "↵")
+    assert page.inner_text("#strips") != first
+    page.click("#next")
+    page.wait_for_function(f"document.querySelector('#strips').dataset.prompt === '{prompts['prompt_id'][8].as_py()}'")
+
+
+def test_a_neuron_page_lists_its_top_prompts_as_in_the_neurons_table(scanned, page):
+    neurons = table(scanned, "neurons").to_pandas()
+    pages = sorted((scanned / "report" / "neurons").glob("*.html"))
+    assert 0 < len(pages) <= 28 * 20
+    for path in pages[:: max(1, len(pages) // 5)]:
+        layer, neuron = (int(x) for x in path.stem.split("-"))
+        row = neurons[(neurons.layer == layer) & (neurons.neuron == neuron)].iloc[0]
+        open_page(page, path)
+        listed = page.eval_on_selector_all("#top-prompts tbody tr", "rows => rows.map(r => [Number(r.dataset.prompt), Number(r.dataset.act)])")
+        assert [p for p, _ in listed] == list(row.top_prompt_ids)
+        acts = [a for _, a in listed]
+        assert acts == sorted(acts, reverse=True) and np.allclose(acts, row.top_acts)
+        marked = page.eval_on_selector_all("#top-prompts tbody tr", "rows => rows.map(r => [...r.querySelectorAll('.tok')].findIndex(t => t.classList.contains('max')))")
+        assert marked == list(row.top_pos)
+        assert f"kept on {row.n_prompts} prompts, red on {row.n_red}" in page.inner_text(".stats")
+        shares = page.eval_on_selector_all("#families tbody tr", "rows => rows.map(r => r.cells[0].innerText)")
+        assert shares and set(shares) <= {"days", "arithmetic", "colors", "letters"}
+
+
+def test_the_palette_switch_recolours_the_bands(scanned, page):
+    open_page(page, scanned / "report" / "layers" / "27.html")
+    colour = "() => getComputedStyle(document.querySelector('#legend .swatch.b3')).backgroundColor"
+    before = page.evaluate(colour)
+    page.click("#palette")
+    assert page.evaluate(colour) == "rgb(213, 94, 0)" != before  # Okabe-Ito vermillion
+    assert page.get_attribute("#palette", "aria-pressed") == "true"
+    open_page(page, scanned / "report" / "index.html")  # the choice is remembered
+    assert page.evaluate(colour) == "rgb(213, 94, 0)"
+    page.click("#palette")
+    assert page.evaluate(colour) == before
+
+
+def test_tokens_show_their_band_on_hover(scanned, page):
+    open_page(page, scanned / "report" / "layers" / "27.html")
+    title = page.get_attribute(".strip .tok[data-band='1']", "title")
+    assert "blue" in title and "act < 0" in title and "position" in title
+
+
+def test_serve_prints_a_url_that_serves_the_site(scanned):
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "report", str(scanned), "--serve"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        url = lines[1].split()[1]
+        assert url.startswith("http://127.0.0.1:")
+        body = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert "neuroscan report" in body
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+
+
+def test_report_refuses_what_is_not_a_finished_scan(tmp_path, scanned, capsys):
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no manifest.json" in err
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(scanned, unfinished, ignore=shutil.ignore_patterns("report"))
+    manifest = (unfinished / "manifest.json").read_text().replace('"status": "complete"', '"status": "running"')
+    (unfinished / "manifest.json").write_text(manifest)
+    assert main(["report", str(unfinished)]) == 2
+    assert "not a finished scan" in capsys.readouterr().err
+    assert not (unfinished / "report").exists()
+    assert main(["report", str(scanned), "--strips", "0"]) == 2

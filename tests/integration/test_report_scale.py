@@ -1,0 +1,77 @@
+"""The report's size stays bounded for 10,000 prompts: a fixed number of pages, each of a size
+that does not grow with the corpus; data in chunks of a bounded size, at most ``--strips``
+rows a (prompt, layer). Tables built by the aggregator itself, no model needed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from aggregator.aggregator import Aggregator
+from aggregator.schema import SCHEMA_VERSION
+from prompts.batching import Tokenized
+from prompts.readers import Prompt
+from report import data
+from report.site import Options, build
+from workers.rows import StageRows
+
+N_PROMPTS, BATCH, LAYERS, ROWS, TOKENS = 10_000, 250, 2, 48, 96
+HEADER = {
+    "schema_version": SCHEMA_VERSION, "model": {"id": "synthetic", "dtype": "float16"}, "selection": {"high": 3.0, "low": 0.0, "max_per_layer": ROWS},
+    "bands": {"low": 0.0, "high": 3.0, "red": 3.5}, "stages": 1, "replicas": 1, "partition": [[0, LAYERS]], "device": "cpu", "format": "parquet",
+}
+
+
+def micro_batch(batch_id: int, rng: np.random.Generator) -> tuple[list[Tokenized], StageRows]:
+    ids = range(batch_id * BATCH, (batch_id + 1) * BATCH)
+    group = [Tokenized(Prompt(i, f"p{i}", "x" * TOKENS, family=f"f{i % 7}"), [65] * TOKENS, []) for i in ids]
+    m = LAYERS * BATCH * ROWS
+    rows = {
+        "layer_offset": np.repeat(np.arange(LAYERS), BATCH * ROWS).astype(np.int16),
+        "row": np.tile(np.repeat(np.arange(BATCH), ROWS), LAYERS).astype(np.int32),
+        "neuron": np.tile(np.sort(rng.choice(4096, ROWS, replace=False)), LAYERS * BATCH).astype(np.int32),
+        "max_act": rng.uniform(0, 8, m).astype(np.float32), "max_pos": rng.integers(0, TOKENS, m).astype(np.int16),
+        "min_act": rng.uniform(-1, 0, m).astype(np.float32), "min_pos": rng.integers(0, TOKENS, m).astype(np.int16),
+        "n_above": rng.integers(0, TOKENS, m).astype(np.int16), "n_below": rng.integers(0, TOKENS, m).astype(np.int16),
+        "bands": rng.integers(0, 256, (m, TOKENS // 4)).astype(np.uint8),
+    }
+    per_prompt = {k: np.full((LAYERS, BATCH), ROWS, np.int32) for k in ("n_selected", "n_kept", "n_above_any")}
+    per_prompt |= {k: rng.uniform(0, 1, (LAYERS, BATCH)).astype(np.float32) for k in ("mean_coverage", "red_coverage", "blue_coverage")}
+    predictions = {"top_ids": np.zeros((BATCH, 5), np.int32), "top_probs": np.full((BATCH, 5), 0.2, np.float32), "correct": np.full(BATCH, -1, np.int8)}
+    return group, StageRows(batch_id, 0, rows, per_prompt, predictions)
+
+
+def test_ten_thousand_prompts_make_a_bounded_report(tmp_path):
+    rng = np.random.default_rng(0)
+    agg = Aggregator(str(tmp_path), HEADER, [chr(i) for i in range(256)], rows_per_part=200_000)
+    for b in range(N_PROMPTS // BATCH):
+        agg.add(*micro_batch(b, rng))
+    agg.finish({"seconds": 1.0, "tokens_per_s": 1.0})
+    options = Options(strips=16, neurons_per_layer=20, chunk=200)
+    index = build(tmp_path, options)
+
+    site = index.parent
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) == 1 + LAYERS + LAYERS * options.neurons_per_layer  # not one page per prompt
+    assert max(p.stat().st_size for p in pages) < 100_000
+    chunks = sorted((site / "data").rglob("*.js"))
+    assert len(chunks) == 2 + (LAYERS + 1) * (N_PROMPTS // options.chunk)  # config, index, prompt and layer chunks
+    per_strip = 100 + TOKENS  # JSON numbers and base64 band codes
+    assert max(c.stat().st_size for c in chunks) < options.chunk * options.strips * per_strip + 1_000_000
+    strips = sum(len(v) for c in (site / "data").glob("layer-*/*.js") for v in _payload(c).values())
+    assert strips == N_PROMPTS * LAYERS * options.strips
+
+
+def test_strips_pick_firing_neurons_first_then_the_widest():
+    rows = pa.table({"prompt_id": [1, 1, 1, 1, 2, 2, 2], "neuron": [5, 3, 9, 7, 1, 2, 3],
+                     "n_above": [0, 2, 1, 0, 0, 0, 4], "n_below": [10, 1, 0, 9, 8, 8, 0]})
+    picked = data.strips(rows, {1: 10, 2: 10}, 2).to_pydict()
+    assert list(zip(picked["prompt_id"], picked["neuron"])) == [(1, 5), (1, 3), (2, 1), (2, 3)]
+    assert picked["coverage"] == sorted(picked["coverage"][:2], reverse=True) + sorted(picked["coverage"][2:], reverse=True)
+
+
+def _payload(path):
+    import json
+
+    text = path.read_text()
+    return json.loads(text[text.index("] = ") + 4 : -2])
