@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.run import _inputs, synthetic_corpus
+from bench.run import bare_step, synthetic_corpus
 from cluster.config import Selection
 from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer
@@ -42,12 +42,7 @@ def main() -> None:
         corpus = synthetic_corpus(Path(tmp) / "p.jsonl", args.prompts * args.batches, args.prompt_tokens)
         batches = [b for b, _ in micro_batches(str(corpus), load_tokenizer(args.model), config.n_positions, args.prompts * args.prompt_tokens, False)]
 
-    @torch.inference_mode()
-    def bare(batch):
-        ids, mask, pos = _inputs(batch, device)
-        h = model(ids, mask, pos)
-        last = torch.as_tensor(batch.n_tokens, device=device).long() - 1
-        model.lm_head(h[torch.arange(len(last), device=device), last])
+    bare = bare_step(model, device)
 
     def scan_local(batch):
         stage.forward(batch)

@@ -103,12 +103,8 @@ def timed(step, batches, device, warm_up: bool = True) -> dict:
     return {"seconds": seconds, "tokens": tokens, "d2h_bytes": copied, "peak_device_mb": peak}
 
 
-def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: Selection, modes: list[str]) -> dict:
-    """The in-process modes, all on one loaded copy of the model (a stage holding every layer)."""
-    n = load_config(path).n_layer
-    stage = Stage(StageSpec(path, ShardSpec(0, n, n), device.type, dtype, sel))
-    stage.setup()
-    model = stage.model
+def bare_step(model, device: torch.device):
+    """The ``bare`` mode's step: the blocks and the last token's logits, no hooks."""
 
     @torch.inference_mode()
     def bare(batch):
@@ -117,6 +113,17 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
         last = torch.as_tensor(batch.n_tokens, device=device).long() - 1
         model.lm_head(h[torch.arange(len(last), device=device), last])
         return 0
+
+    return bare
+
+
+def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: Selection, modes: list[str]) -> dict:
+    """The in-process modes, all on one loaded copy of the model (a stage holding every layer)."""
+    n = load_config(path).n_layer
+    stage = Stage(StageSpec(path, ShardSpec(0, n, n), device.type, dtype, sel))
+    stage.setup()
+    model = stage.model
+    bare = bare_step(model, device)
 
     @torch.inference_mode()
     def naive(batch):
@@ -139,7 +146,7 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
         return sum(copied)
 
     def scan_local(batch):
-        hidden, rows = stage.forward(batch)
+        _, rows = stage.forward(batch)
         arrays = [*rows.rows.values(), *rows.per_prompt.values(), *(rows.predictions or {}).values()]
         return sum(a.nbytes for a in arrays)
 
@@ -159,9 +166,6 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
             with transformers_gelu(model, hf_gelu):
                 results[mode] = {**timed(step, run, device, warm_up=mode != "naive"), "reduction": "fused" if stage.fused else "eager"}
     stage.fused = fused
-    del stage, model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the Ray modes' actors need the memory
     return results
 
 
@@ -221,6 +225,8 @@ def run_bench(args) -> dict:
         peak = matmul_flops(device, getattr(torch, dtype))
         in_process = [m for m in modes if m not in ("scan", "scan_2stage")]
         results = bench_in_process(path, batches, device, dtype, sel, in_process) if in_process else {}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the model is gone; the Ray modes' actors need the memory
         for mode, stages in (("scan", 1), ("scan_2stage", 2)):
             if mode in modes:
                 results[mode] = {**bench_ray(corpus, model_arg, device.type, dtype, args.batch_tokens, stages, sel), "tokens": tokens}
@@ -246,11 +252,11 @@ def run_bench(args) -> dict:
 
 
 def table(report: dict) -> str:
-    lines = [f"{report['device']}  {report['model']['n_layer']} layers x {report['model']['d_model']}  {report['model']['dtype']}  "
-             f"{report['workload']['tokens']} tokens in {report['workload']['micro_batches']} micro-batches",
+    lines = [(f"{report['device']}  {report['model']['n_layer']} layers x {report['model']['d_model']}  {report['model']['dtype']}  "
+              f"{report['workload']['tokens']} tokens in {report['workload']['micro_batches']} micro-batches"),
              f"{'mode':<18}{'tokens/s':>12}{'vs bare':>9}{'MFU':>8}{'D2H B/token':>13}{'peak MB':>10}{'agg lag s':>11}"]
     for mode, r in report["results"].items():
-        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)
         lines.append(f"{mode:<18}{r['tokens_per_s']:>12,.0f}{fmt(r['ratio_to_bare'], '.3f'):>9}{r['mfu']:>8.3f}"
                      f"{fmt(r['d2h_bytes_per_token'], ',.0f'):>13}{fmt(r['peak_device_mb'], ',.0f'):>10}"
                      f"{fmt(r.get('aggregator_lag_s'), '.2f'):>11}")

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("dir", help="a finished scan's output directory")
     rep.add_argument("--serve", action="store_true", help="also serve it on 127.0.0.1 and print the URL (Ctrl-C stops)")
     rep.add_argument("--port", type=int, default=0, help="port for --serve (default: any free port)")
-    rep.add_argument("--strips", type=int, default=32, help="strips per (prompt, layer): the kept neurons covering most of the prompt")
+    rep.add_argument("--strips", type=int, default=32, help="strips per (prompt, layer) on layer pages (0: one per kept neuron)")
     rep.add_argument("--neurons-per-layer", type=int, default=20, help="neurons per layer with their own page (the most often red)")
 
     make = sub.add_parser("make-model", help="write a random GPT-J checkpoint in Hugging Face layout")
@@ -166,9 +166,10 @@ def cmd_report(args) -> int:
     from report import serve
     from report.site import Options, build
 
-    for flag, value in (("--strips", args.strips), ("--neurons-per-layer", args.neurons_per_layer)):
-        if value < 1:
-            raise UserError(f"{flag} {value} must be a positive number")
+    if args.strips < 0:
+        raise UserError(f"--strips {args.strips} must be 0 (every kept neuron) or a positive number")
+    if args.neurons_per_layer < 1:
+        raise UserError(f"--neurons-per-layer {args.neurons_per_layer} must be a positive number")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port} is not a port number: use 1-65535, or 0 for any free port")
     index = build(args.dir, Options(strips=args.strips, neurons_per_layer=args.neurons_per_layer))

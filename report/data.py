@@ -94,7 +94,7 @@ def _rank_within(group: np.ndarray) -> np.ndarray:
 
 
 def strips(rows: pa.Table, n_tokens: dict[int, int], per_prompt: int) -> pa.Table:
-    """A layer's kept rows cut to ``per_prompt`` a prompt, in display order: widest coverage first.
+    """A layer's kept rows cut to ``per_prompt`` a prompt (0: all), in display order: widest coverage first.
 
     coverage = (tokens above high + tokens below low) / prompt tokens. GELU is negative on every
     negative input, so the widest strips are almost all blue: half the strips (rounded up) go
@@ -106,6 +106,9 @@ def strips(rows: pa.Table, n_tokens: dict[int, int], per_prompt: int) -> pa.Tabl
     length = np.array([n_tokens[int(p)] for p in prompt_id], dtype=np.float64) if len(prompt_id) else np.zeros(0)
     above = rows["n_above"].to_numpy().astype(np.float64)
     coverage = (above + rows["n_below"].to_numpy()) / np.maximum(length, 1)
+    if per_prompt == 0:  # every kept neuron
+        keep = np.lexsort((neuron, -coverage, prompt_id))
+        return rows.take(pa.array(keep)).append_column("coverage", pa.array(coverage[keep], pa.float32()))
     firing = (-(-per_prompt // 2))
     order = np.lexsort((neuron, -coverage, -above, prompt_id))
     first = np.zeros(len(order), bool)

@@ -25,12 +25,7 @@ def kept_per_layer(spread: dict[str, np.ndarray], path: Path) -> Path:
     _spread(ax, spread["n_selected"], GREY, "selected")
     _spread(ax, spread["n_kept"], RED, "kept")
     ax.set(xlabel="layer", ylabel="neurons per prompt", title="Selected and kept neurons per layer")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def coverage_by_depth(spread: dict[str, np.ndarray], bands: dict, path: Path) -> Path:
@@ -40,6 +35,10 @@ def coverage_by_depth(spread: dict[str, np.ndarray], bands: dict, path: Path) ->
     ax.set(xlabel="layer", ylabel="fraction of the prompt's tokens",
            title="Coverage by depth: mean over kept neurons of the tokens each one colours")
     ax.set_ylim(0, 1)
+    return _save(fig, ax, path)
+
+
+def _save(fig, ax, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -176,7 +176,7 @@ def _layer_page(run, layer: int, neurons: list[dict], options: Options) -> str:
 <div class="picker"><label>Prompt <select id="prompt"></select></label>
 <button id="prev" type="button">◀</button><button id="next" type="button">▶</button></div>
 <p id="prompt-info"></p>
-<p class="hint">One strip per kept neuron, at most {options.strips}: half of them the neurons above {run.bands['high']:g} on most tokens, the rest the widest of the others; widest coverage (red, orange or blue tokens) first. Hover a token for its band, a label for the neuron's values.</p>
+<p class="hint">One strip per kept neuron{f", at most {options.strips}" if options.strips else ""}: half of them the neurons above {run.bands['high']:g} on most tokens, the rest the widest of the others; widest coverage (red, orange or blue tokens) first. Hover a token for its band, a label for the neuron's values.</p>
 <div id="strips" data-layer="{layer}"></div>"""
     return _page(f"Layer {layer}", "layer", body, root="../", nav=" · ".join(nav), extra='\n<script src="../data/prompt-index.js"></script>')
 

@@ -70,11 +70,12 @@
   }
 
   // One strip: the prompt's tokens coloured by one neuron's band codes; `mark` outlines a token.
-  function strip(tokens, b64, mark) {
+  function strip(tokens, b64, mark, markValue) {
     const codes = b64 ? decode(b64, tokens.length) : tokens.map(() => 0);
     return tokens.map((tok, t) => {
       const cls = "tok b" + codes[t] + (t === mark ? " max" : "");
-      const title = `${JSON.stringify(tok)} · position ${t} · ${BAND_NAMES[codes[t]]} (${BAND_RANGES[codes[t]]})`;
+      const peak = t === mark ? ` · the neuron's max here: ${markValue.toFixed(3)}` : "";
+      const title = `${JSON.stringify(tok)} · position ${t} · ${BAND_NAMES[codes[t]]} (${BAND_RANGES[codes[t]]})${peak}`;
       return `<span class="${cls}" data-band="${codes[t]}" title="${escape(title)}">${escape(visible(tok))}</span>`;
     }).join("");
   }
@@ -133,7 +134,7 @@
     document.querySelector("#top-prompts tbody").innerHTML = data.top.map((p, rank) =>
       `<tr data-prompt="${p.prompt_id}" data-act="${p.act}"><td>${rank + 1}</td>` +
       `<td><a href="${layerPage}#p=${p.prompt_id}">${escape(String(p.id))}</a></td><td>${escape(p.family)}</td>` +
-      `<td>${p.act.toFixed(3)}</td><td>${p.pos}</td><td class="tokens">${strip(p.tokens, p.bands, p.pos)}</td></tr>`).join("");
+      `<td>${p.act.toFixed(3)}</td><td>${p.pos}</td><td class="tokens">${strip(p.tokens, p.bands, p.pos, p.act)}</td></tr>`).join("");
     document.querySelector("#families tbody").innerHTML = Object.entries(data.families)
       .sort((a, b) => b[1] - a[1])
       .map(([family, share]) => `<tr><td>${escape(family)}</td><td>${(share * 100).toFixed(1)}%</td>` +

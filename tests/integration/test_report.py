@@ -6,7 +6,6 @@ from ``file://`` as a user would and checked against the tables they show.
 
 from __future__ import annotations
 
-import base64
 import os
 import shutil
 import signal
@@ -139,6 +138,7 @@ def test_a_neuron_page_lists_its_top_prompts_as_in_the_neurons_table(scanned, pa
         assert acts == sorted(acts, reverse=True) and np.allclose(acts, row.top_acts)
         marked = page.eval_on_selector_all("#top-prompts tbody tr", "rows => rows.map(r => [...r.querySelectorAll('.tok')].findIndex(t => t.classList.contains('max')))")
         assert marked == list(row.top_pos)
+        assert f"max here: {row.top_acts[0]:.3f}" in page.get_attribute("#top-prompts tbody tr .tok.max", "title")
         assert f"kept on {row.n_prompts} prompts, red on {row.n_red}" in page.inner_text(".stats")
         shares = page.eval_on_selector_all("#families tbody tr", "rows => rows.map(r => r.cells[0].innerText)")
         assert shares and set(shares) <= {"days", "arithmetic", "colors", "letters"}
@@ -187,4 +187,14 @@ def test_report_refuses_what_is_not_a_finished_scan(tmp_path, scanned, capsys):
     assert main(["report", str(unfinished)]) == 2
     assert "not a finished scan" in capsys.readouterr().err
     assert not (unfinished / "report").exists()
-    assert main(["report", str(scanned), "--strips", "0"]) == 2
+    assert main(["report", str(scanned), "--strips", "-1"]) == 2
+
+
+def test_strips_zero_shows_every_kept_neuron(scanned, tmp_path, page):
+    copy = tmp_path / "copy"
+    shutil.copytree(scanned, copy, ignore=shutil.ignore_patterns("report"))
+    assert main(["report", str(copy), "--strips", "0"]) == 0
+    pid = table(copy, "prompts").sort_by("prompt_id")["prompt_id"][3].as_py()
+    open_page(page, copy / "report" / "layers" / "10.html", f"#p={pid}")
+    rows = table(copy, "activations", 10).to_pandas()
+    assert len(page.query_selector_all(".strip")) == (rows.prompt_id == pid).sum() > 32
