@@ -18,6 +18,7 @@ endif
 
 demo: $(STAMP)
 	$(VENV)/bin/neuroscan scan seed --out runs/demo --stages 2 --overwrite
+	$(VENV)/bin/neuroscan report runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -78,8 +78,8 @@ class Aggregator:
         """
         self.just_committed = []
         batch_id = stages[0].batch_id
-        if batch_id in self.seen:
-            return 0, 0, self.incarnation, []
+        if batch_id in self.seen:  # a duplicate; if already committed, say so, so the sender can forget it
+            return 0, 0, self.incarnation, [batch_id] if batch_id not in self.buf_batches else []
         self.seen.add(batch_id)
         prompt_ids = np.array([t.prompt.prompt_id for t in group], dtype=np.int64)
         n_tokens = np.array([len(t.token_ids) for t in group], dtype=np.int32)

@@ -145,3 +145,14 @@ def test_restarted_aggregator_continues_the_manifest(tmp_path):
     _, manifest = second.finish({})
     assert [p["batches"] for p in manifest["parts"]] == [[0], [1]]
     assert manifest["totals"]["prompts"] == 4 and manifest["summary"]["layers"]["0"]["mean_kept"] == 2
+
+
+def test_a_duplicate_of_a_committed_batch_is_reported_committed(tmp_path):
+    """So that the driver forgets it instead of resending it after every aggregator restart."""
+    agg = Aggregator(str(tmp_path), HEADER, [chr(i) for i in range(256)], rows_per_part=10**6)
+    lengths = [5, 3]
+    rows = lambda b: (_group([2 * b, 2 * b + 1], lengths), _stage_rows(b, 0, 2, lengths))  # noqa: E731
+    assert agg.add(*rows(0))[3] == []  # buffered, not committed
+    assert agg.add(*rows(0))[:2] == (0, 0) and agg.add(*rows(0))[3] == []  # a duplicate, still only buffered
+    agg.commit()
+    assert agg.add(*rows(0))[:2] == (0, 0) and agg.add(*rows(0))[3] == [0]  # committed: the sender may forget it
