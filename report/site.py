@@ -45,6 +45,19 @@ def build(out_dir: str | Path, options: Options = Options()) -> Path:
     site = run.out / "report"
     staging = run.out / ".report.tmp"
     shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write(run, staging, options)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)  # an earlier report stays as it was
+        if isinstance(err, OSError):
+            raise UserError(f"writing the report under {run.out} failed ({err.strerror or err}): fix the disk (space, permissions) and run it again; an earlier report is intact") from None
+        raise
+    shutil.rmtree(site, ignore_errors=True)
+    staging.rename(site)
+    return site / "index.html"
+
+
+def _write(run, staging: Path, options: Options) -> None:
     for sub in ("static", "plots", "layers", "neurons", "data/prompts"):
         (staging / sub).mkdir(parents=True, exist_ok=True)
     for f in STATIC.iterdir():
@@ -89,9 +102,6 @@ def build(out_dir: str | Path, options: Options = Options()) -> Path:
     plots.coverage_by_depth(spread, run.bands, staging / "plots" / "coverage-by-depth.png")
     (staging / "index.html").write_text(_index_page(run, family_size))
 
-    shutil.rmtree(site, ignore_errors=True)
-    staging.rename(site)
-    return site / "index.html"
 
 
 def _write_chunk(path: Path, name: str, payload) -> None:

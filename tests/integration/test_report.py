@@ -198,3 +198,19 @@ def test_strips_zero_shows_every_kept_neuron(scanned, tmp_path, page):
     open_page(page, copy / "report" / "layers" / "10.html", f"#p={pid}")
     rows = table(copy, "activations", 10).to_pandas()
     assert len(page.query_selector_all(".strip")) == (rows.prompt_id == pid).sum() > 32
+
+
+def test_a_failed_write_keeps_the_earlier_report(scanned, tmp_path, capsys, monkeypatch):
+    copy = tmp_path / "copy"
+    shutil.copytree(scanned, copy)
+    before = (copy / "report" / "index.html").read_text()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("report.plots.coverage_by_depth", full)
+    assert main(["report", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "earlier report is intact" in err
+    assert (copy / "report" / "index.html").read_text() == before
+    assert not (copy / ".report.tmp").exists()
