@@ -173,7 +173,7 @@ def cmd_report(args) -> int:
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port} is not a port number: use 1-65535, or 0 for any free port")
     index = build(args.dir, Options(strips=args.strips, neurons_per_layer=args.neurons_per_layer))
-    print(f"wrote {index.parent}/ (open {index.as_uri()})", flush=True)
+    print(f"wrote {index.parent}/ (open {index.resolve().as_uri()})", flush=True)
     if args.serve:
         try:
             server = serve.start(index.parent, args.port)

@@ -190,10 +190,12 @@ def test_report_refuses_what_is_not_a_finished_scan(tmp_path, scanned, capsys):
     assert main(["report", str(scanned), "--strips", "-1"]) == 2
 
 
-def test_strips_zero_shows_every_kept_neuron(scanned, tmp_path, page):
+def test_strips_zero_shows_every_kept_neuron(scanned, tmp_path, page, monkeypatch, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(scanned, copy, ignore=shutil.ignore_patterns("report"))
-    assert main(["report", str(copy), "--strips", "0"]) == 0
+    monkeypatch.chdir(tmp_path)  # a relative DIR, as `make demo` gives it
+    assert main(["report", "copy", "--strips", "0"]) == 0
+    assert (copy / "report" / "index.html").as_uri() in capsys.readouterr().out
     pid = table(copy, "prompts").sort_by("prompt_id")["prompt_id"][3].as_py()
     open_page(page, copy / "report" / "layers" / "10.html", f"#p={pid}")
     rows = table(copy, "activations", 10).to_pandas()
