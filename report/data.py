@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from cluster.errors import UserError
@@ -93,28 +92,29 @@ def _rank_within(group: np.ndarray) -> np.ndarray:
     return np.arange(len(group)) - np.searchsorted(group, group, side="left")
 
 
-def strips(rows: pa.Table, n_tokens: dict[int, int], per_prompt: int) -> pa.Table:
+def strips(rows: pa.Table, ids: np.ndarray, lengths: np.ndarray, per_prompt: int) -> pa.Table:
     """A layer's kept rows cut to ``per_prompt`` a prompt (0: all), in display order: widest coverage first.
 
     coverage = (tokens above high + tokens below low) / prompt tokens. GELU is negative on every
     negative input, so the widest strips are almost all blue: half the strips (rounded up) go
     to the neurons that fire above ``high`` on most tokens, the rest to the widest of the
-    others. Ties go to the lower neuron index.
+    others. Ties go to the lower neuron index. ``ids`` (sorted) and ``lengths``: every prompt's
+    id and token count.
     """
     prompt_id = rows["prompt_id"].to_numpy()
     neuron = rows["neuron"].to_numpy()
-    length = np.array([n_tokens[int(p)] for p in prompt_id], dtype=np.float64) if len(prompt_id) else np.zeros(0)
+    length = lengths[np.searchsorted(ids, prompt_id)].astype(np.float64)
     above = rows["n_above"].to_numpy().astype(np.float64)
     coverage = (above + rows["n_below"].to_numpy()) / np.maximum(length, 1)
     if per_prompt == 0:  # every kept neuron
         keep = np.lexsort((neuron, -coverage, prompt_id))
         return rows.take(pa.array(keep)).append_column("coverage", pa.array(coverage[keep], pa.float32()))
-    firing = (-(-per_prompt // 2))
+    firing = -(-per_prompt // 2)
     order = np.lexsort((neuron, -coverage, -above, prompt_id))
     first = np.zeros(len(order), bool)
     first[order] = (_rank_within(prompt_id[order]) < firing) & (above[order] > 0)
-    taken = np.bincount(np.searchsorted(np.unique(prompt_id), prompt_id[first]), minlength=len(np.unique(prompt_id)))
-    budget = per_prompt - taken[np.searchsorted(np.unique(prompt_id), prompt_id)]
+    row_prompt = np.searchsorted(ids, prompt_id)  # each row's prompt, as an index into ids
+    budget = per_prompt - np.bincount(row_prompt[first], minlength=len(ids))[row_prompt]
     rest = np.flatnonzero(~first)
     rest = rest[np.lexsort((neuron[rest], -coverage[rest], prompt_id[rest]))]
     second = rest[_rank_within(prompt_id[rest]) < budget[rest]]
@@ -123,13 +123,12 @@ def strips(rows: pa.Table, n_tokens: dict[int, int], per_prompt: int) -> pa.Tabl
     return rows.take(pa.array(keep)).append_column("coverage", pa.array(coverage[keep], pa.float32()))
 
 
-def family_frequency(rows: pa.Table, neurons: np.ndarray, family_of: dict[int, str], family_size: dict[str, int]) -> dict[int, dict[str, float]]:
-    """For each neuron in ``neurons``: per family, the fraction of that family's prompts on which
-    the layer kept it."""
-    mask = pc.is_in(rows["neuron"], pa.array(neurons, pa.int32()))
-    picked = rows.filter(mask)
-    out: dict[int, dict[str, float]] = {int(n): {} for n in neurons}
-    for neuron, prompt_id in zip(picked["neuron"].to_pylist(), picked["prompt_id"].to_pylist()):
-        family = family_of.get(prompt_id) or "(none)"
-        out[neuron][family] = out[neuron].get(family, 0) + 1
+def family_frequency(rows: pa.Table, family_of: dict[int, str], family_size: dict[str, int]) -> dict[int, dict[str, float]]:
+    """For each neuron of ``rows`` (one layer's kept rows): per family, the fraction of that
+    family's prompts on which the layer kept it."""
+    out: dict[int, dict[str, int]] = {}
+    for neuron, prompt_id in zip(rows["neuron"].to_pylist(), rows["prompt_id"].to_pylist()):
+        counts = out.setdefault(neuron, {})
+        family = family_of[prompt_id]
+        counts[family] = counts.get(family, 0) + 1
     return {n: {f: c / family_size[f] for f, c in sorted(counts.items())} for n, counts in out.items()}

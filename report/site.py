@@ -14,6 +14,7 @@ import base64
 import html
 import json
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,18 +65,16 @@ def _write(run, staging: Path, options: Options) -> None:
         shutil.copy(f, staging / "static" / f.name)
 
     prompts = data.prompts(run)
-    ids = prompts["prompt_id"].to_numpy()
+    ids, lengths = prompts["prompt_id"].to_numpy(), prompts["n_tokens"].to_numpy()
     families = [f or "(none)" for f in prompts["family"].to_pylist()]
-    n_tokens = dict(zip(ids.tolist(), prompts["n_tokens"].to_pylist()))
+    tokens, user_ids = prompts["tokens"].to_pylist(), prompts["id"].to_pylist()
     family_of = dict(zip(ids.tolist(), families))
-    family_size = {f: families.count(f) for f in sorted(set(families))}
-    position = {int(p): i for i, p in enumerate(ids)}
-    chunk_of = {p: i // options.chunk for p, i in position.items()}
-    tokens = prompts["tokens"].to_pylist()
+    family_size = dict(sorted(Counter(families).items()))
+    position = {p: i for i, p in enumerate(ids.tolist())}
     for c in range(0, len(ids), options.chunk):
         _write_chunk(staging / "data" / "prompts" / f"{c // options.chunk:04d}.js", f"prompts/{c // options.chunk:04d}",
-                     {str(int(p)): t for p, t in zip(ids[c : c + options.chunk], tokens[c : c + options.chunk])})
-    index = [[int(p), i, f, n] for p, i, f, n in zip(ids.tolist(), prompts["id"].to_pylist(), families, prompts["n_tokens"].to_pylist())]
+                     {str(p): t for p, t in zip(ids[c : c + options.chunk].tolist(), tokens[c : c + options.chunk])})
+    index = [list(row) for row in zip(ids.tolist(), user_ids, families, lengths.tolist())]
     _write_chunk(staging / "data" / "prompt-index.js", "prompt-index", index)
 
     top = data.top_neurons(run, options.neurons_per_layer)
@@ -88,13 +87,17 @@ def _write(run, staging: Path, options: Options) -> None:
 
     for layer in range(run.n_layers):
         rows = run.read("activations", ["prompt_id", "neuron", "max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "bands"], layer)
-        _write_layer(staging, layer, rows, n_tokens, chunk_of, options)
+        _write_layer(staging, layer, rows, ids, lengths, options)
         neurons = listed.get(layer, [])
         if neurons:
-            freq = data.family_frequency(rows, np.array([r["neuron"] for r in neurons]), family_of, family_size)
-            bands_of = _bands_lookup(rows, neurons)
+            mine = rows.filter(pc.is_in(rows["neuron"], pa.array([n["neuron"] for n in neurons], pa.int32())))
+            freq = data.family_frequency(mine, family_of, family_size)
+            bands_of = {(p, n): b for p, n, b in zip(mine["prompt_id"].to_pylist(), mine["neuron"].to_pylist(), mine["bands"].to_pylist())}
             for neuron in neurons:
-                _write_neuron(staging, run, neuron, freq[neuron["neuron"]], bands_of, prompts, position)
+                top = [{"prompt_id": p, "id": user_ids[position[p]], "family": families[position[p]], "act": act, "pos": pos,
+                        "tokens": tokens[position[p]], "bands": _b64(bands_of[(p, neuron["neuron"])])}
+                       for p, act, pos in zip(neuron["top_prompt_ids"], neuron["top_acts"], neuron["top_pos"])]
+                _write_neuron(staging, neuron, top, freq[neuron["neuron"]])
         (staging / "layers" / f"{layer:02d}.html").write_text(_layer_page(run, layer, neurons, options))
 
     spread = data.layer_spread(run, ["n_selected", "n_kept", "red_coverage", "blue_coverage"])
@@ -117,31 +120,20 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def _write_layer(staging: Path, layer: int, rows, n_tokens: dict, chunk_of: dict, options: Options) -> None:
-    picked = data.strips(rows, n_tokens, options.strips)
-    chunks: dict[int, dict[str, list]] = {}
+def _write_layer(staging: Path, layer: int, rows, ids: np.ndarray, lengths: np.ndarray, options: Options) -> None:
+    picked = data.strips(rows, ids, lengths, options.strips)
+    chunk_of = np.searchsorted(ids, picked["prompt_id"].to_numpy()) // options.chunk
+    chunks: dict[int, dict[str, list]] = {c: {} for c in range(-(-len(ids) // options.chunk))}
     columns = [picked[c].to_pylist() for c in ("prompt_id", "neuron", "coverage", "max_act", "max_pos", "min_act", "min_pos", "bands")]
-    for prompt_id, neuron, coverage, max_act, max_pos, min_act, min_pos, bands in zip(*columns):
+    for c, (prompt_id, neuron, coverage, max_act, max_pos, min_act, min_pos, bands) in zip(chunk_of.tolist(), zip(*columns)):
         strip = [neuron, round(coverage, 4), round(max_act, 3), max_pos, round(min_act, 3), min_pos, _b64(bands)]
-        chunks.setdefault(chunk_of[prompt_id], {}).setdefault(str(prompt_id), []).append(strip)
-    for c in set(chunk_of.values()):
-        _write_chunk(staging / "data" / f"layer-{layer:02d}" / f"{c:04d}.js", f"layer-{layer:02d}/{c:04d}", chunks.get(c, {}))
+        chunks[c].setdefault(str(prompt_id), []).append(strip)
+    for c, payload in chunks.items():
+        _write_chunk(staging / "data" / f"layer-{layer:02d}" / f"{c:04d}.js", f"layer-{layer:02d}/{c:04d}", payload)
 
 
-def _bands_lookup(rows, neurons: list[dict]) -> dict[tuple[int, int], bytes]:
-    """(prompt_id, neuron) -> band codes, for the listed neurons' top prompts."""
-    wanted = {(p, n["neuron"]) for n in neurons for p in n["top_prompt_ids"]}
-    picked = rows.filter(pc.is_in(rows["neuron"], pa.array([n["neuron"] for n in neurons], pa.int32())))
-    return {(p, n): b for p, n, b in zip(picked["prompt_id"].to_pylist(), picked["neuron"].to_pylist(), picked["bands"].to_pylist()) if (p, n) in wanted}
-
-
-def _write_neuron(staging: Path, run, neuron: dict, frequency: dict, bands_of: dict, prompts, position: dict) -> None:
+def _write_neuron(staging: Path, neuron: dict, top: list[dict], frequency: dict) -> None:
     layer, index = neuron["layer"], neuron["neuron"]
-    top = []
-    for prompt_id, act, pos in zip(neuron["top_prompt_ids"], neuron["top_acts"], neuron["top_pos"]):
-        row = position[prompt_id]
-        top.append({"prompt_id": prompt_id, "id": prompts["id"][row].as_py(), "family": prompts["family"][row].as_py() or "(none)",
-                    "act": act, "pos": pos, "tokens": prompts["tokens"][row].as_py(), "bands": _b64(bands_of.get((prompt_id, index), b""))})
     payload = {"layer": layer, "neuron": index, "n_prompts": neuron["n_prompts"], "n_red": neuron["n_red"],
                "max_act": neuron["max_act"], "top": top, "families": frequency}
     title = f"Layer {layer} · neuron {index}"

@@ -65,7 +65,7 @@ def test_ten_thousand_prompts_make_a_bounded_report(tmp_path):
 def test_strips_pick_firing_neurons_first_then_the_widest():
     rows = pa.table({"prompt_id": [1, 1, 1, 1, 2, 2, 2], "neuron": [5, 3, 9, 7, 1, 2, 3],
                      "n_above": [0, 2, 1, 0, 0, 0, 4], "n_below": [10, 1, 0, 9, 8, 8, 0]})
-    picked = data.strips(rows, {1: 10, 2: 10}, 2).to_pydict()
+    picked = data.strips(rows, np.array([1, 2]), np.array([10, 10]), 2).to_pydict()
     assert list(zip(picked["prompt_id"], picked["neuron"])) == [(1, 5), (1, 3), (2, 1), (2, 3)]
     assert picked["coverage"] == sorted(picked["coverage"][:2], reverse=True) + sorted(picked["coverage"][2:], reverse=True)
 
