@@ -226,7 +226,7 @@ def _now() -> str:
 def remove_uncommitted(out: Path, manifest: dict) -> None:
     """Delete table files no committed part lists (a part cut short by a crash)."""
     listed = {f["path"] for part in manifest["parts"] for f in part["files"]}
-    for table in (*schema.TABLES, "neurons", "neuron_parts"):
+    for table in schema.OUTPUT_DIRS:
         for path in sorted((out / table).rglob("*")) if (out / table).exists() else []:
             if path.is_file() and path.relative_to(out).as_posix() not in listed:
                 path.unlink()

@@ -18,18 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-NEURONS = pa.schema(
-    [
-        ("layer", pa.int32()),
-        ("neuron", pa.int32()),
-        ("n_prompts", pa.int64()),  # prompts on which the neuron was kept (selected and within the cap)
-        ("n_red", pa.int64()),  # ... and its max was above the red edge
-        ("max_act", pa.float32()),
-        ("top_prompt_ids", pa.list_(pa.int64())),
-        ("top_acts", pa.list_(pa.float32())),
-        ("top_pos", pa.list_(pa.int16())),
-    ]
-)
+from aggregator import schema
 
 
 def merge_top_k(state: dict[str, np.ndarray], neuron: np.ndarray, act: np.ndarray, prompt_id: np.ndarray, pos: np.ndarray, k: int) -> dict[str, np.ndarray]:
@@ -76,7 +65,7 @@ class LayerState:
         self.top = merge_top_k(self.top, neuron, act, prompt_id, pos, self.k)
 
     def add_table(self, table: pa.Table) -> None:
-        """Fold another ``NEURONS`` table of this layer in (a part's delta)."""
+        """Fold another ``schema.NEURONS`` table of this layer in (a part's delta)."""
         neuron = table["neuron"].to_numpy()
         self._grow(int(neuron.max(initial=-1)) + 1)
         np.add.at(self.n_prompts, neuron, table["n_prompts"].to_numpy())
@@ -96,7 +85,7 @@ class LayerState:
                 self.best[present].astype(np.float32), pa.array(top["prompt_id"], pa.list_(pa.int64())),
                 pa.array(top["act"], pa.list_(pa.float32())), pa.array(top["pos"], pa.list_(pa.int16())),
             ],
-            schema=NEURONS,
+            schema=schema.NEURONS,
         )
 
 
@@ -107,7 +96,7 @@ def part_delta(layers: dict[int, pa.Table], k: int, red: float) -> pa.Table:
         state = LayerState(k)
         state.add_rows(rows["neuron"].to_numpy(), rows["max_act"].to_numpy(), rows["prompt_id"].to_numpy(), rows["max_pos"].to_numpy(), red)
         tables.append(state.table(layer))
-    return pa.concat_tables(tables) if tables else NEURONS.empty_table()
+    return pa.concat_tables(tables) if tables else schema.NEURONS.empty_table()
 
 
 def neurons_table(out: Path, manifest: dict, k: int) -> pa.Table:
@@ -122,4 +111,4 @@ def neurons_table(out: Path, manifest: dict, k: int) -> pa.Table:
                 for value in np.unique(layer):
                     states.setdefault(int(value), LayerState(k)).add_table(delta.filter(pa.array(layer == value)))
     tables = [state.table(layer) for layer, state in sorted(states.items())]
-    return pa.concat_tables(tables) if tables else NEURONS.empty_table()
+    return pa.concat_tables(tables) if tables else schema.NEURONS.empty_table()

@@ -62,7 +62,23 @@ LAYERS = pa.schema(
     ]
 )
 
+NEURONS = pa.schema(
+    [
+        ("layer", pa.int32()),
+        ("neuron", pa.int32()),
+        ("n_prompts", pa.int64()),  # prompts on which the neuron was kept (selected and within the cap)
+        ("n_red", pa.int64()),  # ... and its max was above the red edge
+        ("max_act", pa.float32()),
+        ("top_prompt_ids", pa.list_(pa.int64())),
+        ("top_acts", pa.list_(pa.float32())),
+        ("top_pos", pa.list_(pa.int16())),
+    ]
+)
+
 TABLES = {"activations": ACTIVATIONS, "prompts": PROMPTS, "layers": LAYERS}
+OUTPUT_DIRS = (*TABLES, "neurons", "neuron_parts")
+"""Every directory of table files in an output directory: the per-part tables, ``neurons/``
+(written at the end) and ``neuron_parts/`` (each part's delta of it, `aggregator.neurons`)."""
 
 
 def with_run_metadata(schema: pa.Schema, run: dict) -> pa.Schema:
