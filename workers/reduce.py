@@ -15,6 +15,7 @@ look at a value: the stage compacts all its layers at once, once per micro-batch
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import numpy as np
@@ -54,8 +55,9 @@ def threshold(value: float, dtype: torch.dtype, side: str) -> float:
     return float(t)
 
 
+@functools.cache
 def thresholds(sel: Selection, dtype: torch.dtype) -> tuple[float, float, float]:
-    """(high, low, red) for comparisons in ``dtype``; see `threshold`."""
+    """(high, low, red) for comparisons in ``dtype``; see `threshold`. Cached: every layer asks."""
     return threshold(sel.high, dtype, "above"), threshold(sel.low, dtype, "below"), threshold(sel.red, dtype, "above")
 
 

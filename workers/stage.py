@@ -46,9 +46,6 @@ class StageSpec:
     selection: Selection
     threads: int = 0
     """torch intra-op threads on CPU; 0 leaves torch's default."""
-    reduction: str = "auto"
-    """"fused" (one Triton pass per layer), "eager" (the reference) or "auto": fused where
-    Triton runs on the stage's device (CUDA), eager elsewhere."""
 
 
 @contextmanager
@@ -78,7 +75,7 @@ class Stage:
             torch.set_num_threads(self.spec.threads)
         config = load_config(self.spec.model_path)
         self.device = torch.device(self.spec.device)
-        self.fused = self.spec.reduction == "fused" or (self.spec.reduction == "auto" and fused_available(self.device))
+        self.fused = fused_available(self.device)  # one Triton pass on a GPU, the eager reference elsewhere
         self.model = load_stage(
             self.spec.model_path, config, self.spec.shard, self.device, getattr(torch, self.spec.dtype)
         )
