@@ -40,13 +40,12 @@ def empty_state() -> dict[str, np.ndarray]:
 
 
 class LayerState:
-    """Running counts, max and top-k of one layer's neurons."""
+    """Running counts and top-k of one layer's neurons (a neuron's max is the head of its top-k)."""
 
     def __init__(self, k: int):
         self.k = k
         self.n_prompts = np.zeros(0, np.int64)
         self.n_red = np.zeros(0, np.int64)
-        self.best = np.zeros(0, np.float32)
         self.top = empty_state()
 
     def _grow(self, size: int) -> None:
@@ -54,14 +53,12 @@ class LayerState:
         if pad > 0:
             self.n_prompts = np.pad(self.n_prompts, (0, pad))
             self.n_red = np.pad(self.n_red, (0, pad))
-            self.best = np.pad(self.best, (0, pad), constant_values=-np.inf)
 
     def add_rows(self, neuron: np.ndarray, act: np.ndarray, prompt_id: np.ndarray, pos: np.ndarray, red: float) -> None:
         """Fold activation rows (one per kept (prompt, neuron)) in."""
         self._grow(int(neuron.max(initial=-1)) + 1)
         self.n_prompts += np.bincount(neuron, minlength=len(self.n_prompts))
         self.n_red += np.bincount(neuron[act > red], minlength=len(self.n_red))
-        np.maximum.at(self.best, neuron, act)
         self.top = merge_top_k(self.top, neuron, act, prompt_id, pos, self.k)
 
     def add_table(self, table: pa.Table) -> None:
@@ -70,7 +67,6 @@ class LayerState:
         self._grow(int(neuron.max(initial=-1)) + 1)
         np.add.at(self.n_prompts, neuron, table["n_prompts"].to_numpy())
         np.add.at(self.n_red, neuron, table["n_red"].to_numpy())
-        np.maximum.at(self.best, neuron, table["max_act"].to_numpy())
         lengths = pc.list_value_length(table["top_acts"]).to_numpy()
         flat = {name: pc.list_flatten(table[col]).to_numpy() for name, col in (("act", "top_acts"), ("prompt_id", "top_prompt_ids"), ("pos", "top_pos"))}
         self.top = merge_top_k(self.top, np.repeat(neuron, lengths), flat["act"], flat["prompt_id"], flat["pos"], self.k)
@@ -82,7 +78,7 @@ class LayerState:
         return pa.table(
             [
                 np.full(len(present), layer, np.int32), present.astype(np.int32), self.n_prompts[present], self.n_red[present],
-                self.best[present].astype(np.float32), pa.array(top["prompt_id"], pa.list_(pa.int64())),
+                self.top["act"][bounds[0]], pa.array(top["prompt_id"], pa.list_(pa.int64())),
                 pa.array(top["act"], pa.list_(pa.float32())), pa.array(top["pos"], pa.list_(pa.int16())),
             ],
             schema=schema.NEURONS,
