@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from aggregator import schema
 from cluster.errors import UserError
 
 
@@ -30,8 +31,9 @@ class Run:
 
     def read(self, table: str, columns: list[str] | None = None, layer: int | None = None) -> pa.Table:
         files = self.files(table, layer)
-        if not files:
-            return pa.table({c: [] for c in columns or []})
+        if not files:  # e.g. a layer where no neuron was ever kept
+            empty = schema.TABLES[table].empty_table()
+            return empty.select(columns) if columns else empty
         return ds.dataset(files, format=self.fmt).to_table(columns=columns)
 
     @property

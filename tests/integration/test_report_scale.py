@@ -75,3 +75,17 @@ def _payload(path):
 
     text = path.read_text()
     return json.loads(text[text.index("] = ") + 4 : -2])
+
+
+def test_a_layer_that_kept_nothing_still_gets_its_page(tmp_path):
+    rng = np.random.default_rng(1)
+    agg = Aggregator(str(tmp_path), HEADER, [chr(i) for i in range(256)])
+    group, rows = micro_batch(0, rng)
+    first = rows.rows["layer_offset"] == 0
+    rows.rows = {name: array[first] for name, array in rows.rows.items()}  # layer 1 kept no neuron
+    agg.add(group, rows)
+    agg.finish({"seconds": 1.0, "tokens_per_s": 1.0})
+    site = build(tmp_path).parent
+    assert (site / "layers" / "01.html").exists()
+    assert _payload(site / "data" / "layer-01" / "0000.js") == {}
+    assert _payload(site / "data" / "layer-00" / "0000.js")
