@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 ifneq ($(HAS_CUDA),yes)
 	$(PY) -m pip install -q torch==2.13.0
 endif
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	touch $(STAMP)
 
 demo: $(STAMP)

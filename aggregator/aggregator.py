@@ -4,9 +4,16 @@ It receives each micro-batch once all of its stages are done (the driver hands i
 stages' result references, so the rows travel stage -> aggregator without passing through
 the driver), converts them to Arrow, and buffers them. When the buffer holds
 ``rows_per_part`` activation rows, or at the end, it writes a part: one file per layer under
-``activations/layer=NN/``, one under ``prompts/`` and one under ``layers/``, then replaces
-the manifest listing the part. A micro-batch delivered twice (Ray retries deliver at least
-once) is dropped by its batch id.
+``activations/layer=NN/``, one under ``prompts/``, one under ``layers/`` and the part's
+``neuron_parts/`` delta, then replaces the manifest listing the part. A micro-batch
+delivered twice (Ray retries deliver at least once) is dropped by its batch id.
+
+Parts are written off the critical path: a full buffer is handed to a committer thread and
+``add`` returns at once, so the next micro-batch is converted while the part is encoded
+and written (encoding, hashing and fsync release the GIL). One part is written at a time;
+the batches of a part are reported committed by the first call after its manifest is
+replaced, and a failed write is raised by the next call. The driver keeps every batch not
+yet reported committed and resends it to a restarted aggregator, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ import os
 import time
 import uuid
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +37,22 @@ from cluster.errors import UserError
 from cluster.memory import MemoryWatch
 
 
+@dataclass
+class Buffer:
+    """Micro-batches converted to Arrow and not yet written: the next part."""
+
+    acts: dict[int, list[pa.RecordBatch]] = field(default_factory=lambda: defaultdict(list))
+    prompts: list[pa.RecordBatch] = field(default_factory=list)
+    layers: list[pa.RecordBatch] = field(default_factory=list)
+    batches: list[int] = field(default_factory=list)
+    rows: int = 0
+    skipped: list[dict] = field(default_factory=list)
+    prompt_count: int = 0
+    token_count: int = 0
+    layer_counts: dict = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0]))
+    accuracy: dict = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+
+
 class Aggregator:
     def __init__(self, out_dir: str, header: dict, token_strings: list[str], fmt: str = "parquet", rows_per_part: int = 500_000):
         """``header`` is the manifest's fixed part (model, selection, bands, stages, versions...).
@@ -40,6 +64,8 @@ class Aggregator:
         self.out = Path(out_dir)
         self.fmt = fmt
         self.pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="neuroscan-write")
+        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuroscan-commit")
+        self.writing: Future | None = None  # the part being written, if any
         self.rows_per_part = rows_per_part
         self.token_strings = token_strings
         self.run_meta = {k: header[k] for k in ("model", "selection", "bands") if k in header}
@@ -55,32 +81,27 @@ class Aggregator:
             self.manifest = {**existing, "status": "running"}
             self.manifest.setdefault("resumed_at", []).append(_now())
             remove_uncommitted(self.out, self.manifest)
-        self.seen: set[int] = {b for part in self.manifest["parts"] for b in part["batches"]}
+        self.committed: set[int] = {b for part in self.manifest["parts"] for b in part["batches"]}
+        self.seen: set[int] = set(self.committed)
         self.incarnation = uuid.uuid4().hex  # tells the driver when Ray has restarted this actor
         self.just_committed: list[int] = []
-        self._reset_buffer()
+        self.buf = Buffer()
         write_manifest(self.out, self.manifest)
-
-    def _reset_buffer(self) -> None:
-        self.buf_acts: dict[int, list[pa.RecordBatch]] = defaultdict(list)
-        self.buf_prompts: list[pa.RecordBatch] = []
-        self.buf_layers: list[pa.RecordBatch] = []
-        self.buf_batches: list[int] = []
-        self.buf_rows = 0
-        self.buf_skipped: list[dict] = []
-        self.buf_counts = {"prompts": 0, "tokens": 0, "layers": defaultdict(lambda: [0, 0, 0]), "accuracy": defaultdict(lambda: [0, 0])}
 
     def add(self, group: list, *stages) -> tuple[int, int, str, list[int]]:
         """Take one micro-batch: its prompts (`prompts.batching.Tokenized`) and every stage's `StageRows`.
 
         Returns (prompts, prompt tokens) added ((0, 0) for a duplicate delivery), this
-        aggregator's incarnation, and the micro-batches committed by this call.
+        aggregator's incarnation, and the micro-batches whose part was committed since the
+        previous call (or, for a duplicate, the batch itself if it is committed).
         """
-        self.just_committed = []
+        self._collect(wait=False)
         batch_id = stages[0].batch_id
         if batch_id in self.seen:  # a duplicate; if already committed, say so, so the sender can forget it
-            return 0, 0, self.incarnation, [batch_id] if batch_id not in self.buf_batches else []
+            done = self._reported()
+            return 0, 0, self.incarnation, done + [batch_id] if batch_id in self.committed and batch_id not in done else done
         self.seen.add(batch_id)
+        buf = self.buf
         prompt_ids = np.array([t.prompt.prompt_id for t in group], dtype=np.int64)
         n_tokens = np.array([len(t.token_ids) for t in group], dtype=np.int32)
         for stage in stages:
@@ -90,32 +111,32 @@ class Aggregator:
             stage.rows = {name: array if name == "bands" else array.copy() for name, array in stage.rows.items()}
             stage.per_prompt = {name: array.copy() for name, array in stage.per_prompt.items()}
             for layer, batch in schema.activation_batches(stage.rows, stage.start, prompt_ids, n_tokens).items():
-                self.buf_acts[layer].append(batch)
-                self.buf_rows += batch.num_rows
-            self.buf_layers.append(schema.layers_batch(stage.per_prompt, stage.start, prompt_ids, n_tokens))
+                buf.acts[layer].append(batch)
+                buf.rows += batch.num_rows
+            buf.layers.append(schema.layers_batch(stage.per_prompt, stage.start, prompt_ids, n_tokens))
             self._count_layers(stage)
             if stage.predictions is not None:
-                self.buf_prompts.append(schema.prompts_batch(group, stage.predictions, self.token_strings))
+                buf.prompts.append(schema.prompts_batch(group, stage.predictions, self.token_strings))
                 self._count_accuracy(group, stage.predictions["correct"])
-        self.buf_batches.append(batch_id)
-        self.buf_counts["prompts"] += len(group)
-        self.buf_counts["tokens"] += int(n_tokens.sum())
+        buf.batches.append(batch_id)
+        buf.prompt_count += len(group)
+        buf.token_count += int(n_tokens.sum())
         self.watch.sample()
-        if self.buf_rows >= self.rows_per_part:
-            self.commit()
-        return len(group), int(n_tokens.sum()), self.incarnation, self.just_committed
+        if buf.rows >= self.rows_per_part:
+            self._start_commit()
+        return len(group), int(n_tokens.sum()), self.incarnation, self._reported()
 
     def skip(self, batch_id: int, skipped: list[dict], batch_done: bool) -> None:
         """Record prompts left out (--on-error skip); ``batch_done`` when nothing of the batch remains."""
-        self.buf_skipped.extend(skipped)
+        self.buf.skipped.extend(skipped)
         if batch_done and batch_id not in self.seen:
             self.seen.add(batch_id)
-            self.buf_batches.append(batch_id)
+            self.buf.batches.append(batch_id)
 
     def _count_layers(self, stage) -> None:
         selected, kept = stage.per_prompt["n_selected"], stage.per_prompt["n_kept"]  # [layers, batch]
         for offset in range(selected.shape[0]):
-            sums = self.buf_counts["layers"][str(stage.start + offset)]
+            sums = self.buf.layer_counts[str(stage.start + offset)]
             sums[0] += selected.shape[1]
             sums[1] += int(selected[offset].sum())
             sums[2] += int(kept[offset].sum())
@@ -124,24 +145,56 @@ class Aggregator:
         for t, c in zip(group, correct.tolist()):
             if c >= 0:
                 for key in (("family", t.prompt.family or "(none)"), ("variant", t.prompt.variant or "(none)")):
-                    counts = self.buf_counts["accuracy"][key]
+                    counts = self.buf.accuracy[key]
                     counts[0] += c
                     counts[1] += 1
 
     def commit(self) -> None:
-        """Write the buffered micro-batches as part N and list it in the manifest."""
-        if not self.buf_batches:
+        """Write what is buffered as the next part now, and wait until it is committed."""
+        self._start_commit()
+        self.wait()
+
+    def wait(self) -> None:
+        """Wait for the part being written (raises its error, a `UserError`, if it failed)."""
+        self._collect(wait=True)
+
+    def _start_commit(self) -> None:
+        """Hand the buffer to the committer thread (after the part before it is committed)."""
+        self._collect(wait=True)
+        if not self.buf.batches:
             return
+        buf, self.buf = self.buf, Buffer()
+        self.writing = self.committer.submit(self._write_part, buf)
+
+    def _collect(self, wait: bool) -> None:
+        """Take the result of the part being written, if it is done (or ``wait`` for it)."""
+        if self.writing is None or not (wait or self.writing.done()):
+            return
+        writing, self.writing = self.writing, None
+        batches = writing.result()  # raises the write's UserError
+        self.committed.update(batches)
+        self.just_committed.extend(batches)
+
+    def _reported(self) -> list[int]:
+        """The batches committed since the last report (each reported once)."""
+        done, self.just_committed = self.just_committed, []
+        return done
+
+    def _write_part(self, buf: Buffer) -> list[int]:
+        """Write ``buf`` as part N and list it in the manifest (on the committer thread)."""
         part = len(self.manifest["parts"]) + 1
         stem = f"part-{part:05d}"
         files = []
         try:
-            acts = {layer: self._table(schema.ACTIVATIONS, self.buf_acts[layer]) for layer in sorted(self.buf_acts)}
-            jobs = [(table, f"activations/layer={layer:02d}/{stem}") for layer, table in acts.items()]
-            jobs += [(self._table(schema.PROMPTS, self.buf_prompts), f"prompts/{stem}"), (self._table(schema.LAYERS, self.buf_layers), f"layers/{stem}")]
-            jobs.append((part_delta(acts, self.manifest.get("top_k", 20), self.manifest["bands"]["red"]), f"neuron_parts/{stem}"))
-            # Encoding, hashing and fsync release the GIL: the part's files are written in parallel.
-            futures = [self.pool.submit(write_table, table, self.out, rel, self.fmt) for table, rel in jobs]
+            acts = {layer: self._table(schema.ACTIVATIONS, buf.acts[layer]) for layer in sorted(buf.acts)}
+            tables = [(table, f"activations/layer={layer:02d}/{stem}") for layer, table in acts.items()]
+            tables += [(self._table(schema.PROMPTS, buf.prompts), f"prompts/{stem}"), (self._table(schema.LAYERS, buf.layers), f"layers/{stem}")]
+            # Encoding, hashing, fsync and the deltas' sorts release the GIL: all run in parallel.
+            futures = [self.pool.submit(write_table, table, self.out, rel, self.fmt) for table, rel in tables]
+            k, red = self.manifest.get("top_k", 20), self.manifest["bands"]["red"]
+            deltas = [self.pool.submit(part_delta, {layer: table}, k, red) for layer, table in acts.items()]
+            delta = pa.concat_tables([d.result() for d in deltas]) if deltas else schema.NEURONS.empty_table()
+            futures.append(self.pool.submit(write_table, delta, self.out, f"neuron_parts/{stem}", self.fmt))
             errors = []
             for future in futures:
                 try:
@@ -157,26 +210,23 @@ class Aggregator:
                 f"writing part {part} to {self.out} failed ({err.strerror or err}); parts 1-{part - 1} are intact: "
                 "fix the disk (space, permissions), then rerun the same command with --resume"
             ) from None
-        self.manifest["parts"].append(
-            {"part": part, "batches": sorted(self.buf_batches), "files": [f.to_dict() for f in files]}
-        )
-        self._fold_counts()
+        self.manifest["parts"].append({"part": part, "batches": sorted(buf.batches), "files": [f.to_dict() for f in files]})
+        self._fold_counts(buf)
         self.manifest["summary"] = self.summary()
         write_manifest(self.out, self.manifest)
-        self.just_committed = list(self.buf_batches)
-        self._reset_buffer()
+        return list(buf.batches)
 
-    def _fold_counts(self) -> None:
+    def _fold_counts(self, buf: Buffer) -> None:
         """Counters cover committed parts only, so a resumed run counts every batch once."""
-        totals, counters, pending = self.manifest["totals"], self.manifest["counters"], self.buf_counts
-        totals["prompts"] += pending["prompts"]
-        totals["tokens"] += pending["tokens"]
-        totals["activation_rows"] += self.buf_rows
-        self.manifest.setdefault("skipped", []).extend(self.buf_skipped)
-        for layer, (n, selected, kept) in pending["layers"].items():
+        totals, counters = self.manifest["totals"], self.manifest["counters"]
+        totals["prompts"] += buf.prompt_count
+        totals["tokens"] += buf.token_count
+        totals["activation_rows"] += buf.rows
+        self.manifest.setdefault("skipped", []).extend(buf.skipped)
+        for layer, (n, selected, kept) in buf.layer_counts.items():
             sums = counters["layers"].setdefault(layer, [0, 0, 0])
             counters["layers"][layer] = [sums[0] + n, sums[1] + selected, sums[2] + kept]
-        for (by, value), (correct, total) in pending["accuracy"].items():
+        for (by, value), (correct, total) in buf.accuracy.items():
             c, n = counters["accuracy"][by].get(value, [0, 0])
             counters["accuracy"][by][value] = [c + correct, n + total]
 

@@ -73,13 +73,15 @@ class LayerState:
 
     def table(self, layer: int) -> pa.Table:
         present = np.flatnonzero(self.n_prompts)
-        bounds = np.searchsorted(self.top["neuron"], present), np.searchsorted(self.top["neuron"], present, side="right")
-        top = {name: [self.top[name][a:b] for a, b in zip(*bounds)] for name in ("prompt_id", "act", "pos")}
+        # The top-k entries are sorted by neuron and every present neuron has at least one:
+        # each neuron's list is one slice of the flat arrays, so the offsets are its starts.
+        offsets = np.searchsorted(self.top["neuron"], present).astype(np.int32)
+        offsets = pa.array(np.r_[offsets, len(self.top["neuron"])].astype(np.int32))
+        lists = {name: pa.ListArray.from_arrays(offsets, pa.array(self.top[name])) for name in ("prompt_id", "act", "pos")}
         return pa.table(
             [
                 np.full(len(present), layer, np.int32), present.astype(np.int32), self.n_prompts[present], self.n_red[present],
-                self.top["act"][bounds[0]], pa.array(top["prompt_id"], pa.list_(pa.int64())),
-                pa.array(top["act"], pa.list_(pa.float32())), pa.array(top["pos"], pa.list_(pa.int16())),
+                self.top["act"][offsets.to_numpy()[:-1]], lists["prompt_id"], lists["act"], lists["pos"],
             ],
             schema=schema.NEURONS,
         )

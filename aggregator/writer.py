@@ -27,6 +27,12 @@ class PartFile:
         return asdict(self)
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Flat integer and string columns: floats and band bytes rarely repeat, and trying a
+    dictionary on them costs ~20 % of a part's encoding time for nothing."""
+    return [f.name for f in schema if pa.types.is_integer(f.type) or pa.types.is_string(f.type)]
+
+
 def write_table(table: pa.Table, out_dir: Path, rel_stem: str, fmt: str) -> PartFile:
     """Write ``table`` to ``out_dir/rel_stem + suffix``; the file appears complete or not at all."""
     rel = rel_stem + SUFFIX[fmt]
@@ -35,7 +41,7 @@ def write_table(table: pa.Table, out_dir: Path, rel_stem: str, fmt: str) -> Part
     tmp = final.with_name(f".{final.name}.tmp")
     try:
         if fmt == "parquet":
-            pq.write_table(table, tmp, compression="zstd")
+            pq.write_table(table, tmp, compression="zstd", use_dictionary=dictionary_columns(table.schema))
         else:
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)

@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine (device tool): Ray's wheels, the GPU tests, the benchmark
 # of record. Everything it writes lands in $OUT. Build .whl/ first, here:
-#   ../shared/tools/device-wheels.sh
+#   ../shared/tools/device-wheels.sh transformers==5.24.0
 # then run this with carry [".whl"]:  bash bench/device.sh
+# transformers is carried because the machine's own (5.17) runs GPT-J's attention eagerly in
+# fp32; from the version this repository is tested with, GPT-J uses PyTorch's SDPA. If the
+# carried one does not import there, the machine's own is used (gpu.txt says which).
 set -uo pipefail
 OUT=${OUT:-/tmp/neuroscan-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if ! python3 -c "import transformers.models.gptj.modeling_gptj" 2>"$OUT/transformers-import.log"; then
+  echo "carried transformers does not import here (see transformers-import.log): using the machine's own"
+  rm -rf /tmp/site/transformers /tmp/site/transformers-*.dist-info
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, triton, ray, pyarrow; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__, 'ray', ray.__version__, 'pyarrow', pyarrow.__version__)" | tee -a "$OUT/gpu.txt"
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -25

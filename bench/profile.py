@@ -44,10 +44,17 @@ def main() -> None:
 
     bare = bare_step(model, device)
 
+    side = stage.reduce_stream
+
     def scan_local(batch):
+        stage.reduce_stream = side
         stage.forward(batch)
 
-    for name, step in (("bare", bare), ("scan_local", scan_local)):
+    def scan_local_inline(batch):  # the reduction on the forward pass's own stream
+        stage.reduce_stream = None
+        stage.forward(batch)
+
+    for name, step in (("bare", bare), ("scan_local_inline", scan_local_inline), ("scan_local", scan_local)):
         step(batches[0])
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

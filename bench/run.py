@@ -5,9 +5,15 @@ Modes (tokens are the prompts' own tokens; ratios are against ``bare`` of the sa
   bare_hf_gelu      the same with transformers' eight-op ``gelu_new`` (before the one-kernel GELU)
   naive             a hook copies every MLP activation to the host and reduces it there (the notebook way)
   scan_local_eager  the stage code in this process with the eager reduction (the reference path)
-  scan_local        the stage code in this process: fused reduction on a GPU, compaction, one host copy
+  scan_local_inline the stage code with the fused reduction on the forward pass's own stream
+  scan_local        the stage code in this process: fused reduction on a side stream on a GPU,
+                    compaction, one host copy
+  transformer_lens  TransformerLens caching every mlp.hook_post, then the same reduction (`bench.peers`)
+  nnsight           an nnsight trace saving every mlp.act, then the same reduction
   scan              the full Ray pipeline, one stage, aggregator writing Parquet
   scan_2stage       the Ray pipeline with two stages sharing the device
+The peers run when their packages are installed (the ``bench`` extra); a default run skips
+the missing ones and says so in the report.
 MFU is model FLOPs per second over a large matmul's FLOPs per second measured in the same run.
 """
 
@@ -26,6 +32,8 @@ import numpy as np
 import torch
 from transformers.activations import NewGELUActivation
 
+from bench import peers
+from bench.peers import PEERS
 from cluster.config import ScanConfig, Selection
 from cluster.driver import package_version, run_scan
 from cluster.errors import UserError
@@ -34,7 +42,7 @@ from workers.checkpoint import load_config, load_tokenizer, resolve_model
 from workers.shard import ShardSpec
 from workers.stage import Stage, StageSpec
 
-MODES = ("bare", "bare_hf_gelu", "naive", "scan_local_eager", "scan_local", "scan", "scan_2stage")
+MODES = ("bare", "bare_hf_gelu", "naive", "scan_local_eager", "scan_local_inline", "scan_local", *PEERS, "scan", "scan_2stage")
 
 
 def synthetic_corpus(path: Path, n: int, tokens: int, seed: int = 0) -> Path:
@@ -117,7 +125,7 @@ def bare_step(model, device: torch.device):
     return bare
 
 
-def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: Selection, modes: list[str]) -> dict:
+def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: Selection, modes: list[str], tokenizer=None) -> dict:
     """The in-process modes, all on one loaded copy of the model (a stage holding every layer)."""
     n = load_config(path).n_layer
     stage = Stage(StageSpec(path, ShardSpec(0, n, n), device.type, dtype, sel))
@@ -150,22 +158,29 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
         arrays = [*rows.rows.values(), *rows.per_prompt.values(), *(rows.predictions or {}).values()]
         return sum(a.nbytes for a in arrays)
 
-    fused = stage.fused
-    variants = {
-        "bare": (bare, fused, False),
-        "bare_hf_gelu": (bare, fused, True),
-        "naive": (naive, fused, False),
-        "scan_local_eager": (scan_local, False, False),
-        "scan_local": (scan_local, fused, False),
+    fused, side = stage.fused, stage.reduce_stream
+    variants = {  # step, fused reduction, reduction side stream, transformers' GELU
+        "bare": (bare, fused, side, False),
+        "bare_hf_gelu": (bare, fused, side, True),
+        "naive": (naive, fused, side, False),
+        "scan_local_eager": (scan_local, False, side, False),
+        "scan_local_inline": (scan_local, fused, None, False),
+        "scan_local": (scan_local, fused, side, False),
     }
     results = {}
     for mode in MODES:
         if mode in modes and mode in variants:
-            step, stage.fused, hf_gelu = variants[mode]
+            step, stage.fused, stage.reduce_stream, hf_gelu = variants[mode]
             run = batches[:NAIVE_BATCHES] if mode == "naive" else batches
             with transformers_gelu(model, hf_gelu):
                 results[mode] = {**timed(step, run, device, warm_up=mode != "naive"), "reduction": "fused" if stage.fused else "eager"}
-    stage.fused = fused
+    stage.fused, stage.reduce_stream = fused, side
+    inputs = lambda batch: _inputs(batch, device)  # noqa: E731
+    for mode, step in (("transformer_lens", lambda: peers.transformer_lens_step(stage, tokenizer, inputs, sel)),
+                       ("nnsight", lambda: peers.nnsight_step(stage, inputs, sel))):
+        if mode in modes:
+            with step() as run:
+                results[mode] = {**timed(run, batches, device), "reduction": "eager"}
     return results
 
 
@@ -192,6 +207,15 @@ def bench_ray(corpus: Path, model: str | None, device: str, dtype: str, batch_to
         )
         timings = run_scan(cfg)["timings"]
     return {"seconds": timings["seconds"], "d2h_bytes": None, "peak_device_mb": None, "aggregator_lag_s": timings["aggregator_lag_s"]}
+
+
+def attention_implementation(path: str) -> str:
+    """Which attention transformers runs for this model here ("sdpa", "eager", ...)."""
+    from workers.shard import StageModel
+
+    config = load_config(path)
+    with torch.device("meta"):
+        return StageModel(config, ShardSpec(0, config.n_layer, config.n_layer)).body.config._attn_implementation
 
 
 def run_bench(args) -> dict:
@@ -222,14 +246,19 @@ def run_bench(args) -> dict:
         unknown = sorted(set(modes) - set(MODES))
         if unknown:
             raise UserError(f"--modes: {', '.join(unknown)} not known: use a comma-separated subset of {', '.join(MODES)}")
+        missing = [m for m in modes if m in PEERS and not peers.available(m)]
+        if missing and args.modes:
+            raise UserError(f"--modes {','.join(missing)}: not installed here: pip install 'neuroscan[bench]' (or leave them out)")
+        modes = [m for m in modes if m not in missing]
         peak = matmul_flops(device, getattr(torch, dtype))
         in_process = [m for m in modes if m not in ("scan", "scan_2stage")]
-        results = bench_in_process(path, batches, device, dtype, sel, in_process) if in_process else {}
+        results = bench_in_process(path, batches, device, dtype, sel, in_process, tokenizer) if in_process else {}
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the model is gone; the Ray modes' actors need the memory
         for mode, stages in (("scan", 1), ("scan_2stage", 2)):
             if mode in modes:
                 results[mode] = {**bench_ray(corpus, model_arg, device.type, dtype, args.batch_tokens, stages, sel), "tokens": tokens}
+    attention = attention_implementation(path)
     seq = float(np.mean([b.n_tokens.mean() for b in batches]))
     per_token = flops_per_token(config, seq)
     bare_rate = results["bare"]["tokens"] / results["bare"]["seconds"] if "bare" in results else None
@@ -243,16 +272,18 @@ def run_bench(args) -> dict:
         "command": " ".join(["neuroscan", *sys.argv[1:]]),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
         "versions": {p: package_version(p) for p in ("torch", "transformers", "ray", "pyarrow")},
-        "model": {"path": path, "n_layer": config.n_layer, "d_model": config.n_embd, "dtype": dtype},
+        "model": {"path": path, "n_layer": config.n_layer, "d_model": config.n_embd, "dtype": dtype, "attention": attention},
         "workload": {"prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "batch_tokens": args.batch_tokens,
                      "micro_batches": len(batches), "tokens": tokens},
         "matmul_flops": peak,
         "results": results,
+        "skipped": {m: "not installed (the bench extra)" for m in missing},
     }
 
 
 def table(report: dict) -> str:
     lines = [(f"{report['device']}  {report['model']['n_layer']} layers x {report['model']['d_model']}  {report['model']['dtype']}  "
+              f"attention {report['model']['attention']}  "
               f"{report['workload']['tokens']} tokens in {report['workload']['micro_batches']} micro-batches"),
              f"{'mode':<18}{'tokens/s':>12}{'vs bare':>9}{'MFU':>8}{'D2H B/token':>13}{'peak MB':>10}{'agg lag s':>11}"]
     for mode, r in report["results"].items():
@@ -260,4 +291,6 @@ def table(report: dict) -> str:
         lines.append(f"{mode:<18}{r['tokens_per_s']:>12,.0f}{fmt(r['ratio_to_bare'], '.3f'):>9}{r['mfu']:>8.3f}"
                      f"{fmt(r['d2h_bytes_per_token'], ',.0f'):>13}{fmt(r['peak_device_mb'], ',.0f'):>10}"
                      f"{fmt(r.get('aggregator_lag_s'), '.2f'):>11}")
+    for mode, why in report.get("skipped", {}).items():
+        lines.append(f"{mode:<18}skipped: {why}")
     return "\n".join(lines)

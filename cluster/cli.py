@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--truncate", action="store_true", help="keep the last tokens of prompts longer than the context instead of refusing them")
     scan.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     scan.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same model, thresholds, corpus and --batch-tokens)")
-    scan.add_argument("--in-flight", type=int, default=0, help="micro-batches in flight per replica (default 2 x stages)")
+    scan.add_argument("--in-flight", type=int, default=0, help="micro-batches in flight per replica (default 2 x stages + 1)")
     scan.add_argument("--on-error", default="stop", help="a prompt too large for device memory even alone: stop (default) or skip it")
     scan.add_argument("--top-k", type=int, default=20, help="max-activating prompts kept per neuron in neurons/ (default 20)")
     scan.add_argument("--rows-per-part", type=int, default=500_000, help="activation rows buffered before a part is committed (default 500000)")
@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCH_MODES = ("bare", "bare_hf_gelu", "naive", "scan_local_eager", "scan_local", "scan", "scan_2stage")
+BENCH_MODES = ("bare", "bare_hf_gelu", "naive", "scan_local_eager", "scan_local_inline", "scan_local",
+               "transformer_lens", "nnsight", "scan", "scan_2stage")
 """bench.run.MODES, named here so that `neuroscan --help` needs no torch import (a test checks they agree)."""
 
 

@@ -81,7 +81,8 @@ class ScanConfig:
     resume: bool = False
     """Continue the run in ``out``: keep its committed parts, redo the rest."""
     in_flight: int = 0
-    """Micro-batches in flight per replica; 0 means 2 x stages, so every stage has work."""
+    """Micro-batches in flight per replica; 0 means 2 x stages + 1, so every stage has the next
+    micro-batch queued while it finishes one."""
     on_error: str = "stop"
     """A prompt that does not fit in device memory even alone: "stop" the run or "skip" it."""
     top_k: int = 20
@@ -119,4 +120,4 @@ class ScanConfig:
     @property
     def window(self) -> int:
         """Micro-batches in flight per replica."""
-        return self.in_flight or 2 * self.stages
+        return self.in_flight or 2 * self.stages + 1

@@ -73,11 +73,17 @@ def reserve(device: str, n_stage_actors: int, gpus: float = 1.0):
     return group
 
 
+STAGE_CONCURRENCY = 2
+"""Calls a stage actor runs at once: one launching a micro-batch on the device while the
+other waits for its copy and hands its result to Ray (`workers.stage`)."""
+
+
 def stage_actor(cls, group, bundle: int, device: str, name: str, gpus: float = 1.0):
     """``ray.remote(cls)`` pinned to one bundle; it may be restarted and its calls retried."""
     return ray.remote(cls).options(
         name=name,
         num_cpus=1,
+        max_concurrency=STAGE_CONCURRENCY,
         num_gpus=gpus if device == "cuda" else 0,
         **RESTARTS,
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),

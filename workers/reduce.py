@@ -130,7 +130,7 @@ def reduce_layer(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, fuse
     selected = (max_act > high) | (min_act < low)  # [batch, d_mlp]
     score = torch.maximum(max_act - sel.high, sel.low - min_act).masked_fill(~selected, float("-inf"))
     k = n if sel.max_per_layer == 0 else min(sel.max_per_layer, n)
-    ranked = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]  # [batch, K]
+    ranked = top_neurons(score, k)  # [batch, K]
     ranked_kept = score.gather(1, ranked) > float("-inf")
     # Kept neurons in ascending index order, the dropped slots (sentinel n) last.
     neuron = torch.sort(torch.where(ranked_kept, ranked, n), dim=1).values
@@ -165,6 +165,23 @@ def reduce_layer(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, fuse
         "red_coverage": coverage(pick("n_red")),
         "blue_coverage": coverage(n_below),
     }
+
+
+def top_neurons(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores of each row, ties to the lower index: what a stable
+    descending sort would put first, found by a top-k (a selection, not a 16,384-wide sort).
+
+    Each score's float32 bits become an int32 that orders like the float, shifted above a
+    tie-breaker that is larger for lower indices; the int64 keys are then all distinct.
+    score [batch, n] float32 (no NaN) -> [batch, k] int64.
+    """
+    n = score.shape[1]
+    bits = (score + 0.0).contiguous().view(torch.int32)  # + 0.0 makes -0.0 into 0.0: they tie
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # monotone in the float
+    key = (ordered << 32) | (n - 1 - torch.arange(n, device=score.device))
+    if k == n:
+        return torch.sort(key, dim=1, descending=True).indices
+    return key.topk(k, dim=1).indices
 
 
 def packed_bands(act: torch.Tensor, idx: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, chunk: int = 2048) -> torch.Tensor:

@@ -1,16 +1,24 @@
 """A pipeline stage: a shard of the model whose every owned ``mlp.act`` is reduced on the device.
 
-`Stage` is a plain class (tested without Ray); `workers.actor` wraps it for Ray. Its
-``__init__`` only stores the spec; weights load in `setup`, after Ray has placed the actor
-and set ``CUDA_VISIBLE_DEVICES``. Per micro-batch the stage runs its blocks once under
-scoped hooks (one fused Triton pass per layer on a GPU, `workers.fused`), compacts the kept
-rows of all its layers on the device (one host sync), and copies them, with the hidden state
-for the next stage, to pinned host memory in one copy (`workers.transfer`).
+`Stage` is a plain class (tested without Ray); Ray runs it as an actor with two calls at a
+time (`cluster.placement.stage_actor`). Its ``__init__`` only stores the spec; weights load
+in `setup`, after Ray has placed the actor and set ``CUDA_VISIBLE_DEVICES``. Per micro-batch
+the stage runs its blocks once under scoped hooks (one fused Triton pass per layer on a GPU,
+`workers.fused`, queued on a side stream beside the forward pass), compacts the kept rows of
+all its layers on the device (one host sync),
+and queues one copy of them, with the hidden state for the next stage, to pinned host memory
+(`workers.transfer`).
+
+Two phases: *launch* (inputs, forward, compaction, queuing the copy) holds the stage's lock;
+*collect* (waiting for the copy, building the result, and Ray storing it) does not. While
+one call collects, the next launches, so the device never waits for the host between
+micro-batches.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +36,7 @@ from workers.reduce import compact, reduce_layer
 from workers.rows import Hidden, StageRows
 from workers.shard import ShardSpec, load_stage
 from workers.split import forward_splitting
-from workers.transfer import to_host
+from workers.transfer import Transfer, start_copy
 
 TOP_TOKENS = 5
 FAULT_OOM_TOKENS = int(os.environ.get("NEUROSCAN_FAULT_OOM_TOKENS", "0"))
@@ -49,11 +57,23 @@ class StageSpec:
 
 
 @contextmanager
-def reducing_hooks(blocks, n_tokens: torch.Tensor, sel: Selection, sink: list, fused: bool = False) -> Iterator[None]:
-    """Reduce every block's ``mlp.act`` output into ``sink`` while the context is open."""
+def reducing_hooks(blocks, n_tokens: torch.Tensor, sel: Selection, sink: list, fused: bool = False,
+                   stream: torch.cuda.Stream | None = None) -> Iterator[None]:
+    """Reduce every block's ``mlp.act`` output into ``sink`` while the context is open.
+
+    With ``stream`` (CUDA), each layer's reduction is queued on that side stream after the
+    activations are written, so its small kernels run beside the next matmuls instead of
+    between them; the activations are kept from reuse until the side stream has read them.
+    """
 
     def hook(module, inputs, output):
-        sink.append(reduce_layer(output, n_tokens, sel, fused))
+        if stream is None:
+            sink.append(reduce_layer(output, n_tokens, sel, fused))
+            return
+        stream.wait_stream(torch.cuda.current_stream(output.device))  # a device-side wait, not a host sync
+        with torch.cuda.stream(stream):
+            sink.append(reduce_layer(output, n_tokens, sel, fused))
+        output.record_stream(stream)
 
     handles = [block.mlp.act.register_forward_hook(hook) for block in blocks]
     try:
@@ -68,6 +88,7 @@ class Stage:
         self.spec = spec
         self.model = None
         self.watch = MemoryWatch()
+        self.lock = threading.Lock()  # one launch at a time: the hooks and the device stream are shared
 
     def setup(self) -> dict:
         """Load this stage's weights on its device; returns what was loaded."""
@@ -76,6 +97,9 @@ class Stage:
         config = load_config(self.spec.model_path)
         self.device = torch.device(self.spec.device)
         self.fused = fused_available(self.device)  # one Triton pass on a GPU, the eager reference elsewhere
+        # On a GPU the reductions run on a side stream, beside the forward pass (bench turns it off
+        # to measure the difference).
+        self.reduce_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.model = load_stage(
             self.spec.model_path, config, self.spec.shard, self.device, getattr(torch, self.spec.dtype)
         )
@@ -85,26 +109,33 @@ class Stage:
         return {"layers": (self.spec.shard.start, self.spec.shard.stop), "weight_bytes": weights, "device": str(self.device),
                 "reduction": "fused" if self.fused else "eager"}
 
-    def _warm_up(self, d_model: int) -> None:
+    def _warm_up(self, d_model: int) -> None:  # with the lock held (or before any call)
         """One small forward, so that kernel compilation (Triton, cuBLAS handles) happens at
         set-up and not inside the first micro-batch."""
         n = 16
         batch = MicroBatch(-1, np.zeros(1, np.int64), np.zeros((1, n), np.int32), np.array([n], np.int32),
                            np.array([n], np.int32), np.zeros((1, 0), np.int32))
         hidden = None if self.spec.shard.first else Hidden(np.zeros((1, n, d_model), _host_dtype(self.spec.dtype)), self.spec.dtype)
-        self._forward(batch, hidden)
+        self._collect(batch, self._launch(batch, hidden))
 
     def memory(self) -> dict[str, float]:
         return self.watch.report()
 
     def forward(self, batch: MicroBatch, hidden: Hidden | None = None) -> tuple[Hidden | None, StageRows]:
-        """Run one micro-batch; out of memory, its halves are run and merged (`workers.split`)."""
-        if self.model is None:  # Ray restarted this actor: load the weights again
-            self.setup()
+        """Run one micro-batch; out of memory, its halves are run and merged (`workers.split`).
+        Safe to call from two threads: launches take turns, collecting overlaps."""
         return forward_splitting(self._forward, batch, hidden)
 
-    @torch.inference_mode()
     def _forward(self, batch: MicroBatch, hidden: Hidden | None) -> tuple[Hidden | None, StageRows]:
+        with self.lock:
+            if self.model is None:  # Ray restarted this actor: load the weights again
+                self.setup()
+            transfer = self._launch(batch, hidden)
+        return self._collect(batch, transfer)
+
+    @torch.inference_mode()
+    def _launch(self, batch: MicroBatch, hidden: Hidden | None) -> Transfer:
+        """Queue the micro-batch's forward, reduction, compaction and host copy."""
         if FAULT_OOM_TOKENS and batch.input_ids.size > FAULT_OOM_TOKENS:
             raise torch.OutOfMemoryError(f"injected: {batch.input_ids.size} tokens > {FAULT_OOM_TOKENS}")
         shard, dev = self.spec.shard, self.device
@@ -120,19 +151,29 @@ class Stage:
             x = _from_host(hidden, dev)
 
         layers: list[dict[str, torch.Tensor]] = []
-        with reducing_hooks(self.model.body.h, n_tokens, self.spec.selection, layers, self.fused):
+        side = self.reduce_stream
+        with reducing_hooks(self.model.body.h, n_tokens, self.spec.selection, layers, self.fused, side):
             h = self.model(x, attention_mask, position_ids)  # [batch, pos, d_model]
-        rows, per_prompt = compact(layers)
+        if side is None:
+            rows, per_prompt = compact(layers)
+        else:
+            with torch.cuda.stream(side):
+                rows, per_prompt = compact(layers)
+            torch.cuda.current_stream(dev).wait_stream(side)  # the copy follows the compaction
         device_out = {"rows": rows, "per_prompt": per_prompt}
         if shard.last:
             device_out["predictions"] = self._predict(h, batch)
         else:
             device_out["hidden"] = {"data": h}
-        host = to_host(device_out)
+        return start_copy(device_out)
 
+    def _collect(self, batch: MicroBatch, transfer: Transfer) -> tuple[Hidden | None, StageRows]:
+        """Wait for the micro-batch's copy and wrap it for the next stage and the aggregator."""
+        shard = self.spec.shard
+        host = transfer.wait()
+        del transfer
         out_hidden = None if shard.last else Hidden(host["hidden"]["data"], self.spec.dtype)
-        if dev.type == "cpu":
-            del h, layers, rows, per_prompt, device_out
+        if self.device.type == "cpu":
             release_free_heap()
         self.watch.sample()
         return out_hidden, StageRows(

@@ -1,5 +1,9 @@
 """Device -> host: everything a stage returns for a micro-batch in one pinned, asynchronous copy.
 
+`start_copy` queues the copy and returns at once; `Transfer.wait` blocks (without the GIL)
+until it has landed and gives the numpy arrays. A stage starts the next micro-batch's
+forward pass in between, so the copy overlaps the next batch's compute.
+
 The tensors (kept rows, per-prompt statistics, predictions or the hidden state) are packed
 into one device byte buffer at 16-byte aligned offsets, copied on a side stream into pinned
 host memory, and read back as numpy views of that one buffer. Pinned blocks come from
@@ -53,11 +57,27 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device)
 
 
-def to_host(tree: dict) -> dict:
-    """A nested dict of device tensors -> the same dict of numpy arrays (one copy, one wait)."""
+class Transfer:
+    """A queued device -> host copy of a nested dict of tensors."""
+
+    def __init__(self, tree: dict, host: torch.Tensor | None = None, done: torch.cuda.Event | None = None, leaves=(), offsets=()):
+        self.tree, self.host, self.done, self.leaves, self.offsets = tree, host, done, leaves, offsets
+
+    def wait(self) -> dict:
+        """The same dict of numpy arrays, once the copy has landed (views of one pinned buffer)."""
+        if self.done is None:  # already on the host
+            return _map(self.tree, lambda t: _numpy(t.contiguous()))
+        self.done.synchronize()  # releases the GIL: another thread may launch work meanwhile
+        arrays = iter(unpack(self.host, self.leaves, self.offsets))
+        return _map(self.tree, lambda _: next(arrays))
+
+
+def start_copy(tree: dict) -> Transfer:
+    """Pack ``tree``'s device tensors into one buffer and queue its copy to pinned host memory
+    on a side stream, after everything queued so far on the current stream."""
     leaves = list(_leaves(tree))
     if not any(t.is_cuda for t in leaves):
-        return _map(tree, lambda t: _numpy(t.contiguous()))
+        return Transfer(tree)
     offsets, total = layout(leaves)
     staging = pack(leaves, offsets, total)
     host = torch.empty(staging.numel(), dtype=torch.uint8, pin_memory=True)
@@ -65,10 +85,15 @@ def to_host(tree: dict) -> dict:
     stream.wait_stream(torch.cuda.current_stream(staging.device))  # the rows are written
     with torch.cuda.stream(stream):
         host.copy_(staging, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
     staging.record_stream(stream)  # the allocator must not hand it out before the copy ends
-    stream.synchronize()
-    arrays = iter(unpack(host, leaves, offsets))
-    return _map(tree, lambda _: next(arrays))
+    return Transfer(tree, host, done, leaves, offsets)
+
+
+def to_host(tree: dict) -> dict:
+    """A nested dict of device tensors -> the same dict of numpy arrays (one copy, one wait)."""
+    return start_copy(tree).wait()
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

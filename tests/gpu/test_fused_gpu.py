@@ -113,3 +113,65 @@ def test_a_gpu_stage_gives_the_cpu_stage_rows(tiny_model):
                 band_bytes += len(b.rows["bands"][j])
                 compared += 1
     assert compared > 1000 and band_mismatches <= 0.005 * band_bytes, (compared, band_bytes, band_mismatches)
+
+
+def _gpu_stage(model_path, dtype="float16"):
+    from workers.checkpoint import load_config
+    from workers.shard import ShardSpec
+    from workers.stage import Stage, StageSpec
+
+    config = load_config(model_path)
+    stage = Stage(StageSpec(str(model_path), ShardSpec(0, config.n_layer, config.n_layer), "cuda", dtype, Selection()))
+    stage.setup()
+    return stage, config
+
+
+def test_side_stream_and_concurrent_calls_give_the_one_stream_rows(tiny_model):
+    """The reduction on a side stream, and two calls launching in turn from two threads (as
+    Ray runs a stage), give exactly the rows of the reduction inline on one thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prompts.batching import micro_batches
+    from workers.checkpoint import load_tokenizer
+
+    stage, config = _gpu_stage(tiny_model)
+    assert stage.reduce_stream is not None
+    batches = [b for b, _ in micro_batches("seed", load_tokenizer(tiny_model), config.n_positions, 1024, False)][:8]
+    side = stage.reduce_stream
+    stage.reduce_stream = None
+    inline = [stage.forward(b)[1] for b in batches]
+    stage.reduce_stream = side
+    with ThreadPoolExecutor(2) as pool:
+        overlapped = [r for _, r in pool.map(stage.forward, batches)]
+    for a, b in zip(inline, overlapped):
+        assert a.batch_id == b.batch_id
+        for name in a.rows:
+            assert np.array_equal(a.rows[name], b.rows[name]), name
+        for name in a.per_prompt:
+            assert np.array_equal(a.per_prompt[name], b.per_prompt[name]), name
+        for name in a.predictions:
+            assert np.array_equal(a.predictions[name], b.predictions[name]), name
+
+
+def test_a_stage_micro_batch_synchronises_once(tiny_model):
+    """The syncs CUDA's debug mode reports for one micro-batch (the compaction's ``nonzero``,
+    copies of the batch's small index arrays) are a handful, never one per layer."""
+    from prompts.batching import micro_batches
+    from workers.checkpoint import load_tokenizer
+
+    stage, config = _gpu_stage(tiny_model)
+    [batch, *_] = [b for b, _ in micro_batches("seed", load_tokenizer(tiny_model), config.n_positions, 1024, False)]
+    stage.forward(batch)
+    torch.cuda.synchronize()
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stage.forward(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    print(f"{len(syncs)} synchronising calls in a {config.n_layer}-layer micro-batch")
+    assert len(syncs) < 10 < config.n_layer, syncs

@@ -111,7 +111,8 @@ def test_disk_full_during_a_part_keeps_earlier_parts(tmp_path, monkeypatch):
     from cluster.errors import UserError
 
     agg = Aggregator(str(tmp_path), HEADER, [chr(i) for i in range(256)], rows_per_part=1)
-    agg.add(_group([0, 1], [5, 3]), _stage_rows(0, 0, 3, [5, 3]))  # part 1 committed
+    agg.add(_group([0, 1], [5, 3]), _stage_rows(0, 0, 3, [5, 3]))
+    agg.wait()  # part 1 committed
     before = {p: p.read_bytes() for p in tmp_path.rglob("*.parquet")}
     calls = {"n": 0}
     real = writer.pq.write_table
@@ -125,8 +126,9 @@ def test_disk_full_during_a_part_keeps_earlier_parts(tmp_path, monkeypatch):
         return real(table, where, **kw)
 
     monkeypatch.setattr(writer.pq, "write_table", full_disk)
+    agg.add(_group([2, 3], [5, 3]), _stage_rows(1, 0, 3, [5, 3]))  # part 2 is written in the background...
     with pytest.raises(UserError, match=r"writing part 2 .* failed \(No space left on device\); parts 1-1 are intact: .*--resume"):
-        agg.add(_group([2, 3], [5, 3]), _stage_rows(1, 0, 3, [5, 3]))
+        agg.add(_group([4, 5], [5, 3]), _stage_rows(2, 0, 3, [5, 3]))  # ... and its failure stops the next call
     manifest = read_manifest(tmp_path)
     assert [p["part"] for p in manifest["parts"]] == [1]
     assert {p: p.read_bytes() for p in tmp_path.rglob("*.parquet")} == before  # part 1 intact, nothing of part 2
@@ -137,6 +139,7 @@ def test_restarted_aggregator_continues_the_manifest(tmp_path):
     tokens = [chr(i) for i in range(256)]
     first = Aggregator(str(tmp_path), HEADER, tokens, rows_per_part=1)
     first.add(_group([0, 1], [5, 3]), _stage_rows(0, 0, 3, [5, 3]))
+    first.wait()
     (tmp_path / "layers" / "part-00002.parquet").write_bytes(b"half")  # a part cut short
     second = Aggregator(str(tmp_path), HEADER, tokens, rows_per_part=1)
     assert not (tmp_path / "layers" / "part-00002.parquet").exists()
@@ -156,3 +159,55 @@ def test_a_duplicate_of_a_committed_batch_is_reported_committed(tmp_path):
     assert agg.add(*rows(0))[:2] == (0, 0) and agg.add(*rows(0))[3] == []  # a duplicate, still only buffered
     agg.commit()
     assert agg.add(*rows(0))[:2] == (0, 0) and agg.add(*rows(0))[3] == [0]  # committed: the sender may forget it
+
+
+def test_parts_are_written_off_the_callers_path(tmp_path, monkeypatch):
+    """``add`` returns while its part is still being written; the part's batches are reported
+    committed by the first call after the manifest lists them, once each."""
+    import threading
+
+    import aggregator.writer as writer
+
+    gate = threading.Event()
+    real = writer.pq.write_table
+
+    def slow_disk(table, where, **kw):
+        assert gate.wait(10)
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(writer.pq, "write_table", slow_disk)
+    agg = Aggregator(str(tmp_path), HEADER, [chr(i) for i in range(256)], rows_per_part=1)
+    lengths = [5, 3]
+    assert agg.add(_group([0, 1], lengths), _stage_rows(0, 0, 2, lengths))[3] == []  # returned with the part unwritten
+    assert read_manifest(tmp_path)["parts"] == []
+    gate.set()
+    agg.wait()
+    assert [p["batches"] for p in read_manifest(tmp_path)["parts"]] == [[0]]
+    assert agg.add(_group([2, 3], lengths), _stage_rows(1, 0, 2, lengths))[3] == [0]  # reported by the next call
+    agg.wait()
+    assert agg.add(_group([2, 3], lengths), _stage_rows(1, 0, 2, lengths))[2:] == (agg.incarnation, [1])  # a duplicate, now committed
+    _, manifest = agg.finish({})
+    assert [p["batches"] for p in manifest["parts"]] == [[0], [1]]
+    assert manifest["totals"]["prompts"] == 4
+
+
+def test_buffering_goes_on_while_a_part_is_written(tmp_path, monkeypatch):
+    """Batches that arrive while part N is written go to part N + 1, never into part N."""
+    import threading
+
+    import aggregator.writer as writer
+
+    gate = threading.Event()
+    real = writer.pq.write_table
+    monkeypatch.setattr(writer.pq, "write_table", lambda t, w, **kw: (gate.wait(10), real(t, w, **kw))[1])
+    agg = Aggregator(str(tmp_path), HEADER, [chr(i) for i in range(256)], rows_per_part=12)
+    lengths = [5, 3]
+    for b in range(2):  # 8 rows each: the second crosses 12 and starts part 1
+        agg.add(_group([2 * b, 2 * b + 1], lengths), _stage_rows(b, 0, 2, lengths))
+    agg.add(_group([4, 5], lengths), _stage_rows(2, 0, 2, lengths))  # buffered while part 1 is written
+    gate.set()
+    _, manifest = agg.finish({})
+    assert [p["batches"] for p in manifest["parts"]] == [[0, 1], [2]]
+    table = ds.dataset(tmp_path / "activations", partitioning="hive").to_table()
+    assert sorted(set(table["prompt_id"].to_pylist())) == [0, 1, 2, 3, 4, 5]
+    assert table.num_rows == manifest["totals"]["activation_rows"] == 3 * 8

@@ -78,3 +78,28 @@ def test_the_one_host_buffer_layout_gives_back_every_tensor():
     for t, a in zip(tensors, arrays):
         expected = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
         assert a.dtype == expected.dtype and a.shape == expected.shape and (a == expected).all()
+
+
+def test_two_threads_calling_one_stage_get_the_rows_of_sequential_calls(other_model):
+    """Ray runs a stage actor's calls two at a time: launches take turns on the stage's lock,
+    so each call still sees only its own micro-batch's activations."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    [stage] = _stages(other_model, [(0, 3)], load_config(other_model).n_layer)
+    gen = np.random.default_rng(1)
+    batches = []
+    for i in range(6):
+        lengths = gen.integers(2, 12, size=3).astype(np.int32)
+        ids = gen.integers(0, 256, size=(3, int(lengths.max()))).astype(np.int32)
+        batches.append(MicroBatch(i, np.arange(3) + 3 * i, ids, lengths, lengths, np.zeros((3, 0), dtype=np.int32)))
+    sequential = [stage.forward(b) for b in batches]
+    with ThreadPoolExecutor(2) as pool:
+        concurrent = list(pool.map(stage.forward, batches))
+    for (h1, r1), (h2, r2) in zip(sequential, concurrent):
+        assert r1.batch_id == r2.batch_id
+        assert np.array_equal(h1.data, h2.data)
+        for name in r1.rows:
+            assert np.array_equal(r1.rows[name], r2.rows[name]), name
+        for name in r1.per_prompt:
+            assert np.array_equal(r1.per_prompt[name], r2.per_prompt[name]), name
+    assert all(not block.mlp.act._forward_hooks for block in stage.model.body.h)

@@ -1,0 +1,92 @@
+"""The tools users would pick instead of neuroscan, each doing the same reduction its usual way.
+
+  transformer_lens  TransformerLens's ``TransformerBridge`` over the same model: ``run_with_cache``
+                    keeping every ``blocks.N.mlp.hook_post``, then the reduction on the cache
+  nnsight           an ``NNsight`` trace of the same model saving every ``mlp.act`` output, then
+                    the reduction on the saved tensors
+
+Both hold all of a micro-batch's activations at once (that is what caching means) and then run
+neuroscan's eager reduction, compaction and host copy on them, so their rows are the same as
+``scan_local_eager``'s and only the way to the activations differs. Both wrap the bench's own
+loaded model (no second copy of the weights). They are optional: ``pip install
+'neuroscan[bench]'`` installs them; `available` says whether one is importable here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from contextlib import contextmanager
+
+import torch
+
+from cluster.config import Selection
+from workers.reduce import compact, reduce_layer
+from workers.transfer import to_host
+
+PEERS = ("transformer_lens", "nnsight")
+
+
+def available(peer: str) -> bool:
+    return importlib.util.find_spec(peer) is not None
+
+
+def reduce_saved(acts: list[torch.Tensor], n_tokens: torch.Tensor, sel: Selection) -> int:
+    """neuroscan's eager reduction of every saved layer, compaction and one host copy; bytes copied."""
+    rows, per_prompt = compact([reduce_layer(a, n_tokens, sel) for a in acts])
+    host = to_host({"rows": rows, "per_prompt": per_prompt})
+    return sum(a.nbytes for part in host.values() for a in part.values())
+
+
+@contextmanager
+def transformer_lens_step(stage, tokenizer, inputs, sel: Selection):
+    """A bench step through TransformerLens; the stage's model is left as it was afterwards.
+
+    ``inputs(batch)`` gives (ids, attention mask, position ids) on the device."""
+    from transformers import GPTJForCausalLM
+    from transformer_lens.model_bridge import TransformerBridge
+
+    body = stage.model.body
+    attention = body.config._attn_implementation
+    with torch.device("meta"):
+        hf = GPTJForCausalLM(body.config)
+    hf.transformer, hf.lm_head = body, stage.model.lm_head  # the loaded weights, shared
+    bridge = TransformerBridge.boot_transformers(
+        "EleutherAI/gpt-j-6b", hf_model=hf, tokenizer=tokenizer, device=str(stage.device), dtype=next(body.parameters()).dtype
+    )  # switches the model to eager attention, as TransformerLens does so that its hooks see the pattern
+    names = [f"blocks.{i}.mlp.hook_post" for i in range(len(body.h))]
+
+    @torch.inference_mode()
+    def step(batch):
+        ids, mask, _ = inputs(batch)
+        _, cache = bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda name: name in names)
+        n_tokens = torch.as_tensor(batch.n_tokens, device=ids.device)
+        return reduce_saved([cache[name] for name in names], n_tokens, sel)
+
+    try:
+        yield step
+    finally:
+        del bridge
+        body.config._attn_implementation = attention
+        for block in body.h:
+            block.attn.config._attn_implementation = attention
+
+
+@contextmanager
+def nnsight_step(stage, inputs, sel: Selection):
+    """A bench step through an nnsight trace of the stage's model."""
+    from nnsight import NNsight
+
+    model = NNsight(stage.model)
+    n_layers = len(stage.model.body.h)
+
+    @torch.inference_mode()
+    def step(batch):
+        ids, mask, pos = inputs(batch)
+        saved = []
+        with model.trace(ids, mask, pos):
+            for i in range(n_layers):
+                saved.append(model.body.h[i].mlp.act.output.save())
+        n_tokens = torch.as_tensor(batch.n_tokens, device=ids.device)
+        return reduce_saved(saved, n_tokens, sel)
+
+    yield step

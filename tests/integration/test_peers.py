@@ -1,0 +1,87 @@
+"""The bench's peers (TransformerLens, nnsight) reduce the same activations as neuroscan's stage.
+
+If a peer hooked the wrong tensor (the MLP's pre-activation, the block output) its timing would
+be of another computation; these tests pin what each one reduces to ``mlp.act``'s output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import peers
+from cluster.config import Selection
+from prompts.batching import micro_batches
+from workers.checkpoint import load_config, load_tokenizer
+from workers.shard import ShardSpec
+from workers.stage import Stage, StageSpec
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model):
+    config = load_config(tiny_model)
+    stage = Stage(StageSpec(str(tiny_model), ShardSpec(0, config.n_layer, config.n_layer), "cpu", "float32", Selection()))
+    stage.setup()
+    tokenizer = load_tokenizer(tiny_model)
+    batch = next(b for b, _ in micro_batches("seed", tokenizer, config.n_positions, 512, False))
+    return stage, tokenizer, batch
+
+
+def _inputs(batch):
+    b, t = batch.input_ids.shape
+    pos = torch.arange(t)
+    mask = (pos[None, :] < torch.as_tensor(batch.n_input)[:, None]).long()
+    return torch.as_tensor(batch.input_ids).long(), mask, pos[None, :].expand(b, t)
+
+
+def _stage_activations(stage, batch) -> list[torch.Tensor]:
+    acts = []
+    handles = [block.mlp.act.register_forward_hook(lambda m, i, o: acts.append(o.clone())) for block in stage.model.body.h]
+    try:
+        with torch.inference_mode():
+            stage.model(*_inputs(batch))
+    finally:
+        for h in handles:
+            h.remove()
+    return acts
+
+
+def _captured(monkeypatch) -> list:
+    seen = []
+    real = peers.reduce_saved
+
+    def spy(acts, n_tokens, sel):
+        seen.append([a.clone() for a in acts])
+        return real(acts, n_tokens, sel)
+
+    monkeypatch.setattr(peers, "reduce_saved", spy)
+    return seen
+
+
+def test_nnsight_saves_exactly_the_stage_activations(setup, monkeypatch):
+    pytest.importorskip("nnsight")
+    stage, _, batch = setup
+    seen = _captured(monkeypatch)
+    with peers.nnsight_step(stage, _inputs, Selection()) as step:
+        assert step(batch) > 0
+    expected = _stage_activations(stage, batch)
+    assert len(seen[0]) == len(expected) == len(stage.model.body.h)
+    for got, want in zip(seen[0], expected):
+        assert torch.equal(got, want)
+
+
+def test_transformer_lens_caches_the_stage_activations_and_leaves_the_model_as_it_was(setup, monkeypatch):
+    pytest.importorskip("transformer_lens")
+    stage, tokenizer, batch = setup
+    attention = stage.model.body.config._attn_implementation
+    seen = _captured(monkeypatch)
+    with peers.transformer_lens_step(stage, tokenizer, _inputs, Selection()) as step:
+        assert step(batch) > 0
+    assert stage.model.body.config._attn_implementation == attention  # TransformerLens's eager attention undone
+    expected = _stage_activations(stage, batch)
+    assert len(seen[0]) == len(expected)
+    n = torch.as_tensor(batch.n_tokens)
+    for got, want in zip(seen[0], expected):
+        # Its eager attention against the stage's SDPA: equal up to float32 rounding, on the prompts' own tokens.
+        for row, length in enumerate(n.tolist()):
+            torch.testing.assert_close(got[row, :length], want[row, :length], atol=1e-4, rtol=1e-4)
