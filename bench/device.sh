@@ -18,6 +18,9 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, triton, ray, pyarrow; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__, 'ray', ray.__version__, 'pyarrow', pyarrow.__version__)" | tee -a "$OUT/gpu.txt"
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+if [ -n "${KERNELS:-}" ]; then
+  timeout 90 python3 -m bench.kernels 2>&1 | tee "$OUT/kernels.log" | tail -14
+fi
 timeout "${BENCH_TIMEOUT:-420}" python3 -m cluster.cli bench --device cuda --preset gptj-6b --prompts "${PROMPTS:-512}" \
   --prompt-tokens 256 --batch-tokens 8192 --cache /tmp/neuroscan-bench --out "$OUT/bench.json" ${MODES:+--modes "$MODES"} 2>&1 | tee "$OUT/bench.log" | tail -40
 if [ -n "${PROFILE:-}" ]; then

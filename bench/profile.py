@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.run import bare_step, synthetic_corpus
 from cluster.config import Selection
+from cluster.placement import STAGE_CONCURRENCY
 from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer
 from workers.shard import ShardSpec
@@ -28,7 +30,7 @@ from workers.stage import Stage, StageSpec
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
-    parser.add_argument("--batches", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--rows", type=int, default=25)
@@ -46,21 +48,24 @@ def main() -> None:
 
     side = stage.reduce_stream
 
-    def scan_local(batch):
-        stage.reduce_stream = side
-        stage.forward(batch)
+    def one_thread(step):
+        return lambda batches: [step(b) for b in batches]
 
-    def scan_local_inline(batch):  # the reduction on the forward pass's own stream
+    def scan_local(batches):  # as the Ray actor runs the stage: two calls at a time, side stream
+        stage.reduce_stream = side
+        with ThreadPoolExecutor(STAGE_CONCURRENCY) as pool:
+            list(pool.map(stage.forward, batches))
+
+    def scan_local_inline(batch):  # one thread, the reduction on the forward pass's own stream
         stage.reduce_stream = None
         stage.forward(batch)
 
-    for name, step in (("bare", bare), ("scan_local_inline", scan_local_inline), ("scan_local", scan_local)):
-        step(batches[0])
+    for name, run in (("bare", one_thread(bare)), ("scan_local_inline", one_thread(scan_local_inline)), ("scan_local", scan_local)):
+        run(batches[:1])
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
-            for batch in batches:
-                step(batch)
+            run(batches)
             torch.cuda.synchronize()
             wall = (time.perf_counter() - t0) / len(batches)
         events = prof.key_averages()

@@ -5,9 +5,11 @@ Modes (tokens are the prompts' own tokens; ratios are against ``bare`` of the sa
   bare_hf_gelu      the same with transformers' eight-op ``gelu_new`` (before the one-kernel GELU)
   naive             a hook copies every MLP activation to the host and reduces it there (the notebook way)
   scan_local_eager  the stage code in this process with the eager reduction (the reference path)
-  scan_local_inline the stage code with the fused reduction on the forward pass's own stream
-  scan_local        the stage code in this process: fused reduction on a side stream on a GPU,
-                    compaction, one host copy
+  scan_local_inline the stage code called from one thread, the fused reduction on the forward
+                    pass's own stream, compaction and copy at the end of each micro-batch
+  scan_local        the stage code as a Ray actor runs it, without Ray: called from two threads,
+                    reductions on a side stream, compaction and copy overlapping the next
+                    micro-batch (on a CPU: the eager reduction, two threads)
   transformer_lens  TransformerLens caching every mlp.hook_post, then the same reduction (`bench.peers`)
   nnsight           an nnsight trace saving every mlp.act, then the same reduction
   scan              the full Ray pipeline, one stage, aggregator writing Parquet
@@ -25,6 +27,7 @@ import random
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,6 +40,7 @@ from bench.peers import PEERS
 from cluster.config import ScanConfig, Selection
 from cluster.driver import package_version, run_scan
 from cluster.errors import UserError
+from cluster.placement import STAGE_CONCURRENCY
 from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer, resolve_model
 from workers.shard import ShardSpec
@@ -93,17 +97,20 @@ NAIVE_BATCHES = 2
 workload would take minutes, and a rate over two micro-batches says the same."""
 
 
-def timed(step, batches, device, warm_up: bool = True) -> dict:
-    """Warm up on the first micro-batch, then time them all; peak device memory on CUDA."""
+def timed(step, batches, device, warm_up: bool = True, threads: int = 1) -> dict:
+    """Warm up on the first micro-batch, then time them all (called from ``threads`` threads,
+    as Ray calls a stage actor); peak device memory on CUDA."""
     if warm_up:
         step(batches[0])
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    copied = 0
     t0 = time.perf_counter()
-    for batch in batches:
-        copied += step(batch) or 0
+    if threads == 1:
+        copied = sum(step(batch) or 0 for batch in batches)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            copied = sum(c or 0 for c in pool.map(step, batches))
     _sync(device)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
@@ -159,21 +166,22 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
         return sum(a.nbytes for a in arrays)
 
     fused, side = stage.fused, stage.reduce_stream
-    variants = {  # step, fused reduction, reduction side stream, transformers' GELU
-        "bare": (bare, fused, side, False),
-        "bare_hf_gelu": (bare, fused, side, True),
-        "naive": (naive, fused, side, False),
-        "scan_local_eager": (scan_local, False, side, False),
-        "scan_local_inline": (scan_local, fused, None, False),
-        "scan_local": (scan_local, fused, side, False),
+    variants = {  # step, fused reduction, reduction side stream, transformers' GELU, calling threads
+        "bare": (bare, fused, side, False, 1),
+        "bare_hf_gelu": (bare, fused, side, True, 1),
+        "naive": (naive, fused, side, False, 1),
+        "scan_local_eager": (scan_local, False, None, False, 1),
+        "scan_local_inline": (scan_local, fused, None, False, 1),
+        "scan_local": (scan_local, fused, side, False, STAGE_CONCURRENCY),
     }
     results = {}
     for mode in MODES:
         if mode in modes and mode in variants:
-            step, stage.fused, stage.reduce_stream, hf_gelu = variants[mode]
+            step, stage.fused, stage.reduce_stream, hf_gelu, threads = variants[mode]
             run = batches[:NAIVE_BATCHES] if mode == "naive" else batches
             with transformers_gelu(model, hf_gelu):
-                results[mode] = {**timed(step, run, device, warm_up=mode != "naive"), "reduction": "fused" if stage.fused else "eager"}
+                results[mode] = {**timed(step, run, device, warm_up=mode != "naive", threads=threads),
+                                 "reduction": "fused" if stage.fused else "eager", "threads": threads}
     stage.fused, stage.reduce_stream = fused, side
     inputs = lambda batch: _inputs(batch, device)  # noqa: E731
     for mode, step in (("transformer_lens", lambda: peers.transformer_lens_step(stage, tokenizer, inputs, sel)),

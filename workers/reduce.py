@@ -168,8 +168,9 @@ def reduce_layer(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, fuse
 
 
 def top_neurons(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` highest scores of each row, ties to the lower index: what a stable
-    descending sort would put first, found by a top-k (a selection, not a 16,384-wide sort).
+    """Indices of the ``k`` highest scores of each row, ties to the lower index: the set a
+    stable descending sort would put first (in no particular order), found by a top-k (a
+    selection, not a 16,384-wide sort).
 
     Each score's float32 bits become an int32 that orders like the float, shifted above a
     tie-breaker that is larger for lower indices; the int64 keys are then all distinct.
@@ -181,7 +182,7 @@ def top_neurons(score: torch.Tensor, k: int) -> torch.Tensor:
     key = (ordered << 32) | (n - 1 - torch.arange(n, device=score.device))
     if k == n:
         return torch.sort(key, dim=1, descending=True).indices
-    return key.topk(k, dim=1).indices
+    return key.topk(k, dim=1, sorted=False).indices  # the set is what matters: the caller sorts the kept by neuron
 
 
 def packed_bands(act: torch.Tensor, idx: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, chunk: int = 2048) -> torch.Tensor:

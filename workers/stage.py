@@ -9,10 +9,14 @@ all its layers on the device (one host sync),
 and queues one copy of them, with the hidden state for the next stage, to pinned host memory
 (`workers.transfer`).
 
-Two phases: *launch* (inputs, forward, compaction, queuing the copy) holds the stage's lock;
-*collect* (waiting for the copy, building the result, and Ray storing it) does not. While
-one call collects, the next launches, so the device never waits for the host between
-micro-batches.
+Two phases. *Launch* holds the stage's lock: inputs to the device (pinned, asynchronous),
+the forward pass with each layer's reduction queued on a side stream, predictions or the
+hidden state, then device events marking the end of both streams' work. *Collect* does not:
+on its own stream (one per calling thread) it waits for those events, compacts the kept rows
+(the one host sync, which waits for this micro-batch's work only), queues the host copy,
+waits for it and builds the result, which Ray then stores. While one call collects, the
+next launches, so the device always has the next micro-batch queued and never idles while
+the host compacts, copies or serialises.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -83,12 +87,27 @@ def reducing_hooks(blocks, n_tokens: torch.Tensor, sel: Selection, sink: list, f
             handle.remove()
 
 
+@dataclass
+class Launched:
+    """A micro-batch whose device work is queued: what collecting it needs."""
+
+    layers: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    """Every layer's reduction (written on the side stream)."""
+    outputs: dict = field(default_factory=dict)
+    """{"predictions": ...} (last stage) or {"hidden": {"data": h}} (written on the main stream)."""
+    ready: list = field(default_factory=list)
+    """Device events after which all of the above is written."""
+    transfer: Transfer | None = None
+    """Set instead when the launch compacted and started the copy itself (CPU, one stream)."""
+
+
 class Stage:
     def __init__(self, spec: StageSpec):
         self.spec = spec
         self.model = None
         self.watch = MemoryWatch()
-        self.lock = threading.Lock()  # one launch at a time: the hooks and the device stream are shared
+        self.lock = threading.Lock()  # one launch at a time: the hooks and the side stream are shared
+        self.streams = threading.local()  # each calling thread collects on its own stream
 
     def setup(self) -> dict:
         """Load this stage's weights on its device; returns what was loaded."""
@@ -130,46 +149,55 @@ class Stage:
         with self.lock:
             if self.model is None:  # Ray restarted this actor: load the weights again
                 self.setup()
-            transfer = self._launch(batch, hidden)
-        return self._collect(batch, transfer)
+            launched = self._launch(batch, hidden)
+        return self._collect(batch, launched)
 
     @torch.inference_mode()
-    def _launch(self, batch: MicroBatch, hidden: Hidden | None) -> Transfer:
-        """Queue the micro-batch's forward, reduction, compaction and host copy."""
+    def _launch(self, batch: MicroBatch, hidden: Hidden | None) -> Launched:
+        """Queue the micro-batch's forward pass and reductions (see the module's docstring)."""
         if FAULT_OOM_TOKENS and batch.input_ids.size > FAULT_OOM_TOKENS:
             raise torch.OutOfMemoryError(f"injected: {batch.input_ids.size} tokens > {FAULT_OOM_TOKENS}")
         shard, dev = self.spec.shard, self.device
         b, t = batch.input_ids.shape
-        pos = torch.arange(t, device=dev)
-        n_input = torch.as_tensor(batch.n_input, device=dev)
-        n_tokens = torch.as_tensor(batch.n_tokens, device=dev)
-        attention_mask = (pos[None, :] < n_input[:, None]).long()  # [batch, pos]
-        position_ids = pos[None, :].expand(b, t)
-        if shard.first:
-            x = torch.as_tensor(batch.input_ids, device=dev).long()
-        else:
-            x = _from_host(hidden, dev)
+        n_tokens = _to_device(batch.n_tokens, dev)
+        position_ids = torch.arange(t, device=dev)[None, :].expand(b, t)
+        x = _to_device(batch.input_ids, dev).long() if shard.first else _from_host(hidden, dev)
 
         layers: list[dict[str, torch.Tensor]] = []
         side = self.reduce_stream
         with reducing_hooks(self.model.body.h, n_tokens, self.spec.selection, layers, self.fused, side):
-            h = self.model(x, attention_mask, position_ids)  # [batch, pos, d_model]
-        if side is None:
+            # No attention mask: padding only ever follows a prompt's tokens (and its answer's),
+            # so the causal mask alone keeps every real token from seeing it, and the rows never
+            # read a padded position. (With a mask transformers checks it on the host, a sync,
+            # and SDPA leaves its flash kernel.)
+            h = self.model(x, None, position_ids)  # [batch, pos, d_model]
+        outputs = {"predictions": self._predict(h, batch)} if shard.last else {"hidden": {"data": h}}
+        if side is None:  # CPU, or the one-stream variant the bench measures: compact and copy now
             rows, per_prompt = compact(layers)
-        else:
-            with torch.cuda.stream(side):
-                rows, per_prompt = compact(layers)
-            torch.cuda.current_stream(dev).wait_stream(side)  # the copy follows the compaction
-        device_out = {"rows": rows, "per_prompt": per_prompt}
-        if shard.last:
-            device_out["predictions"] = self._predict(h, batch)
-        else:
-            device_out["hidden"] = {"data": h}
-        return start_copy(device_out)
+            return Launched(transfer=start_copy({"rows": rows, "per_prompt": per_prompt, **outputs}))
+        n_tokens.record_stream(side)  # read by the side stream's kernels, maybe after this returns
+        ready = [torch.cuda.Event(), torch.cuda.Event()]
+        ready[0].record(side)
+        ready[1].record(torch.cuda.current_stream(dev))
+        return Launched(layers, outputs, ready)
 
-    def _collect(self, batch: MicroBatch, transfer: Transfer) -> tuple[Hidden | None, StageRows]:
-        """Wait for the micro-batch's copy and wrap it for the next stage and the aggregator."""
+    @torch.inference_mode()
+    def _collect(self, batch: MicroBatch, launched: Launched) -> tuple[Hidden | None, StageRows]:
+        """Compact and copy the launched micro-batch on this thread's stream, wait for the copy,
+        and wrap it for the next stage and the aggregator."""
         shard = self.spec.shard
+        transfer = launched.transfer
+        if transfer is None:
+            tail = self._collect_stream()
+            for event in launched.ready:
+                tail.wait_event(event)
+            for tensor in [*(t for layer in launched.layers for t in layer.values()), *_leaves(launched.outputs)]:
+                tensor.record_stream(tail)  # written on other streams, read here: not to be reused before
+            with torch.cuda.stream(tail):
+                rows, per_prompt = compact(launched.layers)  # nonzero: waits for this micro-batch only
+                transfer = start_copy({"rows": rows, "per_prompt": per_prompt, **launched.outputs})
+            del rows, per_prompt
+        del launched
         host = transfer.wait()
         del transfer
         out_hidden = None if shard.last else Hidden(host["hidden"]["data"], self.spec.dtype)
@@ -184,6 +212,12 @@ class Stage:
             predictions=host.get("predictions"),
         )
 
+    def _collect_stream(self) -> torch.cuda.Stream:
+        stream = getattr(self.streams, "collect", None)
+        if stream is None:
+            stream = self.streams.collect = torch.cuda.Stream(self.device)
+        return stream
+
     def _predict(self, h: torch.Tensor, batch: MicroBatch) -> dict[str, torch.Tensor]:
         """Top tokens after each prompt and whether its expected answer is the greedy continuation.
 
@@ -191,9 +225,9 @@ class Stage:
         n_tokens - 1 ... n_tokens + len(answer) - 2 predict them one by one (teacher forcing).
         """
         dev = h.device
-        answers = torch.as_tensor(batch.answer_ids, device=dev).long()  # [batch, answer]
+        answers = _to_device(batch.answer_ids, dev).long()  # [batch, answer]
         steps = max(answers.shape[1], 1)
-        last = torch.as_tensor(batch.n_tokens, device=dev).long() - 1  # [batch]
+        last = _to_device(batch.n_tokens, dev).long() - 1  # [batch]
         at = (last[:, None] + torch.arange(steps, device=dev)).clamp(max=h.shape[1] - 1)  # [batch, steps]
         picked = h.gather(1, at[:, :, None].expand(-1, -1, h.shape[2]))  # [batch, steps, d_model]
         logits = self.model.lm_head(picked).float()  # [batch, steps, vocab]
@@ -210,10 +244,22 @@ def _host_dtype(dtype: str) -> type:
     return {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}[dtype]
 
 
-def _from_host(hidden: Hidden, device: torch.device) -> torch.Tensor:
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``. To a GPU through pinned memory, asynchronously: a copy from
+    pageable memory would make the host wait for everything queued before it."""
     with warnings.catch_warnings():  # object-store arrays are read-only; nothing writes to them
         warnings.simplefilter("ignore", UserWarning)
-        x = torch.from_numpy(hidden.data)
-    if hidden.dtype == "bfloat16":
-        x = x.view(torch.bfloat16)
-    return x.to(device, non_blocking=True)
+        x = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return x
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+def _from_host(hidden: Hidden, device: torch.device) -> torch.Tensor:
+    x = _to_device(hidden.data, device)
+    return x.view(torch.bfloat16) if hidden.dtype == "bfloat16" else x
+
+
+def _leaves(tree: dict):
+    for value in tree.values():
+        yield from _leaves(value) if isinstance(value, dict) else (value,)

@@ -1,0 +1,64 @@
+"""The reduction's pieces timed alone on one layer's activations at GPT-J-6B's shape (GPU only).
+
+    python -m bench.kernels [--batch 32] [--tokens 256]
+
+Prints, median of many runs (``triton.testing.do_bench``): a device-to-device copy of the
+activations (the bandwidth ceiling: bytes read + written), the fused statistics kernel at
+several tilings (its floor is one read of the activations), the top-k ranking, the band
+packing and the whole ``reduce_layer``. A diagnostic for bench/RESULTS.md and for choosing
+`workers.fused`'s tiling, not a benchmark of record.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from cluster.config import Selection
+from workers import fused
+from workers.reduce import packed_bands, reduce_layer, top_neurons
+
+TILINGS = [(8, 1, 8), (8, 2, 8), (8, 4, 8), (8, 8, 8), (16, 2, 8), (16, 4, 8), (8, 4, 4), (4, 8, 4)]
+"""(BLOCK_T, UNROLL, num_warps); (8, 1, 8) is the v2 kernel."""
+
+
+def main() -> None:
+    from triton.testing import do_bench
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--neurons", type=int, default=16_384)
+    args = parser.parse_args()
+    gen = torch.Generator("cuda").manual_seed(0)
+    shape = (args.batch, args.tokens, args.neurons)
+    act = torch.nn.functional.gelu(torch.randn(*shape, device="cuda", dtype=torch.float16, generator=gen) * 2, approximate="tanh")
+    n_tokens = torch.full((args.batch,), args.tokens, device="cuda", dtype=torch.int64)
+    sel = Selection()
+    size = act.numel() * act.element_size()
+
+    def ms(fn) -> float:
+        return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+    out = torch.empty_like(act)
+    copy = ms(lambda: out.copy_(act))
+    print(f"activations {tuple(shape)} fp16, {size / 2**20:.0f} MiB")
+    print(f"{'device copy (read + write)':<34}{copy * 1e3:9.1f} us  {2 * size / copy / 1e6:7.0f} GB/s")
+    reference = fused.layer_stats_fused(act, n_tokens, sel)
+    for block_t, unroll, warps in TILINGS:
+        got = fused.layer_stats_fused(act, n_tokens, sel, block_t, unroll, warps)
+        same = all(torch.equal(reference[k], got[k]) for k in reference)
+        t = ms(lambda: fused.layer_stats_fused(act, n_tokens, sel, block_t, unroll, warps))
+        print(f"{f'stats BLOCK_T={block_t} UNROLL={unroll} warps={warps}':<34}{t * 1e3:9.1f} us  {size / t / 1e6:7.0f} GB/s"
+              f"{'' if same else '  DIFFERENT RESULTS'}")
+    score = torch.randn(args.batch, args.neurons, device="cuda")
+    print(f"{'top_neurons (k=500)':<34}{ms(lambda: top_neurons(score, 500)) * 1e3:9.1f} us")
+    idx = torch.sort(torch.randperm(args.neurons, device="cuda")[:500]).values.expand(args.batch, 500).contiguous()
+    print(f"{'packed_bands (500 neurons)':<34}{ms(lambda: packed_bands(act, idx, n_tokens, sel)) * 1e3:9.1f} us")
+    print(f"{'reduce_layer (fused)':<34}{ms(lambda: reduce_layer(act, n_tokens, sel, fused=True)) * 1e3:9.1f} us")
+    print(f"{'reduce_layer (eager)':<34}{ms(lambda: reduce_layer(act, n_tokens, sel)) * 1e3:9.1f} us")
+
+
+if __name__ == "__main__":
+    main()
