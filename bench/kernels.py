@@ -17,10 +17,10 @@ import torch
 
 from cluster.config import Selection
 from workers import fused
-from workers.reduce import packed_bands, reduce_layer, top_neurons
+from workers.reduce import kept_rows, reduce_layer, top_neurons
 
-TILINGS = [(8, 1, 8), (8, 2, 8), (8, 4, 8), (8, 8, 8), (16, 2, 8), (16, 4, 8), (8, 4, 4), (4, 8, 4)]
-"""(BLOCK_T, UNROLL, num_warps); (8, 1, 8) is the v2 kernel."""
+TILINGS = [(8, 1, 8), (8, 4, 8), (4, 8, 4), (2, 16, 4), (4, 16, 4), (4, 8, 2), (2, 8, 2), (2, 16, 2), (4, 4, 4), (1, 32, 2)]
+"""(BLOCK_T, UNROLL, num_warps); (8, 1, 8) is the v2 kernel, (4, 8, 4) the default."""
 
 
 def main() -> None:
@@ -52,10 +52,14 @@ def main() -> None:
         t = ms(lambda: fused.layer_stats_fused(act, n_tokens, sel, block_t, unroll, warps))
         print(f"{f'stats BLOCK_T={block_t} UNROLL={unroll} warps={warps}':<34}{t * 1e3:9.1f} us  {size / t / 1e6:7.0f} GB/s"
               f"{'' if same else '  DIFFERENT RESULTS'}")
-    score = torch.randn(args.batch, args.neurons, device="cuda")
-    print(f"{'top_neurons (k=500)':<34}{ms(lambda: top_neurons(score, 500)) * 1e3:9.1f} us")
+    print(f"{'top_neurons (k=500)':<34}{ms(lambda: top_neurons(reference['key'], 500)) * 1e3:9.1f} us")
     idx = torch.sort(torch.randperm(args.neurons, device="cuda")[:500]).values.expand(args.batch, 500).contiguous()
-    print(f"{'packed_bands (500 neurons)':<34}{ms(lambda: packed_bands(act, idx, n_tokens, sel)) * 1e3:9.1f} us")
+    rows = fused.kept_rows_fused(act, idx, n_tokens, reference, sel)
+    eager = kept_rows(act, idx, n_tokens, reference, sel)
+    same = all(torch.equal(rows[k], eager[k]) for k in rows)
+    print(f"{'kept rows, eager (500 neurons)':<34}{ms(lambda: kept_rows(act, idx, n_tokens, reference, sel)) * 1e3:9.1f} us")
+    print(f"{'kept rows, fused (500 neurons)':<34}{ms(lambda: fused.kept_rows_fused(act, idx, n_tokens, reference, sel)) * 1e3:9.1f} us"
+          f"{'' if same else '  DIFFERENT RESULTS'}")
     print(f"{'reduce_layer (fused)':<34}{ms(lambda: reduce_layer(act, n_tokens, sel, fused=True)) * 1e3:9.1f} us")
     print(f"{'reduce_layer (eager)':<34}{ms(lambda: reduce_layer(act, n_tokens, sel)) * 1e3:9.1f} us")
 

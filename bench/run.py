@@ -132,8 +132,10 @@ def bare_step(model, device: torch.device):
     return bare
 
 
-def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: Selection, modes: list[str], tokenizer=None) -> dict:
-    """The in-process modes, all on one loaded copy of the model (a stage holding every layer)."""
+def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: Selection, modes: list[str], tokenizer=None,
+                     results: dict | None = None, saved=lambda results: None) -> dict:
+    """The in-process modes, all on one loaded copy of the model (a stage holding every layer),
+    added to ``results``; ``saved(results)`` after each."""
     n = load_config(path).n_layer
     stage = Stage(StageSpec(path, ShardSpec(0, n, n), device.type, dtype, sel))
     stage.setup()
@@ -174,7 +176,7 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
         "scan_local_inline": (scan_local, fused, None, False, 1),
         "scan_local": (scan_local, fused, side, False, STAGE_CONCURRENCY),
     }
-    results = {}
+    results = {} if results is None else results
     for mode in MODES:
         if mode in modes and mode in variants:
             step, stage.fused, stage.reduce_stream, hf_gelu, threads = variants[mode]
@@ -182,6 +184,7 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
             with transformers_gelu(model, hf_gelu):
                 results[mode] = {**timed(step, run, device, warm_up=mode != "naive", threads=threads),
                                  "reduction": "fused" if stage.fused else "eager", "threads": threads}
+            saved(results)
     stage.fused, stage.reduce_stream = fused, side
     inputs = lambda batch: _inputs(batch, device)  # noqa: E731
     for mode, step in (("transformer_lens", lambda: peers.transformer_lens_step(stage, tokenizer, inputs, sel)),
@@ -189,6 +192,7 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
         if mode in modes:
             with step() as run:
                 results[mode] = {**timed(run, batches, device), "reduction": "eager"}
+            saved(results)
     return results
 
 
@@ -259,34 +263,48 @@ def run_bench(args) -> dict:
             raise UserError(f"--modes {','.join(missing)}: not installed here: pip install 'neuroscan[bench]' (or leave them out)")
         modes = [m for m in modes if m not in missing]
         peak = matmul_flops(device, getattr(torch, dtype))
+        per_token = flops_per_token(config, float(np.mean([b.n_tokens.mean() for b in batches])))
+        head = {
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join(["neuroscan", *sys.argv[1:]]),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+            "versions": {p: package_version(p) for p in ("torch", "transformers", "ray", "pyarrow")},
+            "model": {"path": path, "n_layer": config.n_layer, "d_model": config.n_embd, "dtype": dtype,
+                      "attention": attention_implementation(path)},
+            "workload": {"prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "batch_tokens": args.batch_tokens,
+                         "micro_batches": len(batches), "tokens": tokens},
+            "matmul_flops": peak,
+            "skipped": {m: "not installed (the bench extra)" for m in missing},
+        }
+
+        def saved(results: dict) -> None:  # a run cut short still leaves the modes it finished
+            if args.out:
+                Path(args.out).write_text(json.dumps(finished(head, results, per_token, complete=False), indent=1))
+
+        results: dict = {}
         in_process = [m for m in modes if m not in ("scan", "scan_2stage")]
-        results = bench_in_process(path, batches, device, dtype, sel, in_process, tokenizer) if in_process else {}
+        if in_process:
+            bench_in_process(path, batches, device, dtype, sel, in_process, tokenizer, results, saved)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the model is gone; the Ray modes' actors need the memory
         for mode, stages in (("scan", 1), ("scan_2stage", 2)):
             if mode in modes:
                 results[mode] = {**bench_ray(corpus, model_arg, device.type, dtype, args.batch_tokens, stages, sel), "tokens": tokens}
-    attention = attention_implementation(path)
-    seq = float(np.mean([b.n_tokens.mean() for b in batches]))
-    per_token = flops_per_token(config, seq)
-    bare_rate = results["bare"]["tokens"] / results["bare"]["seconds"] if "bare" in results else None
-    for r in results.values():
-        r["tokens_per_s"] = r["tokens"] / r["seconds"]
-        r["ratio_to_bare"] = r["tokens_per_s"] / bare_rate if bare_rate else None
-        r["mfu"] = r["tokens_per_s"] * per_token / peak
-        r["d2h_bytes_per_token"] = None if r["d2h_bytes"] is None else r["d2h_bytes"] / r["tokens"]
-    return {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(["neuroscan", *sys.argv[1:]]),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-        "versions": {p: package_version(p) for p in ("torch", "transformers", "ray", "pyarrow")},
-        "model": {"path": path, "n_layer": config.n_layer, "d_model": config.n_embd, "dtype": dtype, "attention": attention},
-        "workload": {"prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "batch_tokens": args.batch_tokens,
-                     "micro_batches": len(batches), "tokens": tokens},
-        "matmul_flops": peak,
-        "results": results,
-        "skipped": {m: "not installed (the bench extra)" for m in missing},
-    }
+                saved(results)
+    return finished(head, results, per_token, complete=True)
+
+
+def finished(head: dict, results: dict, per_token: float, complete: bool) -> dict:
+    """The report: every mode's rate, ratio to ``bare``, MFU and bytes copied per token."""
+    bare = results.get("bare")
+    bare_rate = bare["tokens"] / bare["seconds"] if bare else None
+    out = {}
+    for mode, r in results.items():
+        rate = r["tokens"] / r["seconds"]
+        out[mode] = {**r, "tokens_per_s": rate, "ratio_to_bare": rate / bare_rate if bare_rate else None,
+                     "mfu": rate * per_token / head["matmul_flops"],
+                     "d2h_bytes_per_token": None if r["d2h_bytes"] is None else r["d2h_bytes"] / r["tokens"]}
+    return {**head, "results": out, "complete": complete}
 
 
 def table(report: dict) -> str:

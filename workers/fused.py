@@ -29,9 +29,12 @@ except ImportError:  # CPU installs without Triton use the eager path only
     tl = None
 
 BLOCK_N = 256
-BLOCK_T = 8
-UNROLL = 4
-NUM_WARPS = 8
+BLOCK_T = 4
+UNROLL = 8
+NUM_WARPS = 4
+"""Measured on an H200 (bench/records/2026-11-26-h200-run5-kernels.txt, 32 x 256 x 16,384 fp16):
+(BLOCK_T, UNROLL, warps) = (8, 1, 8), the v2 kernel, 402 us; (8, 4, 8) 365 us; (4, 8, 4) 257 us,
+the best of the eight tried."""
 
 
 def available(device: torch.device) -> bool:
@@ -41,8 +44,8 @@ def available(device: torch.device) -> bool:
 
 
 def stats_kernel(
-    act, n_tokens, max_act, max_pos, min_act, min_pos, n_above, n_below, n_red,
-    n_neurons, stride_b, stride_t, high, low, red,
+    act, n_tokens, max_act, max_pos, min_act, min_pos, n_above, n_below, n_red, key,
+    n_neurons, stride_b, stride_t, high, low, red, sel_high, sel_low,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
 ):
     # Each lane of the [BLOCK_T, BLOCK_N] tile keeps its own running statistics while the
@@ -95,6 +98,12 @@ def stats_kernel(
     tl.store(n_above + out, tl.sum(above, axis=0), mask=col_ok)
     tl.store(n_below + out, tl.sum(below, axis=0), mask=col_ok)
     tl.store(n_red + out, tl.sum(reds, axis=0), mask=col_ok)
+    # The rank key, as `workers.reduce.rank_keys` computes it (saves ~15 small kernels a layer).
+    selected = (run_max > high) | (run_min < low)
+    score = tl.where(selected, tl.maximum(run_max - sel_high, sel_low - run_min), float("-inf")) + 0.0
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    tl.store(key + out, (ordered << 32) | (n_neurons - 1 - cols).to(tl.int64), mask=col_ok)
 
 
 @functools.cache
@@ -110,7 +119,8 @@ def layer_stats_fused(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection,
                       unroll: int = UNROLL, num_warps: int = NUM_WARPS) -> dict[str, torch.Tensor]:
     """`workers.reduce.layer_stats` in one pass: act [batch, pos, d_mlp] (unit stride along
     d_mlp), n_tokens [batch] -> [batch, d_mlp] max_act/min_act float32 and
-    max_pos/min_pos/n_above/n_below/n_red int32. The tiling arguments are for `bench.kernels`."""
+    max_pos/min_pos/n_above/n_below/n_red int32, and key int64 (`workers.reduce.rank_keys`).
+    The tiling arguments are for `bench.kernels`."""
     if act.stride(2) != 1:
         act = act.contiguous()
     b, _, n = act.shape
@@ -118,13 +128,91 @@ def layer_stats_fused(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection,
     out = {name: torch.empty(b, n, dtype=torch.float32, device=dev) for name in ("max_act", "min_act")}
     for name in ("max_pos", "min_pos", "n_above", "n_below", "n_red"):
         out[name] = torch.empty(b, n, dtype=torch.int32, device=dev)
+    out["key"] = torch.empty(b, n, dtype=torch.int64, device=dev)
     from workers.reduce import thresholds
 
     high, low, red = thresholds(sel, act.dtype)  # the same exact comparisons as the eager path
     kernel = _kernel(os.environ.get("TRITON_INTERPRET") == "1")
     kernel[(b, -(-n // BLOCK_N))](
         act, n_tokens.to(torch.int32), out["max_act"], out["max_pos"], out["min_act"], out["min_pos"],
-        out["n_above"], out["n_below"], out["n_red"], n, act.stride(0), act.stride(1),
-        high, low, red, BLOCK_T=block_t, BLOCK_N=BLOCK_N, UNROLL=unroll, num_warps=num_warps,
+        out["n_above"], out["n_below"], out["n_red"], out["key"], n, act.stride(0), act.stride(1),
+        high, low, red, sel.high, sel.low, BLOCK_T=block_t, BLOCK_N=BLOCK_N, UNROLL=unroll, num_warps=num_warps,
+    )
+    return out
+
+
+ROWS_BLOCK_K = 32
+ROWS_BLOCK_W = 16
+
+
+def rows_kernel(
+    act, n_tokens, idx, max_act, max_pos, min_act, min_pos, n_above, n_below, n_red,
+    o_max_act, o_max_pos, o_min_act, o_min_pos, o_n_above, o_n_below, o_n_red, bands,
+    n_neurons, n_slots, width, stride_b, stride_t, high, low, red,
+    BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    # A program owns BLOCK_K slots (kept neurons) of one prompt: it copies their statistics
+    # and writes their band codes, four tokens a byte, walking the prompt BLOCK_W bytes a step.
+    # Replaces ~20 small kernels a layer (7 gathers, 4 casts, the band codes' compares, masks,
+    # transposes and shifts).
+    b = tl.program_id(0)
+    slots = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    slot_ok = slots < n_slots
+    neuron = tl.load(idx + b.to(tl.int64) * n_slots + slots, mask=slot_ok, other=0).to(tl.int64)
+    src = b.to(tl.int64) * n_neurons + neuron
+    out = b.to(tl.int64) * n_slots + slots
+    tl.store(o_max_act + out, tl.load(max_act + src, mask=slot_ok), mask=slot_ok)
+    tl.store(o_min_act + out, tl.load(min_act + src, mask=slot_ok), mask=slot_ok)
+    tl.store(o_max_pos + out, tl.load(max_pos + src, mask=slot_ok).to(tl.int16), mask=slot_ok)
+    tl.store(o_min_pos + out, tl.load(min_pos + src, mask=slot_ok).to(tl.int16), mask=slot_ok)
+    tl.store(o_n_above + out, tl.load(n_above + src, mask=slot_ok).to(tl.int16), mask=slot_ok)
+    tl.store(o_n_below + out, tl.load(n_below + src, mask=slot_ok).to(tl.int16), mask=slot_ok)
+    tl.store(o_n_red + out, tl.load(n_red + src, mask=slot_ok), mask=slot_ok)
+    length = tl.load(n_tokens + b)
+    base = act + b.to(tl.int64) * stride_b
+    for w0 in range(0, width, BLOCK_W):
+        byte = w0 + tl.arange(0, BLOCK_W)  # [BLOCK_W]
+        packed = tl.zeros((BLOCK_K, BLOCK_W), tl.int32)
+        for j in tl.static_range(4):
+            t = byte * 4 + j
+            ok = slot_ok[:, None] & (t < length)[None, :]
+            x = tl.load(base + t[None, :].to(tl.int64) * stride_t + neuron[:, None], mask=ok, other=0.0).to(tl.float32)
+            # `workers.reduce.band_codes`: red over orange over blue; grey past the prompt.
+            code = tl.where(x > red, 3, tl.where(x > high, 2, tl.where(x < low, 1, 0)))
+            packed = packed | (tl.where(ok, code, 0) << (2 * j))
+        dest = bands + out[:, None] * width + byte[None, :]
+        tl.store(dest, packed.to(tl.uint8), mask=slot_ok[:, None] & (byte < width)[None, :])
+
+
+@functools.cache
+def _rows_kernel(interpret: bool):
+    import triton
+
+    return triton.jit(rows_kernel)
+
+
+def kept_rows_fused(act: torch.Tensor, idx: torch.Tensor, n_tokens: torch.Tensor, stats: dict[str, torch.Tensor],
+                    sel: Selection) -> dict[str, torch.Tensor]:
+    """`workers.reduce.kept_rows` in one kernel: the statistics and packed band codes of the
+    neurons ``idx`` [batch, K] (same values, same dtypes)."""
+    if act.stride(2) != 1:
+        act = act.contiguous()
+    b, t, n = act.shape
+    k = idx.shape[1]
+    width = (t + 3) // 4
+    dev = act.device
+    out = {name: torch.empty(b, k, dtype=torch.float32, device=dev) for name in ("max_act", "min_act")}
+    for name in ("max_pos", "min_pos", "n_above", "n_below"):
+        out[name] = torch.empty(b, k, dtype=torch.int16, device=dev)
+    out["n_red"] = torch.empty(b, k, dtype=torch.int32, device=dev)
+    out["bands"] = torch.empty(b, k, width, dtype=torch.uint8, device=dev)
+    from workers.reduce import thresholds
+
+    high, low, red = thresholds(sel, act.dtype)
+    kernel = _rows_kernel(os.environ.get("TRITON_INTERPRET") == "1")
+    kernel[(b, -(-k // ROWS_BLOCK_K))](
+        act, n_tokens.to(torch.int32), idx.contiguous(), *(stats[name] for name in ("max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "n_red")),
+        *(out[name] for name in ("max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "n_red", "bands")),
+        n, k, width, act.stride(0), act.stride(1), high, low, red, BLOCK_K=ROWS_BLOCK_K, BLOCK_W=ROWS_BLOCK_W,
     )
     return out

@@ -119,68 +119,95 @@ def reduce_layer(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, fuse
       red_coverage (above ``red``) and blue_coverage (below ``low``).
     """
     n = act.shape[2]
-    if fused:
+    if fused:  # the kernel also gives each neuron's rank key
         from workers.fused import layer_stats_fused
 
         stats = layer_stats_fused(act, n_tokens, sel)
+        key = stats["key"]
     else:
         stats = layer_stats(act, n_tokens, sel)
-    high, low, _ = thresholds(sel, act.dtype)
-    max_act, min_act = stats["max_act"], stats["min_act"]
-    selected = (max_act > high) | (min_act < low)  # [batch, d_mlp]
-    score = torch.maximum(max_act - sel.high, sel.low - min_act).masked_fill(~selected, float("-inf"))
+        key = rank_keys(stats["max_act"], stats["min_act"], sel, act.dtype)
+    high, _, _ = thresholds(sel, act.dtype)
+    max_act = stats["max_act"]
     k = n if sel.max_per_layer == 0 else min(sel.max_per_layer, n)
-    ranked = top_neurons(score, k)  # [batch, K]
-    ranked_kept = score.gather(1, ranked) > float("-inf")
+    ranked = top_neurons(key, k)  # [batch, K]
+    ranked_kept = is_selected(key.gather(1, ranked))
     # Kept neurons in ascending index order, the dropped slots (sentinel n) last.
     neuron = torch.sort(torch.where(ranked_kept, ranked, n), dim=1).values
     kept = neuron < n
     idx = neuron.clamp(max=n - 1)  # [batch, K]
 
-    def pick(name: str) -> torch.Tensor:
-        return stats[name].gather(1, idx)
+    if fused:  # one kernel: the kept neurons' statistics and packed band codes
+        from workers.fused import kept_rows_fused
 
-    bands = packed_bands(act, idx, n_tokens, sel)
+        picked = kept_rows_fused(act, idx, n_tokens, stats, sel)
+    else:
+        picked = kept_rows(act, idx, n_tokens, stats, sel)
     n_kept = kept.sum(dim=1)
     per_token = (n_kept * n_tokens.clamp(min=1)).clamp(min=1).float()  # [batch]
 
     def coverage(counts: torch.Tensor) -> torch.Tensor:  # [batch, K] token counts -> [batch]
         return (counts * kept).sum(dim=1).float() / per_token
 
-    n_above, n_below = pick("n_above"), pick("n_below")
     return {
         "kept": kept,
         "neuron": idx.to(torch.int32),
-        "max_act": pick("max_act"),
-        "max_pos": pick("max_pos").to(torch.int16),
-        "min_act": pick("min_act"),
-        "min_pos": pick("min_pos").to(torch.int16),
-        "n_above": n_above.to(torch.int16),
-        "n_below": n_below.to(torch.int16),
-        "bands": bands,
-        "n_selected": selected.sum(dim=1).to(torch.int32),
+        **{name: picked[name] for name in ROW_FIELDS if name != "neuron"},
+        "n_selected": is_selected(key).sum(dim=1).to(torch.int32),
         "n_kept": n_kept.to(torch.int32),
         "n_above_any": (max_act > high).sum(dim=1).to(torch.int32),
-        "mean_coverage": coverage(n_above),
-        "red_coverage": coverage(pick("n_red")),
-        "blue_coverage": coverage(n_below),
+        "mean_coverage": coverage(picked["n_above"]),
+        "red_coverage": coverage(picked["n_red"]),
+        "blue_coverage": coverage(picked["n_below"]),
     }
 
 
-def top_neurons(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` highest scores of each row, ties to the lower index: the set a
-    stable descending sort would put first (in no particular order), found by a top-k (a
-    selection, not a 16,384-wide sort).
+def kept_rows(act: torch.Tensor, idx: torch.Tensor, n_tokens: torch.Tensor, stats: dict[str, torch.Tensor], sel: Selection) -> dict[str, torch.Tensor]:
+    """The statistics and packed band codes of the neurons ``idx`` [batch, K]: the eager
+    reference of `workers.fused.kept_rows_fused`. max_act/min_act float32, max_pos/min_pos/
+    n_above/n_below int16, n_red int32 [batch, K]; bands [batch, K, ceil(pos / 4)] uint8."""
+    picked = {name: stats[name].gather(1, idx) for name in ("max_act", "min_act")}
+    for name in ("max_pos", "min_pos", "n_above", "n_below"):
+        picked[name] = stats[name].gather(1, idx).to(torch.int16)
+    picked["n_red"] = stats["n_red"].gather(1, idx).to(torch.int32)
+    picked["bands"] = packed_bands(act, idx, n_tokens, sel)
+    return picked
 
-    Each score's float32 bits become an int32 that orders like the float, shifted above a
-    tie-breaker that is larger for lower indices; the int64 keys are then all distinct.
-    score [batch, n] float32 (no NaN) -> [batch, k] int64.
+
+UNSELECTED = -0x7F800000 - 1
+"""The rank-key prefix (high 32 bits) of a score of -inf, what unselected neurons get: every
+selected neuron's key is above ``UNSELECTED << 32 | 0xFFFFFFFF``."""
+
+
+def rank_keys(max_act: torch.Tensor, min_act: torch.Tensor, sel: Selection, dtype: torch.dtype) -> torch.Tensor:
+    """Each neuron's rank key (the eager reference of the fused kernel's, bit for bit).
+
+    A neuron is selected when ``max > high or min < low`` (compared as ``dtype`` values, see
+    `threshold`); its score is how far past its threshold it goes, ``max(max - high, low - min)``
+    in float32, -inf if not selected. The key orders neurons by score, ties to the lower index:
+    the score's float32 bits as an int32 that orders like the float (+ 0.0 first, so that -0.0
+    and 0.0 tie), shifted above ``n - 1 - index``. All keys of a row are distinct.
+    [batch, n] float32 -> [batch, n] int64.
     """
-    n = score.shape[1]
-    bits = (score + 0.0).contiguous().view(torch.int32)  # + 0.0 makes -0.0 into 0.0: they tie
+    high, low, _ = thresholds(sel, dtype)
+    selected = (max_act > high) | (min_act < low)
+    score = torch.maximum(max_act - sel.high, sel.low - min_act).masked_fill(~selected, float("-inf"))
+    bits = (score + 0.0).contiguous().view(torch.int32)
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # monotone in the float
-    key = (ordered << 32) | (n - 1 - torch.arange(n, device=score.device))
-    if k == n:
+    n = max_act.shape[1]
+    return (ordered << 32) | (n - 1 - torch.arange(n, device=max_act.device))
+
+
+def is_selected(key: torch.Tensor) -> torch.Tensor:
+    """Whether rank keys belong to selected neurons (a score above -inf)."""
+    return (key >> 32) > UNSELECTED
+
+
+def top_neurons(key: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest rank keys of each row (see `rank_keys`): the set a stable
+    descending sort of the scores would put first (in no particular order), found by a top-k
+    (a selection, not a 16,384-wide sort). [batch, n] int64 -> [batch, k] int64."""
+    if k == key.shape[1]:
         return torch.sort(key, dim=1, descending=True).indices
     return key.topk(k, dim=1, sorted=False).indices  # the set is what matters: the caller sorts the kept by neuron
 

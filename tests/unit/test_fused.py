@@ -8,7 +8,7 @@ import torch
 
 from cluster.config import Selection
 from tests.triton_cpu import needs_triton
-from workers.reduce import layer_stats, reduce_layer
+from workers.reduce import layer_stats, rank_keys, reduce_layer
 
 pytestmark = needs_triton
 
@@ -25,6 +25,8 @@ def assert_same_stats(act, n_tokens, sel):
     eager, fused = layer_stats(act, n_tokens, sel), fused_stats(act, n_tokens, sel)
     for name in STATS:
         assert torch.equal(eager[name].to(fused[name].dtype), fused[name]), name
+    # The kernel's rank keys are bit for bit the eager ones.
+    assert torch.equal(fused["key"], rank_keys(eager["max_act"], eager["min_act"], sel, act.dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -71,3 +73,25 @@ def test_reduce_layer_rows_are_the_same_fused_or_eager(cap):
     assert eager.keys() == fused.keys()
     for name in eager:
         assert torch.equal(eager[name], fused[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("b", "t", "k"), [(2, 130, 45), (3, 7, 1), (1, 64, 33)])
+def test_kept_rows_kernel_equals_the_gathers_and_band_packing(dtype, b, t, k):
+    """Several byte blocks (t up to 130: 33 bytes), a partial slot block, repeated neurons,
+    thresholds hit exactly, and a prompt shorter than the batch's width."""
+    from workers.fused import kept_rows_fused
+    from workers.reduce import kept_rows
+
+    gen = torch.Generator().manual_seed(b * 100 + t + k)
+    n = 90
+    act = (torch.randint(-8, 16, (b, t, n), generator=gen) * 0.25).to(dtype)  # exact 0, 3 and 3.5 appear
+    n_tokens = torch.randint(1, t + 1, (b,), generator=gen)
+    n_tokens[0] = t
+    idx = torch.randint(0, n, (b, k), generator=gen).sort(dim=1).values  # [batch, K], repeats allowed
+    sel = Selection(high=3.0, low=0.0, red=3.5)
+    stats = layer_stats(act, n_tokens, sel)
+    eager, fused = kept_rows(act, idx, n_tokens, stats, sel), kept_rows_fused(act, idx, n_tokens, stats, sel)
+    assert eager.keys() == fused.keys()
+    for name in eager:
+        assert eager[name].dtype == fused[name].dtype and torch.equal(eager[name], fused[name]), name

@@ -94,15 +94,29 @@ def test_compact_keeps_only_kept_rows_in_layer_order():
 
 @pytest.mark.parametrize("k", [1, 7, 64, 300])
 def test_top_neurons_is_the_head_of_a_stable_descending_sort(k):
-    """Ties (many: scores drawn from a few values, with -0.0, 0.0 and -inf) go to the lower index."""
-    from workers.reduce import top_neurons
+    """Ties (many: scores drawn from a few values, with -0.0 and 0.0) go to the lower index;
+    unselected neurons (score -inf) rank last and read as not selected."""
+    from workers.reduce import is_selected, rank_keys, top_neurons
 
     gen = torch.Generator().manual_seed(k)
-    values = torch.tensor([float("-inf"), -2.5, -0.0, 0.0, 1e-30, 0.5, 3.0, float("inf")])
-    score = values[torch.randint(0, len(values), (6, 300), generator=gen)]
-    def same_set(got, expected):
-        assert torch.equal(got.sort(dim=1).values, expected.sort(dim=1).values)
-
-    same_set(top_neurons(score, k), torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k])
-    random = torch.randn(4, 300, generator=gen)
-    same_set(top_neurons(random, k), torch.sort(random, dim=1, descending=True, stable=True).indices[:, :k])
+    sel = Selection(high=3.0, low=0.0)
+    # max_act - 3 and 0 - min_act give scores among -2.5, -0.0, 0.0, 0.5, 3.0 (min_act 1 keeps the
+    # low side out); max_act 1 with min_act 1 is unselected.
+    max_values = torch.tensor([0.5, 3.0, 3.0, 3.5, 6.0, 1.0])
+    max_act = max_values[torch.randint(0, len(max_values), (6, 300), generator=gen)]
+    min_act = torch.where(max_act == 3.0, torch.tensor(-0.0), torch.tensor(1.0))  # 0 - (-0.0) = 0.0 ties 3 - 3 = 0.0
+    key = rank_keys(max_act, min_act, sel, torch.float32)
+    selected = (max_act > 3.0) | (min_act < 0.0)
+    assert torch.equal(is_selected(key), selected)
+    score = torch.maximum(max_act - 3.0, 0.0 - min_act).masked_fill(~selected, float("-inf"))
+    expected = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+    got = top_neurons(key, k)
+    for row in range(6):
+        keep = selected[row, expected[row]]
+        assert set(got[row][is_selected(key[row, got[row]])].tolist()) == set(expected[row][keep].tolist())
+    random = torch.randn(4, 300, generator=gen) + 3.0
+    key = rank_keys(random, torch.ones_like(random), sel, torch.float32)
+    head = torch.sort(random.masked_fill(random <= 3.0, float("-inf")), dim=1, descending=True, stable=True).indices[:, :k]
+    for row in range(4):
+        mine = top_neurons(key, k)[row]
+        assert set(mine[is_selected(key[row, mine])].tolist()) == set(head[row][random[row, head[row]] > 3.0].tolist())
