@@ -5,12 +5,20 @@ Kept incrementally: each committed part carries a delta (``neuron_parts/part-N``
 the part's other files): the same table over that part's rows alone. Counts add, maxima take
 the max and top-k lists merge, so the whole table is the merge of the committed parts'
 deltas; the run's end writes it to ``neurons/``. A resumed run merges the same committed
-deltas and gets the same table. Memory while merging is one ``LayerState`` per layer (at
-most d_mlp x k entries each), whatever the corpus. Ties go to the lower prompt id.
+deltas and gets the same table. Ties go to the lower prompt id.
+
+The merge reads each delta once and folds a layer's pending deltas into its ``LayerState``
+in one sort once they hold ``FOLD_ROWS`` entries (not one sort of the whole state per part,
+which made the end of a 64-micro-batch GPU run wait 9.7 s), the last folds of all layers in
+parallel. Memory is one ``LayerState`` per layer (at most d_mlp x k entries each) plus at
+most ``FOLD_ROWS`` pending entries per layer, whatever the corpus.
 """
 
 from __future__ import annotations
 
+import os
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -97,16 +105,36 @@ def part_delta(layers: dict[int, pa.Table], k: int, red: float) -> pa.Table:
     return pa.concat_tables(tables) if tables else schema.NEURONS.empty_table()
 
 
+FOLD_ROWS = 2_000_000
+"""Top-k entries a layer's pending deltas may hold before they are folded into its state."""
+
+
 def neurons_table(out: Path, manifest: dict, k: int) -> pa.Table:
-    """The whole table: the merge of the deltas of the parts the manifest lists, one file at a time."""
+    """The whole table: the merge of the deltas of the parts the manifest lists."""
     fmt = "arrow" if manifest.get("format") == "arrow" else "parquet"
     states: dict[int, LayerState] = {}
+    pending: dict[int, list[pa.Table]] = defaultdict(list)
+    pending_rows: dict[int, int] = defaultdict(int)
+
+    def fold(layer: int) -> None:
+        if pending[layer]:
+            states.setdefault(layer, LayerState(k)).add_table(pa.concat_tables(pending.pop(layer)))
+            pending_rows[layer] = 0
+
     for part in manifest["parts"]:
         for f in part["files"]:
             if f["path"].startswith("neuron_parts/"):
                 delta = ds.dataset(str(out / f["path"]), format=fmt).to_table()
                 layer = delta["layer"].to_numpy()
                 for value in np.unique(layer):
-                    states.setdefault(int(value), LayerState(k)).add_table(delta.filter(pa.array(layer == value)))
+                    rows = delta.filter(pa.array(layer == value))
+                    pending[int(value)].append(rows)
+                    pending_rows[int(value)] += int(pc.sum(pc.list_value_length(rows["top_acts"])).as_py() or 0)
+                    if pending_rows[int(value)] >= FOLD_ROWS:
+                        fold(int(value))
+    for layer in pending:
+        states.setdefault(layer, LayerState(k))
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # numpy's sorts release the GIL
+        list(pool.map(fold, list(pending)))
     tables = [state.table(layer) for layer, state in sorted(states.items())]
     return pa.concat_tables(tables) if tables else schema.NEURONS.empty_table()

@@ -29,12 +29,13 @@ except ImportError:  # CPU installs without Triton use the eager path only
     tl = None
 
 BLOCK_N = 256
-BLOCK_T = 4
-UNROLL = 8
+BLOCK_T = 2
+UNROLL = 16
 NUM_WARPS = 4
-"""Measured on an H200 (bench/records/2026-11-26-h200-run5-kernels.txt, 32 x 256 x 16,384 fp16):
-(BLOCK_T, UNROLL, warps) = (8, 1, 8), the v2 kernel, 402 us; (8, 4, 8) 365 us; (4, 8, 4) 257 us,
-the best of the eight tried."""
+"""Measured alone on an H200 (bench/records/2026-11-26-h200-run6-kernels.txt, 32 x 256 x 16,384
+fp16, median of ``do_bench``): (BLOCK_T, UNROLL, warps) = (8, 1, 8), the v2 kernel, 405 us;
+(8, 4, 8) 368 us; (4, 8, 4) 258 us (the tiling of run 6's full benchmark); (2, 16, 4) 157 us,
+the best of the ten tried (1,710 GB/s: 41 % of a device copy's 4,129)."""
 
 
 def available(device: torch.device) -> bool:

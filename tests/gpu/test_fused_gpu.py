@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cluster.config import Selection
-from workers.reduce import layer_stats, reduce_layer
+from workers.reduce import layer_stats, rank_keys, reduce_layer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -41,6 +41,7 @@ def test_fused_statistics_equal_eager(dtype, b, t):
     eager, fused = layer_stats(act, n_tokens, sel), layer_stats_fused(act, n_tokens, sel)
     for name, value in eager.items():
         assert torch.equal(value.to(fused[name].dtype), fused[name]), name
+    assert torch.equal(fused["key"], rank_keys(eager["max_act"], eager["min_act"], sel, dtype))
 
 
 @pytest.mark.parametrize("cap", [500, 0])

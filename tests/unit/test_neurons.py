@@ -56,3 +56,36 @@ def test_merged_part_deltas_equal_one_pass_over_all_rows():
     assert got[1]["layer"] == 3 and got[1]["n_prompts"] == 4 and got[1]["n_red"] == 3 and got[1]["max_act"] == 4.0
     assert got[1]["top_prompt_ids"] == [0, 3] and got[1]["top_pos"] == [2, 7]  # tie at 4.0: lower prompt id first
     assert got[2]["top_prompt_ids"] == [4, 0] and got[2]["top_acts"] == pytest.approx([0.2, -0.5]) and got[2]["n_red"] == 0
+
+
+@pytest.mark.parametrize("fold_rows", [1, 7, 10**9])
+def test_neurons_table_from_part_files_equals_one_pass_however_often_it_folds(tmp_path, monkeypatch, fold_rows):
+    """Folding a layer's pending deltas after every part, every few, or only at the end gives
+    the same table as one pass over all rows (three layers, eight parts written as files)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from aggregator import neurons
+    from aggregator.writer import write_table
+
+    monkeypatch.setattr(neurons, "FOLD_ROWS", fold_rows)
+    rng = np.random.default_rng(fold_rows % 1000)
+    parts, everything = [], {layer: [] for layer in range(3)}
+    for part in range(8):
+        acts = {}
+        for layer in range(3):
+            m = 40
+            acts[layer] = pa.table({
+                "prompt_id": rng.integers(0, 50, m) + 100 * part, "neuron": rng.integers(0, 12, m).astype(np.int32),
+                "max_act": rng.choice([1.0, 3.0, 3.75, 4.0], m).astype(np.float32),  # ties across parts
+                "max_pos": rng.integers(0, 9, m).astype(np.int16)})
+            everything[layer].append(acts[layer])
+        f = write_table(part_delta(acts, k=3, red=3.5), tmp_path, f"neuron_parts/part-{part:05d}", "parquet")
+        parts.append({"part": part + 1, "files": [f.to_dict()]})
+    table = neurons.neurons_table(tmp_path, {"parts": parts, "format": "parquet"}, k=3)
+    for layer in range(3):
+        one_pass = LayerState(k=3)
+        rows = pa.concat_tables(everything[layer])
+        one_pass.add_rows(*(rows[c].to_numpy() for c in ("neuron", "max_act", "prompt_id", "max_pos")), red=3.5)
+        mine = table.filter(pc.equal(table["layer"], layer))
+        assert mine.equals(one_pass.table(layer))
