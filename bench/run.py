@@ -9,7 +9,7 @@ Modes (tokens are the prompts' own tokens; ratios are against ``bare`` of the sa
                     pass's own stream, compaction and copy at the end of each micro-batch
   scan_local        the stage code as a Ray actor runs it, without Ray: called from two threads,
                     reductions on a side stream, compaction and copy overlapping the next
-                    micro-batch (on a CPU: the eager reduction, two threads)
+                    micro-batch (on a CPU, as a CPU actor: the eager reduction, one thread)
   transformer_lens  TransformerLens caching every mlp.hook_post, then the same reduction (`bench.peers`)
   nnsight           an nnsight trace saving every mlp.act, then the same reduction
   scan              the full Ray pipeline, one stage, aggregator writing Parquet
@@ -174,7 +174,7 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
         "naive": (naive, fused, side, False, 1),
         "scan_local_eager": (scan_local, False, None, False, 1),
         "scan_local_inline": (scan_local, fused, None, False, 1),
-        "scan_local": (scan_local, fused, side, False, STAGE_CONCURRENCY),
+        "scan_local": (scan_local, fused, side, False, STAGE_CONCURRENCY if device.type == "cuda" else 1),
     }
     results = {} if results is None else results
     for mode in MODES:

@@ -74,8 +74,9 @@ def reserve(device: str, n_stage_actors: int, gpus: float = 1.0):
 
 
 STAGE_CONCURRENCY = 2
-"""Calls a stage actor runs at once: one launching a micro-batch on the device while the
-other waits for its copy and hands its result to Ray (`workers.stage`)."""
+"""Calls a GPU stage actor runs at once: one launching a micro-batch on the device while the
+other waits for its copy and hands its result to Ray (`workers.stage`). A CPU stage computes
+while it launches, so it runs one call at a time (two only competed for the same cores)."""
 
 
 def stage_actor(cls, group, bundle: int, device: str, name: str, gpus: float = 1.0):
@@ -83,7 +84,7 @@ def stage_actor(cls, group, bundle: int, device: str, name: str, gpus: float = 1
     return ray.remote(cls).options(
         name=name,
         num_cpus=1,
-        max_concurrency=STAGE_CONCURRENCY,
+        max_concurrency=STAGE_CONCURRENCY if device == "cuda" else 1,
         num_gpus=gpus if device == "cuda" else 0,
         **RESTARTS,
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
