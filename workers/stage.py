@@ -1,13 +1,12 @@
 """A pipeline stage: a shard of the model whose every owned ``mlp.act`` is reduced on the device.
 
-`Stage` is a plain class (tested without Ray); Ray runs it as an actor with two calls at a
-time (`cluster.placement.stage_actor`). Its ``__init__`` only stores the spec; weights load
-in `setup`, after Ray has placed the actor and set ``CUDA_VISIBLE_DEVICES``. Per micro-batch
-the stage runs its blocks once under scoped hooks (one fused Triton pass per layer on a GPU,
-`workers.fused`, queued on a side stream beside the forward pass), compacts the kept rows of
-all its layers on the device (one host sync),
-and queues one copy of them, with the hidden state for the next stage, to pinned host memory
-(`workers.transfer`).
+`Stage` is a plain class (tested without Ray); Ray runs it as an actor, two calls at a time
+on a GPU (`cluster.placement.stage_actor`). Its ``__init__`` only stores the spec; weights
+load in `setup`, after Ray has placed the actor and set ``CUDA_VISIBLE_DEVICES``. Per
+micro-batch the stage runs its blocks once under scoped hooks (on a GPU one fused Triton pass
+per layer, `workers.fused`, queued on a side stream beside the forward pass), compacts the
+kept rows of all its layers on the device (one host sync), and queues one copy of them, with
+the hidden state for the next stage, to pinned host memory (`workers.transfer`).
 
 Two phases. *Launch* holds the stage's lock: inputs to the device (pinned, asynchronous),
 the forward pass with each layer's reduction queued on a side stream, predictions or the
