@@ -21,7 +21,7 @@ import torch
 
 from cluster.config import Selection
 from workers.reduce import compact, reduce_layer
-from workers.transfer import to_host
+from workers.transfer import leaves, to_host
 
 PEERS = ("transformer_lens", "nnsight")
 
@@ -34,7 +34,7 @@ def reduce_saved(acts: list[torch.Tensor], n_tokens: torch.Tensor, sel: Selectio
     """neuroscan's eager reduction of every saved layer, compaction and one host copy; bytes copied."""
     rows, per_prompt = compact([reduce_layer(a, n_tokens, sel) for a in acts])
     host = to_host({"rows": rows, "per_prompt": per_prompt})
-    return sum(a.nbytes for part in host.values() for a in part.values())
+    return sum(a.nbytes for a in leaves(host))
 
 
 @contextmanager

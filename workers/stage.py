@@ -39,7 +39,7 @@ from workers.reduce import compact, reduce_layer
 from workers.rows import Hidden, StageRows
 from workers.shard import ShardSpec, load_stage
 from workers.split import forward_splitting
-from workers.transfer import Transfer, start_copy
+from workers.transfer import Transfer, leaves, start_copy
 
 TOP_TOKENS = 5
 FAULT_OOM_TOKENS = int(os.environ.get("NEUROSCAN_FAULT_OOM_TOKENS", "0"))
@@ -190,7 +190,7 @@ class Stage:
             tail = self._collect_stream()
             for event in launched.ready:
                 tail.wait_event(event)
-            for tensor in [*(t for layer in launched.layers for t in layer.values()), *_leaves(launched.outputs)]:
+            for tensor in [*(t for layer in launched.layers for t in layer.values()), *leaves(launched.outputs)]:
                 tensor.record_stream(tail)  # written on other streams, read here: not to be reused before
             with torch.cuda.stream(tail):
                 rows, per_prompt = compact(launched.layers)  # nonzero: waits for this micro-batch only
@@ -258,7 +258,3 @@ def _from_host(hidden: Hidden, device: torch.device) -> torch.Tensor:
     x = _to_device(hidden.data, device)
     return x.view(torch.bfloat16) if hidden.dtype == "bfloat16" else x
 
-
-def _leaves(tree: dict):
-    for value in tree.values():
-        yield from _leaves(value) if isinstance(value, dict) else (value,)

@@ -60,26 +60,26 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
 class Transfer:
     """A queued device -> host copy of a nested dict of tensors."""
 
-    def __init__(self, tree: dict, host: torch.Tensor | None = None, done: torch.cuda.Event | None = None, leaves=(), offsets=()):
-        self.tree, self.host, self.done, self.leaves, self.offsets = tree, host, done, leaves, offsets
+    def __init__(self, tree: dict, host: torch.Tensor | None = None, done: torch.cuda.Event | None = None, tensors=(), offsets=()):
+        self.tree, self.host, self.done, self.tensors, self.offsets = tree, host, done, tensors, offsets
 
     def wait(self) -> dict:
         """The same dict of numpy arrays, once the copy has landed (views of one pinned buffer)."""
         if self.done is None:  # already on the host
             return _map(self.tree, lambda t: _numpy(t.contiguous()))
         self.done.synchronize()  # releases the GIL: another thread may launch work meanwhile
-        arrays = iter(unpack(self.host, self.leaves, self.offsets))
+        arrays = iter(unpack(self.host, self.tensors, self.offsets))
         return _map(self.tree, lambda _: next(arrays))
 
 
 def start_copy(tree: dict) -> Transfer:
     """Pack ``tree``'s device tensors into one buffer and queue its copy to pinned host memory
     on a side stream, after everything queued so far on the current stream."""
-    leaves = list(_leaves(tree))
-    if not any(t.is_cuda for t in leaves):
+    tensors = list(leaves(tree))
+    if not any(t.is_cuda for t in tensors):
         return Transfer(tree)
-    offsets, total = layout(leaves)
-    staging = pack(leaves, offsets, total)
+    offsets, total = layout(tensors)
+    staging = pack(tensors, offsets, total)
     host = torch.empty(staging.numel(), dtype=torch.uint8, pin_memory=True)
     stream = _copy_stream(staging.device)
     stream.wait_stream(torch.cuda.current_stream(staging.device))  # the rows are written
@@ -88,7 +88,7 @@ def start_copy(tree: dict) -> Transfer:
         done = torch.cuda.Event()
         done.record(stream)
     staging.record_stream(stream)  # the allocator must not hand it out before the copy ends
-    return Transfer(tree, host, done, leaves, offsets)
+    return Transfer(tree, host, done, tensors, offsets)
 
 
 def to_host(tree: dict) -> dict:
@@ -100,9 +100,10 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
-def _leaves(tree: dict):
+def leaves(tree: dict):
+    """The tensors (or arrays) of a nested dict, depth first."""
     for value in tree.values():
-        yield from _leaves(value) if isinstance(value, dict) else (value,)
+        yield from leaves(value) if isinstance(value, dict) else (value,)
 
 
 def _map(tree: dict, fn) -> dict:
