@@ -45,6 +45,7 @@ from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer, resolve_model
 from workers.shard import ShardSpec
 from workers.stage import Stage, StageSpec
+from workers.transfer import to_device
 
 MODES = ("bare", "bare_hf_gelu", "naive", "scan_local_eager", "scan_local_inline", "scan_local", *PEERS, "scan", "scan_2stage")
 
@@ -85,11 +86,11 @@ def _sync(device: torch.device) -> None:
 
 
 def _inputs(batch, device):
+    """(ids, attention mask, position ids) on ``device``, through pinned memory as the stage does."""
     b, t = batch.input_ids.shape
     pos = torch.arange(t, device=device)
-    n_input = torch.as_tensor(batch.n_input, device=device)
-    mask = (pos[None, :] < n_input[:, None]).long()
-    return torch.as_tensor(batch.input_ids, device=device).long(), mask, pos[None, :].expand(b, t)
+    mask = (pos[None, :] < to_device(batch.n_input, device)[:, None]).long()
+    return to_device(batch.input_ids, device).long(), mask, pos[None, :].expand(b, t)
 
 
 NAIVE_BATCHES = 2
@@ -119,13 +120,14 @@ def timed(step, batches, device, warm_up: bool = True, threads: int = 1) -> dict
 
 
 def bare_step(model, device: torch.device):
-    """The ``bare`` mode's step: the blocks and the last token's logits, no hooks."""
+    """The ``bare`` mode's step: the blocks and the last token's logits, no hooks, run as the
+    stage runs them (inputs through pinned memory; causal attention without a mask)."""
 
     @torch.inference_mode()
     def bare(batch):
-        ids, mask, pos = _inputs(batch, device)
-        h = model(ids, mask, pos)
-        last = torch.as_tensor(batch.n_tokens, device=device).long() - 1
+        ids, _, pos = _inputs(batch, device)
+        h = model(ids, None, pos)
+        last = to_device(batch.n_tokens, device).long() - 1
         model.lm_head(h[torch.arange(len(last), device=device), last])
         return 0
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from workers.reduce import compact, reduce_layer
 from workers.rows import Hidden, StageRows
 from workers.shard import ShardSpec, load_stage
 from workers.split import forward_splitting
-from workers.transfer import Transfer, leaves, start_copy
+from workers.transfer import Transfer, leaves, start_copy, to_device
 
 TOP_TOKENS = 5
 FAULT_OOM_TOKENS = int(os.environ.get("NEUROSCAN_FAULT_OOM_TOKENS", "0"))
@@ -158,9 +157,9 @@ class Stage:
             raise torch.OutOfMemoryError(f"injected: {batch.input_ids.size} tokens > {FAULT_OOM_TOKENS}")
         shard, dev = self.spec.shard, self.device
         b, t = batch.input_ids.shape
-        n_tokens = _to_device(batch.n_tokens, dev)
+        n_tokens = to_device(batch.n_tokens, dev)
         position_ids = torch.arange(t, device=dev)[None, :].expand(b, t)
-        x = _to_device(batch.input_ids, dev).long() if shard.first else _from_host(hidden, dev)
+        x = to_device(batch.input_ids, dev).long() if shard.first else _from_host(hidden, dev)
 
         layers: list[dict[str, torch.Tensor]] = []
         side = self.reduce_stream
@@ -224,9 +223,9 @@ class Stage:
         n_tokens - 1 ... n_tokens + len(answer) - 2 predict them one by one (teacher forcing).
         """
         dev = h.device
-        answers = _to_device(batch.answer_ids, dev).long()  # [batch, answer]
+        answers = to_device(batch.answer_ids, dev).long()  # [batch, answer]
         steps = max(answers.shape[1], 1)
-        last = _to_device(batch.n_tokens, dev).long() - 1  # [batch]
+        last = to_device(batch.n_tokens, dev).long() - 1  # [batch]
         at = (last[:, None] + torch.arange(steps, device=dev)).clamp(max=h.shape[1] - 1)  # [batch, steps]
         picked = h.gather(1, at[:, :, None].expand(-1, -1, h.shape[2]))  # [batch, steps, d_model]
         logits = self.model.lm_head(picked).float()  # [batch, steps, vocab]
@@ -243,18 +242,7 @@ def _host_dtype(dtype: str) -> type:
     return {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}[dtype]
 
 
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on ``device``. To a GPU through pinned memory, asynchronously: a copy from
-    pageable memory would make the host wait for everything queued before it."""
-    with warnings.catch_warnings():  # object-store arrays are read-only; nothing writes to them
-        warnings.simplefilter("ignore", UserWarning)
-        x = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type != "cuda":
-        return x
-    return x.pin_memory().to(device, non_blocking=True)
-
-
 def _from_host(hidden: Hidden, device: torch.device) -> torch.Tensor:
-    x = _to_device(hidden.data, device)
+    x = to_device(hidden.data, device)
     return x.view(torch.bfloat16) if hidden.dtype == "bfloat16" else x
 

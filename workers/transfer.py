@@ -1,4 +1,5 @@
-"""Device -> host: everything a stage returns for a micro-batch in one pinned, asynchronous copy.
+"""Device -> host: everything a stage returns for a micro-batch in one pinned, asynchronous copy
+(and `to_device`, the way in: through pinned memory, asynchronously).
 
 `start_copy` queues the copy and returns at once; `Transfer.wait` blocks (without the GIL)
 until it has landed and gives the numpy arrays. A stage starts the next micro-batch's
@@ -15,6 +16,7 @@ On a CPU the tensors are already on the host and are returned as they are.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import torch
@@ -94,6 +96,18 @@ def start_copy(tree: dict) -> Transfer:
 def to_host(tree: dict) -> dict:
     """A nested dict of device tensors -> the same dict of numpy arrays (one copy, one wait)."""
     return start_copy(tree).wait()
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host -> device: a host array on ``device``. To a GPU through pinned memory,
+    asynchronously: a copy from pageable memory would make the host wait for everything
+    queued before it."""
+    with warnings.catch_warnings():  # object-store arrays are read-only; nothing writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return x
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
