@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from aggregator import schema
 from aggregator.manifest import read_manifest, write_manifest
-from aggregator.neurons import neurons_table, part_delta
+from aggregator.neurons import layer_delta, neurons_table
 from aggregator.writer import write_table
 from cluster.errors import UserError
 from cluster.memory import MemoryWatch
@@ -192,7 +192,7 @@ class Aggregator:
             # Encoding, hashing, fsync and the deltas' sorts release the GIL: all run in parallel.
             futures = [self.pool.submit(write_table, table, self.out, rel, self.fmt) for table, rel in tables]
             k, red = self.manifest.get("top_k", 20), self.manifest["bands"]["red"]
-            deltas = [self.pool.submit(part_delta, {layer: table}, k, red) for layer, table in acts.items()]
+            deltas = [self.pool.submit(layer_delta, layer, table, k, red) for layer, table in acts.items()]
             delta = pa.concat_tables([d.result() for d in deltas]) if deltas else schema.NEURONS.empty_table()
             futures.append(self.pool.submit(write_table, delta, self.out, f"neuron_parts/{stem}", self.fmt))
             errors = []

@@ -37,10 +37,13 @@ def merge_top_k(state: dict[str, np.ndarray], neuron: np.ndarray, act: np.ndarra
     pos = np.concatenate([state["pos"], pos])
     order = np.lexsort((prompt_id, -act, neuron))
     neuron, act, prompt_id, pos = neuron[order], act[order], prompt_id[order], pos[order]
-    starts = np.flatnonzero(np.r_[True, neuron[1:] != neuron[:-1]])
-    rank = np.arange(len(neuron)) - np.repeat(starts, np.diff(np.r_[starts, len(neuron)]))
-    keep = rank < k
+    keep = rank_within(neuron) < k
     return {"neuron": neuron[keep], "act": act[keep], "prompt_id": prompt_id[keep], "pos": pos[keep]}
+
+
+def rank_within(group: np.ndarray) -> np.ndarray:
+    """Each element's rank among its equal neighbours in a sorted ``group`` array (0, 1, 2...)."""
+    return np.arange(len(group)) - np.searchsorted(group, group, side="left")
 
 
 def empty_state() -> dict[str, np.ndarray]:
@@ -95,14 +98,11 @@ class LayerState:
         )
 
 
-def part_delta(layers: dict[int, pa.Table], k: int, red: float) -> pa.Table:
-    """The neurons table of one part's activation rows ({layer: ACTIVATIONS table})."""
-    tables = []
-    for layer, rows in sorted(layers.items()):
-        state = LayerState(k)
-        state.add_rows(rows["neuron"].to_numpy(), rows["max_act"].to_numpy(), rows["prompt_id"].to_numpy(), rows["max_pos"].to_numpy(), red)
-        tables.append(state.table(layer))
-    return pa.concat_tables(tables) if tables else schema.NEURONS.empty_table()
+def layer_delta(layer: int, rows: pa.Table, k: int, red: float) -> pa.Table:
+    """The neurons table of one layer's activation rows in one part (an ACTIVATIONS table)."""
+    state = LayerState(k)
+    state.add_rows(rows["neuron"].to_numpy(), rows["max_act"].to_numpy(), rows["prompt_id"].to_numpy(), rows["max_pos"].to_numpy(), red)
+    return state.table(layer)
 
 
 FOLD_ROWS = 2_000_000
@@ -132,8 +132,6 @@ def neurons_table(out: Path, manifest: dict, k: int) -> pa.Table:
                     pending_rows[int(value)] += int(pc.sum(pc.list_value_length(rows["top_acts"])).as_py() or 0)
                     if pending_rows[int(value)] >= FOLD_ROWS:
                         fold(int(value))
-    for layer in pending:
-        states.setdefault(layer, LayerState(k))
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # numpy's sorts release the GIL
         list(pool.map(fold, list(pending)))
     tables = [state.table(layer) for layer, state in sorted(states.items())]

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from aggregator import schema
+from aggregator.neurons import rank_within
 from cluster.errors import UserError
 
 
@@ -83,15 +84,7 @@ def top_neurons(run: Run, per_layer: int) -> pa.Table:
     neurons = ds.dataset(str(run.out / run.manifest["neurons"]["path"]), format=run.fmt).to_table()
     order = np.lexsort((neurons["neuron"].to_numpy(), -neurons["max_act"].to_numpy(), -neurons["n_red"].to_numpy(), neurons["layer"].to_numpy()))
     neurons = neurons.take(order)
-    layer = neurons["layer"].to_numpy()
-    starts = np.searchsorted(layer, layer, side="left")
-    rank = np.arange(len(layer)) - starts
-    return neurons.filter(pa.array(rank < per_layer))
-
-
-def _rank_within(group: np.ndarray) -> np.ndarray:
-    """Rank of each element among equal neighbours of a sorted ``group`` array (0, 1, 2...)."""
-    return np.arange(len(group)) - np.searchsorted(group, group, side="left")
+    return neurons.filter(pa.array(rank_within(neurons["layer"].to_numpy()) < per_layer))
 
 
 def strips(rows: pa.Table, ids: np.ndarray, lengths: np.ndarray, per_prompt: int) -> pa.Table:
@@ -114,12 +107,12 @@ def strips(rows: pa.Table, ids: np.ndarray, lengths: np.ndarray, per_prompt: int
     firing = -(-per_prompt // 2)
     order = np.lexsort((neuron, -coverage, -above, prompt_id))
     first = np.zeros(len(order), bool)
-    first[order] = (_rank_within(prompt_id[order]) < firing) & (above[order] > 0)
+    first[order] = (rank_within(prompt_id[order]) < firing) & (above[order] > 0)
     row_prompt = np.searchsorted(ids, prompt_id)  # each row's prompt, as an index into ids
     budget = per_prompt - np.bincount(row_prompt[first], minlength=len(ids))[row_prompt]
     rest = np.flatnonzero(~first)
     rest = rest[np.lexsort((neuron[rest], -coverage[rest], prompt_id[rest]))]
-    second = rest[_rank_within(prompt_id[rest]) < budget[rest]]
+    second = rest[rank_within(prompt_id[rest]) < budget[rest]]
     keep = np.concatenate([np.flatnonzero(first), second])
     keep = keep[np.lexsort((neuron[keep], -coverage[keep], prompt_id[keep]))]
     return rows.take(pa.array(keep)).append_column("coverage", pa.array(coverage[keep], pa.float32()))

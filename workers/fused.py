@@ -108,12 +108,16 @@ def stats_kernel(
 
 
 @functools.cache
-def _kernel(interpret: bool):
-    """`stats_kernel` compiled by Triton on first use. ``interpret`` is part of the cache key:
+def _jit(kernel, interpret: bool):
+    """``kernel`` compiled by Triton on first use. ``interpret`` is part of the cache key:
     ``triton.jit`` reads the interpreter flag when it wraps the function."""
     import triton
 
-    return triton.jit(stats_kernel)
+    return triton.jit(kernel)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def layer_stats_fused(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, block_t: int = BLOCK_T,
@@ -133,8 +137,7 @@ def layer_stats_fused(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection,
     from workers.reduce import thresholds
 
     high, low, red = thresholds(sel, act.dtype)  # the same exact comparisons as the eager path
-    kernel = _kernel(os.environ.get("TRITON_INTERPRET") == "1")
-    kernel[(b, -(-n // BLOCK_N))](
+    _jit(stats_kernel, _interpret())[(b, -(-n // BLOCK_N))](
         act, n_tokens.to(torch.int32), out["max_act"], out["max_pos"], out["min_act"], out["min_pos"],
         out["n_above"], out["n_below"], out["n_red"], out["key"], n, act.stride(0), act.stride(1),
         high, low, red, sel.high, sel.low, BLOCK_T=block_t, BLOCK_N=BLOCK_N, UNROLL=unroll, num_warps=num_warps,
@@ -185,13 +188,6 @@ def rows_kernel(
         tl.store(dest, packed.to(tl.uint8), mask=slot_ok[:, None] & (byte < width)[None, :])
 
 
-@functools.cache
-def _rows_kernel(interpret: bool):
-    import triton
-
-    return triton.jit(rows_kernel)
-
-
 def kept_rows_fused(act: torch.Tensor, idx: torch.Tensor, n_tokens: torch.Tensor, stats: dict[str, torch.Tensor],
                     sel: Selection) -> dict[str, torch.Tensor]:
     """`workers.reduce.kept_rows` in one kernel: the statistics and packed band codes of the
@@ -210,8 +206,7 @@ def kept_rows_fused(act: torch.Tensor, idx: torch.Tensor, n_tokens: torch.Tensor
     from workers.reduce import thresholds
 
     high, low, red = thresholds(sel, act.dtype)
-    kernel = _rows_kernel(os.environ.get("TRITON_INTERPRET") == "1")
-    kernel[(b, -(-k // ROWS_BLOCK_K))](
+    _jit(rows_kernel, _interpret())[(b, -(-k // ROWS_BLOCK_K))](
         act, n_tokens.to(torch.int32), idx.contiguous(), *(stats[name] for name in ("max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "n_red")),
         *(out[name] for name in ("max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "n_red", "bands")),
         n, k, width, act.stride(0), act.stride(1), high, low, red, BLOCK_K=ROWS_BLOCK_K, BLOCK_W=ROWS_BLOCK_W,

@@ -207,8 +207,9 @@ def top_neurons(key: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` highest rank keys of each row (see `rank_keys`): the set a stable
     descending sort of the scores would put first (in no particular order), found by a top-k
     (a selection, not a 16,384-wide sort). [batch, n] int64 -> [batch, k] int64."""
-    if k == key.shape[1]:
-        return torch.sort(key, dim=1, descending=True).indices
+    b, n = key.shape
+    if k == n:  # every neuron: the set is all of them
+        return torch.arange(n, device=key.device).expand(b, n)
     return key.topk(k, dim=1, sorted=False).indices  # the set is what matters: the caller sorts the kept by neuron
 
 

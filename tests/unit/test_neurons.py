@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from aggregator.neurons import LayerState, empty_state, merge_top_k, part_delta
+from aggregator.neurons import LayerState, empty_state, layer_delta, merge_top_k
 from aggregator.schema import ACTIVATIONS
 
 
@@ -47,7 +47,7 @@ def test_merged_part_deltas_equal_one_pass_over_all_rows():
     )
     merged = LayerState(k=2)
     for part in (table.slice(0, 2), table.slice(2, 3), table.slice(5)):  # three committed parts
-        merged.add_table(part_delta({3: part}, k=2, red=3.5))
+        merged.add_table(layer_delta(3, part, k=2, red=3.5))
     one_pass = LayerState(k=2)
     one_pass.add_rows(*(table[c].to_numpy() for c in ("neuron", "max_act", "prompt_id", "max_pos")), red=3.5)
     assert merged.table(3).equals(one_pass.table(3))
@@ -80,7 +80,8 @@ def test_neurons_table_from_part_files_equals_one_pass_however_often_it_folds(tm
                 "max_act": rng.choice([1.0, 3.0, 3.75, 4.0], m).astype(np.float32),  # ties across parts
                 "max_pos": rng.integers(0, 9, m).astype(np.int16)})
             everything[layer].append(acts[layer])
-        f = write_table(part_delta(acts, k=3, red=3.5), tmp_path, f"neuron_parts/part-{part:05d}", "parquet")
+        delta = pa.concat_tables([layer_delta(layer, rows, k=3, red=3.5) for layer, rows in acts.items()])
+        f = write_table(delta, tmp_path, f"neuron_parts/part-{part:05d}", "parquet")
         parts.append({"part": part + 1, "files": [f.to_dict()]})
     table = neurons.neurons_table(tmp_path, {"parts": parts, "format": "parquet"}, k=3)
     for layer in range(3):
