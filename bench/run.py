@@ -85,12 +85,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _inputs(batch, device):
-    """(ids, attention mask, position ids) on ``device``, through pinned memory as the stage does."""
+def _inputs(batch, device, mask: bool = True):
+    """(ids, attention mask or None, position ids) on ``device``, through pinned memory as the stage does."""
     b, t = batch.input_ids.shape
     pos = torch.arange(t, device=device)
-    mask = (pos[None, :] < to_device(batch.n_input, device)[:, None]).long()
-    return to_device(batch.input_ids, device).long(), mask, pos[None, :].expand(b, t)
+    attention = (pos[None, :] < to_device(batch.n_input, device)[:, None]).long() if mask else None
+    return to_device(batch.input_ids, device).long(), attention, pos[None, :].expand(b, t)
 
 
 NAIVE_BATCHES = 2
@@ -107,11 +107,8 @@ def timed(step, batches, device, warm_up: bool = True, threads: int = 1) -> dict
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    if threads == 1:
-        copied = sum(step(batch) or 0 for batch in batches)
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            copied = sum(c or 0 for c in pool.map(step, batches))
+    with ThreadPoolExecutor(threads) as pool:
+        copied = sum(pool.map(step, batches))
     _sync(device)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
@@ -125,8 +122,7 @@ def bare_step(model, device: torch.device):
 
     @torch.inference_mode()
     def bare(batch):
-        ids, _, pos = _inputs(batch, device)
-        h = model(ids, None, pos)
+        h = model(*_inputs(batch, device, mask=False))
         last = to_device(batch.n_tokens, device).long() - 1
         model.lm_head(h[torch.arange(len(last), device=device), last])
         return 0

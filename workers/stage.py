@@ -23,8 +23,8 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from workers.reduce import compact, reduce_layer
 from workers.rows import Hidden, StageRows
 from workers.shard import ShardSpec, load_stage
 from workers.split import forward_splitting
-from workers.transfer import Transfer, leaves, start_copy, to_device
+from workers.transfer import leaves, start_copy, to_device
 
 TOP_TOKENS = 5
 FAULT_OOM_TOKENS = int(os.environ.get("NEUROSCAN_FAULT_OOM_TOKENS", "0"))
@@ -89,14 +89,12 @@ def reducing_hooks(blocks, n_tokens: torch.Tensor, sel: Selection, sink: list, f
 class Launched:
     """A micro-batch whose device work is queued: what collecting it needs."""
 
-    layers: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    """Every layer's reduction (written on the side stream)."""
-    outputs: dict = field(default_factory=dict)
+    layers: list[dict[str, torch.Tensor]]
+    """Every layer's reduction (written on the side stream, if there is one)."""
+    outputs: dict
     """{"predictions": ...} (last stage) or {"hidden": {"data": h}} (written on the main stream)."""
-    ready: list = field(default_factory=list)
-    """Device events after which all of the above is written."""
-    transfer: Transfer | None = None
-    """Set instead when the launch compacted and started the copy itself (CPU, one stream)."""
+    ready: list
+    """CUDA events after which all of the above is written (none on a CPU)."""
 
 
 class Stage:
@@ -170,13 +168,14 @@ class Stage:
             # and SDPA leaves its flash kernel.)
             h = self.model(x, None, position_ids)  # [batch, pos, d_model]
         outputs = {"predictions": self._predict(h, batch)} if shard.last else {"hidden": {"data": h}}
-        if side is None:  # CPU, or the one-stream variant the bench measures: compact and copy now
-            rows, per_prompt = compact(layers)
-            return Launched(transfer=start_copy({"rows": rows, "per_prompt": per_prompt, **outputs}))
-        n_tokens.record_stream(side)  # read by the side stream's kernels, maybe after this returns
-        ready = [torch.cuda.Event(), torch.cuda.Event()]
-        ready[0].record(side)
-        ready[1].record(torch.cuda.current_stream(dev))
+        ready = []
+        if dev.type == "cuda":
+            if side is not None:
+                n_tokens.record_stream(side)  # read by the side stream's kernels, maybe after this returns
+            for stream in (side, torch.cuda.current_stream(dev)):
+                if stream is not None:
+                    ready.append(torch.cuda.Event())
+                    ready[-1].record(stream)
         return Launched(layers, outputs, ready)
 
     @torch.inference_mode()
@@ -184,18 +183,18 @@ class Stage:
         """Compact and copy the launched micro-batch on this thread's stream, wait for the copy,
         and wrap it for the next stage and the aggregator."""
         shard = self.spec.shard
-        transfer = launched.transfer
-        if transfer is None:
+        on_stream = nullcontext()
+        if self.device.type == "cuda":
             tail = self._collect_stream()
             for event in launched.ready:
                 tail.wait_event(event)
             for tensor in [*(t for layer in launched.layers for t in layer.values()), *leaves(launched.outputs)]:
                 tensor.record_stream(tail)  # written on other streams, read here: not to be reused before
-            with torch.cuda.stream(tail):
-                rows, per_prompt = compact(launched.layers)  # nonzero: waits for this micro-batch only
-                transfer = start_copy({"rows": rows, "per_prompt": per_prompt, **launched.outputs})
-            del rows, per_prompt
-        del launched
+            on_stream = torch.cuda.stream(tail)
+        with on_stream:
+            rows, per_prompt = compact(launched.layers)  # nonzero: on a GPU, waits for this micro-batch only
+            transfer = start_copy({"rows": rows, "per_prompt": per_prompt, **launched.outputs})
+        del launched, rows, per_prompt
         host = transfer.wait()
         del transfer
         out_hidden = None if shard.last else Hidden(host["hidden"]["data"], self.spec.dtype)
