@@ -118,12 +118,15 @@ def strips(rows: pa.Table, ids: np.ndarray, lengths: np.ndarray, per_prompt: int
     return rows.take(pa.array(keep)).append_column("coverage", pa.array(coverage[keep], pa.float32()))
 
 
-def family_frequency(rows: pa.Table, family_of: dict[int, str], family_size: dict[str, int]) -> dict[int, dict[str, float]]:
+def family_frequency(rows: pa.Table, ids: np.ndarray, family: np.ndarray, family_size: dict[str, int]) -> dict[int, dict[str, float]]:
     """For each neuron of ``rows`` (one layer's kept rows): per family, the fraction of that
-    family's prompts on which the layer kept it."""
-    out: dict[int, dict[str, int]] = {}
-    for neuron, prompt_id in zip(rows["neuron"].to_pylist(), rows["prompt_id"].to_pylist()):
-        counts = out.setdefault(neuron, {})
-        family = family_of[prompt_id]
-        counts[family] = counts.get(family, 0) + 1
-    return {n: {f: c / family_size[f] for f, c in sorted(counts.items())} for n, counts in out.items()}
+    family's prompts on which the layer kept it. ``ids`` (sorted) and ``family``: every prompt's
+    id and family name."""
+    names = sorted(family_size)
+    code = np.searchsorted(names, family)[np.searchsorted(ids, rows["prompt_id"].to_numpy())]  # each row's family
+    pairs, counts = np.unique(rows["neuron"].to_numpy().astype(np.int64) * len(names) + code, return_counts=True)
+    out: dict[int, dict[str, float]] = {}
+    for pair, count in zip(pairs.tolist(), counts.tolist()):
+        neuron, f = divmod(pair, len(names))
+        out.setdefault(neuron, {})[names[f]] = count / family_size[names[f]]
+    return out

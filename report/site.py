@@ -68,7 +68,6 @@ def _write(run, staging: Path, options: Options) -> None:
     ids, lengths = prompts["prompt_id"].to_numpy(), prompts["n_tokens"].to_numpy()
     families = [f or "(none)" for f in prompts["family"].to_pylist()]
     tokens, user_ids = prompts["tokens"].to_pylist(), prompts["id"].to_pylist()
-    family_of = dict(zip(ids.tolist(), families))
     family_size = dict(sorted(Counter(families).items()))
     position = {p: i for i, p in enumerate(ids.tolist())}
     for c in range(0, len(ids), options.chunk):
@@ -91,8 +90,12 @@ def _write(run, staging: Path, options: Options) -> None:
         neurons = listed.get(layer, [])
         if neurons:
             mine = rows.filter(pc.is_in(rows["neuron"], pa.array([n["neuron"] for n in neurons], pa.int32())))
-            freq = data.family_frequency(mine, family_of, family_size)
-            bands_of = {(p, n): b for p, n, b in zip(mine["prompt_id"].to_pylist(), mine["neuron"].to_pylist(), mine["bands"].to_pylist())}
+            freq = data.family_frequency(mine, ids, np.array(families), family_size)
+            # Band codes only of the (prompt, neuron) pairs the pages show: each neuron's top prompts.
+            key = mine["prompt_id"].to_numpy().astype(np.int64) << 32 | mine["neuron"].to_numpy()
+            wanted = np.array([p << 32 | n["neuron"] for n in neurons for p in n["top_prompt_ids"]], np.int64)
+            shown = mine.filter(pa.array(np.isin(key, wanted)))
+            bands_of = {(p, n): b for p, n, b in zip(shown["prompt_id"].to_pylist(), shown["neuron"].to_pylist(), shown["bands"].to_pylist())}
             for neuron in neurons:
                 top = [{"prompt_id": p, "id": user_ids[position[p]], "family": families[position[p]], "act": act, "pos": pos,
                         "tokens": tokens[position[p]], "bands": _b64(bands_of[(p, neuron["neuron"])])}
