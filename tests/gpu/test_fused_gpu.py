@@ -154,7 +154,7 @@ def test_side_stream_and_concurrent_calls_give_the_one_stream_rows(tiny_model):
             assert np.array_equal(a.predictions[name], b.predictions[name]), name
 
 
-def test_a_stage_micro_batch_synchronises_once(tiny_model):
+def test_a_stage_micro_batch_synchronises_a_handful_of_times_never_per_layer(tiny_model):
     """The syncs CUDA's debug mode reports for one micro-batch (the compaction's ``nonzero``,
     copies of the batch's small index arrays) are a handful, never one per layer."""
     from prompts.batching import micro_batches
