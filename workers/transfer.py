@@ -62,15 +62,15 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
 class Transfer:
     """A queued device -> host copy of a nested dict of tensors."""
 
-    def __init__(self, tree: dict, host: torch.Tensor | None = None, done: torch.cuda.Event | None = None, tensors=(), offsets=()):
-        self.tree, self.host, self.done, self.tensors, self.offsets = tree, host, done, tensors, offsets
+    def __init__(self, tree: dict, host: torch.Tensor | None = None, done: torch.cuda.Event | None = None, offsets=()):
+        self.tree, self.host, self.done, self.offsets = tree, host, done, offsets
 
     def wait(self) -> dict:
         """The same dict of numpy arrays, once the copy has landed (views of one pinned buffer)."""
         if self.done is None:  # already on the host
             return _map(self.tree, lambda t: _numpy(t.contiguous()))
         self.done.synchronize()  # releases the GIL: another thread may launch work meanwhile
-        arrays = iter(unpack(self.host, self.tensors, self.offsets))
+        arrays = iter(unpack(self.host, list(leaves(self.tree)), self.offsets))
         return _map(self.tree, lambda _: next(arrays))
 
 
@@ -90,7 +90,7 @@ def start_copy(tree: dict) -> Transfer:
         done = torch.cuda.Event()
         done.record(stream)
     staging.record_stream(stream)  # the allocator must not hand it out before the copy ends
-    return Transfer(tree, host, done, tensors, offsets)
+    return Transfer(tree, host, done, offsets)
 
 
 def to_host(tree: dict) -> dict:
