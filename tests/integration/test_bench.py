@@ -30,3 +30,25 @@ def test_bench_smoke(ray_session, tmp_path, capsys):
 def test_bench_refuses_an_unknown_mode(capsys):
     assert main(["bench", "--device", "cpu", "--modes", "bare,fast"]) == 2
     assert "--modes: fast not known" in capsys.readouterr().err
+
+
+def test_a_bench_cut_short_keeps_the_modes_it_finished(tmp_path, monkeypatch):
+    """The JSON is rewritten after every mode: a run that dies in the Ray modes (or times out)
+    still leaves the in-process modes' figures, marked incomplete."""
+    import pytest
+
+    import bench.run
+    from cluster.cli import build_parser
+
+    def dies(*args, **kwargs):
+        raise RuntimeError("the machine went away")
+
+    monkeypatch.setattr(bench.run, "bench_ray", dies)
+    out = tmp_path / "bench.json"
+    args = build_parser().parse_args(["bench", "--device", "cpu", "--preset", "tiny", "--prompts", "4", "--prompt-tokens", "20",
+                                      "--batch-tokens", "64", "--modes", "bare,scan_local,scan", "--out", str(out)])
+    with pytest.raises(RuntimeError):
+        bench.run.run_bench(args)
+    report = json.loads(out.read_text())
+    assert report["complete"] is False and list(report["results"]) == ["bare", "scan_local"]
+    assert report["results"]["scan_local"]["ratio_to_bare"] > 0
