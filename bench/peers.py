@@ -24,6 +24,8 @@ from workers.reduce import compact, reduce_layer
 from workers.transfer import leaves, to_host
 
 PEERS = ("transformer_lens", "nnsight")
+PEER_PACKAGES = ("transformer-lens", "nnsight")
+"""Their distributions' names, for the versions a bench report records."""
 
 
 def available(peer: str) -> bool:

@@ -36,7 +36,7 @@ import torch
 from transformers.activations import NewGELUActivation
 
 from bench import peers
-from bench.peers import PEERS
+from bench.peers import PEER_PACKAGES, PEERS
 from cluster.config import ScanConfig, Selection
 from cluster.driver import package_version, run_scan
 from cluster.errors import UserError
@@ -130,8 +130,8 @@ def bare_step(model, device: torch.device):
     return bare
 
 
-def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: Selection, modes: list[str], tokenizer=None,
-                     results: dict | None = None, saved=lambda results: None) -> dict:
+def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: Selection, modes: list[str], tokenizer,
+                     results: dict, saved) -> None:
     """The in-process modes, all on one loaded copy of the model (a stage holding every layer),
     added to ``results``; ``saved(results)`` after each."""
     n = load_config(path).n_layer
@@ -174,7 +174,6 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
         "scan_local_inline": (scan_local, fused, None, False, 1),
         "scan_local": (scan_local, fused, side, False, STAGE_CONCURRENCY if device.type == "cuda" else 1),
     }
-    results = {} if results is None else results
     for mode in MODES:
         if mode in modes and mode in variants:
             step, stage.fused, stage.reduce_stream, hf_gelu, threads = variants[mode]
@@ -191,7 +190,6 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
             with step() as run:
                 results[mode] = {**timed(run, batches, device), "reduction": "eager"}
             saved(results)
-    return results
 
 
 @contextmanager
@@ -266,7 +264,7 @@ def run_bench(args) -> dict:
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "command": " ".join(["neuroscan", *sys.argv[1:]]),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-            "versions": {p: package_version(p) for p in ("torch", "transformers", "ray", "pyarrow")},
+            "versions": {p: package_version(p) for p in ("torch", "transformers", "triton", "ray", "pyarrow", *PEER_PACKAGES)},
             "model": {"path": path, "n_layer": config.n_layer, "d_model": config.n_embd, "dtype": dtype,
                       "attention": attention_implementation(path)},
             "workload": {"prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "batch_tokens": args.batch_tokens,
