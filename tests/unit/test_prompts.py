@@ -8,10 +8,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cluster import driver
+from cluster.config import ScanConfig
 from cluster.errors import UserError
 from prompts.batching import make_batch, micro_batches, pack, tokenize
 from prompts.readers import Prompt, read_prompts
 from prompts.seed import SEED_PROMPTS
+from workers.checkpoint import load_tokenizer
 from workers.tokenizer import byte_tokenizer
 
 ROWS = [{"text": "alpha", "id": "a", "family": "f"}, {"text": "beta gamma"}, {"text": "delta", "expected": " x"}]
@@ -137,3 +140,20 @@ def test_micro_batch_ids_are_deterministic():
     first = [(b.batch_id, b.prompt_ids.tolist()) for b, _ in micro_batches("seed", tok, 2048, 500, False)]
     again = [(b.batch_id, b.prompt_ids.tolist()) for b, _ in micro_batches("seed", tok, 2048, 500, False)]
     assert first == again == [(0, [0]), (1, [1])]
+
+
+def test_plan_keeps_a_small_corpus_for_the_run_and_streams_a_larger_one(tiny_model, tmp_path, monkeypatch):
+    cfg = ScanConfig(prompts="seed", out=str(tmp_path / "out"), model=str(tiny_model), batch_tokens=500)
+    kept = driver.plan(cfg).batches
+    streamed = list(micro_batches("seed", load_tokenizer(str(tiny_model)), 2048, 500, False))
+
+    def rows(pairs):
+        return [(b.batch_id, b.input_ids.tolist(), b.n_tokens.tolist(), [t.prompt.id for t in group]) for b, group in pairs]
+
+    assert len(kept) == 2 and rows(kept) == rows(streamed)
+    monkeypatch.setattr(driver, "KEEP_TOKENS", kept[0][0].input_ids.size)  # the first batch fits, not both
+    assert driver.plan(cfg).batches is None
+    monkeypatch.setattr(driver, "KEEP_TOKENS", 1 << 20)
+    monkeypatch.setattr(driver, "KEEP_PROMPTS", len(kept[0][0].prompt_ids))
+    assert driver.plan(cfg).batches is None
+    assert not (tmp_path / "out").exists()  # planning writes nothing
