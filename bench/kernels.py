@@ -5,7 +5,9 @@
 Prints, median of many runs (``triton.testing.do_bench``): a device-to-device copy of the
 activations (the bandwidth ceiling: bytes read + written), the fused statistics kernel at
 several tilings (its floor is one read of the activations), the top-k ranking, the band
-packing and the whole ``reduce_layer``. A diagnostic for bench/RESULTS.md and for choosing
+packing and the whole ``reduce_layer``; then GPT-J's rotary embedding of one layer's queries
+and keys, transformers' way (rotate, then concatenate) against `workers.rotary`'s in place
+(eager ops, the kernel). A diagnostic for bench/RESULTS.md and for choosing
 `workers.fused`'s tiling, not a benchmark of record.
 """
 
@@ -14,10 +16,13 @@ from __future__ import annotations
 import argparse
 
 import torch
+from transformers import GPTJConfig
+from transformers.models.gptj.modeling_gptj import GPTJRotaryEmbedding, apply_rotary_pos_emb
 
 from cluster.config import Selection
 from workers import fused
 from workers.reduce import kept_rows, reduce_layer, top_neurons
+from workers.rotary import rotate_
 
 TILINGS = [(8, 1, 8), (8, 4, 8), (4, 8, 4), (2, 16, 4), (4, 16, 4), (4, 8, 2), (2, 8, 2), (2, 16, 2), (4, 4, 4), (1, 32, 2)]
 """(BLOCK_T, UNROLL, num_warps); (8, 1, 8) is the v2 kernel, (4, 8, 4) the default."""
@@ -62,6 +67,30 @@ def main() -> None:
           f"{'' if same else '  DIFFERENT RESULTS'}")
     print(f"{'reduce_layer (fused)':<34}{ms(lambda: reduce_layer(act, n_tokens, sel, fused=True)) * 1e3:9.1f} us")
     print(f"{'reduce_layer (eager)':<34}{ms(lambda: reduce_layer(act, n_tokens, sel)) * 1e3:9.1f} us")
+    rotary(args.batch, args.tokens, ms)
+
+
+def rotary(batch: int, tokens: int, ms) -> None:
+    """One layer's rotary embedding at GPT-J-6B's shape (16 heads of 256, rotary_dim 64)."""
+    config = GPTJConfig()
+    heads, head_dim, rd = config.n_head, config.n_embd // config.n_head, config.rotary_dim
+    gen = torch.Generator("cuda").manual_seed(1)
+    query, key = (torch.randn(batch, tokens, heads, head_dim, device="cuda", dtype=torch.float16, generator=gen) for _ in range(2))
+    positions = torch.arange(tokens, device="cuda")[None, :].expand(batch, tokens)
+    sin, cos = GPTJRotaryEmbedding(config).to("cuda")(query, positions)
+
+    def theirs():
+        return [torch.cat([apply_rotary_pos_emb(x[..., :rd], sin, cos), x[..., rd:]], dim=-1) for x in (query, key)]
+
+    want = theirs()
+    q, k = query.clone(), key.clone()
+    rotate_(q, k, sin, cos, rd, kernel=True)
+    same = torch.equal(q, want[0]) and torch.equal(k, want[1])
+    print(f"queries and keys {(batch, tokens, heads, head_dim)} fp16, rotary_dim {rd}")
+    print(f"{'rotary, transformers (+ cat)':<34}{ms(theirs) * 1e3:9.1f} us")
+    print(f"{'rotary in place, eager':<34}{ms(lambda: rotate_(q, k, sin, cos, rd, kernel=False)) * 1e3:9.1f} us")
+    print(f"{'rotary in place, kernel':<34}{ms(lambda: rotate_(q, k, sin, cos, rd, kernel=True)) * 1e3:9.1f} us"
+          f"{'' if same else '  DIFFERENT RESULTS'}")
 
 
 if __name__ == "__main__":

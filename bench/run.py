@@ -3,6 +3,8 @@
 Modes (tokens are the prompts' own tokens; ratios are against ``bare`` of the same run):
   bare              the model alone: blocks + last-token logits, no hooks
   bare_hf_gelu      the same with transformers' eight-op ``gelu_new`` (before the one-kernel GELU)
+  bare_hf_rotary    ``bare`` with transformers' attention: rotary embedding out of place and
+                    concatenated (before `workers.rotary`)
   naive             a hook copies every MLP activation to the host and reduces it there (the notebook way)
   scan_local_eager  the stage code in this process with the eager reduction (the reference path)
   scan_local_inline the stage code called from one thread, the fused reduction on the forward
@@ -34,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers.activations import NewGELUActivation
+from transformers.models.gptj.modeling_gptj import GPTJAttention
 
 from bench import peers
 from bench.peers import PEER_PACKAGES, PEERS
@@ -47,7 +50,7 @@ from workers.shard import ShardSpec
 from workers.stage import Stage, StageSpec
 from workers.transfer import to_device
 
-MODES = ("bare", "bare_hf_gelu", "naive", "scan_local_eager", "scan_local_inline", "scan_local", *PEERS, "scan", "scan_2stage")
+MODES = ("bare", "bare_hf_gelu", "bare_hf_rotary", "naive", "scan_local_eager", "scan_local_inline", "scan_local", *PEERS, "scan", "scan_2stage")
 
 
 def synthetic_corpus(path: Path, n: int, tokens: int, seed: int = 0) -> Path:
@@ -166,19 +169,20 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
         return sum(a.nbytes for a in arrays)
 
     fused, side = stage.fused, stage.reduce_stream
-    variants = {  # step, fused reduction, reduction side stream, transformers' GELU, calling threads
-        "bare": (bare, fused, side, False, 1),
-        "bare_hf_gelu": (bare, fused, side, True, 1),
-        "naive": (naive, fused, side, False, 1),
-        "scan_local_eager": (scan_local, False, None, False, 1),
-        "scan_local_inline": (scan_local, fused, None, False, 1),
-        "scan_local": (scan_local, fused, side, False, STAGE_CONCURRENCY if device.type == "cuda" else 1),
+    variants = {  # step, fused reduction, reduction side stream, transformers' modules put back, calling threads
+        "bare": (bare, fused, side, (), 1),
+        "bare_hf_gelu": (bare, fused, side, ("gelu",), 1),
+        "bare_hf_rotary": (bare, fused, side, ("attention",), 1),
+        "naive": (naive, fused, side, (), 1),
+        "scan_local_eager": (scan_local, False, None, (), 1),
+        "scan_local_inline": (scan_local, fused, None, (), 1),
+        "scan_local": (scan_local, fused, side, (), STAGE_CONCURRENCY if device.type == "cuda" else 1),
     }
     for mode in MODES:
         if mode in modes and mode in variants:
-            step, stage.fused, stage.reduce_stream, hf_gelu, threads = variants[mode]
+            step, stage.fused, stage.reduce_stream, before, threads = variants[mode]
             run = batches[:NAIVE_BATCHES] if mode == "naive" else batches
-            with transformers_gelu(model, hf_gelu):
+            with transformers_modules(model, before):
                 results[mode] = {**timed(step, run, device, warm_up=mode != "naive", threads=threads),
                                  "reduction": "fused" if stage.fused else "eager", "threads": threads}
             saved(results)
@@ -193,18 +197,23 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
 
 
 @contextmanager
-def transformers_gelu(model, on: bool):
-    """Put transformers' own ``gelu_new`` (eight elementwise ops) back in place of neuroscan's
-    one-kernel GELU while the context is open: the "before" of that optimisation."""
-    saved = [block.mlp.act for block in model.body.h]
-    if on:
-        for block in model.body.h:
+def transformers_modules(model, which: tuple[str, ...]):
+    """Put transformers' own modules back in place of neuroscan's while the context is open,
+    the "before" of those optimisations: ``"gelu"``, the eight-op ``gelu_new`` instead of the
+    one-kernel GELU; ``"attention"``, ``GPTJAttention`` (rotation out of place, then
+    concatenated) instead of `workers.rotary.RotaryAttention`, which has the same parameters."""
+    blocks = model.body.h
+    saved = [(block.mlp.act, type(block.attn)) for block in blocks]
+    for block in blocks:
+        if "gelu" in which:
             block.mlp.act = NewGELUActivation()
+        if "attention" in which:
+            block.attn.__class__ = GPTJAttention
     try:
         yield
     finally:
-        for block, act in zip(model.body.h, saved):
-            block.mlp.act = act
+        for block, (act, attention) in zip(blocks, saved):
+            block.mlp.act, block.attn.__class__ = act, attention
 
 
 def bench_ray(corpus: Path, model: str | None, device: str, dtype: str, batch_tokens: int, stages: int, sel: Selection) -> dict:

@@ -2,8 +2,10 @@
 
 The stage is a plain transformers ``GPTJModel`` whose ``h`` holds just blocks [start, stop),
 so it runs through the public forward and keeps working as transformers' internals move
-(mask and rotary helpers change between minor versions). Non-first stages take
-``inputs_embeds=hidden``; every stage gets the same 2-D attention mask and position ids and
+(mask and rotary helpers change between minor versions). Two modules of each block are
+swapped for faster ones with the same parameters and results: the attention rotates its
+queries and keys in place (`workers.rotary`) and the GELU is one kernel (`TanhGELU`).
+Non-first stages take ``inputs_embeds=hidden``; every stage gets the same 2-D attention mask and position ids and
 rebuilds its own causal mask and rotary tables. ``ln_f`` is an identity except on the last
 stage, which also holds ``lm_head``. Parameters are created on the meta device and only the
 owned tensors are materialised, so a stage's memory is its share of the model.
@@ -21,6 +23,7 @@ from torch import nn
 from transformers import GPTJConfig, GPTJModel
 
 from workers.checkpoint import read_tensors
+from workers.rotary import RotaryAttention
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,9 @@ class StageModel(nn.Module):
         config = copy.deepcopy(config)
         config.n_layer = shard.stop - shard.start
         self.body = GPTJModel(config)
-        if config.activation_function == "gelu_new":
-            for block in self.body.h:
+        for block in self.body.h:
+            block.attn = RotaryAttention(config, block.attn.layer_idx)  # the rotation in place, no concatenation
+            if config.activation_function == "gelu_new":
                 block.mlp.act = TanhGELU()
         if not shard.last:
             self.body.ln_f = nn.Identity()
