@@ -4,10 +4,11 @@
 
 Prints, median of many runs (``triton.testing.do_bench``): a device-to-device copy of the
 activations (the bandwidth ceiling: bytes read + written), the fused statistics kernel at
-several tilings (its floor is one read of the activations), the top-k ranking, the band
-packing and the whole ``reduce_layer``; then GPT-J's rotary embedding of one layer's queries
-and keys, transformers' way (rotate, then concatenate) against `workers.rotary`'s in place
-(eager ops, the kernel). A diagnostic for bench/RESULTS.md and for choosing
+several tilings (its floor is one read of the activations), picking the kept neurons (run 6's
+int64 top-k and sort, the eager int32 top-k, the one-kernel bisection), the band packing and
+the whole ``reduce_layer``; then GPT-J's rotary embedding of one layer's queries and keys,
+transformers' way (rotate, then concatenate) against `workers.rotary`'s in place (eager ops,
+the kernel). A diagnostic for bench/RESULTS.md and for choosing
 `workers.fused`'s tiling, not a benchmark of record.
 """
 
@@ -21,7 +22,7 @@ from transformers.models.gptj.modeling_gptj import GPTJRotaryEmbedding, apply_ro
 
 from cluster.config import Selection
 from workers import fused
-from workers.reduce import kept_rows, reduce_layer, top_neurons
+from workers.reduce import UNSELECTED, kept_rows, pick_neurons, reduce_layer
 from workers.rotary import rotate_
 
 TILINGS = [(8, 1, 8), (8, 4, 8), (4, 8, 4), (2, 16, 4), (4, 16, 4), (4, 8, 2), (2, 8, 2), (2, 16, 2), (4, 4, 4), (1, 32, 2)]
@@ -49,25 +50,43 @@ def main() -> None:
     out = torch.empty_like(act)
     copy = ms(lambda: out.copy_(act))
     print(f"activations {tuple(shape)} fp16, {size / 2**20:.0f} MiB")
-    print(f"{'device copy (read + write)':<34}{copy * 1e3:9.1f} us  {2 * size / copy / 1e6:7.0f} GB/s")
+    print(f"{'device copy (read + write)':<40}{copy * 1e3:9.1f} us  {2 * size / copy / 1e6:7.0f} GB/s")
     reference = fused.layer_stats_fused(act, n_tokens, sel)
     for block_t, unroll, warps in TILINGS:
         got = fused.layer_stats_fused(act, n_tokens, sel, block_t, unroll, warps)
         same = all(torch.equal(reference[k], got[k]) for k in reference)
         t = ms(lambda: fused.layer_stats_fused(act, n_tokens, sel, block_t, unroll, warps))
-        print(f"{f'stats BLOCK_T={block_t} UNROLL={unroll} warps={warps}':<34}{t * 1e3:9.1f} us  {size / t / 1e6:7.0f} GB/s"
+        print(f"{f'stats BLOCK_T={block_t} UNROLL={unroll} warps={warps}':<40}{t * 1e3:9.1f} us  {size / t / 1e6:7.0f} GB/s"
               f"{'' if same else '  DIFFERENT RESULTS'}")
-    print(f"{'top_neurons (k=500)':<34}{ms(lambda: top_neurons(reference['key'], 500)) * 1e3:9.1f} us")
+    rank = reference["rank"]
+    key = (rank.long() << 32) | (args.neurons - 1 - torch.arange(args.neurons, device="cuda"))  # run 6's rank keys
+    before = run6_pick(key, 500)
+    print(f"{'pick 500, int64 top-k + sort (run 6)':<40}{ms(lambda: run6_pick(key, 500)) * 1e3:9.1f} us")
+    same = torch.equal(pick_neurons(rank, 500)[0], before)
+    print(f"{'pick 500, int32 top-k + prefix sums':<40}{ms(lambda: pick_neurons(rank, 500)) * 1e3:9.1f} us{'' if same else '  DIFFERENT RESULTS'}")
+    for warps in (4, 8, 16):
+        same = torch.equal(fused.pick_fused(rank, 500, warps)[0], before)
+        print(f"{f'pick 500, kernel warps={warps}':<40}{ms(lambda: fused.pick_fused(rank, 500, warps)) * 1e3:9.1f} us"
+              f"{'' if same else '  DIFFERENT RESULTS'}")
     idx = torch.sort(torch.randperm(args.neurons, device="cuda")[:500]).values.expand(args.batch, 500).contiguous()
     rows = fused.kept_rows_fused(act, idx, n_tokens, reference, sel)
     eager = kept_rows(act, idx, n_tokens, reference, sel)
     same = all(torch.equal(rows[k], eager[k]) for k in rows)
-    print(f"{'kept rows, eager (500 neurons)':<34}{ms(lambda: kept_rows(act, idx, n_tokens, reference, sel)) * 1e3:9.1f} us")
-    print(f"{'kept rows, fused (500 neurons)':<34}{ms(lambda: fused.kept_rows_fused(act, idx, n_tokens, reference, sel)) * 1e3:9.1f} us"
+    print(f"{'kept rows, eager (500 neurons)':<40}{ms(lambda: kept_rows(act, idx, n_tokens, reference, sel)) * 1e3:9.1f} us")
+    print(f"{'kept rows, fused (500 neurons)':<40}{ms(lambda: fused.kept_rows_fused(act, idx, n_tokens, reference, sel)) * 1e3:9.1f} us"
           f"{'' if same else '  DIFFERENT RESULTS'}")
-    print(f"{'reduce_layer (fused)':<34}{ms(lambda: reduce_layer(act, n_tokens, sel, fused=True)) * 1e3:9.1f} us")
-    print(f"{'reduce_layer (eager)':<34}{ms(lambda: reduce_layer(act, n_tokens, sel)) * 1e3:9.1f} us")
+    print(f"{'reduce_layer (fused)':<40}{ms(lambda: reduce_layer(act, n_tokens, sel, fused=True)) * 1e3:9.1f} us")
+    print(f"{'reduce_layer (eager)':<40}{ms(lambda: reduce_layer(act, n_tokens, sel)) * 1e3:9.1f} us")
     rotary(args.batch, args.tokens, ms)
+
+
+def run6_pick(key: torch.Tensor, k: int) -> torch.Tensor:
+    """How run 6 picked the kept neurons from its int64 rank keys (score bits, then n - 1 -
+    index): an unsorted top-k, then the kept ones sorted by index, the sentinel n last."""
+    n = key.shape[1]
+    ranked = key.topk(k, dim=1, sorted=False).indices
+    kept = (key.gather(1, ranked) >> 32) > UNSELECTED
+    return torch.sort(torch.where(kept, ranked, n), dim=1).values
 
 
 def rotary(batch: int, tokens: int, ms) -> None:
@@ -87,9 +106,9 @@ def rotary(batch: int, tokens: int, ms) -> None:
     rotate_(q, k, sin, cos, rd, kernel=True)
     same = torch.equal(q, want[0]) and torch.equal(k, want[1])
     print(f"queries and keys {(batch, tokens, heads, head_dim)} fp16, rotary_dim {rd}")
-    print(f"{'rotary, transformers (+ cat)':<34}{ms(theirs) * 1e3:9.1f} us")
-    print(f"{'rotary in place, eager':<34}{ms(lambda: rotate_(q, k, sin, cos, rd, kernel=False)) * 1e3:9.1f} us")
-    print(f"{'rotary in place, kernel':<34}{ms(lambda: rotate_(q, k, sin, cos, rd, kernel=True)) * 1e3:9.1f} us"
+    print(f"{'rotary, transformers (+ cat)':<40}{ms(theirs) * 1e3:9.1f} us")
+    print(f"{'rotary in place, eager':<40}{ms(lambda: rotate_(q, k, sin, cos, rd, kernel=False)) * 1e3:9.1f} us")
+    print(f"{'rotary in place, kernel':<40}{ms(lambda: rotate_(q, k, sin, cos, rd, kernel=True)) * 1e3:9.1f} us"
           f"{'' if same else '  DIFFERENT RESULTS'}")
 
 

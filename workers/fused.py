@@ -45,7 +45,7 @@ def available(device: torch.device) -> bool:
 
 
 def stats_kernel(
-    act, n_tokens, max_act, max_pos, min_act, min_pos, n_above, n_below, n_red, key,
+    act, n_tokens, max_act, max_pos, min_act, min_pos, n_above, n_below, n_red, rank,
     n_neurons, stride_b, stride_t, high, low, red, sel_high, sel_low,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
 ):
@@ -99,12 +99,11 @@ def stats_kernel(
     tl.store(n_above + out, tl.sum(above, axis=0), mask=col_ok)
     tl.store(n_below + out, tl.sum(below, axis=0), mask=col_ok)
     tl.store(n_red + out, tl.sum(reds, axis=0), mask=col_ok)
-    # The rank key, as `workers.reduce.rank_keys` computes it (saves ~15 small kernels a layer).
+    # The rank, as `workers.reduce.rank_scores` computes it (saves ~15 small kernels a layer).
     selected = (run_max > high) | (run_min < low)
     score = tl.where(selected, tl.maximum(run_max - sel_high, sel_low - run_min), float("-inf")) + 0.0
     bits = score.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-    tl.store(key + out, (ordered << 32) | (n_neurons - 1 - cols).to(tl.int64), mask=col_ok)
+    tl.store(rank + out, tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits), mask=col_ok)
 
 
 @functools.cache
@@ -124,7 +123,7 @@ def layer_stats_fused(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection,
                       unroll: int = UNROLL, num_warps: int = NUM_WARPS) -> dict[str, torch.Tensor]:
     """`workers.reduce.layer_stats` in one pass: act [batch, pos, d_mlp] (unit stride along
     d_mlp), n_tokens [batch] -> [batch, d_mlp] max_act/min_act float32 and
-    max_pos/min_pos/n_above/n_below/n_red int32, and key int64 (`workers.reduce.rank_keys`).
+    max_pos/min_pos/n_above/n_below/n_red int32, and rank int32 (`workers.reduce.rank_scores`).
     The tiling arguments are for `bench.kernels`."""
     if act.stride(2) != 1:
         act = act.contiguous()
@@ -133,16 +132,69 @@ def layer_stats_fused(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection,
     out = {name: torch.empty(b, n, dtype=torch.float32, device=dev) for name in ("max_act", "min_act")}
     for name in ("max_pos", "min_pos", "n_above", "n_below", "n_red"):
         out[name] = torch.empty(b, n, dtype=torch.int32, device=dev)
-    out["key"] = torch.empty(b, n, dtype=torch.int64, device=dev)
+    out["rank"] = torch.empty(b, n, dtype=torch.int32, device=dev)
     from workers.reduce import thresholds
 
     high, low, red = thresholds(sel, act.dtype)  # the same exact comparisons as the eager path
     _jit(stats_kernel, _interpret())[(b, -(-n // BLOCK_N))](
         act, n_tokens.to(torch.int32), out["max_act"], out["max_pos"], out["min_act"], out["min_pos"],
-        out["n_above"], out["n_below"], out["n_red"], out["key"], n, act.stride(0), act.stride(1),
+        out["n_above"], out["n_below"], out["n_red"], out["rank"], n, act.stride(0), act.stride(1),
         high, low, red, sel.high, sel.low, BLOCK_T=block_t, BLOCK_N=BLOCK_N, UNROLL=unroll, num_warps=num_warps,
     )
     return out
+
+
+PICK_WARPS = 16
+"""A prompt's 16,384 ranks spread over 512 threads, 32 each (not yet measured: `bench.kernels`
+times 4, 8 and 16 warps)."""
+
+
+def pick_kernel(rank, neuron, n_selected, n_neurons, k, unselected, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One program per prompt holds the prompt's whole row of ranks. The k-th highest rank comes
+    # from a bisection over the 32-bit values (32 counts of the ranks at or above a guess, each
+    # a reduction in registers: no sort, no top-k); then every rank above it is kept, and the
+    # lowest-index neurons at it while room is left, written in ascending order by a prefix sum.
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    ok = cols < n_neurons
+    r = tl.load(rank + b * n_neurons + cols, mask=ok, other=-(2**31))
+    lo = b * 0 - 2**31  # at least k ranks are >= lo; the k-th highest is in [lo, hi]
+    hi = b * 0 + 2**31 - 1  # (int64 scalars, like b, so that lo + hi cannot overflow)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        enough = tl.sum((ok & (r >= mid.to(tl.int32))).to(tl.int32), axis=0) >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    kth = lo.to(tl.int32)
+    selected = ok & (r > unselected)
+    above = ok & (r > kth)
+    at = ok & (r == kth)
+    room = k - tl.sum(above.to(tl.int32), axis=0)
+    chosen = selected & (above | (at & (tl.cumsum(at.to(tl.int32), axis=0) <= room)))
+    slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    row = neuron + b * k
+    tl.store(row + slot, cols.to(tl.int64), mask=chosen & (slot < k))  # (< k holds; the mask keeps writes in the row)
+    count = tl.sum(chosen.to(tl.int32), axis=0)
+    for k0 in range(0, k, BLOCK_K):  # the slots left over: the sentinel n
+        ks = k0 + tl.arange(0, BLOCK_K)
+        tl.store(row + ks, tl.full((BLOCK_K,), 0, tl.int64) + n_neurons, mask=(ks >= count) & (ks < k))
+    tl.store(n_selected + b, tl.sum(selected.to(tl.int32), axis=0))
+
+
+def pick_fused(rank: torch.Tensor, k: int, num_warps: int = PICK_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """`workers.reduce.pick_neurons` in one kernel (same results): ranks [batch, n] int32 ->
+    kept neurons ascending then ``n``, [batch, k] int64, and n_selected [batch] int32.
+    ``num_warps`` is for `bench.kernels`."""
+    from workers.reduce import UNSELECTED
+
+    b, n = rank.shape
+    neuron = torch.empty(b, k, dtype=torch.int64, device=rank.device)
+    n_selected = torch.empty(b, dtype=torch.int32, device=rank.device)
+    _jit(pick_kernel, _interpret())[(b,)](
+        rank.contiguous(), neuron, n_selected, n, k, UNSELECTED,
+        BLOCK_N=max(16, 1 << (n - 1).bit_length()), BLOCK_K=256, num_warps=num_warps,
+    )
+    return neuron, n_selected
 
 
 ROWS_BLOCK_K = 32

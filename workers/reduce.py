@@ -119,21 +119,18 @@ def reduce_layer(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, fuse
       red_coverage (above ``red``) and blue_coverage (below ``low``).
     """
     n = act.shape[2]
-    if fused:  # the kernel also gives each neuron's rank key
-        from workers.fused import layer_stats_fused
+    if fused:  # the kernel also gives each neuron's rank
+        from workers.fused import layer_stats_fused, pick_fused
 
         stats = layer_stats_fused(act, n_tokens, sel)
-        key = stats["key"]
+        rank = stats["rank"]
     else:
         stats = layer_stats(act, n_tokens, sel)
-        key = rank_keys(stats["max_act"], stats["min_act"], sel, act.dtype)
+        rank = rank_scores(stats["max_act"], stats["min_act"], sel, act.dtype)
     high, _, _ = thresholds(sel, act.dtype)
     max_act = stats["max_act"]
     k = n if sel.max_per_layer == 0 else min(sel.max_per_layer, n)
-    ranked = top_neurons(key, k)  # [batch, K]
-    ranked_kept = is_selected(key.gather(1, ranked))
-    # Kept neurons in ascending index order, the dropped slots (sentinel n) last.
-    neuron = torch.sort(torch.where(ranked_kept, ranked, n), dim=1).values
+    neuron, n_selected = (pick_fused if fused else pick_neurons)(rank, k)  # [batch, K] ascending, then n
     kept = neuron < n
     idx = neuron.clamp(max=n - 1)  # [batch, K]
 
@@ -153,7 +150,7 @@ def reduce_layer(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, fuse
         "kept": kept,
         "neuron": idx.to(torch.int32),
         **{name: picked[name] for name in ROW_FIELDS if name != "neuron"},
-        "n_selected": is_selected(key).sum(dim=1).to(torch.int32),
+        "n_selected": n_selected,
         "n_kept": n_kept.to(torch.int32),
         "n_above_any": (max_act > high).sum(dim=1).to(torch.int32),
         "mean_coverage": coverage(picked["n_above"]),
@@ -175,42 +172,59 @@ def kept_rows(act: torch.Tensor, idx: torch.Tensor, n_tokens: torch.Tensor, stat
 
 
 UNSELECTED = -0x7F800000 - 1
-"""The rank-key prefix (high 32 bits) of a score of -inf, what unselected neurons get: every
-selected neuron's key is above ``UNSELECTED << 32 | 0xFFFFFFFF``."""
+"""The rank of a score of -inf, what unselected neurons get; every selected neuron ranks above."""
 
 
-def rank_keys(max_act: torch.Tensor, min_act: torch.Tensor, sel: Selection, dtype: torch.dtype) -> torch.Tensor:
-    """Each neuron's rank key (the eager reference of the fused kernel's, bit for bit).
+def rank_scores(max_act: torch.Tensor, min_act: torch.Tensor, sel: Selection, dtype: torch.dtype) -> torch.Tensor:
+    """Each neuron's rank (the eager reference of the fused kernel's, bit for bit).
 
     A neuron is selected when ``max > high or min < low`` (compared as ``dtype`` values, see
     `threshold`); its score is how far past its threshold it goes, ``max(max - high, low - min)``
-    in float32, -inf if not selected. The key orders neurons by score, ties to the lower index:
-    the score's float32 bits as an int32 that orders like the float (+ 0.0 first, so that -0.0
-    and 0.0 tie), shifted above ``n - 1 - index``. All keys of a row are distinct.
-    [batch, n] float32 -> [batch, n] int64.
+    in float32, -inf if not selected. The rank is the score's float32 bits as an int32 that
+    orders like the float (+ 0.0 first, so that -0.0 and 0.0 tie): ranks compare as scores do.
+    [batch, n] float32 -> [batch, n] int32.
     """
     high, low, _ = thresholds(sel, dtype)
     selected = (max_act > high) | (min_act < low)
     score = torch.maximum(max_act - sel.high, sel.low - min_act).masked_fill(~selected, float("-inf"))
     bits = (score + 0.0).contiguous().view(torch.int32)
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # monotone in the float
-    n = max_act.shape[1]
-    return (ordered << 32) | (n - 1 - torch.arange(n, device=max_act.device))
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float
 
 
-def is_selected(key: torch.Tensor) -> torch.Tensor:
-    """Whether rank keys belong to selected neurons (a score above -inf)."""
-    return (key >> 32) > UNSELECTED
+def is_selected(rank: torch.Tensor) -> torch.Tensor:
+    """Whether ranks belong to selected neurons (a score above -inf)."""
+    return rank > UNSELECTED
 
 
-def top_neurons(key: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` highest rank keys of each row (see `rank_keys`): the set a stable
-    descending sort of the scores would put first (in no particular order), found by a top-k
-    (a selection, not a 16,384-wide sort). [batch, n] int64 -> [batch, k] int64."""
-    b, n = key.shape
-    if k == n:  # every neuron: the set is all of them
-        return torch.arange(n, device=key.device).expand(b, n)
-    return key.topk(k, dim=1, sorted=False).indices  # the set is what matters: the caller sorts the kept by neuron
+def kth_rank(rank: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th highest rank of each row: [batch, n] int32 -> [batch] int32. A top-k of
+    32-bit values (a radix selection, not a sort; half the passes of a 64-bit key's)."""
+    if k == rank.shape[1]:
+        return rank.amin(dim=1)
+    return rank.topk(k, dim=1, sorted=False).values.amin(dim=1)
+
+
+def pick_neurons(rank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept neurons of each row of ranks [batch, n], the eager reference of
+    `workers.fused.pick_fused`.
+
+    Kept: the selected neurons among the ``k`` best ranks, ties to the lower index (the head of
+    a stable descending sort by score): every rank above the ``k``-th highest, then the
+    lowest-index neurons ranked the ``k``-th highest while room is left. Returns their indices
+    ascending, then ``n`` in the slots left over, [batch, k] int64; and how many neurons are
+    selected, [batch] int32.
+    """
+    b, n = rank.shape
+    kth = kth_rank(rank, k)
+    selected = is_selected(rank)
+    above = rank > kth[:, None]
+    at = rank == kth[:, None]
+    room = k - above.sum(dim=1, keepdim=True)
+    chosen = selected & (above | (at & (at.cumsum(dim=1) <= room)))
+    slot = torch.where(chosen, chosen.cumsum(dim=1) - 1, k)  # the unchosen all land in a spare column
+    out = torch.full((b, k + 1), n, dtype=torch.int64, device=rank.device)
+    out.scatter_(1, slot, torch.arange(n, device=rank.device).expand(b, n))
+    return out[:, :k], selected.sum(dim=1).to(torch.int32)
 
 
 def packed_bands(act: torch.Tensor, idx: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, chunk: int = 2048) -> torch.Tensor:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cluster.config import Selection
-from workers.reduce import layer_stats, rank_keys, reduce_layer
+from workers.reduce import layer_stats, pick_neurons, rank_scores, reduce_layer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -41,7 +41,21 @@ def test_fused_statistics_equal_eager(dtype, b, t):
     eager, fused = layer_stats(act, n_tokens, sel), layer_stats_fused(act, n_tokens, sel)
     for name, value in eager.items():
         assert torch.equal(value.to(fused[name].dtype), fused[name]), name
-    assert torch.equal(fused["key"], rank_keys(eager["max_act"], eager["min_act"], sel, dtype))
+    assert torch.equal(fused["rank"], rank_scores(eager["max_act"], eager["min_act"], sel, dtype))
+
+
+@pytest.mark.parametrize("k", [500, 1, 16_384])
+def test_pick_kernel_equals_eager_at_gptj_shape(k):
+    """The one-kernel pick (a bisection for the k-th rank) against the eager one (a top-k),
+    on real ranks and on ranks with many ties."""
+    from workers.fused import layer_stats_fused, pick_fused
+
+    act, n_tokens = activations(32, 256, torch.float16, seed=k)
+    rank = layer_stats_fused(act, n_tokens, Selection())["rank"]
+    tied = rank // 1_000_000 * 1_000_000  # a few hundred distinct values
+    for r in (rank, tied):
+        fused, eager = pick_fused(r, k), pick_neurons(r, k)
+        assert torch.equal(fused[0], eager[0]) and torch.equal(fused[1], eager[1])
 
 
 @pytest.mark.parametrize("cap", [500, 0])

@@ -8,7 +8,7 @@ import torch
 
 from cluster.config import Selection
 from tests.triton_cpu import needs_triton
-from workers.reduce import layer_stats, rank_keys, reduce_layer
+from workers.reduce import UNSELECTED, layer_stats, pick_neurons, rank_scores, reduce_layer
 
 pytestmark = needs_triton
 
@@ -25,8 +25,8 @@ def assert_same_stats(act, n_tokens, sel):
     eager, fused = layer_stats(act, n_tokens, sel), fused_stats(act, n_tokens, sel)
     for name in STATS:
         assert torch.equal(eager[name].to(fused[name].dtype), fused[name]), name
-    # The kernel's rank keys are bit for bit the eager ones.
-    assert torch.equal(fused["key"], rank_keys(eager["max_act"], eager["min_act"], sel, act.dtype))
+    # The kernel's ranks are bit for bit the eager ones.
+    assert torch.equal(fused["rank"], rank_scores(eager["max_act"], eager["min_act"], sel, act.dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -95,3 +95,19 @@ def test_kept_rows_kernel_equals_the_gathers_and_band_packing(dtype, b, t, k):
     assert eager.keys() == fused.keys()
     for name in eager:
         assert eager[name].dtype == fused[name].dtype and torch.equal(eager[name], fused[name]), name
+
+
+@pytest.mark.parametrize(("b", "n", "k"), [(3, 300, 7), (2, 300, 300), (4, 130, 1), (1, 16, 16), (2, 1000, 250)])
+def test_pick_kernel_equals_the_eager_pick(b, n, k):
+    """Ranks drawn from a few values (ties at the k-th rank, which take the lower indices),
+    rows with fewer selected neurons than k, the extreme ranks, n not a power of two."""
+    from workers.fused import pick_fused
+
+    gen = torch.Generator().manual_seed(b * n + k)
+    values = torch.tensor([UNSELECTED, -5, 0, 1, 2, 2**31 - 1, -(2**31)], dtype=torch.int32)
+    rank = values[torch.randint(0, len(values), (b, n), generator=gen)]
+    rank[0] = UNSELECTED  # nothing selected
+    rank[-1, : n // 2] = UNSELECTED  # some selected, maybe fewer than k
+    fused, eager = pick_fused(rank, k), pick_neurons(rank, k)
+    assert torch.equal(fused[0], eager[0]) and torch.equal(fused[1], eager[1])
+    assert fused[0][0].tolist() == [n] * k and fused[1][0] == 0

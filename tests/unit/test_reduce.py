@@ -92,11 +92,23 @@ def test_compact_keeps_only_kept_rows_in_layer_order():
     assert per_prompt["n_kept"].sum() == total
 
 
-@pytest.mark.parametrize("k", [1, 7, 64, 300])
-def test_top_neurons_is_the_head_of_a_stable_descending_sort(k):
+def stable_head(score: torch.Tensor, k: int) -> list[list[int]]:
+    """The kept neurons by definition: the selected among the head of a stable descending sort
+    of the scores (ties to the lower index), ascending, then the sentinel n."""
+    n = score.shape[1]
+    head = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+    rows = []
+    for row in range(score.shape[0]):
+        kept = sorted(i for i in head[row].tolist() if score[row, i] > float("-inf"))
+        rows.append(kept + [n] * (k - len(kept)))
+    return rows
+
+
+@pytest.mark.parametrize("k", [1, 7, 64, 299, 300])
+def test_picked_neurons_are_the_head_of_a_stable_descending_sort(k):
     """Ties (many: scores drawn from a few values, with -0.0 and 0.0) go to the lower index;
-    unselected neurons (score -inf) rank last and read as not selected."""
-    from workers.reduce import is_selected, rank_keys, top_neurons
+    unselected neurons (score -inf) are never kept and fill no slot."""
+    from workers.reduce import is_selected, pick_neurons, rank_scores
 
     gen = torch.Generator().manual_seed(k)
     sel = Selection(high=3.0, low=0.0)
@@ -105,18 +117,13 @@ def test_top_neurons_is_the_head_of_a_stable_descending_sort(k):
     max_values = torch.tensor([0.5, 3.0, 3.0, 3.5, 6.0, 1.0])
     max_act = max_values[torch.randint(0, len(max_values), (6, 300), generator=gen)]
     min_act = torch.where(max_act == 3.0, torch.tensor(-0.0), torch.tensor(1.0))  # 0 - (-0.0) = 0.0 ties 3 - 3 = 0.0
-    key = rank_keys(max_act, min_act, sel, torch.float32)
+    rank = rank_scores(max_act, min_act, sel, torch.float32)
     selected = (max_act > 3.0) | (min_act < 0.0)
-    assert torch.equal(is_selected(key), selected)
-    score = torch.maximum(max_act - 3.0, 0.0 - min_act).masked_fill(~selected, float("-inf"))
-    expected = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
-    got = top_neurons(key, k)
-    for row in range(6):
-        keep = selected[row, expected[row]]
-        assert set(got[row][is_selected(key[row, got[row]])].tolist()) == set(expected[row][keep].tolist())
+    assert torch.equal(is_selected(rank), selected)
+    score = torch.maximum(max_act - 3.0, 0.0 - min_act).masked_fill(~selected, float("-inf")) + 0.0
+    neuron, n_selected = pick_neurons(rank, k)
+    assert neuron.tolist() == stable_head(score, k)
+    assert n_selected.tolist() == selected.sum(dim=1).tolist()
     random = torch.randn(4, 300, generator=gen) + 3.0
-    key = rank_keys(random, torch.ones_like(random), sel, torch.float32)
-    head = torch.sort(random.masked_fill(random <= 3.0, float("-inf")), dim=1, descending=True, stable=True).indices[:, :k]
-    for row in range(4):
-        mine = top_neurons(key, k)[row]
-        assert set(mine[is_selected(key[row, mine])].tolist()) == set(head[row][random[row, head[row]] > 3.0].tolist())
+    neuron, _ = pick_neurons(rank_scores(random, torch.ones_like(random), sel, torch.float32), k)
+    assert neuron.tolist() == stable_head(random.masked_fill(random <= 3.0, float("-inf")), k)
