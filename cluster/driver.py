@@ -11,10 +11,13 @@ micro-batches in flight per replica keeps every stage busy without flooding memo
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import math
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,18 +32,18 @@ from cluster.memory import MemoryWatch
 from cluster.output import corpus_fingerprint, prepare_output
 from cluster.partition import partition_layers
 from cluster.schedule import Scheduler
-from prompts.batching import micro_batches
+from prompts.batching import ReadAhead, chunk_batches
 from workers.checkpoint import load_config, load_tokenizer, resolve_model
 from workers.shard import ShardSpec
 from workers.stage import Stage, StageSpec
 
 PACKAGES = ("neuroscan", "torch", "transformers", "accelerate", "ray", "pyarrow", "numpy")
-KEEP_TOKENS, KEEP_PROMPTS = 1 << 20, 1 << 14
-"""The plan keeps the corpus's micro-batches for the run when they hold at most this many
-tokens (padding included) and prompts, about 25 MB of the driver's memory at most (measured
-with tracemalloc: ~15 bytes a token, ~600 a prompt); such a corpus is read and tokenised once
-and the first micro-batch goes out at once. A larger one is read again, streaming, in bounded
-memory."""
+KEEP_TOKENS, KEEP_PROMPTS = 1 << 20, 1 << 13
+"""The plan keeps the micro-batches of the corpus's first chunks for the run while they hold
+at most this many tokens (padding included) and prompts, at most ~20 MB of the driver's
+memory (measured with tracemalloc: ~15 bytes a token, ~600 a prompt). A corpus that fits is
+read and tokenised once; in any corpus the first micro-batches go out at once, and the rest
+is read again, streaming, one chunk ahead on a background thread."""
 
 
 @dataclass
@@ -58,8 +61,10 @@ class Plan:
     vocab_size: int
     n_prompts: int
     n_tokens: int
-    batches: list | None
-    """The (micro-batch, prompts) pairs, kept for a corpus within KEEP_TOKENS and KEEP_PROMPTS."""
+    kept: list
+    """The (micro-batch, prompts) pairs of the first ``kept_chunks`` chunks (see KEEP_TOKENS)."""
+    kept_chunks: int
+    n_chunks: int
 
 
 def plan(cfg: ScanConfig) -> Plan:
@@ -69,23 +74,36 @@ def plan(cfg: ScanConfig) -> Plan:
     config = load_config(source.path)
     bounds = partition_layers(config.n_layer, cfg.stages)
     tokenizer = load_tokenizer(source.path)
-    n_prompts = n_tokens = n_input = 0
-    kept: list | None = []
-    for batch, group in micro_batches(cfg.prompts, tokenizer, config.n_positions, cfg.batch_tokens, cfg.truncate):
-        n_prompts += len(batch.prompt_ids)
-        n_tokens += int(batch.n_tokens.sum())
-        n_input += batch.input_ids.size
-        if kept is not None:
-            kept.append((batch, group))
-            if n_input > KEEP_TOKENS or n_prompts > KEEP_PROMPTS:  # too big to keep: the run streams the corpus again
-                kept = None
+    n_prompts = n_tokens = n_input = n_chunks = 0
+    kept, kept_chunks = [], 0
+    for pairs in chunk_batches(cfg.prompts, tokenizer, config.n_positions, cfg.batch_tokens, cfg.truncate):
+        for batch, _ in pairs:
+            n_prompts += len(batch.prompt_ids)
+            n_tokens += int(batch.n_tokens.sum())
+            n_input += batch.input_ids.size
+        n_chunks += 1
+        if kept_chunks == n_chunks - 1 and n_input <= KEEP_TOKENS and n_prompts <= KEEP_PROMPTS:
+            kept += pairs
+            kept_chunks = n_chunks
     return Plan(
         model_id=source.id, model_path=source.path, revision=source.revision,
         dtype=resolve_dtype(cfg.dtype, cfg.device, config), n_layers=config.n_layer,
         context=config.n_positions, bounds=bounds, tokenizer=tokenizer,
         vocab_size=max(config.vocab_size, len(tokenizer)), n_prompts=n_prompts, n_tokens=n_tokens,
-        batches=kept,
+        kept=kept, kept_chunks=kept_chunks, n_chunks=n_chunks,
     )
+
+
+@contextmanager
+def corpus_batches(cfg: ScanConfig, p: Plan) -> Iterator[Iterator]:
+    """The run's (micro-batch, prompts) pairs: those the plan kept, then the rest of the corpus
+    read again, a chunk ahead on a background thread (started at once, stopped on leaving)."""
+    if p.kept_chunks == p.n_chunks:
+        yield iter(p.kept)
+        return
+    rest = chunk_batches(cfg.prompts, p.tokenizer, p.context, cfg.batch_tokens, cfg.truncate, skip=p.kept_chunks, first_id=len(p.kept))
+    with ReadAhead(rest) as ahead:
+        yield itertools.chain(p.kept, ahead)
 
 
 def resolve_dtype(dtype: str, device: str, config) -> str:
@@ -141,46 +159,46 @@ def run_scan(cfg: ScanConfig) -> dict:
     existing = read_manifest(out)
     if existing is not None and existing["status"] == "complete":
         return existing  # resuming a finished run: nothing left to do
-    n_stage_actors = cfg.stages * cfg.replicas
-    started_ray = placement.start_ray(n_stage_actors + 1)
-    group, actors = None, []
-    try:
-        group = placement.reserve(cfg.device, n_stage_actors, cfg.gpus_per_stage)
-        run_id = uuid.uuid4().hex[:8]  # actor names: `ray list actors` shows which run they serve
-        threads = max(1, (os.cpu_count() or 1) // n_stage_actors) if cfg.device == "cpu" else 0
-        pipelines = []
-        for r in range(cfg.replicas):
-            pipe = []
-            for s, (start, stop) in enumerate(p.bounds):
-                spec = StageSpec(p.model_path, ShardSpec(start, stop, p.n_layers), cfg.device, p.dtype, cfg.selection, threads)
-                name = f"neuroscan-{run_id}-stage-{r}-{s}"
-                pipe.append(placement.stage_actor(Stage, group, r * cfg.stages + s, cfg.device, name, cfg.gpus_per_stage).remote(spec))
-            pipelines.append(pipe)
-        actors = [a for pipe in pipelines for a in pipe]
-        aggregator = ray.remote(Aggregator).options(name=f"neuroscan-{run_id}-aggregator", num_cpus=0, **placement.RESTARTS).remote(
-            str(out.resolve()), header, token_strings(p.tokenizer, p.vocab_size), cfg.format, cfg.rows_per_part
-        )
-        actors.append(aggregator)
-        ray.get([a.setup.remote() for a in actors[:-1]] + [aggregator.__ray_ready__.remote()])
-        t0 = time.perf_counter()
-        watch = MemoryWatch()
-        scheduler = Scheduler(cfg, pipelines, aggregator, p.n_prompts, watch)
-        batches = p.batches if p.batches is not None else micro_batches(cfg.prompts, p.tokenizer, p.context, cfg.batch_tokens, cfg.truncate)
-        n_prompts, n_tokens = scheduler.run(batches, committed)
-        seconds = time.perf_counter() - t0
-        *stages, aggregated = ray.get([a.memory.remote() for a in actors])
-        timings = {
-            "seconds": seconds, "prompts_per_s": n_prompts / seconds, "tokens_per_s": n_tokens / seconds,
-            "memory": {"driver": watch.report(), "aggregator": aggregated, "stages": stages},
-        }
-        return scheduler.finish(timings)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-        if group is not None:
-            placement.remove_placement_group(group)
-        if started_ray:
-            ray.shutdown()
+    with corpus_batches(cfg, p) as batches:  # reading ahead while the actors load the model
+        n_stage_actors = cfg.stages * cfg.replicas
+        started_ray = placement.start_ray(n_stage_actors + 1)
+        group, actors = None, []
+        try:
+            group = placement.reserve(cfg.device, n_stage_actors, cfg.gpus_per_stage)
+            run_id = uuid.uuid4().hex[:8]  # actor names: `ray list actors` shows which run they serve
+            threads = max(1, (os.cpu_count() or 1) // n_stage_actors) if cfg.device == "cpu" else 0
+            pipelines = []
+            for r in range(cfg.replicas):
+                pipe = []
+                for s, (start, stop) in enumerate(p.bounds):
+                    spec = StageSpec(p.model_path, ShardSpec(start, stop, p.n_layers), cfg.device, p.dtype, cfg.selection, threads)
+                    name = f"neuroscan-{run_id}-stage-{r}-{s}"
+                    pipe.append(placement.stage_actor(Stage, group, r * cfg.stages + s, cfg.device, name, cfg.gpus_per_stage).remote(spec))
+                pipelines.append(pipe)
+            actors = [a for pipe in pipelines for a in pipe]
+            aggregator = ray.remote(Aggregator).options(name=f"neuroscan-{run_id}-aggregator", num_cpus=0, **placement.RESTARTS).remote(
+                str(out.resolve()), header, token_strings(p.tokenizer, p.vocab_size), cfg.format, cfg.rows_per_part
+            )
+            actors.append(aggregator)
+            ray.get([a.setup.remote() for a in actors[:-1]] + [aggregator.__ray_ready__.remote()])
+            t0 = time.perf_counter()
+            watch = MemoryWatch()
+            scheduler = Scheduler(cfg, pipelines, aggregator, p.n_prompts, watch)
+            n_prompts, n_tokens = scheduler.run(batches, committed)
+            seconds = time.perf_counter() - t0
+            *stages, aggregated = ray.get([a.memory.remote() for a in actors])
+            timings = {
+                "seconds": seconds, "prompts_per_s": n_prompts / seconds, "tokens_per_s": n_tokens / seconds,
+                "memory": {"driver": watch.report(), "aggregator": aggregated, "stages": stages},
+            }
+            return scheduler.finish(timings)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+            if group is not None:
+                placement.remove_placement_group(group)
+            if started_ray:
+                ray.shutdown()
 
 
 def summary_lines(manifest: dict, out: str) -> list[str]:

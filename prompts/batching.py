@@ -8,13 +8,18 @@ forcing in the same forward pass. Reductions only look at the prompt's own token
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from cluster.errors import UserError
 from prompts.readers import Prompt, read_prompts
+
+CHUNK = 4096
+"""Prompts read, tokenised and length-bucketed together."""
 
 
 @dataclass(frozen=True)
@@ -109,17 +114,81 @@ def make_batch(batch_id: int, group: list[Tokenized], pad_id: int) -> MicroBatch
     )
 
 
-def micro_batches(
-    source: str, tokenizer, context: int, batch_tokens: int, truncate: bool, chunk: int = 4096
-) -> Iterator[tuple[MicroBatch, list[Tokenized]]]:
-    """Stream (micro-batch, its prompts) pairs; lengths are bucketed within each chunk.
+def chunk_batches(
+    source: str, tokenizer, context: int, batch_tokens: int, truncate: bool, chunk: int | None = None,
+    skip: int = 0, first_id: int = 0,
+) -> Iterator[list[tuple[MicroBatch, list[Tokenized]]]]:
+    """The corpus's (micro-batch, its prompts) pairs, one list per chunk of ``chunk`` prompts
+    (default CHUNK); lengths are bucketed within each chunk.
 
-    Batch ids are consecutive from 0 and depend only on the corpus and the budget, so a
-    resumed run plans the same micro-batches.
+    Batch ids are consecutive and depend only on the corpus and the budget, so a resumed run
+    plans the same micro-batches. ``skip`` chunks are read (their prompts keep their ids) but
+    neither tokenised nor yielded, and ids go on from ``first_id``: how a run that already
+    holds the first chunks' micro-batches (``first_id`` of them) streams the rest.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    batch_id = 0
-    for prompts in read_prompts(source, chunk=chunk):
-        for group in pack(tokenize(prompts, tokenizer, context, truncate), batch_tokens):
-            yield make_batch(batch_id, group, pad_id), group
-            batch_id += 1
+    batch_id = first_id
+    for i, prompts in enumerate(read_prompts(source, chunk=chunk or CHUNK)):
+        if i < skip:
+            continue
+        groups = pack(tokenize(prompts, tokenizer, context, truncate), batch_tokens)
+        yield [(make_batch(batch_id + j, group, pad_id), group) for j, group in enumerate(groups)]
+        batch_id += len(groups)
+
+
+def micro_batches(
+    source: str, tokenizer, context: int, batch_tokens: int, truncate: bool, chunk: int | None = None
+) -> Iterator[tuple[MicroBatch, list[Tokenized]]]:
+    """Stream the corpus's (micro-batch, its prompts) pairs (see `chunk_batches`)."""
+    for pairs in chunk_batches(source, tokenizer, context, batch_tokens, truncate, chunk):
+        yield from pairs
+
+
+_DONE = object()
+
+
+class ReadAhead:
+    """The items of ``chunks`` (an iterable of lists), with the next ``depth`` lists made on a
+    background thread, from the moment it is created, while the caller works through the
+    current one: the driver keeps submitting micro-batches while the next chunk is read and
+    tokenised. An error on the thread is raised where its chunk would have come. ``close``
+    (or leaving it as a context manager) stops the thread.
+    """
+
+    def __init__(self, chunks: Iterable[list], depth: int = 1):
+        self._ready: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        threading.Thread(target=self._produce, args=(chunks,), name="neuroscan-read-ahead", daemon=True).start()
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _produce(self, chunks: Iterable[list]) -> None:
+        try:
+            for chunk in chunks:
+                self._put(chunk)
+                if self._stop.is_set():
+                    return
+            self._put(_DONE)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put(err)
+
+    def __iter__(self) -> Iterator:
+        while (chunk := self._ready.get()) is not _DONE:
+            if isinstance(chunk, BaseException):
+                raise chunk
+            yield from chunk
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -11,6 +11,7 @@ import pytest
 
 from cluster.config import ScanConfig, Selection
 from cluster import driver
+from prompts import batching
 from cluster.driver import run_scan
 from tests.conftest import CORPUS
 from tests.reference import assert_scan_matches, reference_scan
@@ -38,9 +39,11 @@ def scan(tmp_path, corpus, **kwargs):
     [(1, 1, 8192, False), (2, 1, 300, False), (3, 1, 1000, True), (2, 2, 700, False)],
 )
 def test_embedded_model_matches_per_prompt_forward(ray_session, tmp_path, monkeypatch, corpus, tiny_reference, stages, replicas, batch_tokens, stream):
-    if stream:  # the corpus is read a second time while scanning, as a large one would be
-        monkeypatch.setattr(driver, "KEEP_TOKENS", 0)
-        assert driver.plan(ScanConfig(prompts=str(corpus), out=str(tmp_path / "out"), batch_tokens=batch_tokens)).batches is None
+    if stream:  # as in a large corpus: the first chunks kept from the plan, the rest read again, ahead
+        monkeypatch.setattr(batching, "CHUNK", 2)
+        monkeypatch.setattr(driver, "KEEP_PROMPTS", 4)
+        p = driver.plan(ScanConfig(prompts=str(corpus), out=str(tmp_path / "out"), batch_tokens=batch_tokens))
+        assert (p.kept_chunks, p.n_chunks) == (2, 5)
     manifest, out = scan(tmp_path, corpus, stages=stages, replicas=replicas, batch_tokens=batch_tokens)
     assert manifest["status"] == "complete"
     assert manifest["totals"]["prompts"] == len(CORPUS)

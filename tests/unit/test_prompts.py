@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,7 +12,15 @@ import pytest
 from cluster import driver
 from cluster.config import ScanConfig
 from cluster.errors import UserError
-from prompts.batching import make_batch, micro_batches, pack, tokenize
+from prompts import batching
+from prompts.batching import (
+    ReadAhead,
+    chunk_batches,
+    make_batch,
+    micro_batches,
+    pack,
+    tokenize,
+)
 from prompts.readers import Prompt, read_prompts
 from prompts.seed import SEED_PROMPTS
 from workers.checkpoint import load_tokenizer
@@ -142,18 +151,64 @@ def test_micro_batch_ids_are_deterministic():
     assert first == again == [(0, [0]), (1, [1])]
 
 
-def test_plan_keeps_a_small_corpus_for_the_run_and_streams_a_larger_one(tiny_model, tmp_path, monkeypatch):
-    cfg = ScanConfig(prompts="seed", out=str(tmp_path / "out"), model=str(tiny_model), batch_tokens=500)
-    kept = driver.plan(cfg).batches
-    streamed = list(micro_batches("seed", load_tokenizer(str(tiny_model)), 2048, 500, False))
+def pairs_rows(pairs):
+    return [(b.batch_id, b.input_ids.tolist(), b.n_tokens.tolist(), [t.prompt.id for t in group]) for b, group in pairs]
 
-    def rows(pairs):
-        return [(b.batch_id, b.input_ids.tolist(), b.n_tokens.tolist(), [t.prompt.id for t in group]) for b, group in pairs]
 
-    assert len(kept) == 2 and rows(kept) == rows(streamed)
-    monkeypatch.setattr(driver, "KEEP_TOKENS", kept[0][0].input_ids.size)  # the first batch fits, not both
-    assert driver.plan(cfg).batches is None
-    monkeypatch.setattr(driver, "KEEP_TOKENS", 1 << 20)
-    monkeypatch.setattr(driver, "KEEP_PROMPTS", len(kept[0][0].prompt_ids))
-    assert driver.plan(cfg).batches is None
+def test_chunks_after_a_skip_continue_the_stream(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "x" * (i % 5 + 1), "id": f"p{i}"}) + "\n" for i in range(11)))
+    tok = byte_tokenizer()
+    chunks = list(chunk_batches(str(corpus), tok, 2048, 8, False, chunk=3))
+    assert len(chunks) == 4 and sum(len(c) for c in chunks) > 4
+    held = sum(len(c) for c in chunks[:2])
+    rest = list(chunk_batches(str(corpus), tok, 2048, 8, False, chunk=3, skip=2, first_id=held))
+    assert pairs_rows(p for c in rest for p in c) == pairs_rows(p for c in chunks[2:] for p in c)
+
+
+def test_read_ahead_keeps_order_raises_errors_where_they_happen_and_stops():
+    assert list(ReadAhead(iter([[1, 2], [], [3]]))) == [1, 2, 3]
+
+    def failing():
+        yield [1]
+        raise UserError("prompt 'x' is bad: fix it")
+
+    got = []
+    with pytest.raises(UserError, match="prompt 'x'"):
+        for item in ReadAhead(failing()):
+            got.append(item)
+    assert got == [1]
+    made = []
+
+    def endless():
+        while True:
+            made.append(1)
+            yield [len(made)]
+
+    with ReadAhead(endless(), depth=1) as ahead:
+        assert next(iter(ahead)) == 1
+    time.sleep(0.5)
+    count = len(made)
+    time.sleep(0.3)
+    assert len(made) == count <= 4  # closed: the thread made at most a chunk or two more, then stopped
+
+
+def test_plan_keeps_the_first_chunks_and_the_run_streams_the_rest(tiny_model, tmp_path, monkeypatch):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "ab" * (i % 7 + 1)}) + "\n" for i in range(23)))
+    cfg = ScanConfig(prompts=str(corpus), out=str(tmp_path / "out"), model=str(tiny_model), batch_tokens=40)
+    monkeypatch.setattr(batching, "CHUNK", 5)  # 5 chunks
+    whole = list(micro_batches(str(corpus), load_tokenizer(str(tiny_model)), 2048, 40, False))
+    everything = driver.plan(cfg)
+    assert (everything.kept_chunks, everything.n_chunks) == (5, 5) and pairs_rows(everything.kept) == pairs_rows(whole)
+    monkeypatch.setattr(driver, "KEEP_PROMPTS", 12)  # the first two chunks fit, not three
+    p = driver.plan(cfg)
+    assert (p.kept_chunks, p.n_chunks) == (2, 5) and sum(len(b.prompt_ids) for b, _ in p.kept) == 10
+    with driver.corpus_batches(cfg, p) as batches:
+        assert pairs_rows(batches) == pairs_rows(whole)
+    monkeypatch.setattr(driver, "KEEP_TOKENS", 0)  # nothing fits
+    p = driver.plan(cfg)
+    assert p.kept_chunks == 0 and p.kept == []
+    with driver.corpus_batches(cfg, p) as batches:
+        assert pairs_rows(batches) == pairs_rows(whole)
     assert not (tmp_path / "out").exists()  # planning writes nothing
