@@ -18,7 +18,10 @@ import argparse
 
 import torch
 from transformers import GPTJConfig
-from transformers.models.gptj.modeling_gptj import GPTJRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.gptj.modeling_gptj import (
+    GPTJRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
 
 from cluster.config import Selection
 from workers import fused

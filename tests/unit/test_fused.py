@@ -8,7 +8,13 @@ import torch
 
 from cluster.config import Selection
 from tests.triton_cpu import needs_triton
-from workers.reduce import UNSELECTED, layer_stats, pick_neurons, rank_scores, reduce_layer
+from workers.reduce import (
+    UNSELECTED,
+    layer_stats,
+    pick_neurons,
+    rank_scores,
+    reduce_layer,
+)
 
 pytestmark = needs_triton
 
