@@ -69,8 +69,8 @@ def rotate_(query: torch.Tensor, key: torch.Tensor, sin: torch.Tensor, cos: torc
             even.copy_(new_even)
         return
     b, t, h, _ = query.shape
-    if key.stride() != query.stride() or query.stride(3) != 1 or query.stride(1) != h * query.stride(2):
-        raise ValueError("query and key must share a layout with each token's heads contiguous")
+    if key.stride() != query.stride() or query.stride(3) != 1 or query.stride(1) != h * query.stride(2) or query.stride(0) != t * query.stride(1):
+        raise ValueError("query and key must share a layout with each token's heads contiguous and tokens in order")
     sin, cos = sin.expand(b, t, -1).reshape(b * t, -1), cos.expand(b, t, -1).reshape(b * t, -1)
     pairs = rotary_dim // 2
     block = max(1 << (h * pairs - 1).bit_length(), 16)  # every (head, pair) of a token: 512 at GPT-J-6B's shape
