@@ -52,3 +52,21 @@ def test_a_bench_cut_short_keeps_the_modes_it_finished(tmp_path, monkeypatch):
     report = json.loads(out.read_text())
     assert report["complete"] is False and list(report["results"]) == ["bare", "scan_local"]
     assert report["results"]["scan_local"]["ratio_to_bare"] > 0
+
+
+def test_aggregator_pace_diagnostic_writes_a_complete_run(tmp_path, monkeypatch, capsys):
+    """`python -m bench.aggregate` (the aggregator alone, for RESULTS) on a small shape."""
+    import sys
+
+    import pyarrow.dataset as ds
+
+    from aggregator.manifest import read_manifest
+    from bench import aggregate
+
+    out = tmp_path / "agg"
+    monkeypatch.setattr(sys, "argv", ["aggregate", str(out), "--batches", "3", "--prompts", "4", "--tokens", "16", "--layers", "2", "--kept", "5"])
+    aggregate.main()
+    assert "3 micro-batches of 40 rows" in capsys.readouterr().out
+    manifest = read_manifest(out)
+    assert manifest["status"] == "complete" and manifest["totals"]["activation_rows"] == 3 * 40
+    assert ds.dataset(out / "activations", partitioning="hive").count_rows() == 3 * 40
