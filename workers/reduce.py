@@ -196,14 +196,6 @@ def is_selected(rank: torch.Tensor) -> torch.Tensor:
     return rank > UNSELECTED
 
 
-def kth_rank(rank: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k``-th highest rank of each row: [batch, n] int32 -> [batch] int32. A top-k of
-    32-bit values (a radix selection, not a sort; half the passes of a 64-bit key's)."""
-    if k == rank.shape[1]:
-        return rank.amin(dim=1)
-    return rank.topk(k, dim=1, sorted=False).values.amin(dim=1)
-
-
 def pick_neurons(rank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept neurons of each row of ranks [batch, n], the eager reference of
     `workers.fused.pick_fused`.
@@ -215,7 +207,8 @@ def pick_neurons(rank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     selected, [batch] int32.
     """
     b, n = rank.shape
-    kth = kth_rank(rank, k)
+    # The k-th highest rank [batch]: a top-k of 32-bit values (a radix selection, not a sort).
+    kth = rank.amin(dim=1) if k == n else rank.topk(k, dim=1, sorted=False).values.amin(dim=1)
     selected = is_selected(rank)
     above = rank > kth[:, None]
     at = rank == kth[:, None]

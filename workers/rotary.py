@@ -62,7 +62,7 @@ def rotate_(query: torch.Tensor, key: torch.Tensor, sin: torch.Tensor, cos: torc
     if not kernel:
         s, c = sin[:, :, None, :], cos[:, :, None, :]  # [batch, pos, 1, pairs]
         for x in (query, key):
-            pairs = x[..., :rotary_dim].unflatten(-1, (rotary_dim // 2, 2))
+            pairs = x[..., :rotary_dim].unflatten(-1, (rotary_dim // 2, 2))  # [batch, pos, heads, pairs, 2], a view
             even, odd = pairs[..., 0], pairs[..., 1]
             new_even = even * c - odd * s
             odd.copy_(odd * c + even * s)
