@@ -24,6 +24,11 @@ from transformers.models.gptj.modeling_gptj import GPTJAttention, eager_attentio
 from workers.fused import _interpret, _jit, tl
 
 
+LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
+"""The kernel's launch options. No floating-point contraction: each product is rounded, then
+the sum, as PyTorch does; a fused multiply-add would differ in float32."""
+
+
 def rotary_kernel(q, k, sin, cos, n_pairs, stride_x, stride_head, stride_sc, pairs_per_head, BLOCK: tl.constexpr):
     # Program (token, 0) turns every head's rotated features of q, (token, 1) those of k.
     row = tl.program_id(0).to(tl.int64)
@@ -75,7 +80,7 @@ def rotate_(query: torch.Tensor, key: torch.Tensor, sin: torch.Tensor, cos: torc
     pairs = rotary_dim // 2
     block = max(1 << (h * pairs - 1).bit_length(), 16)  # every (head, pair) of a token: 512 at GPT-J-6B's shape
     _jit(rotary_kernel, _interpret())[(b * t, 2)](
-        query, key, sin, cos, h * pairs, query.stride(1), query.stride(2), sin.stride(0), pairs, BLOCK=block,
+        query, key, sin, cos, h * pairs, query.stride(1), query.stride(2), sin.stride(0), pairs, BLOCK=block, **LAUNCH,
     )
 
 

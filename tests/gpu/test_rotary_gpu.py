@@ -18,7 +18,7 @@ from workers.rotary import RotaryAttention, rotate_
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shared_positions", [True, False])
 def test_kernel_is_transformers_bit_for_bit_at_gptj_shape(dtype, shared_positions):
     config = GPTJConfig()  # GPT-J-6B: 16 heads of 256, rotary_dim 64
