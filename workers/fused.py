@@ -145,8 +145,9 @@ def layer_stats_fused(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection,
 
 
 PICK_WARPS = 16
-"""A prompt's 16,384 ranks spread over 512 threads, 32 each (not yet measured: `bench.kernels`
-times 4, 8 and 16 warps)."""
+"""A prompt's 16,384 ranks over 512 threads, 32 each: ptxas (sm_90, `tests/unit/test_kernels_compile.py`)
+gives 128 registers and no spills, where 8 warps need 255 registers and spill, 4 warps spill
+~1 KB a thread. Not yet timed on a GPU: `bench.kernels` times 4, 8 and 16 warps."""
 
 
 def pick_kernel(rank, neuron, n_selected, n_neurons, k, unselected, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
