@@ -186,6 +186,8 @@ def pick_fused(rank: torch.Tensor, k: int, num_warps: int = PICK_WARPS) -> tuple
     """`workers.reduce.pick_neurons` in one kernel (same results): ranks [batch, n] int32 ->
     kept neurons ascending then ``n``, [batch, k] int64, and n_selected [batch] int32.
     ``num_warps`` is for `bench.kernels`."""
+    import triton
+
     from workers.reduce import UNSELECTED
 
     b, n = rank.shape
@@ -193,7 +195,7 @@ def pick_fused(rank: torch.Tensor, k: int, num_warps: int = PICK_WARPS) -> tuple
     n_selected = torch.empty(b, dtype=torch.int32, device=rank.device)
     _jit(pick_kernel, _interpret())[(b,)](
         rank.contiguous(), neuron, n_selected, n, k, UNSELECTED,
-        BLOCK_N=max(16, 1 << (n - 1).bit_length()), BLOCK_K=256, num_warps=num_warps,
+        BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_K=256, num_warps=num_warps,
     )
     return neuron, n_selected
 

@@ -21,7 +21,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gptj.modeling_gptj import GPTJAttention, eager_attention_forward
 
-from workers.fused import _interpret, _jit, tl
+from workers.fused import _interpret, _jit, available, tl
 
 
 LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
@@ -60,10 +60,10 @@ def rotate_(query: torch.Tensor, key: torch.Tensor, sin: torch.Tensor, cos: torc
     query, key [batch, pos, heads, head_dim] (each token's heads contiguous, as a projection's
     output viewed per head); sin, cos [batch, pos, rotary_dim / 2] in their dtype. Feature
     pairs (2i, 2i + 1) turn by angle i: (a, b) -> (a cos - b sin, b cos + a sin).
-    ``kernel``: the Triton kernel (default: on a CUDA device when Triton is installed).
+    ``kernel``: the Triton kernel (default: where `workers.fused.available`, a CUDA device with Triton).
     """
     if kernel is None:
-        kernel = tl is not None and query.is_cuda
+        kernel = available(query.device)
     if not kernel:
         s, c = sin[:, :, None, :], cos[:, :, None, :]  # [batch, pos, 1, pairs]
         for x in (query, key):
@@ -73,12 +73,14 @@ def rotate_(query: torch.Tensor, key: torch.Tensor, sin: torch.Tensor, cos: torc
             odd.copy_(odd * c + even * s)
             even.copy_(new_even)
         return
+    import triton
+
     b, t, h, _ = query.shape
     if key.stride() != query.stride() or query.stride(3) != 1 or query.stride(1) != h * query.stride(2) or query.stride(0) != t * query.stride(1):
         raise ValueError("query and key must share a layout with each token's heads contiguous and tokens in order")
     sin, cos = sin.expand(b, t, -1).reshape(b * t, -1), cos.expand(b, t, -1).reshape(b * t, -1)
     pairs = rotary_dim // 2
-    block = max(1 << (h * pairs - 1).bit_length(), 16)  # every (head, pair) of a token: 512 at GPT-J-6B's shape
+    block = max(triton.next_power_of_2(h * pairs), 16)  # every (head, pair) of a token: 512 at GPT-J-6B's shape
     _jit(rotary_kernel, _interpret())[(b * t, 2)](
         query, key, sin, cos, h * pairs, query.stride(1), query.stride(2), sin.stride(0), pairs, BLOCK=block, **LAUNCH,
     )
