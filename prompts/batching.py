@@ -158,7 +158,8 @@ class ReadAhead:
     def __init__(self, chunks: Iterable[list], depth: int = 1):
         self._ready: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        threading.Thread(target=self._produce, args=(chunks,), name="neuroscan-read-ahead", daemon=True).start()
+        self.thread = threading.Thread(target=self._produce, args=(chunks,), name="neuroscan-read-ahead", daemon=True)
+        self.thread.start()
 
     def _put(self, item) -> None:
         while not self._stop.is_set():
