@@ -13,7 +13,8 @@ Modes (tokens are the prompts' own tokens; ratios are against ``bare`` of the sa
                     reductions on a side stream, compaction and copy overlapping the next
                     micro-batch (on a CPU, as a CPU actor: the eager reduction, one thread)
   transformer_lens  TransformerLens caching every mlp.hook_post, then the same reduction (`bench.peers`)
-  nnsight           an nnsight trace saving every mlp.act, then the same reduction
+  nnsight           an nnsight trace saving every mlp.act, then the same reduction (both peers on
+                    the model ``bare`` runs: neuroscan's GELU and rotation, which flatter them)
   scan              the full Ray pipeline, one stage, aggregator writing Parquet
   scan_2stage       the Ray pipeline with two stages sharing the device
 The peers run when their packages are installed (the ``bench`` extra); a default run skips
