@@ -49,6 +49,7 @@ def transformer_lens_step(stage, tokenizer, inputs, sel: Selection):
 
     body = stage.model.body
     attention = body.config._attn_implementation
+    undo = _restorer(stage.model)  # the bridge puts its wrappers in place of the blocks and hooks the originals
     with torch.device("meta"):
         hf = GPTJForCausalLM(body.config)
     hf.transformer, hf.lm_head = body, stage.model.lm_head  # the loaded weights, shared
@@ -68,9 +69,32 @@ def transformer_lens_step(stage, tokenizer, inputs, sel: Selection):
         yield step
     finally:
         del bridge
+        undo()
         body.config._attn_implementation = attention
         for block in body.h:
             block.attn.config._attn_implementation = attention
+
+
+HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+KWARGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+def _restorer(model: torch.nn.Module):
+    """A function that puts ``model``'s submodules and hooks back as they are now."""
+    children = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
+    hooks = {id(m): {kind: set(getattr(m, kind)) for kind in HOOKS} for m in model.modules()}
+
+    def undo() -> None:
+        for parent, name, child in children:
+            setattr(parent, name, child)
+        for m in model.modules():
+            for kind in HOOKS:
+                added = set(getattr(m, kind)) - hooks[id(m)][kind]
+                for key in added:
+                    for table in (kind, *KWARGS):
+                        getattr(m, table, {}).pop(key, None)
+
+    return undo
 
 
 @contextmanager

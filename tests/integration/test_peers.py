@@ -74,10 +74,15 @@ def test_transformer_lens_caches_the_stage_activations_and_leaves_the_model_as_i
     pytest.importorskip("transformer_lens")
     stage, tokenizer, batch = setup
     attention = stage.model.body.config._attn_implementation
+    modules = dict(stage.model.named_modules())
+    hooks = {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in modules.items()}
     seen = _captured(monkeypatch)
     with peers.transformer_lens_step(stage, tokenizer, _inputs, Selection()) as step:
         assert step(batch) > 0
+        assert dict(stage.model.named_modules()) != modules  # the bridge wraps the blocks while it runs
     assert stage.model.body.config._attn_implementation == attention  # TransformerLens's eager attention undone
+    assert dict(stage.model.named_modules()) == modules  # and its wrappers taken out: the same modules, by identity
+    assert {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in modules.items()} == hooks  # and its hooks
     expected = _stage_activations(stage, batch)
     assert len(seen[0]) == len(expected)
     n = torch.as_tensor(batch.n_tokens)
