@@ -14,7 +14,7 @@ Modes (tokens are the prompts' own tokens; ratios are against ``bare`` of the sa
                     micro-batch (on a CPU, as a CPU actor: the eager reduction, one thread)
   transformer_lens  TransformerLens caching every mlp.hook_post, then the same reduction (`bench.peers`)
   nnsight           an nnsight trace saving every mlp.act, then the same reduction (both peers on
-                    the model ``bare`` runs: neuroscan's GELU and rotation, which flatter them)
+                    transformers' own GELU and attention, the model their users run)
   scan              the full Ray pipeline, one stage, aggregator writing Parquet
   scan_2stage       the Ray pipeline with two stages sharing the device
 The peers run when their packages are installed (the ``bench`` extra); a default run skips
@@ -191,8 +191,8 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
     inputs = lambda batch: _inputs(batch, device)  # noqa: E731
     for mode, step in (("transformer_lens", lambda: peers.transformer_lens_step(stage, tokenizer, inputs, sel)),
                        ("nnsight", lambda: peers.nnsight_step(stage, inputs, sel))):
-        if mode in modes:
-            with step() as run:
+        if mode in modes:  # on transformers' own GELU and attention, the model their users run
+            with transformers_modules(model, ("gelu", "attention")), step() as run:
                 results[mode] = {**timed(run, batches, device), "reduction": "eager"}
             saved(results)
 

@@ -70,3 +70,21 @@ def test_aggregator_pace_diagnostic_writes_a_complete_run(tmp_path, monkeypatch,
     manifest = read_manifest(out)
     assert manifest["status"] == "complete" and manifest["totals"]["activation_rows"] == 3 * 40
     assert ds.dataset(out / "activations", partitioning="hive").count_rows() == 3 * 40
+
+
+def test_transformers_modules_put_back_and_restored():
+    """The ``bare_hf_*`` modes and the peers run transformers' own GELU and attention; after, neuroscan's again."""
+    from transformers import GPTJConfig
+    from transformers.activations import NewGELUActivation
+    from transformers.models.gptj.modeling_gptj import GPTJAttention
+
+    from bench.run import transformers_modules
+    from workers.rotary import RotaryAttention
+    from workers.shard import ShardSpec, StageModel, TanhGELU
+
+    model = StageModel(GPTJConfig(n_layer=2, n_embd=32, n_head=4, rotary_dim=4, n_positions=16), ShardSpec(0, 2, 2))
+    with transformers_modules(model, ("gelu", "attention")):
+        assert all(type(b.attn) is GPTJAttention and type(b.mlp.act) is NewGELUActivation for b in model.body.h)
+    assert all(type(b.attn) is RotaryAttention and type(b.mlp.act) is TanhGELU for b in model.body.h)
+    with transformers_modules(model, ("attention",)):
+        assert all(type(b.attn) is GPTJAttention and type(b.mlp.act) is TanhGELU for b in model.body.h)
