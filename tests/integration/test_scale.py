@@ -6,7 +6,8 @@ every process's private memory, sampled after each micro-batch, and the driver's
 aggregator's peak RSS stay within 20% of the first. A stage's peak RSS is set by the
 transient memory of one forward pass (bounded by --batch-tokens, whatever the corpus) and
 varies by about +-15% from run to run with glibc's heap, so it is reported, not compared.
-The larger corpus is over the plan's `cluster.driver.KEEP_PROMPTS`, so the run streams it.
+The larger corpus is over the plan's `cluster.driver.KEEP_PROMPTS`, so the run keeps its first
+chunks and streams the rest (most of it).
 """
 
 from __future__ import annotations
