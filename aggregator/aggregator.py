@@ -10,7 +10,9 @@ delivered twice (Ray retries deliver at least once) is dropped by its batch id.
 
 Parts are written off the critical path: a full buffer is handed to a committer thread and
 ``add`` returns at once, so the next micro-batch is converted while the part is encoded
-and written (encoding, hashing and fsync release the GIL). One part is written at a time;
+and written (encoding, hashing and fsync release the GIL). Once committed, the part's
+``neurons/`` deltas join the run's merge in memory (`aggregator.neurons.NeuronsMerge`),
+so the end of the run folds only the last deltas and writes ``neurons/``. One part is written at a time;
 the batches of a part are reported committed by the first call after its manifest is
 replaced, and a failed write is raised by the next call. The driver keeps every batch not
 yet reported committed and resends it to a restarted aggregator, so nothing is lost.
@@ -31,7 +33,7 @@ import pyarrow as pa
 
 from aggregator import schema
 from aggregator.manifest import read_manifest, write_manifest
-from aggregator.neurons import layer_delta, neurons_table
+from aggregator.neurons import NeuronsMerge, layer_delta, read_merge
 from aggregator.writer import write_table
 from cluster.errors import UserError
 from cluster.memory import MemoryWatch
@@ -81,6 +83,8 @@ class Aggregator:
             self.manifest = {**existing, "status": "running"}
             self.manifest.setdefault("resumed_at", []).append(_now())
             remove_uncommitted(self.out, self.manifest)
+        k = self.manifest.get("top_k", 20)
+        self.neurons = NeuronsMerge(k) if existing is None else read_merge(self.out, self.manifest, k)
         self.committed: set[int] = {b for part in self.manifest["parts"] for b in part["batches"]}
         self.seen: set[int] = set(self.committed)
         self.incarnation = uuid.uuid4().hex  # tells the driver when Ray has restarted this actor
@@ -191,9 +195,10 @@ class Aggregator:
             tables += [(self._table(schema.PROMPTS, buf.prompts), f"prompts/{stem}"), (self._table(schema.LAYERS, buf.layers), f"layers/{stem}")]
             # Encoding, hashing, fsync and the deltas' sorts release the GIL: all run in parallel.
             futures = [self.pool.submit(write_table, table, self.out, rel, self.fmt) for table, rel in tables]
-            k, red = self.manifest.get("top_k", 20), self.manifest["bands"]["red"]
-            deltas = [self.pool.submit(layer_delta, layer, table, k, red) for layer, table in acts.items()]
-            delta = pa.concat_tables([d.result() for d in deltas]) if deltas else schema.NEURONS.empty_table()
+            red = self.manifest["bands"]["red"]
+            deltas = {layer: self.pool.submit(layer_delta, layer, table, self.neurons.k, red) for layer, table in acts.items()}
+            deltas = {layer: d.result() for layer, d in deltas.items()}
+            delta = pa.concat_tables(list(deltas.values())) if deltas else schema.NEURONS.empty_table()
             futures.append(self.pool.submit(write_table, delta, self.out, f"neuron_parts/{stem}", self.fmt))
             errors = []
             for future in futures:
@@ -214,6 +219,8 @@ class Aggregator:
         self._fold_counts(buf)
         self.manifest["summary"] = self.summary()
         write_manifest(self.out, self.manifest)
+        # Committed: its deltas join the neurons merge (folded here, off the critical path).
+        list(self.pool.map(self.neurons.fold, [layer for layer, d in deltas.items() if self.neurons.add(layer, d)]))
         return list(buf.batches)
 
     def _fold_counts(self, buf: Buffer) -> None:
@@ -258,7 +265,7 @@ class Aggregator:
         stages had finished: the aggregator's lag behind the pipeline."""
         t0 = time.perf_counter()
         self.commit()
-        table = neurons_table(self.out, self.manifest, self.manifest.get("top_k", 20))
+        table = self.neurons.table(self.pool)
         table = table.replace_schema_metadata(schema.with_run_metadata(table.schema, self.run_meta).metadata)
         self.manifest["neurons"] = write_table(table, self.out, "neurons/part-00001", self.fmt).to_dict()
         timings = {**timings, "aggregator_lag_s": time.perf_counter() - t0}

@@ -1,11 +1,13 @@
-"""The end-of-run merge of ``neurons/`` timed alone (CPU only; no model, no Ray).
+"""The merge of ``neurons/`` from the committed deltas on disk timed alone (CPU only; no model, no Ray).
 
     python -m bench.merge DIR [--parts 32] [--layers 8] [--prompts-per-part 64] [--kept 500]
 
 Writes ``--parts`` part deltas shaped like a GPT-J-6B run's (16,384 neurons, ``--kept``
 random neurons kept per prompt and layer, random max activations), once, under DIR, then
-times `aggregator.neurons.neurons_table` over them: the aggregator's lag at the end of a scan
-is this merge plus the last part's write. A diagnostic for bench/RESULTS.md.
+times `aggregator.neurons.neurons_table` over them: the merge of every committed delta read
+back from disk, which a resumed run (or a restarted aggregator) does once. An uninterrupted
+run merges the deltas in memory as its parts commit (`python -m bench.aggregate` times that
+run's end). A diagnostic for bench/RESULTS.md.
 """
 
 from __future__ import annotations

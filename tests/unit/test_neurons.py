@@ -90,3 +90,18 @@ def test_neurons_table_from_part_files_equals_one_pass_however_often_it_folds(tm
         one_pass.add_rows(*(rows[c].to_numpy() for c in ("neuron", "max_act", "prompt_id", "max_pos")), red=3.5)
         mine = table.filter(pc.equal(table["layer"], layer))
         assert mine.equals(one_pass.table(layer))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_top_order_is_lexsorts_order(seed):
+    """One keyed sort gives the order of lexsort((prompt_id, -act, neuron)), ties, signed zeros,
+    infinities, denormals and NaN included."""
+    from aggregator.neurons import top_order
+
+    rng = np.random.default_rng(seed)
+    m = 2000
+    neuron = rng.integers(0, 30, m).astype(np.int32)
+    special = np.array([0.0, -0.0, 1.5, -1.5, np.inf, -np.inf, np.nan, 1e-40, -1e-40], np.float32)
+    act = np.where(rng.random(m) < 0.5, rng.choice(special, m), rng.normal(size=m).astype(np.float16)).astype(np.float32)
+    prompt_id = rng.permutation(10 * m)[:m].astype(np.int64)
+    assert (top_order(neuron, act, prompt_id) == np.lexsort((prompt_id, -act, neuron))).all()
