@@ -4,7 +4,8 @@
 
 Prints, median of many runs (``triton.testing.do_bench``): a device-to-device copy of the
 activations (the bandwidth ceiling: bytes read + written), the fused statistics kernel at
-several tilings (its floor is one read of the activations), picking the kept neurons (run 6's
+several tilings (its floor is one read of the activations), PyTorch's GELU then the
+statistics against the GELU with its statistics in one kernel, picking the kept neurons (run 6's
 int64 top-k and sort, the eager int32 top-k, the one-kernel bisection), the band packing and
 the whole ``reduce_layer``; then GPT-J's rotary embedding of one layer's queries and keys,
 transformers' way (rotate, then concatenate) against `workers.rotary`'s in place (eager ops,
@@ -29,7 +30,9 @@ from workers.reduce import UNSELECTED, kept_rows, pick_neurons, reduce_layer
 from workers.rotary import rotate_
 
 TILINGS = [(8, 1, 8), (8, 4, 8), (4, 8, 4), (2, 16, 4), (4, 16, 4), (4, 8, 2), (2, 8, 2), (2, 16, 2), (4, 4, 4), (1, 32, 2)]
-"""(BLOCK_T, UNROLL, num_warps); (8, 1, 8) is the v2 kernel, (4, 8, 4) the default."""
+"""(BLOCK_T, UNROLL, num_warps); (8, 1, 8) is the v2 kernel, (2, 16, 4) the default."""
+GELU_TILINGS = [(2, 16, 4), (2, 8, 4), (4, 8, 4), (2, 16, 8), (1, 16, 4), (4, 4, 8)]
+"""The same for the GELU with its statistics (it also writes; registers: 211 at (2, 16, 4))."""
 
 
 def main() -> None:
@@ -42,7 +45,8 @@ def main() -> None:
     args = parser.parse_args()
     gen = torch.Generator("cuda").manual_seed(0)
     shape = (args.batch, args.tokens, args.neurons)
-    act = torch.nn.functional.gelu(torch.randn(*shape, device="cuda", dtype=torch.float16, generator=gen) * 2, approximate="tanh")
+    pre = torch.randn(*shape, device="cuda", dtype=torch.float16, generator=gen) * 2  # the MLP's pre-activations
+    act = torch.nn.functional.gelu(pre, approximate="tanh")
     n_tokens = torch.full((args.batch,), args.tokens, device="cuda", dtype=torch.int64)
     sel = Selection()
     size = act.numel() * act.element_size()
@@ -61,6 +65,7 @@ def main() -> None:
         t = ms(lambda: fused.layer_stats_fused(act, n_tokens, sel, block_t, unroll, warps))
         print(f"{f'stats BLOCK_T={block_t} UNROLL={unroll} warps={warps}':<40}{t * 1e3:9.1f} us  {size / t / 1e6:7.0f} GB/s"
               f"{'' if same else '  DIFFERENT RESULTS'}")
+    gelu_stats(pre, act, n_tokens, sel, reference, size, ms)
     rank = reference["rank"]
     key = (rank.long() << 32) | (args.neurons - 1 - torch.arange(args.neurons, device="cuda"))  # run 6's rank keys
     before = run6_pick(key, 500)
@@ -81,6 +86,21 @@ def main() -> None:
     print(f"{'reduce_layer (fused)':<40}{ms(lambda: reduce_layer(act, n_tokens, sel, fused=True)) * 1e3:9.1f} us")
     print(f"{'reduce_layer (eager)':<40}{ms(lambda: reduce_layer(act, n_tokens, sel)) * 1e3:9.1f} us")
     rotary(args.batch, args.tokens, ms)
+
+
+def gelu_stats(pre, act, n_tokens, sel, reference, size, ms) -> None:
+    """PyTorch's GELU then the statistics kernel (two reads and a write of the activations: what
+    a scan did up to run 6, the kernel on a side stream), against the GELU with its statistics
+    in one kernel (`workers.fused.gelu_stats_fused`: one read, one write) at several tilings."""
+    gelu = lambda: torch.nn.functional.gelu(pre, approximate="tanh")  # noqa: E731
+    print(f"{'GELU, torch':<40}{ms(gelu) * 1e3:9.1f} us  {2 * size / ms(gelu) / 1e6:7.0f} GB/s")
+    print(f"{'GELU, torch, then the stats kernel':<40}{ms(lambda: fused.layer_stats_fused(gelu(), n_tokens, sel)) * 1e3:9.1f} us")
+    for block_t, unroll, warps in GELU_TILINGS:
+        got, stats = fused.gelu_stats_fused(pre, n_tokens, sel, block_t, unroll, warps)
+        same = all(torch.equal(reference[k], stats[k]) for k in reference) and torch.equal(got, act)
+        t = ms(lambda: fused.gelu_stats_fused(pre, n_tokens, sel, block_t, unroll, warps))
+        print(f"{f'GELU + stats BLOCK_T={block_t} UNROLL={unroll} warps={warps}':<40}{t * 1e3:9.1f} us  {2 * size / t / 1e6:7.0f} GB/s"
+              f"{'' if same else f'  DIFFERS from torch GELU then stats ({int((got != act).sum())} activations)'}")
 
 
 def run6_pick(key: torch.Tensor, k: int) -> torch.Tensor:

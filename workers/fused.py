@@ -25,8 +25,9 @@ from cluster.config import Selection
 
 try:
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # CPU installs without Triton use the eager path only
-    tl = None
+    tl = libdevice = None
 
 BLOCK_N = 256
 BLOCK_T = 2
@@ -45,10 +46,15 @@ def available(device: torch.device) -> bool:
 
 
 def stats_kernel(
-    act, n_tokens, max_act, max_pos, min_act, min_pos, n_above, n_below, n_red, rank,
-    n_neurons, stride_b, stride_t, high, low, red, sel_high, sel_low,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+    act, n_tokens, max_act, max_pos, min_act, min_pos, n_above, n_below, n_red, rank, gelu_out,
+    n_neurons, n_pos, stride_b, stride_t, high, low, red, sel_high, sel_low,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, GELU: tl.constexpr, EXACT_TANH: tl.constexpr,
 ):
+    # With GELU, ``act`` holds the MLP's pre-activations: the program also applies GPT-J's
+    # GELU to every position of its [n_pos, BLOCK_N] column (padding too: the next matmul
+    # reads it), writes it to ``gelu_out`` (contiguous, same shape) and takes the statistics
+    # of the values as written. Without, ``act`` holds the activations and only the prompt's
+    # own tokens are read.
     # Each lane of the [BLOCK_T, BLOCK_N] tile keeps its own running statistics while the
     # program walks the prompt; the tile is reduced along the token axis once, at the end.
     # (Reducing every slice as it is loaded costs a cross-warp exchange per statistic per
@@ -65,14 +71,30 @@ def stats_kernel(
     below = tl.zeros((BLOCK_T, BLOCK_N), tl.int32)
     reds = tl.zeros((BLOCK_T, BLOCK_N), tl.int32)
     base = act + b.to(tl.int64) * stride_b
-    for t0 in range(0, length, BLOCK_T * UNROLL):
+    out_base = gelu_out + b.to(tl.int64) * n_pos * n_neurons
+    for t0 in range(0, n_pos if GELU else length, BLOCK_T * UNROLL):
         # v2 loaded one [BLOCK_T, BLOCK_N] slice a step: 4 KB in flight per program, ~0.44 ms a
         # layer on an H200 (a seventh of its bandwidth). The UNROLL loads below do not depend on
         # each other or on the running statistics, so they are all issued before the first is used.
         for u in tl.static_range(UNROLL):
             rows = t0 + u * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
             ok = (rows < length)[:, None] & col_ok[None, :]
-            x = tl.load(base + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            if GELU:
+                inside = (rows < n_pos)[:, None] & col_ok[None, :]
+                pre = tl.load(base + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+                # PyTorch's gelu(approximate="tanh") in float32, in its order of operations (x +
+                # kappa * x^3 contracts to one FMA, as nvcc does there); 0.7978845834732056 is its
+                # sqrt(2 / pi), M_SQRT2 * M_2_SQRTPI * 0.5 rounded to float32.
+                inner = 0.7978845834732056 * (pre + 0.044715 * (pre * pre * pre))
+                if EXACT_TANH:
+                    tanh = libdevice.tanh(inner)  # CUDA's tanhf
+                else:  # Triton's interpreter has no libdevice: tests only
+                    tanh = 2.0 / (1.0 + tl.exp(tl.minimum(-2.0 * inner, 80.0))) - 1.0
+                y = (0.5 * pre * (1.0 + tanh)).to(gelu_out.dtype.element_ty)
+                tl.store(out_base + rows[:, None].to(tl.int64) * n_neurons + cols[None, :], y, mask=inside)
+                x = y.to(tl.float32)
+            else:
+                x = tl.load(base + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             hi = tl.where(ok, x, float("-inf"))
             lo = tl.where(ok, x, float("inf"))
             new_max = hi > lane_max  # strict: a lane keeps its earliest position on ties
@@ -125,9 +147,27 @@ def layer_stats_fused(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection,
     d_mlp), n_tokens [batch] -> [batch, d_mlp] max_act/min_act float32 and
     max_pos/min_pos/n_above/n_below/n_red int32, and rank int32 (`workers.reduce.rank_scores`).
     The tiling arguments are for `bench.kernels`."""
+    return _stats(act, n_tokens, sel, None, block_t, unroll, num_warps)
+
+
+def gelu_stats_fused(pre: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, block_t: int = BLOCK_T,
+                     unroll: int = UNROLL, num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GPT-J's GELU and its statistics in one pass: pre-activations [batch, pos, d_mlp] ->
+    the activations (``gelu(pre, approximate="tanh")``, same shape and dtype, contiguous) and
+    `layer_stats_fused`'s statistics of them, as if it had read them back. One read of the
+    pre-activations and one write of the activations, where GELU then statistics is two
+    reads and a write. On a GPU the tanh is CUDA's, as PyTorch's GELU kernel calls it; under
+    Triton's interpreter (tests) it is written with exp, so the activations there are close
+    to PyTorch's, not equal, and the statistics exact for the activations returned."""
+    out = torch.empty(pre.shape, dtype=pre.dtype, device=pre.device)
+    return out, _stats(pre, n_tokens, sel, out, block_t, unroll, num_warps)
+
+
+def _stats(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, gelu_out: torch.Tensor | None,
+           block_t: int, unroll: int, num_warps: int) -> dict[str, torch.Tensor]:
     if act.stride(2) != 1:
         act = act.contiguous()
-    b, _, n = act.shape
+    b, t, n = act.shape
     dev = act.device
     out = {name: torch.empty(b, n, dtype=torch.float32, device=dev) for name in ("max_act", "min_act")}
     for name in ("max_pos", "min_pos", "n_above", "n_below", "n_red"):
@@ -136,10 +176,13 @@ def layer_stats_fused(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection,
     from workers.reduce import thresholds
 
     high, low, red = thresholds(sel, act.dtype)  # the same exact comparisons as the eager path
-    _jit(stats_kernel, _interpret())[(b, -(-n // BLOCK_N))](
+    interpret = _interpret()
+    _jit(stats_kernel, interpret)[(b, -(-n // BLOCK_N))](
         act, n_tokens.to(torch.int32), out["max_act"], out["max_pos"], out["min_act"], out["min_pos"],
-        out["n_above"], out["n_below"], out["n_red"], out["rank"], n, act.stride(0), act.stride(1),
-        high, low, red, sel.high, sel.low, BLOCK_T=block_t, BLOCK_N=BLOCK_N, UNROLL=unroll, num_warps=num_warps,
+        out["n_above"], out["n_below"], out["n_red"], out["rank"], act if gelu_out is None else gelu_out,
+        n, t, act.stride(0), act.stride(1), high, low, red, sel.high, sel.low,
+        BLOCK_T=block_t, BLOCK_N=BLOCK_N, UNROLL=unroll, GELU=gelu_out is not None, EXACT_TANH=not interpret,
+        num_warps=num_warps,
     )
     return out
 

@@ -3,10 +3,11 @@
 `Stage` is a plain class (tested without Ray); Ray runs it as an actor, two calls at a time
 on a GPU (`cluster.placement.stage_actor`). Its ``__init__`` only stores the spec; weights
 load in `setup`, after Ray has placed the actor and set ``CUDA_VISIBLE_DEVICES``. Per
-micro-batch the stage runs its blocks once under scoped hooks (on a GPU one fused Triton pass
-per layer, `workers.fused`, queued on a side stream beside the forward pass), compacts the
-kept rows of all its layers on the device (one host sync), and queues one copy of them, with
-the hidden state for the next stage, to pinned host memory (`workers.transfer`).
+micro-batch the stage runs its blocks once under scoped hooks (on a GPU each GELU writes its
+activations and their statistics in one Triton kernel, `workers.fused`, and the rest of the
+layer's reduction is queued on a side stream beside the forward pass), compacts the kept
+rows of all its layers on the device (one host sync), and queues one copy of them, with the
+hidden state for the next stage, to pinned host memory (`workers.transfer`).
 
 Two phases. *Launch* holds the stage's lock: inputs to the device (pinned, asynchronous),
 the forward pass with each layer's reduction queued on a side stream, predictions or the
@@ -34,9 +35,10 @@ from cluster.memory import MemoryWatch, release_free_heap
 from prompts.batching import MicroBatch
 from workers.checkpoint import load_config
 from workers.fused import available as fused_available
+from workers.fused import gelu_stats_fused
 from workers.reduce import compact, reduce_layer
 from workers.rows import Hidden, StageRows
-from workers.shard import ShardSpec, load_stage
+from workers.shard import ShardSpec, TanhGELU, load_stage
 from workers.split import forward_splitting
 from workers.transfer import leaves, start_copy, to_device
 
@@ -66,23 +68,50 @@ def reducing_hooks(blocks, n_tokens: torch.Tensor, sel: Selection, sink: list, f
     With ``stream`` (CUDA), each layer's reduction is queued on that side stream after the
     activations are written, so its small kernels run beside the next matmuls instead of
     between them; the activations are kept from reuse until the side stream has read them.
+    With ``fused``, a block whose activation is GPT-J's GELU (`workers.shard.TanhGELU`) runs
+    `ScanGELU` instead while the context is open: one kernel writes the activations and their
+    statistics, so the statistics cost no second read of the activations.
     """
 
-    def hook(module, inputs, output):
+    def reduce(act: torch.Tensor, stats: dict[str, torch.Tensor] | None = None) -> None:
         if stream is None:
-            sink.append(reduce_layer(output, n_tokens, sel, fused))
+            sink.append(reduce_layer(act, n_tokens, sel, fused, stats))
             return
-        stream.wait_stream(torch.cuda.current_stream(output.device))  # a device-side wait, not a host sync
+        stream.wait_stream(torch.cuda.current_stream(act.device))  # a device-side wait, not a host sync
         with torch.cuda.stream(stream):
-            sink.append(reduce_layer(output, n_tokens, sel, fused))
-        output.record_stream(stream)
+            sink.append(reduce_layer(act, n_tokens, sel, fused, stats))
+        for tensor in (act, *(stats or {}).values()):
+            tensor.record_stream(stream)
 
-    handles = [block.mlp.act.register_forward_hook(hook) for block in blocks]
+    swapped, handles = [], []
+    for block in blocks:
+        if fused and isinstance(block.mlp.act, TanhGELU):
+            swapped.append((block.mlp, block.mlp.act))
+            block.mlp.act = ScanGELU(n_tokens, sel, reduce)
+        else:
+            handles.append(block.mlp.act.register_forward_hook(lambda module, inputs, output: reduce(output)))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+        for mlp, act in swapped:
+            mlp.act = act
+
+
+class ScanGELU(torch.nn.Module):
+    """`workers.shard.TanhGELU` while a stage scans on a GPU: the GELU and the statistics of its
+    output in one kernel (`workers.fused.gelu_stats_fused`), the rest of the layer's reduction
+    handed to ``reduce``."""
+
+    def __init__(self, n_tokens: torch.Tensor, sel: Selection, reduce):
+        super().__init__()
+        self.n_tokens, self.sel, self.reduce = n_tokens, sel, reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act, stats = gelu_stats_fused(x, self.n_tokens, self.sel)
+        self.reduce(act, stats)
+        return act
 
 
 @dataclass

@@ -117,3 +117,63 @@ def test_pick_kernel_equals_the_eager_pick(b, n, k):
     fused, eager = pick_fused(rank, k), pick_neurons(rank, k)
     assert torch.equal(fused[0], eager[0]) and torch.equal(fused[1], eager[1])
     assert fused[0][0].tolist() == [n] * k and fused[1][0] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("b", "t", "n"), [(1, 1, 1), (3, 33, 130), (2, 70, 257)])
+def test_gelu_and_its_statistics_in_one_pass(dtype, b, t, n):
+    """The GELU written by the kernel (every position, padding too) is PyTorch's tanh GELU to
+    within the interpreter's tanh (written with exp; a GPU uses CUDA's, tests/gpu), and its
+    statistics are exactly the eager ones of the activations it wrote."""
+    from workers.fused import gelu_stats_fused
+
+    gen = torch.Generator().manual_seed(b * 1000 + t + n)
+    pre = (torch.randn(b, t, n, generator=gen) * 3).to(dtype)
+    n_tokens = torch.randint(1, t + 1, (b,), generator=gen)
+    sel = Selection()
+    act, stats = gelu_stats_fused(pre, n_tokens, sel)
+    want = torch.nn.functional.gelu(pre, approximate="tanh")
+    assert act.dtype == dtype and act.shape == pre.shape and act.is_contiguous()
+    torch.testing.assert_close(act, want, rtol=torch.finfo(dtype).eps, atol=1e-6 if dtype == torch.float32 else 1e-3)
+    eager = layer_stats(act, n_tokens, sel)
+    for name in STATS:
+        assert torch.equal(eager[name].to(stats[name].dtype), stats[name]), name
+    assert torch.equal(stats["rank"], rank_scores(eager["max_act"], eager["min_act"], sel, dtype))
+
+
+def test_a_scanning_stage_reduces_the_activations_its_blocks_use(other_model):
+    """With the fused reduction, each GELU block of the stage runs `ScanGELU` while the hooks
+    are open (one kernel: activations and statistics) and is put back after; the rows are
+    the eager reduction of the very activations the next matmul read, and the blocks' output
+    is the plain model's up to the GELU's rounding."""
+    from workers.checkpoint import load_config
+    from workers.shard import ShardSpec, TanhGELU
+    from workers.stage import ScanGELU, Stage, StageSpec, reducing_hooks
+
+    config = load_config(other_model)
+    stage = Stage(StageSpec(str(other_model), ShardSpec(0, config.n_layer, config.n_layer), "cpu", "float32", Selection()))
+    stage.setup()
+    blocks = stage.model.body.h
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (2, 11), generator=gen)
+    n_tokens = torch.tensor([11, 6])
+    positions = torch.arange(11)[None, :].expand(2, 11)
+    sel = Selection(high=0.5, red=1.0, max_per_layer=7)
+    read: list[torch.Tensor] = []
+    handles = [block.mlp.fc_out.register_forward_pre_hook(lambda m, args: read.append(args[0].clone())) for block in blocks]
+    sink: list = []
+    with torch.inference_mode():
+        plain = stage.model(ids, None, positions)
+        read.clear()
+        with reducing_hooks(blocks, n_tokens, sel, sink, fused=True):
+            assert all(isinstance(block.mlp.act, ScanGELU) for block in blocks)
+            scanned = stage.model(ids, None, positions)
+    for handle in handles:
+        handle.remove()
+    assert all(type(block.mlp.act) is TanhGELU for block in blocks)
+    assert len(sink) == len(read) == config.n_layer
+    for layer, act in zip(sink, read):
+        eager = reduce_layer(act, n_tokens, sel)
+        for name, value in eager.items():
+            assert torch.equal(value, layer[name]), name
+    torch.testing.assert_close(scanned, plain, rtol=1e-4, atol=1e-4)

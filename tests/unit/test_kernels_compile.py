@@ -31,11 +31,14 @@ def launches() -> dict[str, tuple]:
 
     out = {}
     for act in ("fp16", "bf16", "fp32"):
-        out[f"stats {act}"] = (fused.stats_kernel, {
-            "act": f"*{act}", "n_tokens": "*i32", **dict.fromkeys(("max_act", "min_act"), "*fp32"),
-            **dict.fromkeys(("max_pos", "min_pos", "n_above", "n_below", "n_red", "rank"), "*i32"),
-            **dict.fromkeys(("n_neurons", "stride_b", "stride_t"), "i32"), **dict.fromkeys(("high", "low", "red", "sel_high", "sel_low"), "fp32"),
-        }, {"BLOCK_T": fused.BLOCK_T, "BLOCK_N": fused.BLOCK_N, "UNROLL": fused.UNROLL}, {"num_warps": fused.NUM_WARPS})
+        for gelu in (False, True):
+            out[f"{'gelu stats' if gelu else 'stats'} {act}"] = (fused.stats_kernel, {
+                "act": f"*{act}", "n_tokens": "*i32", **dict.fromkeys(("max_act", "min_act"), "*fp32"),
+                **dict.fromkeys(("max_pos", "min_pos", "n_above", "n_below", "n_red", "rank"), "*i32"), "gelu_out": f"*{act}",
+                **dict.fromkeys(("n_neurons", "n_pos", "stride_b", "stride_t"), "i32"),
+                **dict.fromkeys(("high", "low", "red", "sel_high", "sel_low"), "fp32"),
+            }, {"BLOCK_T": fused.BLOCK_T, "BLOCK_N": fused.BLOCK_N, "UNROLL": fused.UNROLL, "GELU": gelu, "EXACT_TANH": True},
+                {"num_warps": fused.NUM_WARPS})
     out["pick"] = (fused.pick_kernel, {"rank": "*i32", "neuron": "*i64", "n_selected": "*i32", **dict.fromkeys(("n_neurons", "k", "unselected"), "i32")},
                    {"BLOCK_N": 16_384, "BLOCK_K": 256}, {"num_warps": fused.PICK_WARPS})
     out["rows"] = (fused.rows_kernel, {
@@ -99,7 +102,7 @@ def compiled() -> dict:
     return results
 
 
-@pytest.mark.parametrize("name", ["stats fp16", "stats bf16", "stats fp32", "pick", "rows", "rotary fp16", "rotary bf16", "rotary fp32"])
+@pytest.mark.parametrize("name", ["stats fp16", "stats bf16", "stats fp32", "gelu stats fp16", "gelu stats bf16", "gelu stats fp32", "pick", "rows", "rotary fp16", "rotary bf16", "rotary fp32"])
 def test_kernel_compiles_for_sm90(compiled, name):
     assert "error" not in compiled[name], compiled[name]["error"]
 

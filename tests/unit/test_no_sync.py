@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cluster.config import Selection
 from prompts.batching import MicroBatch
+from tests.triton_cpu import needs_triton
 from workers.checkpoint import load_config
 from workers.reduce import reduce_layer
 from workers.shard import ShardSpec
@@ -59,7 +61,10 @@ def test_reduce_layer_has_no_syncing_op():
         assert counter.syncing() == {}, counter.syncing()
 
 
-def test_a_stage_syncs_once_per_micro_batch_whatever_its_layer_count(other_model):
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_triton)])
+def test_a_stage_syncs_once_per_micro_batch_whatever_its_layer_count(other_model, fused):
+    """Eager, and fused (the GELU with its statistics, the pick and the rows each one kernel,
+    here under Triton's interpreter)."""
     import numpy as np
 
     config = load_config(other_model)
@@ -69,6 +74,7 @@ def test_a_stage_syncs_once_per_micro_batch_whatever_its_layer_count(other_model
     for stop in (1, config.n_layer):
         stage = Stage(StageSpec(str(other_model), ShardSpec(0, stop, config.n_layer), "cpu", "float32", Selection()))
         stage.setup()
+        stage.fused = fused
         with OpCounter() as counter:
             stage.forward(batch)
         counts.append(counter.syncing())
