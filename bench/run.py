@@ -12,6 +12,9 @@ Modes (tokens are the prompts' own tokens; ratios are against ``bare`` of the sa
   scan_local        the stage code as a Ray actor runs it, without Ray: called from two threads,
                     reductions on a side stream, compaction and copy overlapping the next
                     micro-batch (on a CPU, as a CPU actor: the eager reduction, one thread)
+  scan_local_gelu_apart  ``scan_local`` with the GELU and the statistics kernel apart (the
+                    statistics on the side stream, a second read of the activations: before
+                    `workers.fused.gelu_stats_fused`)
   transformer_lens  TransformerLens caching every mlp.hook_post, then the same reduction (`bench.peers`)
   nnsight           an nnsight trace saving every mlp.act, then the same reduction (both peers on
                     transformers' own GELU and attention, the model their users run)
@@ -51,7 +54,8 @@ from workers.shard import ShardSpec
 from workers.stage import Stage, StageSpec
 from workers.transfer import to_device
 
-MODES = ("bare", "bare_hf_gelu", "bare_hf_rotary", "naive", "scan_local_eager", "scan_local_inline", "scan_local", *PEERS, "scan", "scan_2stage")
+MODES = ("bare", "bare_hf_gelu", "bare_hf_rotary", "naive", "scan_local_eager", "scan_local_inline", "scan_local_gelu_apart", "scan_local",
+         *PEERS, "scan", "scan_2stage")
 
 
 def synthetic_corpus(path: Path, n: int, tokens: int, seed: int = 0) -> Path:
@@ -170,24 +174,26 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
         return sum(a.nbytes for a in arrays)
 
     fused, side = stage.fused, stage.reduce_stream
-    variants = {  # step, fused reduction, reduction side stream, transformers' modules put back, calling threads
-        "bare": (bare, fused, side, (), 1),
-        "bare_hf_gelu": (bare, fused, side, ("gelu",), 1),
-        "bare_hf_rotary": (bare, fused, side, ("attention",), 1),
-        "naive": (naive, fused, side, (), 1),
-        "scan_local_eager": (scan_local, False, None, (), 1),
-        "scan_local_inline": (scan_local, fused, None, (), 1),
-        "scan_local": (scan_local, fused, side, (), STAGE_CONCURRENCY if device.type == "cuda" else 1),
+    two = STAGE_CONCURRENCY if device.type == "cuda" else 1
+    variants = {  # step, fused reduction, its side stream, GELU with statistics, transformers' modules put back, calling threads
+        "bare": (bare, fused, side, True, (), 1),
+        "bare_hf_gelu": (bare, fused, side, True, ("gelu",), 1),
+        "bare_hf_rotary": (bare, fused, side, True, ("attention",), 1),
+        "naive": (naive, fused, side, True, (), 1),
+        "scan_local_eager": (scan_local, False, None, True, (), 1),
+        "scan_local_inline": (scan_local, fused, None, True, (), 1),
+        "scan_local_gelu_apart": (scan_local, fused, side, False, (), two),
+        "scan_local": (scan_local, fused, side, True, (), two),
     }
     for mode in MODES:
         if mode in modes and mode in variants:
-            step, stage.fused, stage.reduce_stream, before, threads = variants[mode]
+            step, stage.fused, stage.reduce_stream, stage.fuse_gelu, before, threads = variants[mode]
             run = batches[:NAIVE_BATCHES] if mode == "naive" else batches
             with transformers_modules(model, before):
                 results[mode] = {**timed(step, run, device, warm_up=mode != "naive", threads=threads),
                                  "reduction": "fused" if stage.fused else "eager", "threads": threads}
             saved(results)
-    stage.fused, stage.reduce_stream = fused, side
+    stage.fused, stage.reduce_stream, stage.fuse_gelu = fused, side, True
     inputs = lambda batch: _inputs(batch, device)  # noqa: E731
     for mode, step in (("transformer_lens", lambda: peers.transformer_lens_step(stage, tokenizer, inputs, sel)),
                        ("nnsight", lambda: peers.nnsight_step(stage, inputs, sel))):

@@ -62,15 +62,16 @@ class StageSpec:
 
 @contextmanager
 def reducing_hooks(blocks, n_tokens: torch.Tensor, sel: Selection, sink: list, fused: bool = False,
-                   stream: torch.cuda.Stream | None = None) -> Iterator[None]:
+                   stream: torch.cuda.Stream | None = None, fuse_gelu: bool = True) -> Iterator[None]:
     """Reduce every block's ``mlp.act`` output into ``sink`` while the context is open.
 
     With ``stream`` (CUDA), each layer's reduction is queued on that side stream after the
     activations are written, so its small kernels run beside the next matmuls instead of
     between them; the activations are kept from reuse until the side stream has read them.
-    With ``fused``, a block whose activation is GPT-J's GELU (`workers.shard.TanhGELU`) runs
-    `ScanGELU` instead while the context is open: one kernel writes the activations and their
-    statistics, so the statistics cost no second read of the activations.
+    With ``fused`` (and ``fuse_gelu``; the bench turns it off for the before), a block whose
+    activation is GPT-J's GELU (`workers.shard.TanhGELU`) runs `ScanGELU` instead while the
+    context is open: one kernel writes the activations and their statistics, so the
+    statistics cost no second read of the activations.
     """
 
     def reduce(act: torch.Tensor, stats: dict[str, torch.Tensor] | None = None) -> None:
@@ -85,7 +86,7 @@ def reducing_hooks(blocks, n_tokens: torch.Tensor, sel: Selection, sink: list, f
 
     swapped, handles = [], []
     for block in blocks:
-        if fused and isinstance(block.mlp.act, TanhGELU):
+        if fused and fuse_gelu and isinstance(block.mlp.act, TanhGELU):
             swapped.append((block.mlp, block.mlp.act))
             block.mlp.act = ScanGELU(n_tokens, sel, reduce)
         else:
@@ -141,6 +142,7 @@ class Stage:
         config = load_config(self.spec.model_path)
         self.device = torch.device(self.spec.device)
         self.fused = fused_available(self.device)  # one Triton pass on a GPU, the eager reference elsewhere
+        self.fuse_gelu = True  # with it, the GELU's own kernel (bench: False for the before)
         # On a GPU the reductions run on a side stream, beside the forward pass (bench turns it off
         # to measure the difference).
         self.reduce_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -192,7 +194,7 @@ class Stage:
 
         layers: list[dict[str, torch.Tensor]] = []
         side = self.reduce_stream
-        with reducing_hooks(self.model.body.h, n_tokens, self.spec.selection, layers, self.fused, side):
+        with reducing_hooks(self.model.body.h, n_tokens, self.spec.selection, layers, self.fused, side, self.fuse_gelu):
             # No attention mask: padding only ever follows a prompt's tokens (and its answer's),
             # so the causal mask alone keeps every real token from seeing it, and the rows never
             # read a padded position. (With a mask transformers checks it on the host, a sync,

@@ -141,11 +141,13 @@ def test_gelu_and_its_statistics_in_one_pass(dtype, b, t, n):
     assert torch.equal(stats["rank"], rank_scores(eager["max_act"], eager["min_act"], sel, dtype))
 
 
-def test_a_scanning_stage_reduces_the_activations_its_blocks_use(other_model):
+@pytest.mark.parametrize("fuse_gelu", [True, False])
+def test_a_scanning_stage_reduces_the_activations_its_blocks_use(other_model, fuse_gelu):
     """With the fused reduction, each GELU block of the stage runs `ScanGELU` while the hooks
-    are open (one kernel: activations and statistics) and is put back after; the rows are
-    the eager reduction of the very activations the next matmul read, and the blocks' output
-    is the plain model's up to the GELU's rounding."""
+    are open (one kernel: activations and statistics; without ``fuse_gelu``, the bench's
+    before, its own GELU and a hook) and is put back after; the rows are the eager reduction
+    of the very activations the next matmul read, and the blocks' output is the plain
+    model's up to the GELU's rounding."""
     from workers.checkpoint import load_config
     from workers.shard import ShardSpec, TanhGELU
     from workers.stage import ScanGELU, Stage, StageSpec, reducing_hooks
@@ -165,12 +167,12 @@ def test_a_scanning_stage_reduces_the_activations_its_blocks_use(other_model):
     with torch.inference_mode():
         plain = stage.model(ids, None, positions)
         read.clear()
-        with reducing_hooks(blocks, n_tokens, sel, sink, fused=True):
-            assert all(isinstance(block.mlp.act, ScanGELU) for block in blocks)
+        with reducing_hooks(blocks, n_tokens, sel, sink, fused=True, fuse_gelu=fuse_gelu):
+            assert all(isinstance(block.mlp.act, ScanGELU if fuse_gelu else TanhGELU) for block in blocks)
             scanned = stage.model(ids, None, positions)
     for handle in handles:
         handle.remove()
-    assert all(type(block.mlp.act) is TanhGELU for block in blocks)
+    assert all(type(block.mlp.act) is TanhGELU and not block.mlp.act._forward_hooks for block in blocks)
     assert len(sink) == len(read) == config.n_layer
     for layer, act in zip(sink, read):
         eager = reduce_layer(act, n_tokens, sel)
