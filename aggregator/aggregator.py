@@ -11,10 +11,10 @@ delivered twice (Ray retries deliver at least once) is dropped by its batch id.
 Parts are written off the critical path: a full buffer is handed to a committer thread and
 ``add`` returns at once, so the next micro-batch is converted while the part is encoded
 and written (encoding, hashing and fsync release the GIL). Once committed, the part's
-``neurons/`` deltas join the run's merge in memory (`aggregator.neurons.NeuronsMerge`),
-so the end of the run folds only the last deltas and writes ``neurons/``. One part is written at a time;
-the batches of a part are reported committed by the first call after its manifest is
-replaced, and a failed write is raised by the next call. The driver keeps every batch not
+``neurons/`` deltas join the run's merge in memory (`aggregator.neurons.NeuronsMerge`), so
+the end of the run folds only the last deltas and writes ``neurons/``. One part is written
+at a time; the batches of a part are reported committed by the first call after its
+manifest is replaced, and a failed write is raised by the next call. The driver keeps every batch not
 yet reported committed and resends it to a restarted aggregator, so nothing is lost.
 """
 
