@@ -26,13 +26,16 @@ from transformers.models.gptj.modeling_gptj import (
 
 from cluster.config import Selection
 from workers import fused
+from workers.fused import Tiling
 from workers.reduce import UNSELECTED, kept_rows, pick_neurons, reduce_layer
 from workers.rotary import rotate_
 
-TILINGS = [(8, 1, 8), (8, 4, 8), (4, 8, 4), (2, 16, 4), (4, 16, 4), (4, 8, 2), (2, 8, 2), (2, 16, 2), (4, 4, 4), (1, 32, 2)]
-"""(BLOCK_T, UNROLL, num_warps); (8, 1, 8) is the v2 kernel, (2, 16, 4) the default."""
-GELU_TILINGS = [(2, 16, 4), (2, 8, 4), (4, 8, 4), (2, 16, 8), (1, 16, 4), (4, 4, 8)]
-"""The same for the GELU with its statistics (it also writes; registers: 211 at (2, 16, 4))."""
+TILINGS = [Tiling(*t) for t in ((8, 1, 8), (8, 4, 8), (4, 8, 4), (2, 16, 4), (4, 16, 4), (4, 8, 2), (2, 8, 2), (2, 16, 2), (4, 4, 4), (1, 32, 2))]
+"""(8, 1, 8) is the v2 kernel, (2, 16, 4) `workers.fused.STATS_TILING`."""
+GELU_TILINGS = [Tiling(*t) for t in ((2, 16, 4), (2, 8, 4), (4, 8, 4), (2, 16, 8), (1, 16, 4), (4, 4, 8), (2, 16, 4, 128), (4, 8, 4, 128),
+                                     (2, 8, 4, 512), (1, 32, 4, 128))]
+"""The same for the GELU with its statistics, which also writes (211 registers at (2, 16, 4)),
+some with 128 or 512 neurons a program (more or fewer programs, fewer or more registers)."""
 
 
 def main() -> None:
@@ -59,11 +62,11 @@ def main() -> None:
     print(f"activations {tuple(shape)} fp16, {size / 2**20:.0f} MiB")
     print(f"{'device copy (read + write)':<40}{copy * 1e3:9.1f} us  {2 * size / copy / 1e6:7.0f} GB/s")
     reference = fused.layer_stats_fused(act, n_tokens, sel)
-    for block_t, unroll, warps in TILINGS:
-        got = fused.layer_stats_fused(act, n_tokens, sel, block_t, unroll, warps)
+    for tiling in TILINGS:
+        got = fused.layer_stats_fused(act, n_tokens, sel, tiling)
         same = all(torch.equal(reference[k], got[k]) for k in reference)
-        t = ms(lambda: fused.layer_stats_fused(act, n_tokens, sel, block_t, unroll, warps))
-        print(f"{f'stats BLOCK_T={block_t} UNROLL={unroll} warps={warps}':<40}{t * 1e3:9.1f} us  {size / t / 1e6:7.0f} GB/s"
+        t = ms(lambda: fused.layer_stats_fused(act, n_tokens, sel, tiling))
+        print(f"{f'stats {name(tiling)}':<40}{t * 1e3:9.1f} us  {size / t / 1e6:7.0f} GB/s"
               f"{'' if same else '  DIFFERENT RESULTS'}")
     gelu_stats(pre, act, n_tokens, sel, reference, size, ms)
     rank = reference["rank"]
@@ -88,6 +91,10 @@ def main() -> None:
     rotary(args.batch, args.tokens, ms)
 
 
+def name(tiling: Tiling) -> str:
+    return f"T={tiling.block_t} U={tiling.unroll} w={tiling.num_warps} N={tiling.block_n}"
+
+
 def gelu_stats(pre, act, n_tokens, sel, reference, size, ms) -> None:
     """PyTorch's GELU then the statistics kernel (two reads and a write of the activations: what
     a scan did up to run 6, the kernel on a side stream), against the GELU with its statistics
@@ -95,11 +102,11 @@ def gelu_stats(pre, act, n_tokens, sel, reference, size, ms) -> None:
     gelu = lambda: torch.nn.functional.gelu(pre, approximate="tanh")  # noqa: E731
     print(f"{'GELU, torch':<40}{ms(gelu) * 1e3:9.1f} us  {2 * size / ms(gelu) / 1e6:7.0f} GB/s")
     print(f"{'GELU, torch, then the stats kernel':<40}{ms(lambda: fused.layer_stats_fused(gelu(), n_tokens, sel)) * 1e3:9.1f} us")
-    for block_t, unroll, warps in GELU_TILINGS:
-        got, stats = fused.gelu_stats_fused(pre, n_tokens, sel, block_t, unroll, warps)
+    for tiling in GELU_TILINGS:
+        got, stats = fused.gelu_stats_fused(pre, n_tokens, sel, tiling)
         same = all(torch.equal(reference[k], stats[k]) for k in reference) and torch.equal(got, act)
-        t = ms(lambda: fused.gelu_stats_fused(pre, n_tokens, sel, block_t, unroll, warps))
-        print(f"{f'GELU + stats BLOCK_T={block_t} UNROLL={unroll} warps={warps}':<40}{t * 1e3:9.1f} us  {2 * size / t / 1e6:7.0f} GB/s"
+        t = ms(lambda: fused.gelu_stats_fused(pre, n_tokens, sel, tiling))
+        print(f"{f'GELU + stats {name(tiling)}':<40}{t * 1e3:9.1f} us  {2 * size / t / 1e6:7.0f} GB/s"
               f"{'' if same else f'  DIFFERS from torch GELU then stats ({int((got != act).sum())} activations)'}")
 
 

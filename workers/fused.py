@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -29,14 +30,26 @@ try:
 except ImportError:  # CPU installs without Triton use the eager path only
     tl = libdevice = None
 
-BLOCK_N = 256
-BLOCK_T = 2
-UNROLL = 16
-NUM_WARPS = 4
+
+
+class Tiling(NamedTuple):
+    """How `stats_kernel` cuts the work: a program owns ``block_n`` neurons of one prompt and
+    walks it ``block_t`` tokens a slice, ``unroll`` slices a step, on ``num_warps`` warps."""
+
+    block_t: int
+    unroll: int
+    num_warps: int
+    block_n: int = 256
+
+
+STATS_TILING = Tiling(2, 16, 4)
 """Measured alone on an H200 (bench/records/2026-11-26-h200-run6-kernels.txt, 32 x 256 x 16,384
 fp16, median of ``do_bench``): (BLOCK_T, UNROLL, warps) = (8, 1, 8), the v2 kernel, 405 us;
 (8, 4, 8) 368 us; (4, 8, 4) 258 us (the tiling of run 6's full benchmark); (2, 16, 4) 157 us,
 the best of the ten tried (1,710 GB/s: 41 % of a device copy's 4,129)."""
+GELU_TILING = Tiling(2, 16, 4)
+"""The statistics kernel's, for the GELU with its statistics: not yet timed on a GPU
+(`bench.kernels` times several); ptxas (sm_90) gives 211 registers and no spills."""
 
 
 def available(device: torch.device) -> bool:
@@ -141,17 +154,16 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def layer_stats_fused(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, block_t: int = BLOCK_T,
-                      unroll: int = UNROLL, num_warps: int = NUM_WARPS) -> dict[str, torch.Tensor]:
+def layer_stats_fused(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, tiling: Tiling = STATS_TILING) -> dict[str, torch.Tensor]:
     """`workers.reduce.layer_stats` in one pass: act [batch, pos, d_mlp] (unit stride along
     d_mlp), n_tokens [batch] -> [batch, d_mlp] max_act/min_act float32 and
     max_pos/min_pos/n_above/n_below/n_red int32, and rank int32 (`workers.reduce.rank_scores`).
-    The tiling arguments are for `bench.kernels`."""
-    return _stats(act, n_tokens, sel, None, block_t, unroll, num_warps)
+    Other tilings are for `bench.kernels`."""
+    return _stats(act, n_tokens, sel, None, tiling)
 
 
-def gelu_stats_fused(pre: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, block_t: int = BLOCK_T,
-                     unroll: int = UNROLL, num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def gelu_stats_fused(pre: torch.Tensor, n_tokens: torch.Tensor, sel: Selection,
+                     tiling: Tiling = GELU_TILING) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GPT-J's GELU and its statistics in one pass: pre-activations [batch, pos, d_mlp] ->
     the activations (``gelu(pre, approximate="tanh")``, same shape and dtype, contiguous) and
     `layer_stats_fused`'s statistics of them, as if it had read them back. One read of the
@@ -160,11 +172,11 @@ def gelu_stats_fused(pre: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, 
     Triton's interpreter (tests) it is written with exp, so the activations there are close
     to PyTorch's, not equal, and the statistics exact for the activations returned."""
     out = torch.empty(pre.shape, dtype=pre.dtype, device=pre.device)
-    return out, _stats(pre, n_tokens, sel, out, block_t, unroll, num_warps)
+    return out, _stats(pre, n_tokens, sel, out, tiling)
 
 
 def _stats(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, gelu_out: torch.Tensor | None,
-           block_t: int, unroll: int, num_warps: int) -> dict[str, torch.Tensor]:
+           tiling: Tiling) -> dict[str, torch.Tensor]:
     if act.stride(2) != 1:
         act = act.contiguous()
     b, t, n = act.shape
@@ -177,12 +189,13 @@ def _stats(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, gelu_out: 
 
     high, low, red = thresholds(sel, act.dtype)  # the same exact comparisons as the eager path
     interpret = _interpret()
-    _jit(stats_kernel, interpret)[(b, -(-n // BLOCK_N))](
+    _jit(stats_kernel, interpret)[(b, -(-n // tiling.block_n))](
         act, n_tokens.to(torch.int32), out["max_act"], out["max_pos"], out["min_act"], out["min_pos"],
         out["n_above"], out["n_below"], out["n_red"], out["rank"], act if gelu_out is None else gelu_out,
         n, t, act.stride(0), act.stride(1), high, low, red, sel.high, sel.low,
-        BLOCK_T=block_t, BLOCK_N=BLOCK_N, UNROLL=unroll, GELU=gelu_out is not None, EXACT_TANH=not interpret,
-        num_warps=num_warps,
+        BLOCK_T=tiling.block_t, BLOCK_N=tiling.block_n, UNROLL=tiling.unroll, GELU=gelu_out is not None,
+        EXACT_TANH=not interpret, num_warps=tiling.num_warps,
+        enable_fp_fusion=True,  # the GELU's x + kappa * x^3 as one FMA, as nvcc compiles PyTorch's (Triton 3.10 turns it off by default)
     )
     return out
 
