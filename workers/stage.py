@@ -156,11 +156,12 @@ class Stage:
                 "reduction": "fused" if self.fused else "eager"}
 
     def _warm_up(self, d_model: int) -> None:  # with the lock held (or before any call)
-        """Two small forwards, so that kernel compilation (Triton, cuBLAS handles) happens at
+        """Three small forwards, so that kernel compilation (Triton, cuBLAS handles) happens at
         set-up and not inside the first micro-batches. Triton compiles a kernel again for an
-        integer argument that is or is not a multiple of 16 (the band bytes a row: a quarter of
-        the width): 16 tokens make 4 bytes, 64 make 16."""
-        for n in (16, 64):
+        integer argument that is or is not a multiple of 16: the GELU kernel's width in tokens
+        (16 and 64 are, 17 is not) and the rows kernel's band bytes a row, a quarter of it (16
+        tokens make 4 bytes, 64 make 16, 17 make 5)."""
+        for n in (16, 64, 17):
             batch = MicroBatch(-1, np.zeros(1, np.int64), np.zeros((1, n), np.int32), np.array([n], np.int32),
                                np.array([n], np.int32), np.zeros((1, 0), np.int32))
             hidden = None if self.spec.shard.first else Hidden(np.zeros((1, n, d_model), _host_dtype(self.spec.dtype)), self.spec.dtype)
