@@ -9,12 +9,12 @@ Modes (tokens are the prompts' own tokens; ratios are against ``bare`` of the sa
   scan_local_eager  the stage code in this process with the eager reduction (the reference path)
   scan_local_inline the stage code called from one thread, the fused reduction on the forward
                     pass's own stream, compaction and copy at the end of each micro-batch
-  scan_local        the stage code as a Ray actor runs it, without Ray: called from two threads,
-                    reductions on a side stream, compaction and copy overlapping the next
-                    micro-batch (on a CPU, as a CPU actor: the eager reduction, one thread)
   scan_local_gelu_apart  ``scan_local`` with the GELU and the statistics kernel apart (the
                     statistics on the side stream, a second read of the activations: before
                     `workers.fused.gelu_stats_fused`)
+  scan_local        the stage code as a Ray actor runs it, without Ray: called from two threads,
+                    reductions on a side stream, compaction and copy overlapping the next
+                    micro-batch (on a CPU, as a CPU actor: the eager reduction, one thread)
   transformer_lens  TransformerLens caching every mlp.hook_post, then the same reduction (`bench.peers`)
   nnsight           an nnsight trace saving every mlp.act, then the same reduction (both peers on
                     transformers' own GELU and attention, the model their users run)
