@@ -220,7 +220,9 @@ class Aggregator:
         self.manifest["summary"] = self.summary()
         write_manifest(self.out, self.manifest)
         # Committed: its deltas join the neurons merge (folded here, off the critical path).
-        list(self.pool.map(self.neurons.fold, [layer for layer, d in deltas.items() if self.neurons.add(layer, d)]))
+        for layer, d in deltas.items():
+            self.neurons.add(layer, d)
+        list(self.pool.map(self.neurons.fold, self.neurons.due()))
         return list(buf.batches)
 
     def _fold_counts(self, buf: Buffer) -> None:

@@ -7,10 +7,10 @@ the max and top-k lists merge, so the whole table is the merge of the committed 
 deltas; the run's end writes it to ``neurons/``. Ties go to the lower prompt id.
 
 `NeuronsMerge` holds the merge: per layer a `LayerState` and the deltas not yet folded into
-it, folded in one sort once they hold ``FOLD_ROWS`` entries (not one sort of the whole state
-per part). The aggregator adds each part's deltas once the part is committed and folds on its
-committer thread, so the run's end folds at most ``FOLD_ROWS`` entries a layer and reads
-nothing back, however long the run. A resumed run rebuilds the same merge from the committed
+it, folded in one sort once they hold enough entries (at most ``FOLD_ROWS``; not one sort of
+the whole state per part), a few layers after each part. The aggregator adds each part's
+deltas once the part is committed and folds on its committer thread, so the run's end folds
+at most ``FOLD_ROWS`` entries a layer and reads nothing back, however long the run. A resumed run rebuilds the same merge from the committed
 deltas on disk (`read_merge`) and gets the same table. Memory is one ``LayerState`` per layer
 (at most d_mlp x k entries each) plus at most ``FOLD_ROWS`` pending entries a layer.
 
@@ -134,6 +134,8 @@ def layer_delta(layer: int, rows: pa.Table, k: int, red: float) -> pa.Table:
 
 FOLD_ROWS = 1 << 18
 """Top-k entries a layer's pending deltas may hold before they are folded into its state."""
+FOLD_SPREAD = 8
+"""Layers folded after a part: one in FOLD_SPREAD (`NeuronsMerge.due`)."""
 
 
 class NeuronsMerge:
@@ -145,16 +147,27 @@ class NeuronsMerge:
         self.pending: dict[int, list[pa.Table]] = defaultdict(list)
         self.pending_rows: dict[int, int] = defaultdict(int)
 
-    def add(self, layer: int, delta: pa.Table) -> bool:
-        """Queue one layer's delta; True when that layer's pending deltas are due a `fold`."""
+    def add(self, layer: int, delta: pa.Table) -> None:
+        """Queue one layer's delta (folded when `due`)."""
         self.pending[layer].append(delta)
         self.pending_rows[layer] += int(pc.sum(pc.list_value_length(delta["top_acts"])).as_py() or 0)
-        return self.pending_rows[layer] >= FOLD_ROWS
 
-    def add_part(self, delta: pa.Table) -> list[int]:
-        """Queue a part's delta (any layers); returns the layers due a fold."""
+    def add_part(self, delta: pa.Table) -> None:
+        """Queue a part's delta (any layers)."""
         layer = delta["layer"].to_numpy()
-        return [int(value) for value in np.unique(layer) if self.add(int(value), delta.filter(pa.array(layer == value)))]
+        for value in np.unique(layer):
+            self.add(int(value), delta.filter(pa.array(layer == value)))
+
+    def due(self) -> list[int]:
+        """The layers to `fold` now: every layer holding ``FOLD_ROWS`` pending entries, and the
+        fullest others holding an eighth of that, up to one layer in ``FOLD_SPREAD`` in all.
+        Layers fill at the same pace; folding a few after each part, not all of them every
+        few parts, keeps each part's commit about as long as the next (no stall of a second
+        every eight parts for the driver to wait on)."""
+        full = [layer for layer, n in self.pending_rows.items() if n >= FOLD_ROWS]
+        room = -(-len(self.pending_rows) // FOLD_SPREAD) - len(full)
+        filling = [layer for layer, n in self.pending_rows.items() if FOLD_ROWS // FOLD_SPREAD <= n < FOLD_ROWS]
+        return full + sorted(filling, key=lambda layer: -self.pending_rows[layer])[: max(room, 0)]
 
     def fold(self, layer: int) -> None:
         """Fold ``layer``'s pending deltas into its state (layers may fold in parallel)."""
@@ -182,7 +195,8 @@ def read_merge(out: Path, manifest: dict, k: int) -> NeuronsMerge:
     for part in manifest["parts"]:
         for f in part["files"]:
             if f["path"].startswith("neuron_parts/"):
-                for layer in merge.add_part(ds.dataset(str(out / f["path"]), format=fmt).to_table()):
+                merge.add_part(ds.dataset(str(out / f["path"]), format=fmt).to_table())
+                for layer in merge.due():
                     merge.fold(layer)
     return merge
 

@@ -105,3 +105,20 @@ def test_top_order_is_lexsorts_order(seed):
     act = np.where(rng.random(m) < 0.5, rng.choice(special, m), rng.normal(size=m).astype(np.float16)).astype(np.float32)
     prompt_id = rng.permutation(10 * m)[:m].astype(np.int64)
     assert (top_order(neuron, act, prompt_id) == np.lexsort((prompt_id, -act, neuron))).all()
+
+
+def test_folds_are_spread_over_the_parts(monkeypatch):
+    """After a part, one layer in FOLD_SPREAD is due (the fullest), and every layer at
+    FOLD_ROWS entries: not every layer at once every few parts."""
+    from aggregator import neurons
+
+    monkeypatch.setattr(neurons, "FOLD_ROWS", 80)
+    merge = neurons.NeuronsMerge(k=3)
+    merge.pending_rows.update({layer: 20 + layer for layer in range(16)})  # 16 layers, each past FOLD_ROWS / 8
+    assert merge.due() == [15, 14]
+    merge.pending_rows.update({3: 80, 4: 5})
+    assert merge.due() == [3, 15]
+    merge.pending_rows.update({layer: 90 for layer in range(16)})
+    assert sorted(merge.due()) == list(range(16))  # all at the cap: all due
+    merge.pending_rows.update({layer: 9 for layer in range(16)})
+    assert merge.due() == []  # under an eighth of the cap: nothing due
