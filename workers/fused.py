@@ -9,6 +9,12 @@ slice, reducing across the slice's rows once at the end. Each step loads ``UNROL
 before folding them in, so that enough bytes are in flight to keep the memory busy. Loads
 are coalesced along the neuron axis, the innermost one of the activations.
 
+The same kernel can also be the GELU (`gelu_stats_fused`, what a scanning GPU stage runs in
+place of GPT-J's activation): it reads the pre-activations, writes the activations and keeps
+the statistics of what it wrote, so the statistics cost no second read of the layer. The
+pick (`pick_fused`) and the kept rows' statistics and band codes (`kept_rows_fused`) are one
+kernel each too.
+
 Same results as the eager path: values compared in float32 after an exact upcast, first
 position on ties. On a CPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``),
 which is how CI tests it; production CPU stages use the eager path.
@@ -29,7 +35,6 @@ try:
     from triton.language.extra import libdevice
 except ImportError:  # CPU installs without Triton use the eager path only
     tl = libdevice = None
-
 
 
 class Tiling(NamedTuple):
