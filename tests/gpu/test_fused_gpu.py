@@ -197,8 +197,10 @@ def test_a_stage_micro_batch_synchronises_a_handful_of_times_never_per_layer(tin
 def test_gelu_stats_kernel_is_torch_gelu_then_the_statistics(dtype, b, t):
     """The one-kernel GELU and statistics (what a scanning stage runs in place of GPT-J's GELU)
     against PyTorch's tanh GELU and then the eager statistics: the activations within one
-    rounding of PyTorch's (printed: how many differ at all; both call CUDA's tanhf), the
-    statistics exactly those of the activations written."""
+    rounding of PyTorch's, or 1e-5 where the GELU saturates to 0 from below (1 + tanh cancels,
+    so a tanh one bit off moves the result a long way relatively); printed: how many differ
+    at all (none if libdevice's tanh is the tanhf PyTorch's kernel calls). The statistics are
+    exactly those of the activations written."""
     from workers.fused import gelu_stats_fused
 
     gen = torch.Generator("cuda").manual_seed(b + t)
@@ -209,7 +211,7 @@ def test_gelu_stats_kernel_is_torch_gelu_then_the_statistics(dtype, b, t):
     want = torch.nn.functional.gelu(pre, approximate="tanh")
     differ = int((act != want).sum())
     print(f"{dtype}: {differ} of {act.numel()} activations differ from torch's GELU")
-    torch.testing.assert_close(act, want, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).tiny)
+    torch.testing.assert_close(act, want, rtol=torch.finfo(dtype).eps, atol=1e-5)
     eager = layer_stats(act, n_tokens, sel)
     for name, value in eager.items():
         assert torch.equal(value.to(stats[name].dtype), stats[name]), name
