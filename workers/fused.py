@@ -90,7 +90,10 @@ def stats_kernel(
     reds = tl.zeros((BLOCK_T, BLOCK_N), tl.int32)
     base = act + b.to(tl.int64) * stride_b
     out_base = gelu_out + b.to(tl.int64) * n_pos * n_neurons
-    for t0 in range(0, n_pos if GELU else length, BLOCK_T * UNROLL):
+    end = length  # the prompt's own tokens; with GELU, every position
+    if GELU:
+        end = n_pos
+    for t0 in range(0, end, BLOCK_T * UNROLL):
         # v2 loaded one [BLOCK_T, BLOCK_N] slice a step: 4 KB in flight per program, ~0.44 ms a
         # layer on an H200 (a seventh of its bandwidth). The UNROLL loads below do not depend on
         # each other or on the running statistics, so they are all issued before the first is used.
