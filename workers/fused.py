@@ -54,7 +54,8 @@ fp16, median of ``do_bench``): (BLOCK_T, UNROLL, warps) = (8, 1, 8), the v2 kern
 the best of the ten tried (1,710 GB/s: 41 % of a device copy's 4,129)."""
 GELU_TILING = Tiling(2, 16, 4)
 """The statistics kernel's, for the GELU with its statistics: not yet timed on a GPU
-(`bench.kernels` times several); ptxas (sm_90) gives 211 registers and no spills."""
+(`bench.kernels` times several); ptxas (sm_90) gives 211 registers with Triton 3.9, 157-168
+with 3.6 (the lent machines'), and no spills."""
 
 
 def available(device: torch.device) -> bool:
@@ -211,7 +212,8 @@ def _stats(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, gelu_out: 
 PICK_WARPS = 16
 """A prompt's 16,384 ranks over 512 threads, 32 each: ptxas (sm_90, `tests/unit/test_kernels_compile.py`)
 gives 128 registers and no spills, where 8 warps need 255 registers and spill, 4 warps spill
-~1 KB a thread. Not yet timed on a GPU: `bench.kernels` times 4, 8 and 16 warps."""
+~1 KB a thread (Triton 3.9; with 3.6, the lent machines', 16 warps spill 72 bytes). Not yet
+timed on a GPU: `bench.kernels` times 4, 8 and 16 warps."""
 
 
 def pick_kernel(rank, neuron, n_selected, n_neurons, k, unselected, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
