@@ -102,7 +102,8 @@ def gelu_stats(pre, act, n_tokens, sel, reference, size, ms) -> None:
     a scan did up to run 6, the kernel on a side stream), against the GELU with its statistics
     in one kernel (`workers.fused.gelu_stats_fused`: one read, one write) at several tilings."""
     gelu = lambda: torch.nn.functional.gelu(pre, approximate="tanh")  # noqa: E731
-    print(f"{'GELU, torch':<40}{ms(gelu) * 1e3:9.1f} us  {2 * size / ms(gelu) / 1e6:7.0f} GB/s")
+    t = ms(gelu)
+    print(f"{'GELU, torch':<40}{t * 1e3:9.1f} us  {2 * size / t / 1e6:7.0f} GB/s")
     print(f"{'GELU, torch, then the stats kernel':<40}{ms(lambda: fused.layer_stats_fused(gelu(), n_tokens, sel)) * 1e3:9.1f} us")
     for tiling in GELU_TILINGS:
         got, stats = fused.gelu_stats_fused(pre, n_tokens, sel, tiling)
