@@ -14,8 +14,8 @@ and written (encoding, hashing and fsync release the GIL). Once committed, the p
 ``neurons/`` deltas join the run's merge in memory (`aggregator.neurons.NeuronsMerge`), so
 the end of the run folds only the last deltas and writes ``neurons/``. One part is written
 at a time; the batches of a part are reported committed by the first call after its
-manifest is replaced, and a failed write is raised by the next call. The driver keeps every batch not
-yet reported committed and resends it to a restarted aggregator, so nothing is lost.
+manifest is replaced, and a failed write is raised by the next call. The driver keeps every
+batch not yet reported committed and resends it to a restarted aggregator, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -196,8 +196,8 @@ class Aggregator:
             # Encoding, hashing, fsync and the deltas' sorts release the GIL: all run in parallel.
             futures = [self.pool.submit(write_table, table, self.out, rel, self.fmt) for table, rel in tables]
             red = self.manifest["bands"]["red"]
-            deltas = {layer: self.pool.submit(layer_delta, layer, table, self.neurons.k, red) for layer, table in acts.items()}
-            deltas = {layer: d.result() for layer, d in deltas.items()}
+            making = {layer: self.pool.submit(layer_delta, layer, table, self.neurons.k, red) for layer, table in acts.items()}
+            deltas = {layer: d.result() for layer, d in making.items()}
             delta = pa.concat_tables(list(deltas.values())) if deltas else schema.NEURONS.empty_table()
             futures.append(self.pool.submit(write_table, delta, self.out, f"neuron_parts/{stem}", self.fmt))
             errors = []

@@ -10,9 +10,10 @@ deltas; the run's end writes it to ``neurons/``. Ties go to the lower prompt id.
 it, folded in one sort once they hold enough entries (at most ``FOLD_ROWS``; not one sort of
 the whole state per part), a few layers after each part. The aggregator adds each part's
 deltas once the part is committed and folds on its committer thread, so the run's end folds
-at most ``FOLD_ROWS`` entries a layer and reads nothing back, however long the run. A resumed run rebuilds the same merge from the committed
-deltas on disk (`read_merge`) and gets the same table. Memory is one ``LayerState`` per layer
-(at most d_mlp x k entries each) plus at most ``FOLD_ROWS`` pending entries a layer.
+at most ``FOLD_ROWS`` entries a layer and reads nothing back, however long the run. A
+resumed run rebuilds the same merge from the committed deltas on disk (`read_merge`) and
+gets the same table. Memory is one ``LayerState`` per layer (at most d_mlp x k entries
+each) plus at most ``FOLD_ROWS`` pending entries a layer.
 
 Sorting by (neuron, activation descending, prompt id) is one stable sort of a 64-bit key
 (`top_order`): the concatenated deltas are sorted runs, which a stable sort merges in about
