@@ -3,7 +3,7 @@
 # of record. Everything it writes lands in $OUT. Build .whl/ first, here:
 #   bench/device-wheels.sh
 # then run this with carry [".whl"], e.g.
-#   AGGREGATE=1 KERNELS=1 PROFILE=1 PROMPTS=2048 MODES=bare,bare_hf_rotary,scan_local_gelu_apart,scan_local,scan,scan_2stage bash bench/device.sh
+#   AGGREGATE=1 KERNELS=1 PROFILE=1 PROMPTS=2048 MODES=bare,bare_hf_rotary,scan_local_gelu_apart,scan_local,scan,scan_2stage,scan_2stage_direct bash bench/device.sh
 # transformers is carried because the machine's own (5.17) runs GPT-J's attention eagerly in
 # fp32; from the version this repository is tested with, GPT-J uses PyTorch's SDPA. If the
 # carried one does not import there, the machine's own is used (gpu.txt says which).
@@ -18,7 +18,9 @@ if ! python3 -c "import transformers.models.gptj.modeling_gptj" 2>"$OUT/transfor
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, triton, ray, pyarrow; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__, 'ray', ray.__version__, 'pyarrow', pyarrow.__version__)" | tee -a "$OUT/gpu.txt"
-timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/gpu --ignore tests/gpu/test_handoff_gpu.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+# The direct hand-off through Ray (CUDA IPC between two stages on the GPU) in its own process and Ray.
+timeout "${HANDOFF_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/gpu/test_handoff_gpu.py 2>&1 | tee "$OUT/gpu-handoff.log" | tail -5
 if [ -n "${AGGREGATE:-}" ]; then  # the aggregator's pace alone, on this machine's CPUs
   timeout 90 python3 -m bench.aggregate /tmp/neuroscan-aggregate --batches 32 2>&1 | tee "$OUT/aggregate.log" | tail -3
 fi

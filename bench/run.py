@@ -20,6 +20,9 @@ Modes (tokens are the prompts' own tokens; ratios are against ``bare`` of the sa
                     transformers' own GELU and attention, the model their users run)
   scan              the full Ray pipeline, one stage, aggregator writing Parquet
   scan_2stage       the Ray pipeline with two stages sharing the device
+  scan_2stage_direct  ``scan_2stage`` with the hidden state handed over as a tensor
+                    (``--handoff direct``: CUDA IPC on one GPU, Gloo on a CPU) instead of
+                    through pinned host memory and Ray's object store
 The peers run when their packages are installed (the ``bench`` extra); a default run skips
 the missing ones and says so in the report.
 MFU is model FLOPs per second over a large matmul's FLOPs per second measured in the same run.
@@ -55,7 +58,9 @@ from workers.stage import Stage, StageSpec
 from workers.transfer import to_device
 
 MODES = ("bare", "bare_hf_gelu", "bare_hf_rotary", "naive", "scan_local_eager", "scan_local_inline", "scan_local_gelu_apart", "scan_local",
-         *PEERS, "scan", "scan_2stage")
+         *PEERS, "scan", "scan_2stage", "scan_2stage_direct")
+RAY_MODES = {"scan": (1, "store"), "scan_2stage": (2, "store"), "scan_2stage_direct": (2, "direct")}
+"""The modes that run the Ray pipeline: (stages, hand-off)."""
 
 
 def synthetic_corpus(path: Path, n: int, tokens: int, seed: int = 0) -> Path:
@@ -223,10 +228,11 @@ def transformers_modules(model, which: tuple[str, ...]):
             block.mlp.act, block.attn.__class__ = act, attention
 
 
-def bench_ray(corpus: Path, model: str | None, device: str, dtype: str, batch_tokens: int, stages: int, sel: Selection) -> dict:
+def bench_ray(corpus: Path, model: str | None, device: str, dtype: str, batch_tokens: int, stages: int, sel: Selection,
+              handoff: str = "store") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ScanConfig(
-            prompts=str(corpus), out=str(Path(tmp) / "out"), model=model, stages=stages, device=device, dtype=dtype,
+            prompts=str(corpus), out=str(Path(tmp) / "out"), model=model, stages=stages, device=device, dtype=dtype, handoff=handoff,
             gpus_per_stage=1.0 / stages if device == "cuda" else 1.0, selection=sel, batch_tokens=batch_tokens, progress=False,
         )
         timings = run_scan(cfg)["timings"]
@@ -294,14 +300,15 @@ def run_bench(args) -> dict:
                 Path(args.out).write_text(json.dumps(finished(head, results, per_token, complete=False), indent=1))
 
         results: dict = {}
-        in_process = [m for m in modes if m not in ("scan", "scan_2stage")]
+        in_process = [m for m in modes if m not in RAY_MODES]
         if in_process:
             bench_in_process(path, batches, device, dtype, sel, in_process, tokenizer, results, saved)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the model is gone; the Ray modes' actors need the memory
-        for mode, stages in (("scan", 1), ("scan_2stage", 2)):
+        for mode, (stages, handoff) in RAY_MODES.items():
             if mode in modes:
-                results[mode] = {**bench_ray(corpus, model_arg, device.type, dtype, args.batch_tokens, stages, sel), "tokens": tokens}
+                run = bench_ray(corpus, model_arg, device.type, dtype, args.batch_tokens, stages, sel, handoff)
+                results[mode] = {**run, "tokens": tokens}
                 saved(results)
     return finished(head, results, per_token, complete=True)
 
@@ -323,12 +330,12 @@ def table(report: dict) -> str:
     lines = [(f"{report['device']}  {report['model']['n_layer']} layers x {report['model']['d_model']}  {report['model']['dtype']}  "
               f"attention {report['model']['attention']}  "
               f"{report['workload']['tokens']} tokens in {report['workload']['micro_batches']} micro-batches"),
-             f"{'mode':<18}{'tokens/s':>12}{'vs bare':>9}{'MFU':>8}{'D2H B/token':>13}{'peak MB':>10}{'agg lag s':>11}"]
+             f"{'mode':<23}{'tokens/s':>12}{'vs bare':>9}{'MFU':>8}{'D2H B/token':>13}{'peak MB':>10}{'agg lag s':>11}"]
     for mode, r in report["results"].items():
         fmt = lambda v, spec: "-" if v is None else format(v, spec)
-        lines.append(f"{mode:<18}{r['tokens_per_s']:>12,.0f}{fmt(r['ratio_to_bare'], '.3f'):>9}{r['mfu']:>8.3f}"
+        lines.append(f"{mode:<23}{r['tokens_per_s']:>12,.0f}{fmt(r['ratio_to_bare'], '.3f'):>9}{r['mfu']:>8.3f}"
                      f"{fmt(r['d2h_bytes_per_token'], ',.0f'):>13}{fmt(r['peak_device_mb'], ',.0f'):>10}"
                      f"{fmt(r.get('aggregator_lag_s'), '.2f'):>11}")
     for mode, why in report.get("skipped", {}).items():
-        lines.append(f"{mode:<18}skipped: {why}")
+        lines.append(f"{mode:<23}skipped: {why}")
     return "\n".join(lines)

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--replicas", type=int, default=1, help="pipeline replicas (default 1)")
     scan.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     scan.add_argument("--gpus-per-stage", type=float, default=1.0, help="GPUs each stage reserves; 0.5 puts two stages on one GPU (default 1)")
+    scan.add_argument("--handoff", default="store", help="hidden state between stages: store (pinned host copy, Ray's object store; default) "
+                      "or direct (the tensor itself: CUDA IPC on one GPU, NCCL between GPUs, Gloo on CPUs)")
     scan.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default auto)")
     scan.add_argument("--high", type=float, default=3.0, help="select a neuron when some token is above this (default 3.0)")
     scan.add_argument("--low", type=float, default=0.0, help="... or below this (default 0.0)")
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 BENCH_MODES = ("bare", "bare_hf_gelu", "bare_hf_rotary", "naive", "scan_local_eager", "scan_local_inline", "scan_local_gelu_apart", "scan_local",
-               "transformer_lens", "nnsight", "scan", "scan_2stage")
+               "transformer_lens", "nnsight", "scan", "scan_2stage", "scan_2stage_direct")
 """bench.run.MODES, named here so that `neuroscan --help` needs no torch import (a test checks they agree)."""
 
 
@@ -102,7 +104,7 @@ def cmd_scan(args) -> int:
 
     cfg = ScanConfig(
         prompts=args.prompts, out=args.out, model=args.model, stages=args.stages, replicas=args.replicas,
-        device=args.device, dtype=args.dtype, gpus_per_stage=args.gpus_per_stage,
+        device=args.device, dtype=args.dtype, gpus_per_stage=args.gpus_per_stage, handoff=args.handoff,
         selection=Selection(high=args.high, low=args.low, red=args.red, max_per_layer=args.max_per_layer),
         batch_tokens=args.batch_tokens, format=args.format, truncate=args.truncate, overwrite=args.overwrite, resume=args.resume,
         in_flight=args.in_flight, rows_per_part=args.rows_per_part, on_error=args.on_error, top_k=args.top_k, progress=not args.quiet,

@@ -11,6 +11,7 @@ DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 FORMATS = ("parquet", "arrow")
 ON_ERROR = ("stop", "skip")
+HANDOFFS = ("store", "direct")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,11 @@ class ScanConfig:
     """Where stages run: "cpu" or "cuda" (one GPU per stage)."""
     gpus_per_stage: float = 1.0
     """GPUs a stage reserves; 0.5 puts two stages on one GPU."""
+    handoff: str = "store"
+    """How the hidden state goes from stage to stage: "store" (pinned host copy, Ray's object
+    store) or "direct" (the tensor itself through Ray Direct Transport: CUDA IPC on one GPU,
+    NCCL between GPUs, Gloo on CPUs; see `workers.handoff`). With "direct" a stage that dies
+    stops the run (resumable) instead of being restarted."""
     dtype: str = "auto"
     """Weights and activations dtype; "auto" is float32 on CPU and the checkpoint's dtype on CUDA."""
     selection: Selection = field(default_factory=Selection)
@@ -114,6 +120,8 @@ class ScanConfig:
             raise UserError(f"--top-k {self.top_k} must be at least 1")
         if self.rows_per_part < 1:
             raise UserError(f"--rows-per-part {self.rows_per_part} must be a positive number of rows")
+        if self.handoff not in HANDOFFS:
+            raise UserError(f"--handoff {self.handoff!r} is not known: use one of {', '.join(HANDOFFS)}")
         if self.in_flight < 0:
             raise UserError(f"--in-flight {self.in_flight} must be 0 (automatic) or positive")
 

@@ -2,7 +2,8 @@
 
 Micro-batches are dealt round-robin to R replicas of an S-stage pipeline. Each stage call
 returns two objects: the hidden state (passed by reference to the next stage, so it goes
-stage to stage through the object store) and the stage's compact rows. The driver hands the
+stage to stage through the object store; with ``--handoff direct`` a second call hands the
+device tensor over, `workers.handoff`) and the stage's compact rows. The driver hands the
 row references of all stages to the aggregator in one call, so rows go from the stages to
 the aggregator directly; the driver only ever holds references. A bounded window of
 micro-batches in flight per replica keeps every stage busy without flooding memory.
@@ -133,6 +134,7 @@ def manifest_header(cfg: ScanConfig, p: Plan) -> dict:
         "replicas": cfg.replicas,
         "partition": [list(b) for b in p.bounds],
         "device": cfg.device,
+        "handoff": cfg.handoff,
         "batch_tokens": cfg.batch_tokens,
         "top_k": cfg.top_k,
         "format": cfg.format,
@@ -162,7 +164,8 @@ def run_scan(cfg: ScanConfig) -> dict:
     with corpus_batches(cfg, p) as batches:  # reading ahead while the actors load the model
         n_stage_actors = cfg.stages * cfg.replicas
         started_ray = placement.start_ray(n_stage_actors + 1)
-        group, actors = None, []
+        group, actors, collectives = None, [], []
+        direct = cfg.handoff == "direct" and cfg.stages > 1
         try:
             group = placement.reserve(cfg.device, n_stage_actors, cfg.gpus_per_stage)
             run_id = uuid.uuid4().hex[:8]  # actor names: `ray list actors` shows which run they serve
@@ -171,9 +174,10 @@ def run_scan(cfg: ScanConfig) -> dict:
             for r in range(cfg.replicas):
                 pipe = []
                 for s, (start, stop) in enumerate(p.bounds):
-                    spec = StageSpec(p.model_path, ShardSpec(start, stop, p.n_layers), cfg.device, p.dtype, cfg.selection, threads)
+                    spec = StageSpec(p.model_path, ShardSpec(start, stop, p.n_layers), cfg.device, p.dtype, cfg.selection, threads, direct)
                     name = f"neuroscan-{run_id}-stage-{r}-{s}"
-                    pipe.append(placement.stage_actor(Stage, group, r * cfg.stages + s, cfg.device, name, cfg.gpus_per_stage).remote(spec))
+                    actor = placement.stage_actor(Stage, group, r * cfg.stages + s, cfg.device, name, cfg.gpus_per_stage, direct)
+                    pipe.append(actor.remote(spec))
                 pipelines.append(pipe)
             actors = [a for pipe in pipelines for a in pipe]
             aggregator = ray.remote(Aggregator).options(name=f"neuroscan-{run_id}-aggregator", num_cpus=0, **placement.RESTARTS).remote(
@@ -181,9 +185,12 @@ def run_scan(cfg: ScanConfig) -> dict:
             )
             actors.append(aggregator)
             ray.get([a.setup.remote() for a in actors[:-1]] + [aggregator.__ray_ready__.remote()])
+            handoffs = None
+            if direct:
+                handoffs, collectives = placement.connect(pipelines, cfg.device)
             t0 = time.perf_counter()
             watch = MemoryWatch()
-            scheduler = Scheduler(cfg, pipelines, aggregator, p.n_prompts, watch)
+            scheduler = Scheduler(cfg, pipelines, aggregator, p.n_prompts, watch, handoffs)
             n_prompts, n_tokens = scheduler.run(batches, committed)
             seconds = time.perf_counter() - t0
             *stages, aggregated = ray.get([a.memory.remote() for a in actors])
@@ -191,10 +198,13 @@ def run_scan(cfg: ScanConfig) -> dict:
                 "seconds": seconds, "prompts_per_s": n_prompts / seconds, "tokens_per_s": n_tokens / seconds,
                 "memory": {"driver": watch.report(), "aggregator": aggregated, "stages": stages},
             }
+            if handoffs:
+                timings["transports"] = handoffs  # per replica, stage to stage: GLOO, CUDA_IPC or NCCL
             return scheduler.finish(timings)
         finally:
             for actor in actors:
                 ray.kill(actor)
+            placement.disconnect(collectives)
             if group is not None:
                 placement.remove_placement_group(group)
             if started_ray:

@@ -11,10 +11,12 @@ import logging
 import os
 
 import ray
+from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.errors import UserError
+from workers.handoff import GROUP, group_backend, transport, where
 
 PLACEMENT_TIMEOUT_S = 120
 RESTARTS = {"max_restarts": 3, "max_task_retries": 3}
@@ -79,16 +81,56 @@ other waits for its copy and hands its result to Ray (`workers.stage`). A CPU st
 while it launches, so it runs one call at a time (two only competed for the same cores)."""
 
 
-def stage_actor(cls, group, bundle: int, device: str, name: str, gpus: float = 1.0):
-    """``ray.remote(cls)`` pinned to one bundle; it may be restarted and its calls retried."""
-    return ray.remote(cls).options(
+def stage_actor(cls, group, bundle: int, device: str, name: str, gpus: float = 1.0, direct: bool = False):
+    """``ray.remote(cls)`` pinned to one bundle; it may be restarted and its calls retried.
+
+    With ``direct`` (`workers.handoff`) the actor can hand tensors over through Ray Direct
+    Transport, answers ``handoff`` calls in their own concurrency group, and is not restarted:
+    a restarted actor is no longer in its pipeline's collective group and has lost the hidden
+    states it held, so its death stops the run (resumable) instead."""
+    concurrency = STAGE_CONCURRENCY if device == "cuda" else 1
+    remote = ray.remote(enable_tensor_transport=True, concurrency_groups={GROUP: 2}) if direct else ray.remote
+    return remote(cls).options(
         name=name,
         num_cpus=1,
-        max_concurrency=STAGE_CONCURRENCY if device == "cuda" else 1,
+        max_concurrency=concurrency,
         num_gpus=gpus if device == "cuda" else 0,
-        **RESTARTS,
+        **({"max_restarts": 0} if direct else RESTARTS),
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
     )
+
+
+def connect(pipelines: list[list], device: str) -> tuple[list[list[str]], list]:
+    """Set up direct hand-offs (`workers.handoff`): each pipeline's transport from stage to
+    stage, and the collective groups created for them (to destroy at the end)."""
+    from ray.experimental.collective import create_collective_group
+
+    transports, groups = [], []
+    for pipe in pipelines:
+        places = ray.get([actor.__ray_call__.remote(where) for actor in pipe])
+        hops = [transport(device, a, b) for a, b in zip(places, places[1:])]
+        if "NCCL" in hops and not all(p.cupy for p in places):
+            raise UserError(
+                "--handoff direct between stages on different GPUs goes through NCCL, which Ray drives with cupy: "
+                "install cupy-cuda12x (or cupy-cuda13x) where the stages run, put stages on one GPU (--gpus-per-stage), "
+                "or use --handoff store"
+            )
+        backend = group_backend(hops)
+        if backend:
+            groups.append(create_collective_group(pipe, backend=backend))
+        transports.append(hops)
+    return transports, groups
+
+
+def disconnect(groups: list) -> None:
+    """Forget the collective groups of `connect` once their actors are killed."""
+    from ray.experimental.collective import destroy_collective_group
+
+    for group in groups:
+        try:
+            destroy_collective_group(group)
+        except RayActorError:
+            pass
 
 
 def _describe(resources: dict) -> str:

@@ -16,6 +16,7 @@ manifest listing what was committed, ready for ``--resume``.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections import deque
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from cluster.config import ScanConfig
 from cluster.errors import UserError
 from cluster.memory import MemoryWatch
+from workers.handoff import GROUP
 from workers.split import PromptTooLarge
 
 
@@ -43,8 +45,11 @@ class Sent:
 
 
 class Scheduler:
-    def __init__(self, cfg: ScanConfig, pipelines: list[list], aggregator, total_prompts: int, watch: MemoryWatch):
+    def __init__(self, cfg: ScanConfig, pipelines: list[list], aggregator, total_prompts: int, watch: MemoryWatch,
+                 handoffs: list[list[str]] | None = None):
         self.cfg, self.pipelines, self.aggregator, self.watch = cfg, pipelines, aggregator, watch
+        self.handoffs = handoffs
+        """Per pipeline, the Ray Direct Transport from each stage to the next; None: the object store."""
         self.window = cfg.window * cfg.replicas
         self.in_flight: deque = deque()  # (aggregator call, Sent)
         self.uncommitted: dict[int, Sent] = {}  # acknowledged, not yet in a committed part
@@ -83,9 +88,16 @@ class Scheduler:
     def submit(self, batch, group, pipe) -> None:
         batch_ref = ray.put(batch)
         hidden, rows = None, []
-        for stage in pipe:
-            hidden, stage_rows = stage.forward.options(num_returns=2).remote(batch_ref, hidden)
-            rows.append(stage_rows)
+        if self.handoffs is None:
+            for stage in pipe:
+                hidden, stage_rows = stage.forward.options(num_returns=2).remote(batch_ref, hidden)
+                rows.append(stage_rows)
+        else:  # the rows through the object store, the hidden state handed over directly (workers.handoff)
+            hops = self.handoffs[self.pipelines.index(pipe)]
+            for stage, hop in itertools.zip_longest(pipe, hops):
+                rows.append(stage.scan.remote(batch_ref, hidden))
+                if hop is not None:
+                    hidden = stage.handoff.options(concurrency_group=GROUP, tensor_transport=hop).remote(batch.batch_id)
         self._send(Sent(batch, group, pipe, rows))
 
     def _send(self, sent: Sent) -> None:

@@ -9,9 +9,10 @@ import numpy as np
 
 @dataclass
 class Hidden:
-    """The residual stream between stages, as numpy (bfloat16 travels as its int16 bits)."""
+    """The residual stream between stages, as numpy (bfloat16 travels as its int16 bits), or,
+    inside a stage that hands it over directly (`workers.handoff`), the device tensor."""
 
-    data: np.ndarray  # [batch, pos, d_model]
+    data: np.ndarray  # [batch, pos, d_model]; a torch.Tensor with --handoff direct
     dtype: str
 
 

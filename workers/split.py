@@ -55,13 +55,23 @@ def forward_splitting(forward: Forward, batch: MicroBatch, hidden: Hidden | None
         halves = []
         for rows in (np.arange(n // 2), np.arange(n // 2, n)):
             part = batch.take(rows, trim=True)
-            part_hidden = None if hidden is None else Hidden(hidden.data[rows, : part.input_ids.shape[1]], hidden.dtype)
+            part_hidden = None if hidden is None else Hidden(_take(hidden.data, rows, part.input_ids.shape[1]), hidden.dtype)
             halves.append(forward_splitting(forward, part, part_hidden))
         return merge(*halves, offset=n // 2, width=batch.input_ids.shape[1])
 
 
-def _pad(array: np.ndarray, width: int) -> np.ndarray:
-    """Zero-pad axis 1 to ``width``."""
+def _take(data, rows: np.ndarray, width: int):
+    """Rows ``rows`` of a [batch, pos, d_model] hidden state (numpy, or a tensor handed over
+    directly), cut to ``width`` positions."""
+    if isinstance(data, torch.Tensor):
+        return data[torch.as_tensor(rows, device=data.device), :width]
+    return data[rows, :width]
+
+
+def _pad(array, width: int):
+    """Zero-pad axis 1 to ``width`` (numpy, or a tensor handed over directly)."""
+    if isinstance(array, torch.Tensor):
+        return torch.nn.functional.pad(array, (0, 0) * (array.ndim - 2) + (0, width - array.shape[1]))
     pad = [(0, 0)] * array.ndim
     pad[1] = (0, width - array.shape[1])
     return np.pad(array, pad)
@@ -80,5 +90,8 @@ def merge(a: tuple[Hidden | None, StageRows], b: tuple[Hidden | None, StageRows]
     predictions = None
     if ra.predictions is not None:
         predictions = {name: np.concatenate([ra.predictions[name], rb.predictions[name]]) for name in ra.predictions}
-    hidden = None if ha is None else Hidden(np.concatenate([_pad(ha.data, width), _pad(hb.data, width)]), ha.dtype)
+    hidden = None
+    if ha is not None:
+        halves = [_pad(ha.data, width), _pad(hb.data, width)]
+        hidden = Hidden(torch.cat(halves) if isinstance(ha.data, torch.Tensor) else np.concatenate(halves), ha.dtype)
     return hidden, StageRows(ra.batch_id, ra.start, rows, per_prompt, predictions)

@@ -36,6 +36,7 @@ from prompts.batching import MicroBatch
 from workers.checkpoint import load_config
 from workers.fused import available as fused_available
 from workers.fused import gelu_stats_fused
+from workers.handoff import Outbox
 from workers.reduce import compact, reduce_layer
 from workers.rows import Hidden, StageRows
 from workers.shard import ShardSpec, TanhGELU, load_stage
@@ -58,6 +59,9 @@ class StageSpec:
     selection: Selection
     threads: int = 0
     """torch intra-op threads on CPU; 0 leaves torch's default."""
+    keep_hidden: bool = False
+    """Leave the hidden state for the next stage on the device, for a direct hand-off
+    (`workers.handoff`), instead of copying it to host memory with the rows."""
 
 
 @contextmanager
@@ -134,6 +138,7 @@ class Stage:
         self.watch = MemoryWatch()
         self.lock = threading.Lock()  # one launch at a time: the hooks and the side stream are shared
         self.streams = threading.local()  # each calling thread collects on its own stream
+        self.outbox = Outbox()  # hidden states waiting for their direct hand-off
 
     def setup(self) -> dict:
         """Load this stage's weights on its device; returns what was loaded."""
@@ -174,6 +179,26 @@ class Stage:
         """Run one micro-batch; out of memory, its halves are run and merged (`workers.split`).
         Safe to call from two threads: launches take turns, collecting overlaps."""
         return forward_splitting(self._forward, batch, hidden)
+
+    def scan(self, batch: MicroBatch, hidden=None) -> StageRows:
+        """`forward` for a direct hand-off (`workers.handoff`): returns the rows and leaves the
+        hidden state (or the error that stopped it) for `handoff`. ``hidden`` is the previous
+        stage's tensor as Ray handed it over."""
+        if hidden is not None and not isinstance(hidden, Hidden):
+            hidden = Hidden(hidden, self.spec.dtype)
+        try:
+            out, rows = self.forward(batch, hidden)
+        except BaseException as err:
+            if not self.spec.shard.last:
+                self.outbox.put(batch.batch_id, err)
+            raise
+        if out is not None:
+            self.outbox.put(batch.batch_id, out.data)
+        return rows
+
+    def handoff(self, batch_id: int):
+        """The hidden state `scan` left for ``batch_id`` (a tensor on this stage's device)."""
+        return self.outbox.take(batch_id)
 
     def _forward(self, batch: MicroBatch, hidden: Hidden | None) -> tuple[Hidden | None, StageRows]:
         with self.lock:
@@ -225,13 +250,14 @@ class Stage:
             for tensor in [*(t for layer in launched.layers for t in layer.values()), *leaves(launched.outputs)]:
                 tensor.record_stream(tail)  # written on other streams, read here: not to be reused before
             on_stream = torch.cuda.stream(tail)
+        kept = launched.outputs.pop("hidden") if self.spec.keep_hidden and not shard.last else None
         with on_stream:
             rows, per_prompt = compact(launched.layers)  # nonzero: on a GPU, waits for this micro-batch only
             transfer = start_copy({"rows": rows, "per_prompt": per_prompt, **launched.outputs})
         del launched, rows, per_prompt
-        host = transfer.wait()
+        host = transfer.wait()  # after this micro-batch's device work: a kept hidden state is written too
         del transfer
-        out_hidden = None if shard.last else Hidden(host["hidden"]["data"], self.spec.dtype)
+        out_hidden = None if shard.last else Hidden((kept or host["hidden"])["data"], self.spec.dtype)
         if self.device.type == "cpu":
             release_free_heap()
         self.watch.sample()
@@ -276,6 +302,8 @@ def _host_dtype(dtype: str) -> type:
 
 
 def _from_host(hidden: Hidden, device: torch.device) -> torch.Tensor:
+    if isinstance(hidden.data, torch.Tensor):  # handed over directly, already on its device
+        return hidden.data.to(device, non_blocking=True)
     x = to_device(hidden.data, device)
     return x.view(torch.bfloat16) if hidden.dtype == "bfloat16" else x
 

@@ -49,7 +49,8 @@ def test_selection_validation(selection, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"device": "tpu"}, "--device 'tpu'"), ({"dtype": "int8"}, "--dtype"), ({"stages": 0}, "--stages"),
-     ({"replicas": 0}, "--replicas"), ({"format": "csv"}, "--format"), ({"batch_tokens": 0}, "--batch-tokens")],
+     ({"replicas": 0}, "--replicas"), ({"format": "csv"}, "--format"), ({"batch_tokens": 0}, "--batch-tokens"),
+     ({"handoff": "nccl"}, "--handoff 'nccl' is not known: use one of store, direct")],
 )
 def test_scan_config_validation(kwargs, match):
     with pytest.raises(UserError, match=match):

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pytest
 import torch
+
+import workers.stage
 
 from cluster.config import Selection
 from prompts.batching import MicroBatch
 from workers.checkpoint import load_config
 from workers.rows import Hidden
 from workers.shard import ShardSpec
+from workers.split import PromptTooLarge
 from workers.stage import Stage, StageSpec
 
 
@@ -103,3 +109,57 @@ def test_two_threads_calling_one_stage_get_the_rows_of_sequential_calls(other_mo
         for name in r1.per_prompt:
             assert np.array_equal(r1.per_prompt[name], r2.per_prompt[name]), name
     assert all(not block.mlp.act._forward_hooks for block in stage.model.body.h)
+
+
+def test_a_direct_hand_off_gives_the_next_stage_what_forward_gives_it(other_model):
+    """`Stage.scan` keeps the hidden state on the device for `Stage.handoff`; the next stage's
+    rows are the same as when the hidden state goes through host memory."""
+    n = load_config(other_model).n_layer
+    batch, _ = one_batch(0)
+    host = _stages(other_model, [(0, 2), (2, n)], n)
+    h, _ = host[0].forward(batch)
+    _, want = host[1].forward(batch, h)
+    kept = [Stage(StageSpec(str(other_model), ShardSpec(a, b, n), "cpu", "float32", Selection(), keep_hidden=True)) for a, b in [(0, 2), (2, n)]]
+    for stage in kept:
+        stage.setup()
+    first_rows = kept[0].scan(batch)
+    tensor = kept[0].handoff(batch.batch_id)
+    assert isinstance(tensor, torch.Tensor) and np.array_equal(tensor.numpy(), h.data)
+    assert len(kept[0].outbox) == 0
+    got = kept[1].scan(batch, tensor)
+    assert first_rows.batch_id == got.batch_id == batch.batch_id
+    for name in want.rows:
+        assert np.array_equal(got.rows[name], want.rows[name]), name
+    assert np.array_equal(got.predictions["top_ids"], want.predictions["top_ids"])
+    assert len(kept[1].outbox) == 0  # the last stage hands nothing over
+
+
+def test_a_failed_scan_leaves_its_error_for_the_hand_off(other_model, monkeypatch):
+    """The next stage then fails with the same error, as it does through the object store."""
+    n = load_config(other_model).n_layer
+    stage = Stage(StageSpec(str(other_model), ShardSpec(0, 2, n), "cpu", "float32", Selection(), keep_hidden=True))
+    stage.setup()
+    batch, _ = one_batch(0)
+    monkeypatch.setattr(workers.stage, "FAULT_OOM_TOKENS", 4)  # every prompt "runs out of memory"
+    with pytest.raises(PromptTooLarge):
+        stage.scan(batch)
+    with pytest.raises(PromptTooLarge, match="does not fit in device memory even alone"):
+        stage.handoff(batch.batch_id)
+    assert len(stage.outbox) == 0
+
+
+def test_split_halves_of_a_handed_over_tensor_merge_like_numpy_ones(other_model, monkeypatch):
+    """Out of memory, a stage splits a micro-batch whose hidden state came as a tensor."""
+    n = load_config(other_model).n_layer
+    batch, hidden = one_batch(load_config(other_model).n_embd)
+    [stage] = _stages(other_model, [(2, n - 1)], n)
+    monkeypatch.setattr(workers.stage, "FAULT_OOM_TOKENS", 12)  # the 2 x 9 batch splits in halves
+    h_want, want = stage.forward(batch, hidden)
+    h_got, got = stage.forward(batch, Hidden(torch.from_numpy(hidden.data), "float32"))
+    assert isinstance(h_got.data, np.ndarray)  # a stage that does not keep its hidden state copies it out
+    assert np.array_equal(h_got.data, h_want.data)
+    for name in want.rows:
+        assert np.array_equal(got.rows[name], want.rows[name]), name
+    stage.spec = dataclasses.replace(stage.spec, keep_hidden=True)
+    h_kept, _ = stage.forward(batch, Hidden(torch.from_numpy(hidden.data), "float32"))
+    assert isinstance(h_kept.data, torch.Tensor) and np.array_equal(h_kept.data.numpy(), h_want.data)
