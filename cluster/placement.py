@@ -7,6 +7,7 @@ the plain `workers.stage.Stage` and `aggregator.aggregator.Aggregator` classes.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
@@ -108,7 +109,7 @@ def connect(pipelines: list[list], device: str) -> tuple[list[list[str]], list]:
     transports, groups = [], []
     for pipe in pipelines:
         places = ray.get([actor.__ray_call__.remote(where) for actor in pipe])
-        hops = [transport(device, a, b) for a, b in zip(places, places[1:])]
+        hops = [transport(device, a, b) for a, b in itertools.pairwise(places)]
         if "NCCL" in hops and not all(p.cupy for p in places):
             raise UserError(
                 "--handoff direct between stages on different GPUs goes through NCCL, which Ray drives with cupy: "

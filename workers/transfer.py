@@ -98,16 +98,25 @@ def to_host(tree: dict) -> dict:
     return start_copy(tree).wait()
 
 
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Host -> device: a host array on ``device``. To a GPU through pinned memory,
-    asynchronously: a copy from pageable memory would make the host wait for everything
-    queued before it."""
+def host_tensor(array: np.ndarray, pin: bool = False) -> torch.Tensor:
+    """A numpy array as a torch tensor (shared memory), or copied to pinned memory with ``pin``."""
     with warnings.catch_warnings():  # object-store arrays are read-only; nothing writes to them
         warnings.simplefilter("ignore", UserWarning)
         x = torch.from_numpy(np.ascontiguousarray(array))
+    return x.pin_memory() if pin else x
+
+
+def to_device(data: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device: a host array (or tensor) on ``device``. To a GPU through pinned memory,
+    asynchronously: a copy from pageable memory would make the host wait for everything
+    queued before it. A tensor already pinned (`host_tensor`) or on the device is not copied
+    on the host again."""
+    x = data if isinstance(data, torch.Tensor) else host_tensor(data)
     if device.type != "cuda":
         return x
-    return x.pin_memory().to(device, non_blocking=True)
+    if x.device.type == "cpu" and not x.is_pinned():
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

@@ -11,17 +11,10 @@ from pathlib import Path
 import pytest
 
 from cluster import placement
-from cluster.config import ScanConfig, Selection
 from cluster.driver import run_scan
 from cluster.errors import UserError
-from tests.integration.test_worker_faults import saboteur
+from tests.integration.test_worker_faults import config, saboteur
 from tests.same_output import assert_same_output, sequence_corpus
-
-
-def config(corpus: Path, out: Path, **kw) -> ScanConfig:
-    kw = {"stages": 2, **kw}
-    return ScanConfig(prompts=str(corpus), out=str(out), batch_tokens=1024, rows_per_part=3000, progress=False,
-                      selection=Selection(max_per_layer=5), **kw)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,9 @@ from tests.same_output import assert_same_output, sequence_corpus
 
 
 def config(corpus: Path, out: Path, **kw) -> ScanConfig:
-    return ScanConfig(prompts=str(corpus), out=str(out), stages=2, batch_tokens=1024, rows_per_part=3000, progress=False,
-                      selection=Selection(max_per_layer=5), **kw)
+    """Two stages, micro-batches of 1,024 tokens, parts of 3,000 rows: a run of many parts."""
+    kw = {"stages": 2, "batch_tokens": 1024, "rows_per_part": 3000, "progress": False, "selection": Selection(max_per_layer=5), **kw}
+    return ScanConfig(prompts=str(corpus), out=str(out), **kw)
 
 
 @pytest.fixture(scope="module")
