@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from cluster.driver import run_scan
 from cluster.errors import UserError
 from tests.integration.test_worker_faults import config, saboteur
 from tests.same_output import assert_same_output, sequence_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,11 @@ def test_a_stage_that_dies_stops_a_direct_run_and_resume_finishes_it(ray_session
     assert killed == ["stage-0-1"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "running" and manifest["parts"]
-    run_scan(config(corpus, out, handoff="direct", resume=True))
+    # The user's next step: the same command with --resume, in a new driver process.
+    resume = [sys.executable, "-m", "cluster.cli", "scan", str(corpus), "--out", str(out), "--stages", "2", "--batch-tokens", "1024",
+              "--rows-per-part", "3000", "--max-per-layer", "5", "--handoff", "direct", "--resume", "--quiet"]
+    result = subprocess.run(resume, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
     assert_same_output(out, reference)
 
 
