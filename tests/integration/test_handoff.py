@@ -72,8 +72,12 @@ def test_transports_follow_the_gpus_ray_gave_the_stages(ray_session):
     """(The session's Ray has four logical GPUs.) Two stages sharing one GPU hand over by CUDA
     IPC; stages on two GPUs need NCCL, which Ray drives with cupy: without it, one line."""
     shared = [ray_session.remote(num_gpus=0.5, num_cpus=0)(Idle).remote() for _ in range(2)]
-    assert placement.connect([shared], "cuda") == ([["CUDA_IPC"]], [])
-    if importlib.util.find_spec("cupy") is None:
-        apart = [ray_session.remote(num_gpus=1, num_cpus=0)(Idle).remote() for _ in range(2)]
-        with pytest.raises(UserError, match="goes through NCCL, which Ray drives with cupy: install cupy"):
-            placement.connect([apart], "cuda")
+    apart = [ray_session.remote(num_gpus=1, num_cpus=0)(Idle).remote() for _ in range(2)]
+    try:
+        assert placement.connect([shared], "cuda") == ([["CUDA_IPC"]], [])
+        if importlib.util.find_spec("cupy") is None:
+            with pytest.raises(UserError, match="goes through NCCL, which Ray drives with cupy: install cupy"):
+                placement.connect([apart], "cuda")
+    finally:
+        for actor in shared + apart:  # give the logical GPUs back to the session's other tests
+            ray_session.kill(actor)
