@@ -5,7 +5,7 @@ host memory with its rows, and Ray's object store carries it as numpy: one copy 
 device, one into plasma, one into pinned memory and one back onto the next device, 64 MB
 each at GPT-J's 8,192 tokens a micro-batch. With ``direct`` the tensor stays where it was
 written and Ray Direct Transport (RDT) hands it over: CUDA IPC when the two stages share a
-GPU (the next stage reads the same device memory; nothing is copied), NCCL between GPUs
+GPU (the next stage maps the first one's device memory instead of copying it), NCCL between GPUs
 (Ray's collective group, which needs cupy), Gloo between CPU stages (how the tests run this
 path on machines without a GPU).
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from workers.handoff import Outbox, Where, group_backend, transport
+from workers.handoff import GROUP, Outbox, Where, group_backend, transport
 
 
 def test_a_take_waits_for_its_put_and_gets_that_batch_only():
@@ -44,3 +44,47 @@ def test_transports_follow_devices_and_placement():
     assert group_backend(["CUDA_IPC", "CUDA_IPC"]) is None
     assert group_backend(["CUDA_IPC", "NCCL"]) == "nccl"
     assert group_backend(["GLOO"]) == "torch_gloo"
+
+
+class Call:
+    """A stand-in for a Ray actor method: records each call and its options, returns a name."""
+
+    def __init__(self, log: list, name: str, options: dict | None = None):
+        self.log, self.name, self.opts = log, name, options or {}
+
+    def options(self, **options):
+        return Call(self.log, self.name, options)
+
+    def remote(self, *args):
+        self.log.append((self.name, self.opts, args))
+        return f"ref:{self.name}:{len(self.log)}"
+
+
+class FakeStage:
+    def __init__(self, log: list, name: str):
+        self.scan, self.handoff, self.forward = (Call(log, f"{name}.{m}") for m in ("scan", "handoff", "forward"))
+
+
+def test_the_scheduler_hands_each_stage_the_previous_stages_hand_off(monkeypatch):
+    """With hand-offs, each stage's rows come from ``scan`` and the next stage's hidden state is
+    the reference of a ``handoff`` call made with the hop's transport (not ``forward``, whose
+    hidden state goes through the object store)."""
+    import cluster.schedule as schedule
+    from cluster.config import ScanConfig
+    from cluster.memory import MemoryWatch
+    from prompts.batching import MicroBatch
+
+    monkeypatch.setattr(schedule.ray, "put", lambda value: "ref:batch")
+    log: list = []
+    pipe = [FakeStage(log, f"s{i}") for i in range(3)]
+    aggregator = type("Agg", (), {"add": Call(log, "agg.add")})()
+    cfg = ScanConfig(prompts="seed", out="x", stages=3, progress=False)
+    scheduler = schedule.Scheduler(cfg, [pipe], aggregator, 1, MemoryWatch(), handoffs=[["GLOO", "CUDA_IPC"]])
+    scheduler.submit(MicroBatch(5, None, None, None, None, None), ["prompt"], pipe)
+    names = [name for name, _, _ in log]
+    assert names == ["s0.scan", "s0.handoff", "s1.scan", "s1.handoff", "s2.scan", "agg.add"]
+    assert log[1][1] == {"concurrency_group": GROUP, "tensor_transport": "GLOO"} and log[1][2] == (5,)
+    assert log[3][1]["tensor_transport"] == "CUDA_IPC"
+    assert log[0][2] == ("ref:batch", None) and log[2][2] == ("ref:batch", "ref:s0.handoff:2")
+    assert log[4][2] == ("ref:batch", "ref:s1.handoff:4")
+    assert log[5][2] == (["prompt"], "ref:s0.scan:1", "ref:s1.scan:3", "ref:s2.scan:5")
