@@ -61,7 +61,8 @@ def test_stop_names_the_prompt_and_leaves_a_valid_manifest(corpus, tmp_path):
 @pytest.mark.parametrize("handoff", ["store", "direct"])
 def test_skip_leaves_out_only_that_prompt(corpus, clean, tmp_path, handoff):
     """Also when the hidden state goes to the second stage as a tensor (``--handoff direct``): it
-    splits that tensor, and the first stage's error reaches the driver through the hand-off."""
+    splits that tensor, and the first stage's error also ends that micro-batch's hand-off (else
+    the hand-off of its rerun, for the same micro-batch id, would wait behind it)."""
     out = tmp_path / "out"
     result = scan(corpus, out, 200, "--on-error", "skip", "--handoff", handoff)
     assert result.returncode == 0, result.stderr[-2000:]
