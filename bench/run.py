@@ -18,6 +18,8 @@ Modes (tokens are the prompts' own tokens; ratios are against ``bare`` of the sa
   transformer_lens  TransformerLens caching every mlp.hook_post, then the same reduction (`bench.peers`)
   nnsight           an nnsight trace saving every mlp.act, then the same reduction (both peers on
                     transformers' own GELU and attention, the model their users run)
+  bare_again        ``bare`` timed again after the other in-process modes: its ratio to ``bare``
+                    is this run's noise (two ratios closer than that are not told apart)
   scan              the full Ray pipeline, one stage, aggregator writing Parquet
   scan_2stage       the Ray pipeline with two stages sharing the device
   scan_2stage_direct  ``scan_2stage`` with the hidden state handed over as a tensor
@@ -58,7 +60,7 @@ from workers.stage import Stage, StageSpec
 from workers.transfer import to_device
 
 MODES = ("bare", "bare_hf_gelu", "bare_hf_rotary", "naive", "scan_local_eager", "scan_local_inline", "scan_local_gelu_apart", "scan_local",
-         *PEERS, "scan", "scan_2stage", "scan_2stage_direct")
+         *PEERS, "bare_again", "scan", "scan_2stage", "scan_2stage_direct")
 RAY_MODES = {"scan": (1, "store"), "scan_2stage": (2, "store"), "scan_2stage_direct": (2, "direct")}
 """The modes that run the Ray pipeline: (stages, hand-off)."""
 
@@ -206,6 +208,9 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
             with transformers_modules(model, ("gelu", "attention")), step() as run:
                 results[mode] = {**timed(run, batches, device), "reduction": "eager"}
             saved(results)
+    if "bare_again" in modes:
+        results["bare_again"] = {**timed(bare, batches, device), "reduction": "fused" if fused else "eager", "threads": 1}
+        saved(results)
 
 
 @contextmanager
@@ -338,4 +343,7 @@ def table(report: dict) -> str:
                      f"{fmt(r.get('aggregator_lag_s'), '.2f'):>11}")
     for mode, why in report.get("skipped", {}).items():
         lines.append(f"{mode:<23}skipped: {why}")
+    noise = report["results"].get("bare_again", {}).get("ratio_to_bare")
+    if noise is not None:
+        lines.append(f"noise: bare timed twice differs by {abs(1 - noise):.1%}; ratios closer than that are not told apart")
     return "\n".join(lines)
