@@ -10,8 +10,8 @@ the aggregator drops a micro-batch it already has. A restarted aggregator has lo
 had buffered but not committed, so the scheduler keeps each micro-batch's rows references
 until the aggregator reports it committed, and sends them again when the aggregator's
 incarnation changes. A prompt too large for device memory even alone stops the run or is
-skipped (``--on-error``); an actor that keeps dying ends the run with a one-line error, the
-manifest listing what was committed, ready for ``--resume``.
+skipped (``--on-error``); an actor that keeps dying, or a direct hand-off that times out, ends
+the run with a one-line error, the manifest listing what was committed, ready for ``--resume``.
 """
 
 from __future__ import annotations
@@ -153,4 +153,10 @@ class Scheduler:
             raise UserError(
                 f"a pipeline actor died and could not be restarted ({reason}); committed parts are kept: "
                 "fix the cause, then rerun the same command with --resume"
+            ) from None
+        except TimeoutError as err:  # --handoff direct: a hidden state that never reached the next stage
+            reason = str(getattr(err, "cause", err)).strip().splitlines()[0][:300]
+            raise UserError(
+                f"a stage-to-stage hand-off timed out ({reason}); committed parts are kept: "
+                "rerun the same command with --resume (or with --handoff store)"
             ) from None

@@ -88,3 +88,25 @@ def test_the_scheduler_hands_each_stage_the_previous_stages_hand_off(monkeypatch
     assert log[0][2] == ("ref:batch", None) and log[2][2] == ("ref:batch", "ref:s0.handoff:2")
     assert log[4][2] == ("ref:batch", "ref:s1.handoff:4")
     assert log[5][2] == (["prompt"], "ref:s0.scan:1", "ref:s1.scan:3", "ref:s2.scan:5")
+
+
+def test_a_hand_off_that_times_out_ends_the_run_with_one_line(monkeypatch):
+    """Ray Direct Transport gives up on a transfer after a while (its receiver raises
+    TimeoutError, wrapped by Ray): the user gets one line that names it and the way on."""
+    import cluster.schedule as schedule
+    from ray.exceptions import RayTaskError
+
+    from cluster.errors import UserError
+
+    lost = TimeoutError("ObjectRef(ab12) not found in RDT object store after 60.0s, transfer may have failed.\nPlease report")
+
+    def get(ref):
+        raise RayTaskError("Stage.scan", "Traceback (most recent call last): ...", lost).as_instanceof_cause()
+
+    monkeypatch.setattr(schedule.ray, "get", get)
+    with pytest.raises(UserError) as raised:
+        schedule.Scheduler._call("ref")
+    assert str(raised.value) == (
+        "a stage-to-stage hand-off timed out (ObjectRef(ab12) not found in RDT object store after 60.0s, transfer may have failed.); "
+        "committed parts are kept: rerun the same command with --resume (or with --handoff store)"
+    )
