@@ -49,7 +49,7 @@ from transformers.models.gptj.modeling_gptj import GPTJAttention
 
 from bench import peers
 from bench.peers import PEER_PACKAGES, PEERS
-from cluster.config import ScanConfig, Selection
+from cluster.config import DEVICES, ScanConfig, Selection
 from cluster.driver import package_version, run_scan
 from cluster.errors import UserError
 from cluster.placement import STAGE_CONCURRENCY
@@ -253,7 +253,29 @@ def attention_implementation(path: str) -> str:
         return StageModel(config, ShardSpec(0, config.n_layer, config.n_layer)).body.config._attn_implementation
 
 
+def check_args(args) -> None:
+    """The flags ``run_bench`` needs before it loads or writes anything: one line for each bad one."""
+    from workers.embedded import PRESETS
+
+    if args.device not in DEVICES:
+        raise UserError(f"--device {args.device!r} is not known: use one of {', '.join(DEVICES)}")
+    if not args.model and args.preset not in PRESETS:
+        raise UserError(f"--preset {args.preset!r} is not known: use one of {', '.join(PRESETS)} (or --model DIR)")
+    for flag, value in (("--prompts", args.prompts), ("--prompt-tokens", args.prompt_tokens), ("--batch-tokens", args.batch_tokens)):
+        if value < 1:
+            raise UserError(f"{flag} {value} must be at least 1")
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            raise UserError(f"--out {out} is a directory: name the JSON file to write, e.g. {out / 'bench.json'}")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--out {out}: cannot create its directory ({err.strerror or err}): choose another path") from None
+
+
 def run_bench(args) -> dict:
+    check_args(args)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but torch sees no CUDA device: use --device cpu or run on a GPU machine")
@@ -275,6 +297,9 @@ def run_bench(args) -> dict:
         corpus = synthetic_corpus(Path(tmp) / "bench.jsonl", args.prompts, args.prompt_tokens)
         tokenizer = load_tokenizer(path)
         config = load_config(path)
+        if args.prompt_tokens > config.n_positions:
+            raise UserError(f"--prompt-tokens {args.prompt_tokens} is more than the model's context of {config.n_positions}: "
+                            f"use at most {config.n_positions}")
         batches = [b for b, _ in micro_batches(str(corpus), tokenizer, config.n_positions, args.batch_tokens, False)]
         tokens = int(sum(b.n_tokens.sum() for b in batches))
         modes = args.modes.split(",") if args.modes else list(MODES)

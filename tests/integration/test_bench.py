@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.run import MODES
 from cluster.cli import BENCH_MODES, main
 
@@ -35,11 +37,29 @@ def test_bench_refuses_an_unknown_mode(capsys):
     assert "--modes: fast not known" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "gpu"], "--device 'gpu' is not known: use one of cpu, cuda"),
+    (["--preset", "gptj"], "--preset 'gptj' is not known: use one of tiny, gptj-6b (or --model DIR)"),
+    (["--prompts", "0"], "--prompts 0 must be at least 1"),
+    (["--prompt-tokens", "0"], "--prompt-tokens 0 must be at least 1"),
+    (["--batch-tokens", "0"], "--batch-tokens 0 must be at least 1"),
+    (["--prompt-tokens", "5000"], "--prompt-tokens 5000 is more than the model's context of 2048: use at most 2048"),
+])
+def test_bench_refuses_bad_flags_in_one_line(tmp_path, capsys, flags, message):
+    out = tmp_path / "runs" / "bench.json"
+    assert main(["bench", *flags, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"neuroscan: error: {message}\n"
+    assert not out.exists()
+
+
+def test_bench_refuses_a_directory_as_its_out(tmp_path, capsys):
+    assert main(["bench", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"neuroscan: error: --out {tmp_path} is a directory: name the JSON file to write, e.g. {tmp_path / 'bench.json'}\n"
+
+
 def test_a_bench_cut_short_keeps_the_modes_it_finished(tmp_path, monkeypatch):
     """The JSON is rewritten after every mode: a run that dies in the Ray modes (or times out)
     still leaves the in-process modes' figures, marked incomplete."""
-    import pytest
-
     import bench.run
     from cluster.cli import build_parser
 
