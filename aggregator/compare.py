@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from aggregator.writer import write_table
-from cluster.errors import UserError
+from cluster.errors import UserError, file_out
 
 COMPARE = pa.schema(
     [
@@ -95,6 +95,5 @@ def _add(total: np.ndarray, keys: np.ndarray) -> np.ndarray:
 
 
 def write_compare(table: pa.Table, out: Path) -> None:
-    if out.suffix != ".parquet":
-        raise UserError(f"--out {out} must end in .parquet")
+    file_out(out, "compare.parquet", ".parquet")
     write_table(table, out.parent, out.stem, "parquet")

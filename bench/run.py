@@ -51,7 +51,7 @@ from bench import peers
 from bench.peers import PEER_PACKAGES, PEERS
 from cluster.config import DEVICES, ScanConfig, Selection
 from cluster.driver import package_version, run_scan
-from cluster.errors import UserError
+from cluster.errors import UserError, file_out
 from cluster.placement import STAGE_CONCURRENCY
 from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer, resolve_model
@@ -265,13 +265,7 @@ def check_args(args) -> None:
         if value < 1:
             raise UserError(f"{flag} {value} must be at least 1")
     if args.out:
-        out = Path(args.out)
-        if out.is_dir():
-            raise UserError(f"--out {out} is a directory: name the JSON file to write, e.g. {out / 'bench.json'}")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"--out {out}: cannot create its directory ({err.strerror or err}): choose another path") from None
+        file_out(Path(args.out), "bench.json")
 
 
 def run_bench(args) -> dict:

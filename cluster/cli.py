@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cluster.errors import UserError
+from cluster.errors import UserError, make_dir
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -120,8 +120,11 @@ def cmd_make_model(args) -> int:
     if args.preset not in PRESETS:
         raise UserError(f"--preset {args.preset!r} is not known: use one of {', '.join(PRESETS)}")
     out = Path(args.out)
+    if out.is_file():
+        raise UserError(f"--out {out} is a file: give a directory")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty: choose a new directory")
+    make_dir(out, "--out", out)
     write_checkpoint(gptj_config(args.preset), out, seed=args.seed)
     print(out)
     return 0

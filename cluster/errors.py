@@ -10,3 +10,23 @@ every package (prompts, workers, aggregator) can raise it without importing the 
 
 class UserError(Exception):
     """Bad input, fixable by the user; the message is shown as one line."""
+
+
+
+def make_dir(directory, flag: str, value) -> None:
+    """Create ``directory`` and its parents for the flag ``flag`` given ``value`` (the directory
+    itself, or a file to be written in it), or stop with one line."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{flag} {value}: cannot create {directory} ({err.strerror or err}): choose a writable place") from None
+
+
+def file_out(out, example: str, suffix: str | None = None, flag: str = "--out") -> None:
+    """Check ``out``, a file about to be written (ending in ``suffix`` if given; ``example`` is a
+    file name to suggest), and create its directory; or stop with one line."""
+    if suffix and out.suffix != suffix:
+        raise UserError(f"{flag} {out} must end in {suffix}")
+    if out.is_dir():
+        raise UserError(f"{flag} {out} is a directory: name the file to write, e.g. {out / example}")
+    make_dir(out.parent, flag, out)

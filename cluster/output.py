@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aggregator.manifest import NAME as MANIFEST_NAME
 from aggregator.manifest import read_manifest
-from cluster.errors import UserError
+from cluster.errors import UserError, make_dir
 from prompts.seed import BUILTIN
 
 IDENTITY = {
@@ -51,10 +51,7 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, header: dict) -> se
         if not overwrite:
             raise UserError(f"--out {out} is not empty: pass --resume to continue that run, --overwrite to replace it, or choose another directory")
         shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create --out {out} ({err.strerror}): choose a writable directory") from None
+    make_dir(out, "--out", out)
     if not os.access(out, os.W_OK):
         raise UserError(f"--out {out} is not writable: choose a writable directory")
     return set()

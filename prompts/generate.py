@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.errors import UserError
+from cluster.errors import UserError, file_out
 
 VARIANTS = ("icl", "zero_shot", "shuffled")
 WORD_INTRO = "Based on the examples above, determine the pattern and the next word in the following sequence:"
@@ -110,6 +110,29 @@ def _shuffled(rng: random.Random, example: tuple[list[str], str, str]) -> tuple[
     return mixed, answer, pattern
 
 
+MAX_DRAWS = 1000
+"""Draws in a row that bring no new example before a family counts as having no more to show."""
+
+
+def _examples(family: Family, query: tuple, shots: int, variant: str, rng: random.Random) -> list[tuple]:
+    """``shots`` different examples of ``family``, none showing the query's items."""
+    drawn, examples, misses = [], [], 0
+    while len(examples) < shots:
+        example = family.sample(rng)
+        if example[0] != query[0] and example not in drawn:
+            drawn.append(example)
+            examples.append(_shuffled(rng, example) if variant == "shuffled" else example)
+            misses = 0
+        else:
+            misses += 1
+            if misses == MAX_DRAWS:
+                raise UserError(
+                    f"--shots {shots} is more than family {family.name} can show ({len(examples)} different examples "
+                    f"besides the query): lower --shots or leave {family.name} out with --families"
+                )
+    return examples
+
+
 def generate(n: int, shots: int = 3, seed: int = 0, families: list[str] | None = None, variants: list[str] | None = None) -> list[dict]:
     """``n`` unique prompts, dealt round-robin over (family, variant)."""
     names = families or list(FAMILIES)
@@ -134,12 +157,7 @@ def generate(n: int, shots: int = 3, seed: int = 0, families: list[str] | None =
         turn += 1
         family, variant = combos[index]
         query = family.sample(rng)
-        examples = []
-        if variant != "zero_shot":
-            while len(examples) < shots:
-                example = family.sample(rng)
-                if example[0] != query[0] and example not in examples:
-                    examples.append(_shuffled(rng, example) if variant == "shuffled" else example)
+        examples = [] if variant == "zero_shot" else _examples(family, query, shots, variant, rng)
         text, expected = render(family, examples, query)
         if text in seen:
             misses[index] += 1
@@ -155,9 +173,7 @@ def generate(n: int, shots: int = 3, seed: int = 0, families: list[str] | None =
 def write_jsonl(rows: list[dict], out: Path) -> None:
     """Write atomically: a failed write leaves no partial file behind."""
     out = Path(out)
-    if out.suffix != ".jsonl":
-        raise UserError(f"--out {out} must end in .jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    file_out(out, "prompts.jsonl", ".jsonl")
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:

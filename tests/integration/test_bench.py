@@ -54,7 +54,7 @@ def test_bench_refuses_bad_flags_in_one_line(tmp_path, capsys, flags, message):
 
 def test_bench_refuses_a_directory_as_its_out(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == f"neuroscan: error: --out {tmp_path} is a directory: name the JSON file to write, e.g. {tmp_path / 'bench.json'}\n"
+    assert capsys.readouterr().err == f"neuroscan: error: --out {tmp_path} is a directory: name the file to write, e.g. {tmp_path / 'bench.json'}\n"
 
 
 def test_a_bench_cut_short_keeps_the_modes_it_finished(tmp_path, monkeypatch):

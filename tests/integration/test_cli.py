@@ -129,6 +129,24 @@ def test_placement_group_packs_stages_on_logical_gpus(ray_session):
         ray.util.remove_placement_group(group)
 
 
+@pytest.mark.parametrize("command, name", [
+    (["scan", "seed"], "out"),
+    (["prompts", "generate", "--n", "3"], "p.jsonl"),
+    (["make-model", "--preset", "tiny"], "model"),
+    (["bench", "--prompts", "1"], "bench.json"),
+])
+def test_an_out_that_cannot_be_created_is_one_line(capsys, tmp_path, command, name):
+    """Under a file, no directory can be made: one line naming the flag, the path and why."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    out = blocker / "sub" / name
+    assert main([*command, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"neuroscan: error: --out {out}: cannot create {blocker / 'sub'}") and err.count("\n") == 1
+    assert err.endswith("(Not a directory): choose a writable place\n")
+    assert blocker.read_text() == "mine"
+
+
 def test_make_model_writes_a_loadable_checkpoint(capsys, tmp_path):
     assert main(["make-model", "--preset", "tiny", "--out", str(tmp_path / "m")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "m")
@@ -137,6 +155,10 @@ def test_make_model_writes_a_loadable_checkpoint(capsys, tmp_path):
     assert resolve_model(str(tmp_path / "m")).path == str((tmp_path / "m").resolve())
     assert main(["make-model", "--preset", "huge", "--out", str(tmp_path / "n")]) == 2
     assert main(["make-model", "--out", str(tmp_path / "m")]) == 2  # not empty
+    (tmp_path / "f").write_text("mine")
+    capsys.readouterr()
+    assert main(["make-model", "--out", str(tmp_path / "f")]) == 2
+    assert capsys.readouterr().err == f"neuroscan: error: --out {tmp_path / 'f'} is a file: give a directory\n"
 
 
 def test_neurons_table_matches_the_activations(cli_run):

@@ -72,3 +72,8 @@ def test_groups_default_and_errors(run_dir, tmp_path, capsys):
     assert pq.read_table(out).num_rows > 1
     assert "A = days (20 prompts)" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "nope"), "--by", "family", "--out", str(out)]) == 2
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    capsys.readouterr()
+    assert main(["compare", str(run_dir), "--by", "family", "--out", str(blocker / "c.parquet")]) == 2
+    assert capsys.readouterr().err == f"neuroscan: error: --out {blocker / 'c.parquet'}: cannot create {blocker} (File exists): choose a writable place\n"

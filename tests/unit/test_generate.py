@@ -103,6 +103,19 @@ def test_errors():
         generate(500, families=["seasons"], variants=["zero_shot"])
 
 
+@pytest.mark.parametrize("variant", ["icl", "shuffled"])
+def test_a_family_shows_every_example_it_has_and_no_more(variant):
+    """Colors (seven in order, windows of 3 or 4) has seven examples: six besides any query.
+    Six shots use them all, each once; seven are refused in one line instead of drawing forever."""
+    rows = generate(20, shots=6, families=["colors"], variants=[variant])
+    for row in rows:
+        shown = [line.split('"')[1] for line in row["text"].splitlines()[:6]]
+        assert len({tuple(sorted(items.split(", "))) for items in shown}) == 6
+    with pytest.raises(UserError, match="--shots 7 is more than family colors can show .6 different examples besides the query.: "
+                                        "lower --shots or leave colors out with --families"):
+        generate(20, shots=7, families=["colors"], variants=[variant])
+
+
 def test_cli_writes_jsonl_the_scan_reads(tmp_path, capsys):
     out = tmp_path / "p.jsonl"
     assert main(["prompts", "generate", "--n", "40", "--out", str(out), "--shots", "2", "--variants", "icl,shuffled"]) == 0
@@ -113,3 +126,8 @@ def test_cli_writes_jsonl_the_scan_reads(tmp_path, capsys):
     prompts = [p for chunk in read_prompts(str(out)) for p in chunk]
     assert [p.variant for p in prompts] == [r["variant"] for r in rows]
     assert main(["prompts", "generate", "--n", "4", "--out", str(tmp_path / "p.txt")]) == 2
+    (tmp_path / "d.jsonl").mkdir()
+    capsys.readouterr()
+    assert main(["prompts", "generate", "--n", "4", "--out", str(tmp_path / "d.jsonl")]) == 2
+    assert capsys.readouterr().err == f"neuroscan: error: --out {tmp_path / 'd.jsonl'} is a directory: name the file to write, e.g. {tmp_path / 'd.jsonl' / 'prompts.jsonl'}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "p.jsonl"]  # no temporary file left
