@@ -5,15 +5,19 @@ Every check on user input (files, flags, model directories, cluster resources) r
 The CLI prints it as ``neuroscan: error: <message>`` and exits non-zero, with no traceback.
 Anything else that escapes is a bug and keeps its traceback. The module is a leaf so that
 every package (prompts, workers, aggregator) can raise it without importing the driver.
+`make_dir` and `file_out` are the checks every command's ``--out`` goes through.
 """
+
+from __future__ import annotations
+
+from pathlib import Path
 
 
 class UserError(Exception):
     """Bad input, fixable by the user; the message is shown as one line."""
 
 
-
-def make_dir(directory, flag: str, value) -> None:
+def make_dir(directory: Path, flag: str, value: Path) -> None:
     """Create ``directory`` and its parents for the flag ``flag`` given ``value`` (the directory
     itself, or a file to be written in it), or stop with one line."""
     try:
@@ -22,7 +26,7 @@ def make_dir(directory, flag: str, value) -> None:
         raise UserError(f"{flag} {value}: cannot create {directory} ({err.strerror or err}): choose a writable place") from None
 
 
-def file_out(out, example: str, suffix: str | None = None, flag: str = "--out") -> None:
+def file_out(out: Path, example: str, suffix: str | None = None, flag: str = "--out") -> None:
     """Check ``out``, a file about to be written (ending in ``suffix`` if given; ``example`` is a
     file name to suggest), and create its directory; or stop with one line."""
     if suffix and out.suffix != suffix:
