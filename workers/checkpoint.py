@@ -74,9 +74,8 @@ def check_checkpoint(path: Path) -> None:
         )
     files = tensor_files(path)
     if not files:
-        raise UserError(
-            f"model directory {path} has no safetensors weights: convert the checkpoint to safetensors"
-        )
+        convert = f"import transformers as t; t.AutoModelForCausalLM.from_pretrained({str(path)!r}, dtype='auto').save_pretrained({str(path)!r})"
+        raise UserError(f'model directory {path} has no safetensors weights: convert them once with python -c "{convert}"')
     for name in sorted(set(files.values())):  # headers only: a truncated file fails here, before any actor starts
         if not (path / name).exists():
             raise UserError(f"weights file {path / name} listed in the index is missing: write or download it again")

@@ -111,3 +111,32 @@ def test_bad_input_leaves_a_finished_run_untouched(tmp_path, capsys):
     (out / "manifest.json").write_text('{"status": "complete"}')
     assert main(["scan", jsonl(tmp_path, ['{"text": oops}']), "--out", str(out), "--overwrite"]) == 2
     assert (out / "manifest.json").read_text() == '{"status": "complete"}'
+
+
+def test_a_checkpoint_without_safetensors_is_refused_with_the_command_that_converts_it(ray_session, tmp_path, small_model, capsys):
+    """Older checkpoints on the Hub carry only ``pytorch_model.bin``: the one line gives a command
+    that writes ``model.safetensors``, and after it the scan gives the original model's tables."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.same_output import assert_same_output
+
+    old = tmp_path / "old"
+    shutil.copytree(small_model, old)
+    torch.save(load_file(old / "model.safetensors"), old / "pytorch_model.bin")
+    (old / "model.safetensors").unlink()
+    corpus = jsonl(tmp_path, ['{"text": "apple, banana, cherry"}', '{"text": "2, 4, 6, 8"}'])
+    scan = ["scan", corpus, "--max-per-layer", "5", "--quiet"]
+    assert main([*scan, "--model", str(old), "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"neuroscan: error: model directory {old} has no safetensors weights: convert them once with python -c ")
+    assert err.count("\n") == 1 and not (tmp_path / "refused").exists()
+    command = err.split(" with python -c ", 1)[1].strip()
+    assert command[0] == command[-1] == '"'
+    subprocess.run([sys.executable, "-c", command[1:-1]], check=True, capture_output=True, timeout=300)
+    assert main([*scan, "--model", str(old), "--out", str(tmp_path / "converted")]) == 0
+    assert main([*scan, "--model", str(small_model), "--out", str(tmp_path / "original")]) == 0
+    assert_same_output(tmp_path / "converted", tmp_path / "original")
