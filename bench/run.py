@@ -51,7 +51,7 @@ from bench import peers
 from bench.peers import PEER_PACKAGES, PEERS
 from cluster.config import DEVICES, ScanConfig, Selection
 from cluster.driver import package_version, run_scan
-from cluster.errors import UserError, file_out
+from cluster.errors import UserError, file_out, one_of
 from cluster.placement import STAGE_CONCURRENCY
 from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer, resolve_model
@@ -257,10 +257,9 @@ def check_args(args) -> None:
     """The flags ``run_bench`` needs before it loads or writes anything: one line for each bad one."""
     from workers.embedded import PRESETS
 
-    if args.device not in DEVICES:
-        raise UserError(f"--device {args.device!r} is not known: use one of {', '.join(DEVICES)}")
-    if not args.model and args.preset not in PRESETS:
-        raise UserError(f"--preset {args.preset!r} is not known: use one of {', '.join(PRESETS)} (or --model DIR)")
+    one_of("--device", args.device, DEVICES)
+    if not args.model:
+        one_of("--preset", args.preset, PRESETS, " (or --model DIR)")
     for flag, value in (("--prompts", args.prompts), ("--prompt-tokens", args.prompt_tokens), ("--batch-tokens", args.batch_tokens)):
         if value < 1:
             raise UserError(f"{flag} {value} must be at least 1")

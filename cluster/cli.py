@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cluster.errors import UserError, make_dir
+from cluster.errors import UserError, make_dir, one_of
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -117,8 +117,7 @@ def cmd_scan(args) -> int:
 def cmd_make_model(args) -> int:
     from workers.embedded import PRESETS, gptj_config, write_checkpoint
 
-    if args.preset not in PRESETS:
-        raise UserError(f"--preset {args.preset!r} is not known: use one of {', '.join(PRESETS)}")
+    one_of("--preset", args.preset, PRESETS)
     out = Path(args.out)
     if out.is_file():
         raise UserError(f"--out {out} is a file: give a directory")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from cluster.errors import UserError
+from cluster.errors import UserError, one_of
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -104,24 +104,19 @@ class ScanConfig:
             raise UserError(f"--stages {self.stages} must be at least 1")
         if self.replicas < 1:
             raise UserError(f"--replicas {self.replicas} must be at least 1")
-        if self.device not in DEVICES:
-            raise UserError(f"--device {self.device!r} is not known: use one of {', '.join(DEVICES)}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"--dtype {self.dtype!r} is not known: use one of {', '.join(DTYPES)}")
-        if self.format not in FORMATS:
-            raise UserError(f"--format {self.format!r} is not known: use one of {', '.join(FORMATS)}")
+        one_of("--device", self.device, DEVICES)
+        one_of("--dtype", self.dtype, DTYPES)
+        one_of("--format", self.format, FORMATS)
         if not 0 < self.gpus_per_stage <= 8:
             raise UserError(f"--gpus-per-stage {self.gpus_per_stage} must be in (0, 8]")
         if self.batch_tokens < 1:
             raise UserError(f"--batch-tokens {self.batch_tokens} must be a positive number of tokens")
-        if self.on_error not in ON_ERROR:
-            raise UserError(f"--on-error {self.on_error!r} is not known: use one of {', '.join(ON_ERROR)}")
+        one_of("--on-error", self.on_error, ON_ERROR)
         if self.top_k < 1:
             raise UserError(f"--top-k {self.top_k} must be at least 1")
         if self.rows_per_part < 1:
             raise UserError(f"--rows-per-part {self.rows_per_part} must be a positive number of rows")
-        if self.handoff not in HANDOFFS:
-            raise UserError(f"--handoff {self.handoff!r} is not known: use one of {', '.join(HANDOFFS)}")
+        one_of("--handoff", self.handoff, HANDOFFS)
         if self.in_flight < 0:
             raise UserError(f"--in-flight {self.in_flight} must be 0 (automatic) or positive")
 

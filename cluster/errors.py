@@ -5,7 +5,8 @@ Every check on user input (files, flags, model directories, cluster resources) r
 The CLI prints it as ``neuroscan: error: <message>`` and exits non-zero, with no traceback.
 Anything else that escapes is a bug and keeps its traceback. The module is a leaf so that
 every package (prompts, workers, aggregator) can raise it without importing the driver.
-`make_dir` and `file_out` are the checks every command's ``--out`` goes through.
+`one_of` checks a flag's value against its choices; `make_dir` and `file_out` are the checks
+every command's ``--out`` goes through.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from pathlib import Path
 
 class UserError(Exception):
     """Bad input, fixable by the user; the message is shown as one line."""
+
+
+def one_of(flag: str, value, choices, hint: str = "") -> None:
+    """Stop with one line unless ``value`` is one of ``choices`` (``hint``: a further way out)."""
+    if value not in choices:
+        raise UserError(f"{flag} {value!r} is not known: use one of {', '.join(choices)}{hint}")
 
 
 def make_dir(directory: Path, flag: str, value: Path) -> None:
