@@ -49,7 +49,7 @@ from transformers.models.gptj.modeling_gptj import GPTJAttention
 
 from bench import peers
 from bench.peers import PEER_PACKAGES, PEERS
-from cluster.config import DEVICES, ScanConfig, Selection
+from cluster.config import DEVICES, DTYPES, ScanConfig, Selection
 from cluster.driver import package_version, run_scan
 from cluster.errors import UserError, file_out, one_of
 from cluster.placement import STAGE_CONCURRENCY
@@ -258,6 +258,7 @@ def check_args(args) -> None:
     from workers.embedded import PRESETS
 
     one_of("--device", args.device, DEVICES)
+    one_of("--dtype", args.dtype, DTYPES)
     if not args.model:
         one_of("--preset", args.preset, PRESETS, " (or --model DIR)")
     for flag, value in (("--prompts", args.prompts), ("--prompt-tokens", args.prompt_tokens), ("--batch-tokens", args.batch_tokens)):

@@ -40,6 +40,7 @@ def test_bench_refuses_an_unknown_mode(capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--device", "gpu"], "--device 'gpu' is not known: use one of cpu, cuda"),
     (["--preset", "gptj"], "--preset 'gptj' is not known: use one of tiny, gptj-6b (or --model DIR)"),
+    (["--dtype", "half"], "--dtype 'half' is not known: use one of auto, float32, float16, bfloat16"),
     (["--prompts", "0"], "--prompts 0 must be at least 1"),
     (["--prompt-tokens", "0"], "--prompt-tokens 0 must be at least 1"),
     (["--batch-tokens", "0"], "--batch-tokens 0 must be at least 1"),
