@@ -116,12 +116,11 @@ MAX_DRAWS = 1000
 
 def _examples(family: Family, query: tuple, shots: int, variant: str, rng: random.Random) -> list[tuple]:
     """``shots`` different examples of ``family``, none showing the query's items."""
-    drawn, examples, misses = [], [], 0
+    examples, misses = [], 0
     while len(examples) < shots:
         example = family.sample(rng)
-        if example[0] != query[0] and example not in drawn:
-            drawn.append(example)
-            examples.append(_shuffled(rng, example) if variant == "shuffled" else example)
+        if example[0] != query[0] and example not in examples:
+            examples.append(example)
             misses = 0
         else:
             misses += 1
@@ -130,7 +129,7 @@ def _examples(family: Family, query: tuple, shots: int, variant: str, rng: rando
                     f"--shots {shots} is more than family {family.name} can show ({len(examples)} different examples "
                     f"besides the query): lower --shots or leave {family.name} out with --families"
                 )
-    return examples
+    return [_shuffled(rng, example) for example in examples] if variant == "shuffled" else examples
 
 
 def generate(n: int, shots: int = 3, seed: int = 0, families: list[str] | None = None, variants: list[str] | None = None) -> list[dict]:
