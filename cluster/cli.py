@@ -123,7 +123,7 @@ def cmd_make_model(args) -> int:
         raise UserError(f"--out {out} is a file: give a directory")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty: choose a new directory")
-    make_dir(out, "--out", out)
+    make_dir(out)
     write_checkpoint(gptj_config(args.preset), out, seed=args.seed)
     print(out)
     return 0

@@ -24,20 +24,21 @@ def one_of(flag: str, value, choices, hint: str = "") -> None:
         raise UserError(f"{flag} {value!r} is not known: use one of {', '.join(choices)}{hint}")
 
 
-def make_dir(directory: Path, flag: str, value: Path) -> None:
-    """Create ``directory`` and its parents for the flag ``flag`` given ``value`` (the directory
-    itself, or a file to be written in it), or stop with one line."""
+def make_dir(directory: Path, out: Path | None = None) -> None:
+    """Create ``directory`` and its parents for ``--out out`` (by default the directory itself;
+    else a file to be written in it), or stop with one line."""
+    out = directory if out is None else out
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"{flag} {value}: cannot create {directory} ({err.strerror or err}): choose a writable place") from None
+        raise UserError(f"--out {out}: cannot create {directory} ({err.strerror or err}): choose a writable place") from None
 
 
-def file_out(out: Path, example: str, suffix: str | None = None, flag: str = "--out") -> None:
-    """Check ``out``, a file about to be written (ending in ``suffix`` if given; ``example`` is a
-    file name to suggest), and create its directory; or stop with one line."""
+def file_out(out: Path, example: str, suffix: str | None = None) -> None:
+    """Check ``--out out``, a file about to be written (ending in ``suffix`` if given;
+    ``example`` is a file name to suggest), and create its directory; or stop with one line."""
     if suffix and out.suffix != suffix:
-        raise UserError(f"{flag} {out} must end in {suffix}")
+        raise UserError(f"--out {out} must end in {suffix}")
     if out.is_dir():
-        raise UserError(f"{flag} {out} is a directory: name the file to write, e.g. {out / example}")
-    make_dir(out.parent, flag, out)
+        raise UserError(f"--out {out} is a directory: name the file to write, e.g. {out / example}")
+    make_dir(out.parent, out)

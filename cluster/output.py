@@ -51,7 +51,7 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, header: dict) -> se
         if not overwrite:
             raise UserError(f"--out {out} is not empty: pass --resume to continue that run, --overwrite to replace it, or choose another directory")
         shutil.rmtree(out)
-    make_dir(out, "--out", out)
+    make_dir(out)
     if not os.access(out, os.W_OK):
         raise UserError(f"--out {out} is not writable: choose a writable directory")
     return set()
