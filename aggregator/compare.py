@@ -44,7 +44,13 @@ def groups(out_dir: Path, by: str, a: str | None, b: str | None) -> tuple[np.nda
     values = prompts[by].to_pylist()
     present = sorted({v for v in values if v is not None})
     if a is None and b is None:
-        if len(present) != 2:
+        if len(present) < 2:
+            fix = "--families days,months" if by == "family" else "--variants icl,shuffled"
+            raise UserError(
+                f"--by {by}: this run has {len(present)} {by} value(s) {present}, compare needs two: "
+                f"scan a corpus with two, e.g. from `neuroscan prompts generate {fix}`"
+            )
+        if len(present) > 2:
             raise UserError(f"--by {by} has {len(present)} groups {present[:10]}: name two with --a and --b")
         a, b = present
     if a not in present or b not in present or a == b:

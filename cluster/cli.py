@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--stages", type=int, default=1, help="pipeline stages per replica (default 1)")
     scan.add_argument("--replicas", type=int, default=1, help="pipeline replicas (default 1)")
     scan.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    scan.add_argument("--gpus-per-stage", type=float, default=1.0, help="GPUs each stage reserves; 0.5 puts two stages on one GPU (default 1)")
+    scan.add_argument("--gpus-per-stage", type=float, default=1.0, help="the share of a GPU each stage reserves, at most 1; 0.5 puts two stages on one GPU (default 1)")
     scan.add_argument("--handoff", default="store", help="hidden state between stages: store (pinned host copy, Ray's object store; default) "
                       "or direct (the tensor itself: CUDA IPC on one GPU, NCCL between GPUs, Gloo on CPUs)")
     scan.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default auto)")

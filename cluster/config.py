@@ -107,8 +107,12 @@ class ScanConfig:
         one_of("--device", self.device, DEVICES)
         one_of("--dtype", self.dtype, DTYPES)
         one_of("--format", self.format, FORMATS)
-        if not 0 < self.gpus_per_stage <= 8:
-            raise UserError(f"--gpus-per-stage {self.gpus_per_stage} must be in (0, 8]")
+        if not 0 < self.gpus_per_stage <= 1:
+            # A stage runs on one GPU (GPT-J-6B's 12 GB of fp16 weights fit one); more would sit idle.
+            raise UserError(
+                f"--gpus-per-stage {self.gpus_per_stage:g} must be in (0, 1]: a stage runs on one GPU, "
+                "so spread a model over more GPUs with --stages or --replicas"
+            )
         if self.batch_tokens < 1:
             raise UserError(f"--batch-tokens {self.batch_tokens} must be a positive number of tokens")
         one_of("--on-error", self.on_error, ON_ERROR)

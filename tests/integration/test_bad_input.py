@@ -61,6 +61,7 @@ def case_files(tmp_path, small_model):
         "unknown device": ([good, "--device", "tpu"], "--device 'tpu' is not known: use one of cpu, cuda"),
         "unknown on-error": ([good, "--on-error", "ignore"], "--on-error 'ignore' is not known"),
         "out is a file": ([good, "--out", good], "is a file: give a directory"),
+        "more than a GPU per stage": ([good, "--gpus-per-stage", "1.5"], "--gpus-per-stage 1.5 must be in (0, 1]: a stage runs on one GPU"),
     }
 
 
@@ -68,7 +69,7 @@ CASES = [
     "empty corpus", "blank-only text file", "blank line in JSONL", "invalid JSON", "row without text", "non-UTF-8",
     "duplicate ids", "empty prompt", "longer than the context", "unknown file type", "missing file", "NaN threshold",
     "infinite threshold", "high <= low", "red < high", "zero stages", "too many stages", "no tokenizer files",
-    "truncated safetensors", "missing model directory", "unknown device", "unknown on-error", "out is a file",
+    "truncated safetensors", "missing model directory", "unknown device", "unknown on-error", "out is a file", "more than a GPU per stage",
 ]
 
 

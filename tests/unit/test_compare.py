@@ -63,7 +63,7 @@ def test_separating_neuron_tops_the_list(run_dir):
 
 def test_groups_default_and_errors(run_dir, tmp_path, capsys):
     assert compare(run_dir, "family").schema.metadata[b"a"] == b"days"  # exactly two groups
-    with pytest.raises(UserError, match="variant has 1 groups"):
+    with pytest.raises(UserError, match=r"this run has 1 variant value\(s\) \['icl'\], compare needs two: .*--variants icl,shuffled"):
         compare(run_dir, "variant")
     with pytest.raises(UserError, match="must be two different family values"):
         compare(run_dir, "family", "days", "weeks")
