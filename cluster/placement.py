@@ -54,11 +54,17 @@ def check_resources(device: str, n_stage_actors: int, gpus: float = 1.0) -> None
     available = ray.cluster_resources()
     need = {k: v * n_stage_actors for k, v in stage_bundle(device, gpus).items()}
     for resource, amount in need.items():
-        if available.get(resource, 0) < amount:
+        have = available.get(resource, 0)
+        if have < amount:
+            fix = (
+                "use --device cpu, or set RAY_ADDRESS to a Ray cluster with GPUs"
+                if resource == "GPU" and have == 0
+                else "lower --stages/--replicas or add nodes (see `ray status`)"
+            )
+            actors = f"{n_stage_actors} stage actor{'s' if n_stage_actors > 1 else ''}"
             raise UserError(
-                f"the scan needs {amount:g} {resource} ({n_stage_actors} stage actors) but the Ray cluster "
-                f"has {available.get(resource, 0):g} ({_describe(available)}): lower --stages/--replicas "
-                "or add nodes (see `ray status`)"
+                f"the scan needs {amount:g} {resource} ({actors}) but the Ray cluster has {have:g} "
+                f"({_describe(available)}): {fix}"
             )
 
 
@@ -136,4 +142,4 @@ def disconnect(groups: list) -> None:
 
 def _describe(resources: dict) -> str:
     shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory") or k.startswith("accelerator")}
-    return ", ".join(f"{k}={v:g}" for k, v in sorted(shown.items())) or "no resources"
+    return ", ".join(f"{k}={v / 2**30:.1f} GiB" if k == "memory" else f"{k}={v:g}" for k, v in sorted(shown.items())) or "no resources"

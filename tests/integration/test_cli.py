@@ -115,6 +115,16 @@ def test_more_gpus_than_the_cluster_has(ray_session, tmp_path):
         run_scan(cfg)
 
 
+def test_a_cluster_without_gpus_points_at_the_cpu(monkeypatch):
+    monkeypatch.setattr(placement.ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 16 * 2**30})
+    with pytest.raises(UserError) as error:
+        placement.check_resources("cuda", 1)
+    assert str(error.value) == (
+        "the scan needs 1 GPU (1 stage actor) but the Ray cluster has 0 (CPU=2, memory=16.0 GiB): "
+        "use --device cpu, or set RAY_ADDRESS to a Ray cluster with GPUs"
+    )
+
+
 def test_placement_group_packs_stages_on_logical_gpus(ray_session):
     import ray
     from ray.util.placement_group import placement_group_table
