@@ -91,12 +91,28 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
         yield where, row
 
 
+CSV_FIELD_LIMIT = 2**31 - 1
+"""csv's default field limit is 128 KiB, and a prompt may be longer (to be cut by --truncate)."""
+
+
 def _csv(path: Path) -> Iterator[tuple[str, dict]]:
-    reader = csv.DictReader(line for _, line in _lines(path))
-    if reader.fieldnames is None or "text" not in reader.fieldnames:
-        raise UserError(f"{path}: no \"text\" column in the CSV header {reader.fieldnames}: add one")
-    for row in reader:
-        yield f"{path}:{reader.line_num}", row
+    limit = csv.field_size_limit(CSV_FIELD_LIMIT)
+    reader = csv.DictReader((line for _, line in _lines(path)), strict=True)
+    try:
+        if reader.fieldnames is None:
+            raise UserError(f"{path} is empty: give a header row with a \"text\" column, then a prompt a row")
+        _need_text(f"{path}: no \"text\" column in the CSV header {reader.fieldnames}", reader.fieldnames)
+        start = reader.line_num + 1  # the line the next row starts on (a quoted field may span lines)
+        for row in reader:
+            yield f"{path}:{start}", row
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise UserError(
+            f"{path}:{start}: not valid CSV ({err}): quote fields that hold commas, quotes or line breaks, "
+            '"like ""this"""'
+        ) from None
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _parquet(path: Path) -> Iterator[tuple[str, dict]]:
@@ -104,9 +120,10 @@ def _parquet(path: Path) -> Iterator[tuple[str, dict]]:
         file = pq.ParquetFile(path)
     except Exception as err:
         raise UserError(f"{path}: not a readable Parquet file ({err}): write it again") from None
-    columns = [c for c in ("text", "id", "family", "variant", "expected") if c in file.schema_arrow.names]
-    if "text" not in columns:
-        raise UserError(f"{path}: no \"text\" column (columns: {file.schema_arrow.names}): add one")
+    names = file.schema_arrow.names
+    wanted = ("text", "id", "family", "variant", "expected", *(() if "expected" in names else EXPECTED_ALIASES))
+    columns = [c for c in wanted if c in names]
+    _need_text(f"{path}: no \"text\" column (columns: {names})", names)
     offset = 0
     for batch in file.iter_batches(batch_size=4096, columns=columns):
         for i, row in enumerate(batch.to_pylist()):
@@ -121,16 +138,41 @@ def _text(path: Path) -> Iterator[tuple[str, dict]]:
             yield f"{path}:{number}", {"text": text}
 
 
+TEXT_ALIASES = ("prompt", "input", "question", "sentence", "content")
+EXPECTED_ALIASES = ("answer", "target", "completion", "label", "output")
+"""Fields that users name what neuroscan reads as ``text`` or ``expected``: a row that has one
+of them instead is refused with the rename, since reading on would lose the prompts or, for
+``expected``, the accuracy without a word."""
+
+
+def _need_text(problem: str, names: list[str]) -> None:
+    if "text" not in names:
+        alias = next((k for k in TEXT_ALIASES if k in names), None)
+        raise UserError(f"{problem}: {f'rename {alias!r} to' if alias else 'add'} \"text\"")
+
+
 def _to_prompt(prompt_id: int, where: str, row: dict) -> Prompt:
     text = row.get("text")
     pid = row.get("id")
     pid = str(prompt_id) if pid is None or pid == "" else str(pid)
     if text is None:
-        raise UserError(f"{where}: prompt {pid!r} has no \"text\" field: add the prompt text")
+        alias = next((k for k in TEXT_ALIASES if row.get(k) is not None), None)
+        fix = f"rename {alias!r} to \"text\"" if alias else "add the prompt text"
+        raise UserError(f"{where}: prompt {pid!r} has no \"text\" field: {fix}")
+    if "expected" not in row:
+        alias = next((k for k in EXPECTED_ALIASES if row.get(k) not in (None, "")), None)
+        if alias:
+            raise UserError(
+                f"{where}: prompt {pid!r} has {alias!r} but no \"expected\" field, which neuroscan scores "
+                f"accuracy with: rename {alias!r} to \"expected\""
+            )
     if not isinstance(text, str):
         raise UserError(f"{where}: prompt {pid!r} has a non-string text ({type(text).__name__}): quote it")
     if not text.strip():
         raise UserError(f"{where}: prompt {pid!r} is empty or whitespace only: remove it or give it text")
+    for key in ("family", "variant", "expected"):
+        if isinstance(row.get(key), (list, dict)):
+            raise UserError(f"{where}: prompt {pid!r} has a {type(row[key]).__name__} for {key!r}: give one string")
     family, variant, expected = (row.get(k) for k in ("family", "variant", "expected"))
     return Prompt(
         prompt_id=prompt_id,

@@ -42,7 +42,7 @@ def case_files(tmp_path, small_model):
         "blank-only text file": ([str(tmp_path / "blank.txt")], "holds no prompts"),
         "blank line in JSONL": ([jsonl(tmp_path, ['{"text": "a"}', "", '{"text": "b"}'])], ".jsonl:2: blank line in JSONL: remove it"),
         "invalid JSON": ([jsonl(tmp_path, ['{"text": "a"}', '{"text": "b"', '{"text": "c"}'])], ".jsonl:2: invalid JSON"),
-        "row without text": ([jsonl(tmp_path, ['{"id": "q1", "prompt": "a"}'])], "prompt 'q1' has no \"text\" field: add the prompt text"),
+        "row without text": ([jsonl(tmp_path, ['{"id": "q1", "prompt": "a"}'])], "prompt 'q1' has no \"text\" field: rename 'prompt' to \"text\""),
         "non-UTF-8": ([str(tmp_path / "latin1.jsonl")], "latin1.jsonl:2: the line is not valid UTF-8: save the file as UTF-8"),
         "duplicate ids": ([jsonl(tmp_path, ['{"id": "a", "text": "x"}', '{"id": "a", "text": "y"}'])], "id 'a' appears twice: give every prompt a unique id"),
         "empty prompt": ([jsonl(tmp_path, ['{"id": "e", "text": "  "}'])], "prompt 'e' is empty or whitespace only"),

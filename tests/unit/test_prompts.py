@@ -79,6 +79,9 @@ def test_builtin_seed_prompts_are_verbatim():
         ('{"text": "a", "id": 1}\n{"text": "b", "id": "1"}\n', "id '1' appears twice"),
         ('[1, 2]\n', "expected a JSON object"),
         ("", "holds no prompts"),
+        ('{"id": "q", "prompt": "a"}\n', "prompt 'q' has no \"text\" field: rename 'prompt' to \"text\""),
+        ('{"text": "a", "answer": 7}\n', "has 'answer' but no \"expected\" field, .*: rename 'answer' to \"expected\""),
+        ('{"text": "a", "family": ["x"]}\n', "has a list for 'family': give one string"),
     ],
 )
 def test_jsonl_errors_name_the_line_or_id(tmp_path, content, match):
@@ -105,11 +108,37 @@ def test_unknown_and_missing_files(tmp_path):
         _all("nonesuch")
 
 
-def test_csv_without_text_column(tmp_path):
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("prompt,id\nhello,1\n", r"c\.csv: no \"text\" column in the CSV header \['prompt', 'id'\]: rename 'prompt' to \"text\""),
+        ("id,body\n1,hello\n", r"no \"text\" column .*: add \"text\""),
+        ("", r"c\.csv is empty: give a header row"),
+        ('id,text\n1,ok\n2,"multi\nline"\n3,"bad"x"\n', r"c\.csv:5: not valid CSV \(',' expected after '\"'\): quote fields"),
+        ('id,text\n1,"never closed\n', r"c\.csv:2: not valid CSV \(unexpected end of data\)"),
+        ("text,answer\nhi,yes\n", r"c\.csv:2: prompt '0' has 'answer' but no \"expected\" field"),
+    ],
+)
+def test_csv_errors_name_the_line_and_the_fix(tmp_path, content, match):
     path = tmp_path / "c.csv"
-    path.write_text("prompt,id\nhello,1\n")
-    with pytest.raises(UserError, match='no "text" column'):
+    path.write_text(content)
+    with pytest.raises(UserError, match=match):
         _all(path)
+
+
+def test_csv_reads_a_prompt_longer_than_csvs_default_field_limit(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text('id,text\nlong,"' + "word " * 40_000 + '"\nshort,fine\n')  # 200 KB field (csv's limit: 128 KiB)
+    assert [len(p.text) for p in _all(path)] == [200_000, 4]
+
+
+def test_parquet_answer_column_is_refused_only_without_expected(tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": ["a"], "answer": ["b"]}), path)
+    with pytest.raises(UserError, match=r"c\.parquet row 0: prompt '0' has 'answer' but no \"expected\""):
+        _all(path)
+    pq.write_table(pa.table({"text": ["a"], "answer": ["b"], "expected": ["c"]}), path)
+    assert [p.expected for p in _all(path)] == ["c"]
 
 
 def _tok(text, pid=0, expected=None):
