@@ -99,6 +99,14 @@ class ScanConfig:
     """Draw a progress bar on stderr."""
 
     def validate(self) -> None:
+        if not self.prompts.strip():
+            raise UserError("the prompt corpus is empty: give a .jsonl/.csv/.parquet/.txt file or seed")
+        if not self.out.strip():
+            raise UserError("--out is empty: give an output directory")
+        if self.model is not None and not self.model.strip():
+            raise UserError("--model is empty: give a checkpoint directory, or leave --model out for the embedded tiny GPT-J")
+        if self.overwrite and self.resume:
+            raise UserError("--overwrite and --resume contradict: --resume continues the run in --out, --overwrite deletes it; pass one")
         self.selection.validate()
         if self.stages < 1:
             raise UserError(f"--stages {self.stages} must be at least 1")

@@ -61,6 +61,10 @@ def case_files(tmp_path, small_model):
         "unknown device": ([good, "--device", "tpu"], "--device 'tpu' is not known: use one of cpu, cuda"),
         "unknown on-error": ([good, "--on-error", "ignore"], "--on-error 'ignore' is not known"),
         "out is a file": ([good, "--out", good], "is a file: give a directory"),
+        "overwrite and resume": ([good, "--overwrite", "--resume"], "--overwrite and --resume contradict"),
+        "empty out": ([good, "--out", ""], "--out is empty: give an output directory"),
+        "empty corpus name": (["", "--out", str(tmp_path / "o2")], "the prompt corpus is empty: give a"),
+        "empty model": ([good, "--model", ""], "--model is empty: give a checkpoint directory, or leave --model out"),
         "more than a GPU per stage": ([good, "--gpus-per-stage", "1.5"], "--gpus-per-stage 1.5 must be in (0, 1]: a stage runs on one GPU"),
     }
 
@@ -70,6 +74,7 @@ CASES = [
     "duplicate ids", "empty prompt", "longer than the context", "unknown file type", "missing file", "NaN threshold",
     "infinite threshold", "high <= low", "red < high", "zero stages", "too many stages", "no tokenizer files",
     "truncated safetensors", "missing model directory", "unknown device", "unknown on-error", "out is a file", "more than a GPU per stage",
+    "overwrite and resume", "empty out", "empty corpus name", "empty model",
 ]
 
 
