@@ -142,8 +142,10 @@ def generate(n: int, shots: int = 3, seed: int = 0, families: list[str] | None =
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise UserError(f"unknown variants {bad}: choose from {', '.join(VARIANTS)}")
-    if n < 1 or shots < 1:
-        raise UserError(f"--n {n} and --shots {shots} must be positive")
+    if n < 1:
+        raise UserError(f"--n {n} must be at least 1 prompt")
+    if shots < 1:
+        raise UserError(f"--shots {shots} must be at least 1 (for prompts without examples: --variants zero_shot)")
     rng = random.Random(seed)
     combos = [(FAMILIES[f], v) for f in names for v in variants]
     rows, seen, misses = [], set(), dict.fromkeys(range(len(combos)), 0)

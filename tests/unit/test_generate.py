@@ -101,6 +101,10 @@ def test_errors():
         generate(5, variants=["few_shot"])
     with pytest.raises(UserError, match="only .* unique prompts exist"):
         generate(500, families=["seasons"], variants=["zero_shot"])
+    with pytest.raises(UserError, match=r"^--n 0 must be at least 1 prompt$"):
+        generate(0)
+    with pytest.raises(UserError, match=r"^--shots 0 must be at least 1 \(for prompts without examples: --variants zero_shot\)$"):
+        generate(5, shots=0)
 
 
 @pytest.mark.parametrize("variant", ["icl", "shuffled"])
