@@ -216,3 +216,34 @@ def test_a_failed_write_keeps_the_earlier_report(scanned, tmp_path, capsys, monk
     assert err.count("\n") == 1 and "No space left on device" in err and "earlier report is intact" in err
     assert (copy / "report" / "index.html").read_text() == before
     assert not (copy / ".report.tmp").exists()
+
+
+HOSTILE = [
+    {"id": '<img src=x onerror="window.pwned=1">', "family": "<b>fam</b>", "text": 'a <img src=x onerror="window.pwned=2"> b'},
+    {"id": "q2", "family": "</script><script>window.pwned=3</script>", "text": "</script><script>window.pwned=4</script> & &amp; done"},
+]
+
+
+def test_prompt_text_ids_and_families_show_as_text_never_as_markup(ray_session, tmp_path, page):
+    """A web-text corpus holds HTML: the report must show it literally and run none of it."""
+    import json
+
+    corpus = tmp_path / "hostile.jsonl"
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in HOSTILE))
+    out = tmp_path / "out"
+    run_scan(ScanConfig(prompts=str(corpus), out=str(out), progress=False))
+    build(out)
+    prompts = table(out, "prompts").sort_by("prompt_id")
+    site = out / "report"
+    neuron_pages = sorted((site / "neurons").glob("*.html"))
+    assert neuron_pages
+    for path, fragment in [(site / "index.html", ""), (site / "layers" / "27.html", "#p=0"), (site / "layers" / "27.html", "#p=1"), (neuron_pages[0], "")]:
+        open_page(page, path, fragment)
+        assert page.evaluate("window.pwned") is None
+        assert page.query_selector_all("img:not(figure img)") == []
+        assert page.eval_on_selector_all("b:not(.stats b)", "bs => bs.map(b => b.outerHTML)") == [], path
+    open_page(page, site / "layers" / "27.html", "#p=1")
+    assert page.inner_text(".strip .tokens") == "".join(prompts["tokens"][1].as_py())
+    assert HOSTILE[0]["id"] in page.inner_text("#prompt")  # the selector lists the ids as typed
+    open_page(page, neuron_pages[0])
+    assert {HOSTILE[0]["family"], HOSTILE[1]["family"]} & set(page.eval_on_selector_all("#families tbody tr", "rows => rows.map(r => r.cells[0].innerText)"))
