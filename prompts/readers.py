@@ -69,10 +69,11 @@ def _rows(source: str) -> Iterable[tuple[str, dict]]:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The file's lines, decoded; a UTF-8 byte-order mark (Excel's "CSV UTF-8", Notepad) is dropped."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                yield number, raw.decode("utf-8")
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError:
                 raise UserError(f"{path}:{number}: the line is not valid UTF-8: save the file as UTF-8") from None
 

@@ -91,6 +91,13 @@ def test_jsonl_errors_name_the_line_or_id(tmp_path, content, match):
         _all(path)
 
 
+@pytest.mark.parametrize("name, content", [("c.csv", "text,id\r\nhello,1\r\n"), ("c.jsonl", '{"text": "hello", "id": "1"}\n'), ("c.txt", "hello\r\n")])
+def test_a_byte_order_mark_is_not_part_of_the_first_field(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + content.encode())  # Excel's "CSV UTF-8", Notepad
+    assert [p.text for p in _all(path)] == ["hello"]
+
+
 def test_non_utf8_line_is_named(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
