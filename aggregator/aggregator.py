@@ -270,12 +270,27 @@ class Aggregator:
         table = self.neurons.table(self.pool)
         table = table.replace_schema_metadata(schema.with_run_metadata(table.schema, self.run_meta).metadata)
         self.manifest["neurons"] = write_table(table, self.out, "neurons/part-00001", self.fmt).to_dict()
+        self.manifest["empty_layers"] = self._write_empty_layers()
         timings = {**timings, "aggregator_lag_s": time.perf_counter() - t0}
         self.manifest["summary"] = self.summary()
         self.manifest["timings"] = {**timings, "finished_at": _now()}
         self.manifest["status"] = "complete"
         write_manifest(self.out, self.manifest)
         return self.incarnation, self.manifest
+
+
+    def _write_empty_layers(self) -> list[dict]:
+        """An empty activations file (the schema, no rows) for each layer no part kept a row of:
+        every ``layer=NN`` directory exists, and a run that kept nothing reads as an empty table
+        instead of pyarrow's FileNotFoundError or DuckDB's "no files found"."""
+        n_layer = self.manifest["partition"][-1][1]
+        kept = {f["path"].split("/")[1] for part in self.manifest["parts"] for f in part["files"] if f["path"].startswith("activations/")}
+        empty = self._table(schema.ACTIVATIONS, [])
+        return [
+            write_table(empty, self.out, f"activations/layer={layer:02d}/part-00000", self.fmt).to_dict()
+            for layer in range(n_layer)
+            if f"layer={layer:02d}" not in kept
+        ]
 
 
 def _now() -> str:

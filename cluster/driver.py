@@ -222,6 +222,12 @@ def summary_lines(manifest: dict, out: str) -> list[str]:
     ]
     for layer, row in manifest["summary"]["layers"].items():
         lines.append(f"{int(layer):5d}  {row['mean_selected']:13.1f}  {row['mean_kept']:9.1f}")
+    if totals["activation_rows"] == 0 and totals["prompts"]:
+        sel = manifest["selection"]
+        lines.append(
+            f"no neuron went above --high {sel['high']:g} or below --low {sel['low']:g} on any token: "
+            "the tables are empty; lower --high or raise --low to keep some"
+        )
     if manifest.get("skipped"):
         lines.append(f"skipped {len(manifest['skipped'])} prompts that do not fit in device memory (listed in manifest.json)")
     for by, groups in manifest["summary"]["accuracy"].items():

@@ -38,5 +38,6 @@ def assert_same_output(out: Path, reference: Path) -> None:
     batches = [b for part in m_got["parts"] for b in part["batches"]]
     assert sorted(batches) == sorted(set(batches))  # no batch committed twice
     listed = {f["path"] for part in m_got["parts"] for f in part["files"]} | {m_got["neurons"]["path"]}
+    listed |= {f["path"] for f in m_got["empty_layers"]}
     on_disk = {p.relative_to(out).as_posix() for t in schema.OUTPUT_DIRS for p in (out / t).rglob("*") if p.is_file()}
     assert on_disk == listed

@@ -186,3 +186,18 @@ def test_neurons_table_matches_the_activations(cli_run):
         assert list(row.top_pos) == ranked.max_pos.tolist()
         assert row.n_prompts == len(mine) and row.n_red == int((mine.max_act > 3.5).sum())
         assert row.max_act == mine.max_act.max()
+
+
+def test_a_scan_that_keeps_nothing_says_so_and_its_tables_read_empty(ray_session, tmp_path, capsys):
+    import pandas as pd
+    import polars as pl
+
+    out = tmp_path / "none"
+    assert main(["scan", "seed", "--out", str(out), "--high", "1000", "--low=-1000", "--red", "1000", "--quiet"]) == 0
+    said = capsys.readouterr().out
+    assert "0 activation rows" in said
+    assert "no neuron went above --high 1000 or below --low -1000 on any token: the tables are empty; lower --high or raise --low" in said
+    assert sorted(p.name for p in (out / "activations").iterdir()) == [f"layer={i:02d}" for i in range(28)]
+    assert len(pd.read_parquet(out / "activations")) == 0
+    assert pl.scan_parquet(str(out / "activations" / "**" / "*.parquet"), hive_partitioning=True).collect().height == 0
+    assert main(["report", str(out)]) == 0 and (out / "report" / "index.html").exists()

@@ -17,7 +17,7 @@ from prompts.batching import Tokenized
 from prompts.readers import Prompt
 from workers.rows import StageRows
 
-HEADER = {"schema_version": SCHEMA_VERSION, "model": {"id": "m"}, "selection": {}, "bands": {"low": 0.0, "high": 3.0, "red": 3.5}}
+HEADER = {"schema_version": SCHEMA_VERSION, "model": {"id": "m"}, "selection": {}, "bands": {"low": 0.0, "high": 3.0, "red": 3.5}, "partition": [[0, 2], [2, 3]]}
 
 
 def _group(ids, lengths):
@@ -260,3 +260,30 @@ def test_neurons_merged_in_memory_equal_one_pass_and_the_deltas_on_disk(tmp_path
     assert written.equals(_one_pass_neurons(tmp_path, k=3))
     assert written.equals(neurons.neurons_table(tmp_path, manifest, k=3))
     assert second.finish({})[1]["neurons"]["sha256"] == manifest["neurons"]["sha256"]  # a retried finish writes the same
+
+
+def test_every_layer_has_a_directory_and_a_run_that_keeps_nothing_reads_as_an_empty_table(tmp_path):
+    import duckdb
+
+    lengths = [5, 3]
+    (tmp_path / "some").mkdir(), (tmp_path / "none").mkdir()  # as prepare_output leaves them
+    agg = Aggregator(str(tmp_path / "some"), HEADER, [chr(i) for i in range(256)])
+    agg.add(_group([0, 1], lengths), _stage_rows(0, 0, 1, lengths, last=False), _stage_rows(0, 1, 2, lengths, rows_per_layer=0))
+    _, manifest = agg.finish({})
+    assert [f["path"] for f in manifest["empty_layers"]] == ["activations/layer=01/part-00000.parquet", "activations/layer=02/part-00000.parquet"]
+    table = ds.dataset(tmp_path / "some" / "activations", partitioning="hive").to_table()
+    assert table.num_rows == 2 * 2 and set(table["layer"].to_pylist()) == {0}
+    assert ds.dataset(tmp_path / "some" / "activations" / "layer=02").to_table().num_rows == 0
+
+    agg = Aggregator(str(tmp_path / "none"), HEADER, [chr(i) for i in range(256)])
+    agg.add(_group([0, 1], lengths), _stage_rows(0, 0, 2, lengths, rows_per_layer=0, last=False), _stage_rows(0, 2, 1, lengths, rows_per_layer=0))
+    _, manifest = agg.finish({})
+    assert manifest["totals"]["activation_rows"] == 0 and len(manifest["empty_layers"]) == 3
+    for f in manifest["empty_layers"]:
+        data = (tmp_path / "none" / f["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == f["sha256"] and f["rows"] == 0
+    table = ds.dataset(tmp_path / "none" / "activations", partitioning="hive").to_table()
+    assert table.num_rows == 0 and table.schema.field("layer").type == pa.int32()
+    assert table.schema.names == [*ACTIVATIONS.names, "layer"]
+    query = f"SELECT count(*) FROM read_parquet('{tmp_path / 'none'}/activations/*/*.parquet', hive_partitioning = true) WHERE layer = 2"
+    assert duckdb.sql(query).fetchall() == [(0,)]
