@@ -30,7 +30,7 @@ from aggregator.schema import SCHEMA_VERSION
 from cluster import placement
 from cluster.config import ScanConfig
 from cluster.memory import MemoryWatch
-from cluster.output import corpus_fingerprint, prepare_output
+from cluster.output import claim, corpus_fingerprint, prepare_output
 from cluster.partition import partition_layers
 from cluster.schedule import Scheduler
 from prompts.batching import ReadAhead, chunk_batches
@@ -157,10 +157,16 @@ def run_scan(cfg: ScanConfig) -> dict:
     p = plan(cfg)
     out = Path(cfg.out)
     header = manifest_header(cfg, p)
-    committed = prepare_output(out, cfg.overwrite, cfg.resume, header)
-    existing = read_manifest(out)
-    if existing is not None and existing["status"] == "complete":
-        return existing  # resuming a finished run: nothing left to do
+    with claim(out):  # no second scan into `out` while this one runs
+        committed = prepare_output(out, cfg.overwrite, cfg.resume, header)
+        existing = read_manifest(out)
+        if existing is not None and existing["status"] == "complete":
+            return existing  # resuming a finished run: nothing left to do
+        return _scan(cfg, p, out, header, committed)
+
+
+def _scan(cfg: ScanConfig, p: Plan, out: Path, header: dict, committed: set[int]) -> dict:
+    """The run itself, on a prepared and claimed ``out``."""
     with corpus_batches(cfg, p) as batches:  # reading ahead while the actors load the model
         n_stage_actors = cfg.stages * cfg.replicas
         started_ray = placement.start_ray(n_stage_actors + 1)

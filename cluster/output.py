@@ -8,9 +8,12 @@ depend on it). Stages, replicas and the device may change.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from aggregator.manifest import NAME as MANIFEST_NAME
@@ -37,10 +40,36 @@ def corpus_fingerprint(source: str) -> dict:
     return {"source": str(Path(source).resolve()), "sha256": digest.hexdigest()}
 
 
-def prepare_output(out: Path, overwrite: bool, resume: bool, header: dict) -> set[int]:
-    """Make ``out`` ready; returns the micro-batch ids already committed (empty unless resuming)."""
+@contextmanager
+def claim(out: Path) -> Iterator[None]:
+    """Hold ``out`` (created if missing) for one scan: an exclusive lock on the directory,
+    which the kernel drops when this process ends, however it ends.
+
+    A second scan into the same directory while the first runs (a forgotten terminal, or
+    ``--resume`` / ``--overwrite`` while it runs) would interleave its parts with the first's
+    or delete the files under it; it is refused instead. The lock is ``flock``: it holds
+    between the processes of one machine; across machines, only where the shared file
+    system honours it."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a directory")
+    make_dir(out)
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"--out {out} is in use by another neuroscan scan: wait for it to end (or stop it and "
+                "--resume), or choose another directory"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def prepare_output(out: Path, overwrite: bool, resume: bool, header: dict) -> set[int]:
+    """Make ``out`` (claimed, so it exists) ready; returns the micro-batch ids already
+    committed (empty unless resuming)."""
     existing = read_manifest(out) if out.is_dir() else None
     if resume and existing is not None:
         _check_same_run(out, existing, header)
@@ -50,8 +79,8 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, header: dict) -> se
             raise UserError(f"--out {out} is not empty and not a neuroscan output directory (no {MANIFEST_NAME}): choose another directory")
         if not overwrite:
             raise UserError(f"--out {out} is not empty: pass --resume to continue that run, --overwrite to replace it, or choose another directory")
-        shutil.rmtree(out)
-    make_dir(out)
+        for child in out.iterdir():  # the directory itself stays: it carries the claim
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     if not os.access(out, os.W_OK):
         raise UserError(f"--out {out} is not writable: choose a writable directory")
     return set()

@@ -109,6 +109,33 @@ def test_non_empty_output_directory_is_refused(capsys, tmp_path):
     assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
 
 
+def test_a_directory_another_scan_is_writing_is_left_alone(cli_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "busy"
+    shutil.copytree(cli_run[0], out)
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    holder = subprocess.Popen(  # another scan's driver: it claims --out for its run
+        [sys.executable, "-c", "import sys; from pathlib import Path; from cluster.output import claim\n"
+         f"with claim(Path({str(out)!r})):\n    print('held', flush=True); sys.stdin.read()"],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for flags in (["--resume"], ["--overwrite"], []):
+            assert main(["scan", "seed", "--out", str(out), "--quiet", *flags]) == 2
+            err = capsys.readouterr().err
+            assert err == (
+                f"neuroscan: error: --out {out} is in use by another neuroscan scan: wait for it to end "
+                "(or stop it and --resume), or choose another directory\n"
+            ), flags
+        assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    finally:
+        holder.communicate("", timeout=30)
+    assert main(["scan", "seed", "--out", str(out), "--quiet", "--overwrite"]) == 0  # free again once it ends
+    assert json.loads((out / "manifest.json").read_text())["corpus"]["source"] == "seed"
+
+
 def test_more_gpus_than_the_cluster_has(ray_session, tmp_path):
     cfg = ScanConfig(prompts="seed", out=str(tmp_path / "o"), device="cuda", stages=3, replicas=2, progress=False)
     with pytest.raises(UserError, match=r"needs 6 GPU \(6 stage actors\) but the Ray cluster has 4"):
