@@ -79,7 +79,7 @@ def main() -> None:
     out.mkdir(parents=True)
     rng = np.random.default_rng(0)
     made = [micro_batch(i, args.prompts, args.tokens, args.layers, args.kept, rng) for i in range(args.batches)]
-    agg = Aggregator(str(out), HEADER, [chr(65 + i % 26) for i in range(256)])
+    agg = Aggregator(str(out), {**HEADER, "partition": [[0, args.layers]]}, [chr(65 + i % 26) for i in range(256)])
     adds = []
     t0 = time.perf_counter()
     for group, rows in made:
