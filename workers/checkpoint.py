@@ -57,7 +57,7 @@ def _from_hub_cache(repo_id: str) -> tuple[Path, str | None]:
     except Exception:
         raise UserError(
             f"model {repo_id} is neither a local directory nor in the Hugging Face cache: "
-            f"download it first (huggingface-cli download {repo_id}) or pass its directory"
+            f"download it first (`hf download {repo_id}`, from huggingface_hub) or pass its directory"
         ) from None
     return snapshot, snapshot.name
 

@@ -117,6 +117,8 @@ def test_gptj_6b_preset_is_gptj_6b_shaped():
 def test_missing_and_broken_checkpoints_are_refused(other_model, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         checkpoint.resolve_model(str(tmp_path / "nope"))
+    with pytest.raises(UserError, match=r"EleutherAI/gpt-j-6b is neither a local directory nor in the Hugging Face cache: download it first \(`hf download EleutherAI/gpt-j-6b`"):
+        checkpoint.resolve_model("EleutherAI/gpt-j-6b")  # the CLI of huggingface_hub >= 1.0 is `hf`
     no_tok = tmp_path / "no_tok"
     shutil.copytree(other_model, no_tok)
     (no_tok / "tokenizer.json").unlink()
