@@ -114,7 +114,8 @@ def test_gptj_6b_preset_is_gptj_6b_shaped():
     assert PRESETS["gptj-6b"]["dtype"] == "float16"
 
 
-def test_missing_and_broken_checkpoints_are_refused(other_model, tmp_path):
+def test_missing_and_broken_checkpoints_are_refused(other_model, tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache, wherever this runs
     with pytest.raises(UserError, match="does not exist"):
         checkpoint.resolve_model(str(tmp_path / "nope"))
     with pytest.raises(UserError, match=r"EleutherAI/gpt-j-6b is neither a local directory nor in the Hugging Face cache: download it first \(`hf download EleutherAI/gpt-j-6b`"):
