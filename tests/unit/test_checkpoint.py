@@ -146,3 +146,17 @@ def test_missing_shard_is_refused(other_model, tmp_path):
     next(broken.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(UserError, match="listed in the index is missing"):
         checkpoint.resolve_model(str(broken))
+
+
+def test_a_hub_id_resolves_to_its_snapshot_in_the_local_cache(other_model, tmp_path, monkeypatch):
+    """`hf download org/name` lays a checkpoint out as the hub cache does; --model org/name finds it."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--org--tiny-gptj"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(other_model, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    source = checkpoint.resolve_model("org/tiny-gptj")
+    assert (source.id, source.revision) == ("org/tiny-gptj", revision)
+    assert source.path == str((repo / "snapshots" / revision).resolve())
+    assert checkpoint.load_config(source.path).n_layer == checkpoint.load_config(other_model).n_layer
