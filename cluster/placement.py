@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 
 import ray
 from ray.exceptions import RayActorError
@@ -25,8 +26,12 @@ RESTARTS = {"max_restarts": 3, "max_task_retries": 3}
 
 
 def start_ray(n_actors: int) -> bool:
-    """Connect to Ray (RAY_ADDRESS or an already started one) or start a local one.
+    """Connect to the Ray cluster at RAY_ADDRESS, use the Ray this process already runs, or
+    start a local one.
 
+    A local Ray is always a new one (``address="local"``), even where `ray start` left a
+    cluster running on this machine: plain ``ray.init()`` would join that one, refuse the CPU
+    count, and put the scan on whatever it holds. ``RAY_ADDRESS=auto`` joins it on purpose.
     A local Ray gets at least one logical CPU per actor, so a 2-core machine can still run
     three stages and the aggregator (they take turns on the cores). Returns True when this
     call started Ray, so the caller shuts it down.
@@ -37,11 +42,33 @@ def start_ray(n_actors: int) -> bool:
     if ray.is_initialized():
         return False
     common = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], **common)
-    else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, n_actors), **common)
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, n_actors), **common)
+        return True
+    _check_reachable(address)
+    try:
+        ray.init(address=address, **common)
+    except ConnectionError as err:
+        raise UserError(
+            f"cannot join the Ray cluster at RAY_ADDRESS={address} ({str(err).splitlines()[0]}): check it runs "
+            "(`ray status`), or unset RAY_ADDRESS to start a local Ray"
+        ) from None
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` that nothing answers on is refused at once: Ray would retry it for minutes."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", "ray://...": Ray resolves those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise UserError(
+            f"nothing answers at RAY_ADDRESS={address} ({err.strerror or err}): start the cluster's head there "
+            "(`ray start --head`), fix the address, or unset RAY_ADDRESS to start a local Ray"
+        ) from None
 
 
 def stage_bundle(device: str, gpus: float = 1.0) -> dict[str, float]:

@@ -61,6 +61,6 @@ def ray_session():
     """One local Ray for the whole session, with fake logical GPUs for placement tests."""
     import ray
 
-    ray.init(num_cpus=8, num_gpus=4, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    ray.init(address="local", num_cpus=8, num_gpus=4, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     yield ray
     ray.shutdown()
