@@ -140,7 +140,7 @@ def _text(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 TEXT_ALIASES = ("prompt", "input", "question", "sentence", "content")
-EXPECTED_ALIASES = ("answer", "target", "completion", "label", "output")
+EXPECTED_ALIASES = ("answer", "target", "completion")  # not "label": often a class, not the next token
 """Fields that users name what neuroscan reads as ``text`` or ``expected``: a row that has one
 of them instead is refused with the rename, since reading on would lose the prompts or, for
 ``expected``, the accuracy without a word."""
