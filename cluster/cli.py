@@ -119,11 +119,9 @@ def cmd_make_model(args) -> int:
 
     one_of("--preset", args.preset, PRESETS)
     out = Path(args.out)
-    if out.is_file():
-        raise UserError(f"--out {out} is a file: give a directory")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out} is not empty: choose a new directory")
     make_dir(out)
+    if any(out.iterdir()):
+        raise UserError(f"--out {out} is not empty: choose a new directory")
     write_checkpoint(gptj_config(args.preset), out, seed=args.seed)
     print(out)
     return 0

@@ -27,6 +27,8 @@ def one_of(flag: str, value, choices, hint: str = "") -> None:
 def make_dir(directory: Path, out: Path | None = None) -> None:
     """Create ``directory`` and its parents for ``--out out`` (by default the directory itself;
     else a file to be written in it), or stop with one line."""
+    if out is None and directory.is_file():
+        raise UserError(f"--out {directory} is a file: give a directory")
     out = directory if out is None else out
     try:
         directory.mkdir(parents=True, exist_ok=True)

@@ -50,8 +50,6 @@ def claim(out: Path) -> Iterator[None]:
     or delete the files under it; it is refused instead. The lock is ``flock``: it holds
     between the processes of one machine; across machines, only where the shared file
     system honours it."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: give a directory")
     make_dir(out)
     fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -70,11 +68,11 @@ def claim(out: Path) -> Iterator[None]:
 def prepare_output(out: Path, overwrite: bool, resume: bool, header: dict) -> set[int]:
     """Make ``out`` (claimed, so it exists) ready; returns the micro-batch ids already
     committed (empty unless resuming)."""
-    existing = read_manifest(out) if out.is_dir() else None
+    existing = read_manifest(out)
     if resume and existing is not None:
         _check_same_run(out, existing, header)
         return {b for part in existing["parts"] for b in part["batches"]}
-    if out.exists() and any(out.iterdir()):
+    if any(out.iterdir()):
         if existing is None:
             raise UserError(f"--out {out} is not empty and not a neuroscan output directory (no {MANIFEST_NAME}): choose another directory")
         if not overwrite:
