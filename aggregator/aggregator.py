@@ -278,7 +278,6 @@ class Aggregator:
         write_manifest(self.out, self.manifest)
         return self.incarnation, self.manifest
 
-
     def _write_empty_layers(self) -> list[dict]:
         """An empty activations file (the schema, no rows) for each layer no part kept a row of:
         every ``layer=NN`` directory exists, and a run that kept nothing reads as an empty table
