@@ -54,6 +54,7 @@ def case_files(tmp_path, small_model):
         "high <= low": ([good, "--high", "1", "--low", "1"], "--high 1.0 must be greater than --low 1.0"),
         "red < high": ([good, "--red", "2"], "--red 2.0 must be at least --high 3.0"),
         "zero stages": ([good, "--stages", "0"], "--stages 0 must be at least 1"),
+        "stages not a number": ([good, "--stages", "two"], "argument --stages: invalid int value: 'two'"),
         "too many stages": ([good, "--model", str(small_model), "--stages", "4"], "--stages 4 is not possible: the model has 3 layers"),
         "no tokenizer files": ([good, "--model", str(no_tok)], "has no tokenizer files"),
         "truncated safetensors": ([good, "--model", str(truncated)], "is truncated or corrupted"),
@@ -72,7 +73,7 @@ def case_files(tmp_path, small_model):
 CASES = [
     "empty corpus", "blank-only text file", "blank line in JSONL", "invalid JSON", "row without text", "non-UTF-8",
     "duplicate ids", "empty prompt", "longer than the context", "unknown file type", "missing file", "NaN threshold",
-    "infinite threshold", "high <= low", "red < high", "zero stages", "too many stages", "no tokenizer files",
+    "infinite threshold", "high <= low", "red < high", "zero stages", "stages not a number", "too many stages", "no tokenizer files",
     "truncated safetensors", "missing model directory", "unknown device", "unknown on-error", "out is a file", "more than a GPU per stage",
     "overwrite and resume", "empty out", "empty corpus name", "empty model",
 ]
