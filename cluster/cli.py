@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     scan = sub.add_parser("scan", help="scan a prompt corpus and write Arrow tables")
-    scan.add_argument("prompts", help="a .jsonl/.csv/.parquet/.txt corpus, or a built-in corpus name (seed)")
+    scan.add_argument("prompts", help="a .jsonl/.csv/.txt corpus (or one of those compressed: .gz, .bz2, .zst), a .parquet one, or a built-in corpus name (seed)")
     scan.add_argument("--out", required=True, help="output directory")
     scan.add_argument("--model", help="checkpoint directory or Hugging Face id in the local cache (default: the embedded tiny GPT-J)")
     scan.add_argument("--stages", type=int, default=1, help="pipeline stages per replica (default 1)")

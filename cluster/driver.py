@@ -15,6 +15,7 @@ import importlib.metadata
 import itertools
 import math
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -160,9 +161,20 @@ def run_scan(cfg: ScanConfig) -> dict:
     with claim(out):  # no second scan into `out` while this one runs
         committed = prepare_output(out, cfg.overwrite, cfg.resume, header)
         existing = read_manifest(out)
+        if cfg.resume:
+            print(resume_notice(out, existing, committed), file=sys.stderr, flush=True)
         if existing is not None and existing["status"] == "complete":
             return existing  # resuming a finished run: nothing left to do
         return _scan(cfg, p, out, header, committed)
+
+
+def resume_notice(out: Path, existing: dict | None, committed: set[int]) -> str:
+    """What ``--resume`` found in ``out``: a user who mistyped the directory learns it here."""
+    if existing is None:
+        return f"nothing to resume in {out} (no manifest.json): starting the scan from the beginning"
+    if existing["status"] == "complete":
+        return f"{out} is already complete: nothing to scan (--overwrite scans it again)"
+    return f"resuming {out}: {len(committed)} micro-batches already committed, scanning the rest"
 
 
 def _scan(cfg: ScanConfig, p: Plan, out: Path, header: dict, committed: set[int]) -> dict:

@@ -63,7 +63,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     if not sep or not port.isdigit() or "://" in address:
         return  # "auto", "ray://...": Ray resolves those itself
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        socket.create_connection((host.removeprefix("[").removesuffix("]"), int(port)), timeout=timeout_s).close()  # [::1]:6379
     except OSError as err:
         raise UserError(
             f"nothing answers at RAY_ADDRESS={address} ({err.strerror or err}): start the cluster's head there "

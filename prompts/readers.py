@@ -9,17 +9,22 @@ id or ``str(prompt_id)``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cluster.errors import UserError
 from prompts.seed import BUILTIN
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".txt": "text"}
+COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
+"""A line-based corpus may be compressed (``corpus.jsonl.zst``, as the Pile ships): pyarrow
+decompresses it as it is read."""
 
 
 @dataclass(frozen=True)
@@ -57,25 +62,48 @@ def _rows(source: str) -> Iterable[tuple[str, dict]]:
     if source in BUILTIN and not Path(source).exists():
         return ((f"{source}[{i}]", row) for i, row in enumerate(BUILTIN[source]))
     path = Path(source)
-    kind = SUFFIXES.get(path.suffix.lower())
-    if kind is None:
+    kind = SUFFIXES.get(_suffix(path))
+    if kind is None or (kind == "parquet" and _compression(path)):
         known = ", ".join(sorted(SUFFIXES))
         if not path.exists():
             raise UserError(f"prompt file {source} does not exist: give a file ({known}) or a built-in corpus ({', '.join(BUILTIN)})")
-        raise UserError(f"prompt file {source} has an unknown type {path.suffix!r}: use one of {known}")
+        raise UserError(
+            f"prompt file {source} has an unknown type {''.join(path.suffixes[-2:])!r}: use one of {known} "
+            f"(JSONL, CSV and text may be compressed: {', '.join(COMPRESSED)})"
+        )
     if not path.is_file():
         raise UserError(f"prompt file {source} does not exist: check the path")
     return {"jsonl": _jsonl, "csv": _csv, "parquet": _parquet, "text": _text}[kind](path)
 
 
+def _compression(path: Path) -> str | None:
+    return COMPRESSED.get(path.suffix.lower())
+
+
+def _suffix(path: Path) -> str:
+    """The corpus type's suffix, under a compression suffix if there is one."""
+    return (path.with_suffix("") if _compression(path) else path).suffix.lower()
+
+
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """The file's lines, decoded; a UTF-8 byte-order mark (Excel's "CSV UTF-8", Notepad) is dropped."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{path}:{number}: the line is not valid UTF-8: save the file as UTF-8") from None
+    """The file's lines, decoded (and decompressed); a UTF-8 byte-order mark (Excel's "CSV UTF-8",
+    Notepad) is dropped."""
+    compression = _compression(path)
+    number = 0
+    try:
+        with io.BufferedReader(pa.input_stream(str(path), compression=compression)) if compression else open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    raise UserError(f"{path}:{number}: the line is not valid UTF-8: save the file as UTF-8") from None
+    except OSError as err:  # only a compressed stream raises it here: truncated, or not that format
+        if compression is None:
+            raise
+        raise UserError(
+            f"{path}: cannot decompress it as {compression} at line {number + 1} ({err}): "
+            f"check the file is whole and really {compression}, or give it uncompressed"
+        ) from None
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:

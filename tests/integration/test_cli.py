@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,8 +90,6 @@ def test_non_empty_output_directory_is_refused(capsys, tmp_path):
 
 
 def test_a_directory_another_scan_is_writing_is_left_alone(cli_run, tmp_path, capsys):
-    import shutil
-
     out = tmp_path / "busy"
     shutil.copytree(cli_run[0], out)
     before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
@@ -113,6 +112,21 @@ def test_a_directory_another_scan_is_writing_is_left_alone(cli_run, tmp_path, ca
         holder.communicate("", timeout=30)
     assert main(["scan", "seed", "--out", str(out), "--quiet", "--overwrite"]) == 0  # free again once it ends
     assert json.loads((out / "manifest.json").read_text())["corpus"]["source"] == "seed"
+
+
+def test_resume_says_what_it_found(cli_run, corpus, tmp_path, capsys):
+    done = tmp_path / "done"
+    shutil.copytree(cli_run[0], done)
+    before = {p: p.read_bytes() for p in sorted(done.rglob("*")) if p.is_file()}
+    assert main(["scan", str(corpus), "--out", str(done), "--stages", "3", "--batch-tokens", "600", "--quiet", "--resume"]) == 0
+    shown = capsys.readouterr()
+    assert shown.err == f"{done} is already complete: nothing to scan (--overwrite scans it again)\n"
+    assert shown.out.startswith(f"wrote {done}  (")
+    assert {p: p.read_bytes() for p in sorted(done.rglob("*")) if p.is_file()} == before
+    typo = tmp_path / "typo"  # --resume in a directory that holds no run: the scan starts, and says so
+    assert main(["scan", "seed", "--out", str(typo), "--quiet", "--resume"]) == 0
+    assert capsys.readouterr().err == f"nothing to resume in {typo} (no manifest.json): starting the scan from the beginning\n"
+    assert json.loads((typo / "manifest.json").read_text())["status"] == "complete"
 
 
 def test_more_gpus_than_the_cluster_has(ray_session, tmp_path):

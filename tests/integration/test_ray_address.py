@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster import placement
+
 ROOT = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).with_name("ray")
 
@@ -78,3 +80,11 @@ def test_an_address_where_nothing_answers_is_one_line_at_once(tmp_path):
     assert result.stderr.startswith(f"neuroscan: error: nothing answers at RAY_ADDRESS=127.0.0.1:{port} (")
     assert result.stderr.count("\n") == 1
     assert time.monotonic() - started < 60  # Ray alone retries for minutes
+
+
+@pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "[::1]")], ids=["ipv4", "ipv6"])
+def test_an_address_where_something_answers_passes_the_check(family, host):
+    with socket.socket(family) as listening:
+        listening.bind((host.strip("[]"), 0))
+        listening.listen()
+        placement._check_reachable(f"{host}:{listening.getsockname()[1]}")  # raises UserError if refused

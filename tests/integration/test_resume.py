@@ -78,7 +78,8 @@ def test_killed_run_resumes_to_the_same_tables(corpus, reference, tmp_path, part
     kill_group(proc)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "running" and len(manifest["parts"]) >= len(committed["parts"])
-    run(corpus, out, "--resume")
+    resumed = run(corpus, out, "--resume")
+    assert resumed.stderr.startswith(f"resuming {out}: ") and "micro-batches already committed" in resumed.stderr
     assert_same_output(out, reference)
 
 

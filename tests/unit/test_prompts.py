@@ -34,10 +34,14 @@ def _all(source, **kw):
 
 @pytest.fixture(params=["jsonl", "csv", "parquet"])
 def corpus_file(request, tmp_path):
-    path = tmp_path / f"c.{request.param}"
-    if request.param == "jsonl":
+    return _write_rows(tmp_path, request.param)
+
+
+def _write_rows(tmp_path, kind):
+    path = tmp_path / f"c.{kind}"
+    if kind == "jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    elif request.param == "csv":
+    elif kind == "csv":
         lines = ["text,id,family,expected"] + [f"\"{r['text']}\",{r.get('id', '')},{r.get('family', '')},{r.get('expected', '')}" for r in ROWS]
         path.write_text("\n".join(lines) + "\n")
     else:
@@ -52,6 +56,44 @@ def test_readers_agree(corpus_file):
     assert [p.text for p in prompts] == ["alpha", "beta gamma", "delta"]
     assert prompts[0].family == "f" and prompts[1].family is None
     assert prompts[2].expected == " x"
+
+
+def _compress(path, compression):
+    """``path`` compressed beside it as ``path.gz`` / ``.bz2`` / ``.zst``; the original is removed."""
+    out = path.with_name(path.name + {"gzip": ".gz", "bz2": ".bz2", "zstd": ".zst"}[compression])
+    with pa.output_stream(str(out), compression=compression) as f:
+        f.write(path.read_bytes())
+    path.unlink()
+    return out
+
+
+@pytest.mark.parametrize("compression", ["gzip", "bz2", "zstd"])
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])  # Parquet compresses inside the file
+def test_compressed_line_corpora_read_as_the_plain_ones(tmp_path, kind, compression):
+    plain = _write_rows(tmp_path, kind)
+    expected = _all(plain)
+    assert len(expected) == len(ROWS)
+    assert _all(_compress(plain, compression)) == expected
+
+
+def test_compressed_corpus_errors_name_the_line_and_the_damage(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": oops}\n')
+    with pytest.raises(UserError, match=r"c\.jsonl\.zst:2: invalid JSON"):
+        _all(_compress(path, "zstd"))
+    path.write_text("".join(json.dumps({"text": f"prompt {i}"}) + "\n" for i in range(5000)))
+    whole = _compress(path, "gzip").read_bytes()
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[: len(whole) // 2])  # a download that stopped half-way
+    with pytest.raises(UserError, match=r"cut\.jsonl\.gz: cannot decompress it as gzip at line \d+ \(.*\): check the file is whole"):
+        _all(cut)
+    fake = tmp_path / "fake.txt.bz2"
+    fake.write_text("plain text, not bz2\n")
+    with pytest.raises(UserError, match="fake.txt.bz2: cannot decompress it as bz2 at line 1"):
+        _all(fake)
+    (tmp_path / "c.parquet.gz").write_bytes(whole)
+    with pytest.raises(UserError, match=r"unknown type '\.parquet\.gz': .* \(JSONL, CSV and text may be compressed"):
+        _all(tmp_path / "c.parquet.gz")
 
 
 def test_text_file_skips_blank_lines_and_chunks(tmp_path):
