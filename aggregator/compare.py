@@ -9,13 +9,12 @@ fraction, then |z|. Activations are read a record batch at a time, so memory sta
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 
+from aggregator.manifest import Run, open_run
 from aggregator.writer import write_table
 from cluster.errors import UserError, file_out
 
@@ -29,18 +28,11 @@ COMPARE = pa.schema(
 )
 
 
-def _format(out_dir: Path) -> str:
-    manifest = out_dir / "manifest.json"
-    if not manifest.exists():
-        raise UserError(f"{out_dir} has no manifest.json: give a neuroscan output directory")
-    return json.loads(manifest.read_text()).get("format", "parquet")
-
-
-def groups(out_dir: Path, by: str, a: str | None, b: str | None) -> tuple[np.ndarray, str, str, int, int]:
+def groups(run: Run, by: str, a: str | None, b: str | None) -> tuple[np.ndarray, str, str, int, int]:
     """prompt_id -> 0 (group A), 1 (group B) or -1, plus the group names and sizes."""
     if by not in ("family", "variant"):
         raise UserError(f"--by {by!r} is not known: use family or variant")
-    prompts = ds.dataset(out_dir / "prompts", format=_format(out_dir)).to_table(columns=["prompt_id", by])
+    prompts = run.read("prompts", ["prompt_id", by])
     values = prompts[by].to_pylist()
     present = sorted({v for v in values if v is not None})
     if a is None and b is None:
@@ -62,13 +54,12 @@ def groups(out_dir: Path, by: str, a: str | None, b: str | None) -> tuple[np.nda
 
 
 def compare(out_dir: str | Path, by: str, a: str | None = None, b: str | None = None) -> pa.Table:
-    out_dir = Path(out_dir)
-    code, a, b, n_a, n_b = groups(out_dir, by, a, b)
-    red = json.loads((out_dir / "manifest.json").read_text())["bands"]["red"]
-    acts = ds.dataset(out_dir / "activations", partitioning="hive", format=_format(out_dir))
+    run = open_run(out_dir)  # only committed parts: a running or killed scan's are read as far as they go
+    code, a, b, n_a, n_b = groups(run, by, a, b)
+    red = run.bands["red"]
     c = {name: np.zeros(0, dtype=np.int64) for name in ("a", "b", "a_red", "b_red")}
-    for batch in acts.to_batches(columns=["layer", "neuron", "prompt_id", "max_act"]):
-        key = batch["layer"].to_numpy().astype(np.int64) * (1 << 16) + batch["neuron"].to_numpy()  # neurons < 65,536
+    for layer, batch in _activations(run):
+        key = layer * (1 << 16) + batch["neuron"].to_numpy().astype(np.int64)  # neurons < 65,536
         group = code[batch["prompt_id"].to_numpy()]
         fired = batch["max_act"].to_numpy() > red
         for name, mask in (("a", group == 0), ("b", group == 1), ("a_red", (group == 0) & fired), ("b_red", (group == 1) & fired)):
@@ -91,6 +82,13 @@ def compare(out_dir: str | Path, by: str, a: str | None = None, b: str | None = 
         schema=COMPARE.with_metadata({"by": by, "a": a, "b": b, "n_a": str(n_a), "n_b": str(n_b)}),
     )
     return table
+
+
+def _activations(run: Run):
+    """(layer, record batch) over every committed activation row, a batch at a time."""
+    for layer in range(run.n_layers):
+        for batch in run.dataset("activations", layer).to_batches(columns=["neuron", "prompt_id", "max_act"]):
+            yield layer, batch
 
 
 def _add(total: np.ndarray, keys: np.ndarray) -> np.ndarray:

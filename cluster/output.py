@@ -68,7 +68,12 @@ def claim(out: Path) -> Iterator[None]:
 def prepare_output(out: Path, overwrite: bool, resume: bool, header: dict) -> set[int]:
     """Make ``out`` (claimed, so it exists) ready; returns the micro-batch ids already
     committed (empty unless resuming)."""
-    existing = read_manifest(out)
+    try:
+        existing = read_manifest(out)
+    except UserError:  # a damaged manifest.json: the directory is still a scan's, which --overwrite replaces
+        if not overwrite:
+            raise
+        existing = {"damaged": True}
     if resume and existing is not None:
         _check_same_run(out, existing, header)
         return {b for part in existing["parts"] for b in part["batches"]}

@@ -6,58 +6,12 @@ one layer's kept rows whatever the corpus.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from aggregator import schema
+from aggregator.manifest import Run
 from aggregator.neurons import rank_within
-from cluster.errors import UserError
-
-
-@dataclass
-class Run:
-    out: Path
-    manifest: dict
-    fmt: str
-
-    def files(self, table: str, layer: int | None = None) -> list[str]:
-        """Committed files of ``table`` (``activations`` of one ``layer`` when given)."""
-        prefix = f"{table}/" if layer is None else f"{table}/layer={layer:02d}/"
-        return [str(self.out / f["path"]) for part in self.manifest["parts"] for f in part["files"] if f["path"].startswith(prefix)]
-
-    def read(self, table: str, columns: list[str] | None = None, layer: int | None = None) -> pa.Table:
-        files = self.files(table, layer)
-        if not files:  # e.g. a layer where no neuron was ever kept
-            empty = schema.TABLES[table].empty_table()
-            return empty.select(columns) if columns else empty
-        return ds.dataset(files, format=self.fmt).to_table(columns=columns)
-
-    @property
-    def n_layers(self) -> int:
-        return int(self.manifest["partition"][-1][1])
-
-    @property
-    def bands(self) -> dict:
-        return self.manifest["bands"]
-
-
-def open_run(out_dir: str | Path) -> Run:
-    out = Path(out_dir)
-    path = out / "manifest.json"
-    if not path.exists():
-        raise UserError(f"{out} has no manifest.json: give the output directory of a neuroscan scan")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err.msg}): rerun the scan with --resume to rewrite it") from None
-    if not manifest.get("parts"):
-        raise UserError(f"{out} has no committed rows yet: wait for the scan to commit a part (or rerun it with --resume)")
-    return Run(out, manifest, manifest.get("format", "parquet"))
 
 
 def prompts(run: Run) -> pa.Table:

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from aggregator.manifest import open_run
 from cluster.errors import UserError
 from report import data, plots
 
@@ -40,7 +41,7 @@ class Options:
 
 def build(out_dir: str | Path, options: Options = Options()) -> Path:
     """Write ``out_dir/report/``; returns the path of its index.html."""
-    run = data.open_run(out_dir)
+    run = open_run(out_dir)
     if run.manifest.get("status") != "complete":
         raise UserError(f"{run.out} is not a finished scan (neurons/ is written at the end): finish it with `neuroscan scan ... --resume`, then report")
     site = run.out / "report"

@@ -120,6 +120,22 @@ def test_bad_input_leaves_a_finished_run_untouched(tmp_path, capsys):
     assert (out / "manifest.json").read_text() == '{"status": "complete"}'
 
 
+def test_a_damaged_manifest_is_named_and_only_overwrite_replaces_it(ray_session, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "prompts").mkdir(parents=True)
+    (out / "prompts" / "part-00001.parquet").write_bytes(b"PAR1")
+    (out / "manifest.json").write_text('{"status": ')  # edited by hand, or a disk that lost it
+    for flags in ([], ["--resume"]):
+        assert main(["scan", "seed", "--out", str(out), "--quiet", *flags]) == 2
+        assert capsys.readouterr().err == (
+            f"neuroscan: error: {out / 'manifest.json'} is not valid JSON (Expecting value): something other than "
+            "neuroscan wrote it (neuroscan replaces it whole); restore it, or scan again with --overwrite\n"
+        )
+        assert (out / "manifest.json").read_text() == '{"status": ' and (out / "prompts" / "part-00001.parquet").exists()
+    assert main(["scan", "seed", "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+
 def test_a_checkpoint_without_safetensors_is_refused_with_the_command_that_converts_it(ray_session, tmp_path, small_model, capsys):
     """Older checkpoints on the Hub carry only ``pytorch_model.bin``: the one line gives a command
     that writes ``model.safetensors``, and after it the scan gives the original model's tables."""

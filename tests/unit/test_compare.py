@@ -44,8 +44,28 @@ def run_dir(tmp_path):
         )
         (tmp_path / "activations" / f"layer={layer:02d}").mkdir(parents=True)
         pq.write_table(table, tmp_path / "activations" / f"layer={layer:02d}" / "part-00001.parquet")
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": "parquet", "bands": {"low": 0.0, "high": 3.0, "red": 3.5}}))
+    files = [{"path": str(f.relative_to(tmp_path))} for f in sorted(tmp_path.rglob("*.parquet"))]
+    manifest = {"format": "parquet", "bands": {"low": 0.0, "high": 3.0, "red": 3.5}, "partition": [[0, 4]],
+                "parts": [{"batches": [0], "files": files}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     return tmp_path
+
+
+def test_only_committed_parts_are_read(run_dir, tmp_path, capsys):
+    """A killed scan leaves a part half-written, which its manifest does not list: compare reads
+    what was committed, as the report does."""
+    before = compare(run_dir, "family", "days", "months")
+    (run_dir / "activations" / "layer=03" / "part-00002.parquet").write_bytes(b"PAR1 half a file")
+    (run_dir / "prompts" / "part-00002.parquet").write_bytes(b"PAR1")
+    assert compare(run_dir, "family", "days", "months").equals(before)
+    (run_dir / "manifest.json").write_text('{"status": ')  # edited by hand, or a disk that lost it
+    out = tmp_path / "cmp.parquet"
+    assert main(["compare", str(run_dir), "--by", "family", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"neuroscan: error: {run_dir / 'manifest.json'} is not valid JSON (Expecting value): something other than "
+        "neuroscan wrote it (neuroscan replaces it whole); restore it, or scan again with --overwrite\n"
+    )
+    assert not out.exists()
 
 
 def test_separating_neuron_tops_the_list(run_dir):
