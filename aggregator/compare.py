@@ -35,22 +35,33 @@ def groups(run: Run, by: str, a: str | None, b: str | None) -> tuple[np.ndarray,
     prompts = run.read("prompts", ["prompt_id", by])
     values = prompts[by].to_pylist()
     present = sorted({v for v in values if v is not None})
-    if a is None and b is None:
-        if len(present) < 2:
-            fix = "--families days,months" if by == "family" else "--variants icl,shuffled"
-            raise UserError(
-                f"--by {by}: this run has {len(present)} {by} value(s) {present}, compare needs two: "
-                f"scan a corpus with two, e.g. from `neuroscan prompts generate {fix}`"
-            )
-        if len(present) > 2:
-            raise UserError(f"--by {by} has {len(present)} groups {present[:10]}: name two with --a and --b")
-        a, b = present
-    if a not in present or b not in present or a == b:
-        raise UserError(f"--a {a!r} and --b {b!r} must be two different {by} values of this run: {present[:20]}")
+    a, b = _pick(by, present, a, b)
     ids = prompts["prompt_id"].to_numpy()
     code = np.full(int(ids.max()) + 1, -1, dtype=np.int8)
     code[ids] = [0 if v == a else 1 if v == b else -1 for v in values]
     return code, a, b, int((code == 0).sum()), int((code == 1).sum())
+
+
+def _pick(by: str, present: list[str], a: str | None, b: str | None) -> tuple[str, str]:
+    """Groups A and B: as given, or filled in where the run has exactly two values."""
+    for flag, value in (("--a", a), ("--b", b)):
+        if value is not None and value not in present:
+            raise UserError(f"{flag} {value!r} is not a {by} of this run: use one of {present[:20]}")
+    if len(present) < 2:
+        fix = "--families days,months" if by == "family" else "--variants icl,shuffled"
+        raise UserError(
+            f"--by {by}: this run has {len(present)} {by} value(s) {present}, compare needs two: "
+            f"scan a corpus with two, e.g. from `neuroscan prompts generate {fix}`"
+        )
+    if a is not None and a == b:
+        raise UserError(f"--a and --b are both {a!r}: name two different {by} values")
+    if a is None or b is None:
+        if len(present) > 2:
+            missing = " and ".join(flag for flag, value in (("--a", a), ("--b", b)) if value is None)
+            raise UserError(f"--by {by} has {len(present)} groups {present[:10]}: name {'the other with ' if a or b else 'two with '}{missing}")
+        a = a or next(v for v in present if v != b)
+        b = b or next(v for v in present if v != a)
+    return a, b
 
 
 def compare(out_dir: str | Path, by: str, a: str | None = None, b: str | None = None) -> pa.Table:

@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="neurons whose selection differs between two groups of prompts")
     cmp.add_argument("dir", help="a scan's output directory")
     cmp.add_argument("--by", required=True, help="family or variant")
-    cmp.add_argument("--a", help="group A (default: the first of exactly two groups)")
-    cmp.add_argument("--b", help="group B")
+    cmp.add_argument("--a", help="group A (default: the first of exactly two groups, or the one --b is not)")
+    cmp.add_argument("--b", help="group B (default: the second of exactly two groups, or the one --a is not)")
     cmp.add_argument("--out", required=True, help="output .parquet file")
 
     bench = sub.add_parser("bench", help="the benchmark of record: bare forward vs naive vs neuroscan, one run")

@@ -85,8 +85,12 @@ def test_groups_default_and_errors(run_dir, tmp_path, capsys):
     assert compare(run_dir, "family").schema.metadata[b"a"] == b"days"  # exactly two groups
     with pytest.raises(UserError, match=r"this run has 1 variant value\(s\) \['icl'\], compare needs two: .*--variants icl,shuffled"):
         compare(run_dir, "variant")
-    with pytest.raises(UserError, match="must be two different family values"):
+    assert compare(run_dir, "family", b="days").schema.metadata[b"a"] == b"months"  # the other of the two
+    assert compare(run_dir, "family", a="months").schema.metadata[b"b"] == b"days"
+    with pytest.raises(UserError, match=r"--b 'weeks' is not a family of this run: use one of \['days', 'months'\]"):
         compare(run_dir, "family", "days", "weeks")
+    with pytest.raises(UserError, match="--a and --b are both 'days': name two different family values"):
+        compare(run_dir, "family", "days", "days")
     out = tmp_path / "cmp.parquet"
     assert main(["compare", str(run_dir), "--by", "family", "--out", str(out)]) == 0
     assert pq.read_table(out).num_rows > 1
