@@ -7,6 +7,7 @@ and no traceback, when the input is wrong (`cluster.errors.UserError` or a bad f
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from cluster.errors import UserError, make_dir, one_of
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell tool killed by the closed pipe returns
 
 
 class _Parser(argparse.ArgumentParser):
@@ -206,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("neuroscan: interrupted: committed parts are kept; continue with the same command and --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `neuroscan ... | head`: the reader left; what was written stays written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so Python's flush at exit finds no pipe
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -82,11 +82,20 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, header: dict) -> se
             raise UserError(f"--out {out} is not empty and not a neuroscan output directory (no {MANIFEST_NAME}): choose another directory")
         if not overwrite:
             raise UserError(f"--out {out} is not empty: pass --resume to continue that run, --overwrite to replace it, or choose another directory")
+        _keep_inputs(out, header)
         for child in out.iterdir():  # the directory itself stays: it carries the claim
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     if not os.access(out, os.W_OK):
         raise UserError(f"--out {out} is not writable: choose a writable directory")
     return set()
+
+
+def _keep_inputs(out: Path, header: dict) -> None:
+    """--overwrite empties ``out``: refuse when the corpus or the model lives under it."""
+    inputs = [("the prompt corpus", header["corpus"]["source"] if header["corpus"]["sha256"] else None), ("the model", header["model"]["path"])]
+    for what, path in inputs:
+        if path and Path(path).resolve().is_relative_to(out.resolve()):
+            raise UserError(f"--overwrite would delete {what} {path}, which is inside --out {out}: move it out first, or choose another --out")
 
 
 def _check_same_run(out: Path, existing: dict, header: dict) -> None:

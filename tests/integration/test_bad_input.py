@@ -136,6 +136,22 @@ def test_a_damaged_manifest_is_named_and_only_overwrite_replaces_it(ray_session,
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
 
+def test_overwrite_keeps_a_corpus_or_model_that_lives_inside_out(tmp_path, small_model, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"status": "complete", "parts": []}))
+    corpus = out / "mine.jsonl"
+    corpus.write_text('{"text": "fine"}\n')
+    model = out / "model"
+    shutil.copytree(small_model, model)
+    for args, what in (([str(corpus)], f"the prompt corpus {corpus}"), ([jsonl(tmp_path, ['{"text": "a"}']), "--model", str(model)], f"the model {model}")):
+        assert main(["scan", *args, "--out", str(out), "--overwrite", "--quiet"]) == 2
+        assert capsys.readouterr().err == (
+            f"neuroscan: error: --overwrite would delete {what}, which is inside --out {out}: move it out first, or choose another --out\n"
+        )
+    assert corpus.read_text() == '{"text": "fine"}\n' and (model / "model.safetensors").exists()
+
+
 def test_a_checkpoint_without_safetensors_is_refused_with_the_command_that_converts_it(ray_session, tmp_path, small_model, capsys):
     """Older checkpoints on the Hub carry only ``pytorch_model.bin``: the one line gives a command
     that writes ``model.safetensors``, and after it the scan gives the original model's tables."""

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -101,3 +105,15 @@ def test_groups_default_and_errors(run_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["compare", str(run_dir), "--by", "family", "--out", str(blocker / "c.parquet")]) == 2
     assert capsys.readouterr().err == f"neuroscan: error: --out {blocker / 'c.parquet'}: cannot create {blocker} (File exists): choose a writable place\n"
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(run_dir, tmp_path):
+    """`neuroscan compare ... | head -1`: head exits after one line and the pipe closes."""
+    read, write = os.pipe()
+    os.close(read)  # the reader already left
+    out = tmp_path / "cmp.parquet"
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "compare", str(run_dir), "--by", "family", "--out", str(out)],
+                            stdout=write, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
+    os.close(write)
+    assert result.returncode == 141 and result.stderr == ""
+    assert pq.read_table(out).num_rows > 1  # written before the summary was printed
