@@ -23,9 +23,19 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("neuroscan")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="neuroscan", description="Scan the MLP neurons of a GPT-J model over a prompt corpus.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument("--version", action="version", version=f"neuroscan {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     scan = sub.add_parser("scan", help="scan a prompt corpus and write Arrow tables")
     scan.add_argument("prompts", help="a .jsonl/.csv/.txt corpus (or one of those compressed: .gz, .bz2, .zst), a .parquet one, or a built-in corpus name (seed)")
@@ -53,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--rows-per-part", type=int, default=500_000, help="activation rows buffered before a part is committed (default 500000)")
     scan.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    prompts = sub.add_parser("prompts", help="prompt corpora").add_subparsers(dest="prompts_command", required=True, parser_class=_Parser)
+    prompts = sub.add_parser("prompts", help="prompt corpora").add_subparsers(dest="prompts_command", metavar="COMMAND", required=True, parser_class=_Parser)
     gen = prompts.add_parser("generate", help="write in-context sequence prompts (JSONL) in the seed prompts' formats")
     gen.add_argument("--n", type=int, required=True, help="number of prompts")
     gen.add_argument("--out", required=True, help="output .jsonl file")

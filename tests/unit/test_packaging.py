@@ -1,4 +1,4 @@
-"""Our packages, not the PyPI packages that share their names, are the ones imported."""
+"""The installed package: our modules (not the PyPI packages that share their names), its console script, its version."""
 
 from __future__ import annotations
 
@@ -20,6 +20,18 @@ def test_package_is_this_repository(name):
 def test_console_script_points_at_cli():
     [entry] = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "neuroscan"]
     assert entry.value == "cluster.cli:main"
+
+
+def test_version_and_a_bare_command_are_one_line(capsys):
+    from cluster.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"neuroscan {importlib.metadata.version('neuroscan')}\n"
+    for argv, prog in (([], "neuroscan"), (["prompts"], "neuroscan prompts")):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == f"neuroscan: error: the following arguments are required: COMMAND (see `{prog} --help`)\n"
 
 
 def test_aggregator_does_not_need_torch():
