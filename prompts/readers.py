@@ -63,8 +63,10 @@ def _rows(source: str) -> Iterable[tuple[str, dict]]:
         return ((f"{source}[{i}]", row) for i, row in enumerate(BUILTIN[source]))
     path = Path(source)
     kind = SUFFIXES.get(_suffix(path))
+    known = ", ".join(sorted(SUFFIXES))
+    if path.is_dir():
+        raise UserError(f"prompt corpus {source} is a directory: give one file ({known}), e.g. concatenate the directory's files into one")
     if kind is None or (kind == "parquet" and _compression(path)):
-        known = ", ".join(sorted(SUFFIXES))
         if not path.exists():
             raise UserError(f"prompt file {source} does not exist: give a file ({known}) or a built-in corpus ({', '.join(BUILTIN)})")
         raise UserError(

@@ -155,6 +155,9 @@ def test_unknown_and_missing_files(tmp_path):
         _all(tmp_path / "missing.jsonl")
     with pytest.raises(UserError, match="does not exist"):
         _all("nonesuch")
+    (tmp_path / "shards.jsonl").mkdir()
+    with pytest.raises(UserError, match=r"shards\.jsonl is a directory: give one file \(\.csv, "):
+        _all(tmp_path / "shards.jsonl")
 
 
 @pytest.mark.parametrize(
