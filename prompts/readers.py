@@ -205,7 +205,7 @@ def _to_prompt(prompt_id: int, where: str, row: dict) -> Prompt:
         if isinstance(row.get(key), (list, dict)):
             raise UserError(f"{where}: prompt {pid!r} has a {type(row[key]).__name__} for {key!r}: give one string")
     family, variant, expected = (row.get(k) for k in ("family", "variant", "expected"))
-    return Prompt(
+    prompt = Prompt(
         prompt_id=prompt_id,
         id=pid,
         text=text,
@@ -213,3 +213,20 @@ def _to_prompt(prompt_id: int, where: str, row: dict) -> Prompt:
         variant=None if variant in (None, "") else str(variant),
         expected=None if expected in (None, "") else str(expected),
     )
+    for key in ("text", "id", "family", "variant", "expected"):
+        _check_unicode(where, pid, key, getattr(prompt, key))
+    return prompt
+
+
+def _check_unicode(where: str, pid: str, key: str, value: str | None) -> None:
+    """JSON may escape half of a UTF-16 surrogate pair (``"\\ud83d"``: an emoji cut in two by
+    UTF-16 string slicing); that is no character, and no tokenizer or Arrow file takes it."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UserError(
+            f"{where}: prompt {pid!r} has half a surrogate pair ({value[err.start]!r}) in {key!r}, which is no "
+            "character: fix the escape where the file was made, or remove it"
+        ) from None

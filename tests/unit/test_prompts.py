@@ -124,6 +124,8 @@ def test_builtin_seed_prompts_are_verbatim():
         ('{"id": "q", "prompt": "a"}\n', "prompt 'q' has no \"text\" field: rename 'prompt' to \"text\""),
         ('{"text": "a", "answer": 7}\n', "has 'answer' but no \"expected\" field, .*: rename 'answer' to \"expected\""),
         ('{"text": "a", "family": ["x"]}\n', "has a list for 'family': give one string"),
+        ('{"text": "cut \\ud83d"}\n', r"c\.jsonl:1: prompt '0' has half a surrogate pair \('\\ud83d'\) in 'text', which is no character"),
+        ('{"text": "a", "expected": "\\udc00"}\n', r"has half a surrogate pair \('\\udc00'\) in 'expected'"),
     ],
 )
 def test_jsonl_errors_name_the_line_or_id(tmp_path, content, match):
@@ -138,6 +140,12 @@ def test_a_byte_order_mark_is_not_part_of_the_first_field(tmp_path, name, conten
     path = tmp_path / name
     path.write_bytes(b"\xef\xbb\xbf" + content.encode())  # Excel's "CSV UTF-8", Notepad
     assert [p.text for p in _all(path)] == ["hello"]
+
+
+def test_a_whole_surrogate_pair_is_one_character(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "smile \\ud83d\\ude00"}\n')  # JSON's escape of an emoji
+    assert [p.text for p in _all(path)] == ["smile \U0001f600"]
 
 
 def test_non_utf8_line_is_named(tmp_path):
