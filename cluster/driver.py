@@ -67,6 +67,10 @@ class Plan:
     """The (micro-batch, prompts) pairs of the first ``kept_chunks`` chunks (see KEEP_TOKENS)."""
     kept_chunks: int
     n_chunks: int
+    n_expected: int = 0
+    """Prompts with an ``expected`` answer ..."""
+    n_unspaced: int = 0
+    """... of which the answer starts without whitespace after a prompt that ends without it."""
 
 
 def plan(cfg: ScanConfig) -> Plan:
@@ -76,13 +80,16 @@ def plan(cfg: ScanConfig) -> Plan:
     config = load_config(source.path)
     bounds = partition_layers(config.n_layer, cfg.stages)
     tokenizer = load_tokenizer(source.path)
-    n_prompts = n_tokens = n_input = n_chunks = 0
+    n_prompts = n_tokens = n_input = n_chunks = n_expected = n_unspaced = 0
     kept, kept_chunks = [], 0
     for pairs in chunk_batches(cfg.prompts, tokenizer, config.n_positions, cfg.batch_tokens, cfg.truncate):
-        for batch, _ in pairs:
+        for batch, group in pairs:
             n_prompts += len(batch.prompt_ids)
             n_tokens += int(batch.n_tokens.sum())
             n_input += batch.input_ids.size
+            answered = [t.prompt for t in group if t.prompt.expected is not None]
+            n_expected += len(answered)
+            n_unspaced += sum(not p.expected[0].isspace() and not p.text[-1].isspace() for p in answered)
         n_chunks += 1
         if kept_chunks == n_chunks - 1 and n_input <= KEEP_TOKENS and n_prompts <= KEEP_PROMPTS:
             kept += pairs
@@ -92,7 +99,19 @@ def plan(cfg: ScanConfig) -> Plan:
         dtype=resolve_dtype(cfg.dtype, cfg.device, config), n_layers=config.n_layer,
         context=config.n_positions, bounds=bounds, tokenizer=tokenizer,
         vocab_size=max(config.vocab_size, len(tokenizer)), n_prompts=n_prompts, n_tokens=n_tokens,
-        kept=kept, kept_chunks=kept_chunks, n_chunks=n_chunks,
+        kept=kept, kept_chunks=kept_chunks, n_chunks=n_chunks, n_expected=n_expected, n_unspaced=n_unspaced,
+    )
+
+
+def answer_notice(p: Plan) -> str | None:
+    """A corpus whose answers lack the space a next word starts with scores (almost) nothing
+    correct, without any error: say so before the run, once."""
+    if not p.n_unspaced:
+        return None
+    return (
+        f"note: {p.n_unspaced} of {p.n_expected} expected answers start without a space, after a prompt that ends "
+        "without one; `correct` scores each answer exactly as given, and a next word's token usually starts with "
+        "the space (\" mango\", not \"mango\")"
     )
 
 
@@ -161,9 +180,11 @@ def run_scan(cfg: ScanConfig) -> dict:
     with claim(out):  # no second scan into `out` while this one runs
         committed = prepare_output(out, cfg.overwrite, cfg.resume, header)
         existing = read_manifest(out)
-        if cfg.resume:
-            print(resume_notice(out, existing, committed), file=sys.stderr, flush=True)
-        if existing is not None and existing["status"] == "complete":
+        done = existing is not None and existing["status"] == "complete"
+        notices = [resume_notice(out, existing, committed) if cfg.resume else None, None if done else answer_notice(p)]
+        for line in filter(None, notices):
+            print(line, file=sys.stderr, flush=True)
+        if done:
             return existing  # resuming a finished run: nothing left to do
         return _scan(cfg, p, out, header, committed)
 

@@ -129,6 +129,19 @@ def test_resume_says_what_it_found(cli_run, corpus, tmp_path, capsys):
     assert json.loads((typo / "manifest.json").read_text())["status"] == "complete"
 
 
+def test_answers_without_their_leading_space_are_pointed_out(tmp_path, capsys):
+    """`correct` compares tokens: "mango" after "Next Word:" is not GPT-J's " mango"."""
+    corpus = tmp_path / "c.jsonl"
+    rows = [{"text": "apple, banana, cherry Next Word:", "expected": "mango"}, {"text": "1, 2, 3,", "expected": " 4"},
+            {"text": "Say: ", "expected": "hi"}, {"text": "no answer"}]
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["scan", str(corpus), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert capsys.readouterr().err == (
+        "note: 1 of 3 expected answers start without a space, after a prompt that ends without one; `correct` scores "
+        'each answer exactly as given, and a next word\'s token usually starts with the space (" mango", not "mango")\n'
+    )
+
+
 def test_more_gpus_than_the_cluster_has(ray_session, tmp_path):
     cfg = ScanConfig(prompts="seed", out=str(tmp_path / "o"), device="cuda", stages=3, replicas=2, progress=False)
     with pytest.raises(UserError, match=r"needs 6 GPU \(6 stage actors\) but the Ray cluster has 4"):
