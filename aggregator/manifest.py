@@ -43,16 +43,15 @@ def read_manifest(out_dir: Path) -> dict | None:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        manifest, problem = None, f"not valid JSON ({getattr(err, 'msg', None) or err.reason})"
+        problem = f"not valid JSON ({getattr(err, 'msg', None) or err.reason})"
     else:
-        problem = f"a JSON {type(manifest).__name__}, not an object"
-    if not isinstance(manifest, dict) or "parts" not in manifest:
-        problem = problem if not isinstance(manifest, dict) else "a JSON object without \"parts\""
-        raise UserError(
-            f"{path} is {problem}: something other than neuroscan wrote it (neuroscan replaces it whole); "
-            "restore it, or scan again with --overwrite"
-        )
-    return manifest
+        if isinstance(manifest, dict) and "parts" in manifest:
+            return manifest
+        problem = 'a JSON object without "parts"' if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}, not an object"
+    raise UserError(
+        f"{path} is {problem}: something other than neuroscan wrote it (neuroscan replaces it whole); "
+        "restore it, or scan again with --overwrite"
+    )
 
 
 @dataclass
