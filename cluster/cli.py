@@ -134,7 +134,12 @@ def cmd_make_model(args) -> int:
     make_dir(out)
     if any(out.iterdir()):
         raise UserError(f"--out {out} is not empty: choose a new directory")
-    write_checkpoint(gptj_config(args.preset), out, seed=args.seed)
+    try:
+        write_checkpoint(gptj_config(args.preset), out, seed=args.seed)
+    except BaseException:  # a full disk, or Ctrl-C: no half checkpoint is left to be loaded later
+        for child in out.iterdir():
+            child.unlink()
+        raise
     print(out)
     return 0
 

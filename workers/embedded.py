@@ -22,9 +22,11 @@ import zlib
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import GPTJConfig
 
+from cluster.errors import UserError
 from workers.tokenizer import byte_tokenizer
 
 PRESETS: dict[str, dict] = {
@@ -42,6 +44,7 @@ EMBEDDED_PRESET = "tiny"
 EMBEDDED_SEED = 0
 EMBEDDED_VERSION = 1
 """Bump when the embedded model's recipe changes, so cached copies are rebuilt."""
+SHARD_BYTES = 2 << 30
 
 
 def gptj_config(preset: str, **overrides) -> GPTJConfig:
@@ -56,7 +59,14 @@ def embedded_model_dir() -> Path:
     if not (path / "config.json").exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=".building-"))
-        write_checkpoint(gptj_config(EMBEDDED_PRESET), staging, seed=EMBEDDED_SEED)
+        config = gptj_config(EMBEDDED_PRESET)
+        try:
+            _write_checkpoint(config, staging, EMBEDDED_SEED, SHARD_BYTES, "cpu")
+        except BaseException as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, (OSError, SafetensorError)):
+                raise _write_failed(path, config, err, "free space there, or set NEUROSCAN_CACHE to a place with room") from None
+            raise
         try:
             staging.rename(path)
         except OSError:  # another process finished first; theirs is identical
@@ -64,14 +74,28 @@ def embedded_model_dir() -> Path:
     return path
 
 
-def write_checkpoint(config: GPTJConfig, out: Path, seed: int = 0, shard_bytes: int = 2 << 30, device: str = "cpu") -> Path:
+def write_checkpoint(config: GPTJConfig, out: Path, seed: int = 0, shard_bytes: int = SHARD_BYTES, device: str = "cpu") -> Path:
     """Write a random GPT-J checkpoint in Hugging Face layout; returns ``out``.
 
     Each tensor is drawn from its own generator (seeded by name), so a tensor's values do not
     depend on the shard size. At most one shard is in memory at a time. ``device`` draws the
-    numbers there (a CUDA generator gives other values than the CPU's for the same seed).
+    numbers there (a CUDA generator gives other values than the CPU's for the same seed). A
+    failed write (a full disk) stops with one line; the caller removes what was written.
     """
-    out = Path(out)
+    try:
+        return _write_checkpoint(config, Path(out), seed, shard_bytes, device)
+    except (OSError, SafetensorError) as err:
+        raise _write_failed(out, config, err, "free space or choose another place, then run it again") from None
+
+
+def _write_failed(out: Path, config: GPTJConfig, err: Exception, fix: str) -> UserError:
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).rpartition("I/O error: ")[2]
+    dtype = getattr(torch, str(config.dtype or "float32").removeprefix("torch."))
+    size = sum(math.prod(shape) for shape in _tensor_shapes(config).values()) * dtype.itemsize
+    return UserError(f"writing a checkpoint to {out} failed ({reason}): it needs {size / 2**30:.2f} GiB; {fix}")
+
+
+def _write_checkpoint(config: GPTJConfig, out: Path, seed: int, shard_bytes: int, device: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, str(config.dtype or "float32").removeprefix("torch."))
     shards: list[list[str]] = []  # tensor names, one list a shard

@@ -204,6 +204,29 @@ def test_make_model_writes_a_loadable_checkpoint(capsys, tmp_path):
     assert capsys.readouterr().err == f"neuroscan: error: --out {tmp_path / 'f'} is a file: give a directory\n"
 
 
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_nothing(capsys, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from workers import embedded
+
+    def disk_full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a shard")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(embedded, "save_file", disk_full)
+    out = tmp_path / "m"
+    assert main(["make-model", "--preset", "tiny", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"neuroscan: error: writing a checkpoint to {out} failed (No space left on device (os error 28)): it needs "
+        "0.02 GiB; free space or choose another place, then run it again\n"
+    )
+    assert list(out.iterdir()) == []
+    monkeypatch.setenv("NEUROSCAN_CACHE", str(tmp_path / "cache"))  # the embedded model, written on first use
+    with pytest.raises(UserError, match=r"cache/models/\S+ failed \(No space left .*set NEUROSCAN_CACHE to a place with room"):
+        embedded.embedded_model_dir()
+    assert list((tmp_path / "cache" / "models").iterdir()) == []  # no half model to load next time
+
+
 def test_neurons_table_matches_the_activations(cli_run):
     import pyarrow.dataset as ds
 
