@@ -69,16 +69,16 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, header: dict) -> se
     """Make ``out`` (claimed, so it exists) ready; returns the micro-batch ids already
     committed (empty unless resuming)."""
     try:
-        existing = read_manifest(out)
+        existing, damaged = read_manifest(out), False
     except UserError:  # a damaged manifest.json: the directory is still a scan's, which --overwrite replaces
         if not overwrite:
             raise
-        existing = {"damaged": True}
+        existing, damaged = None, True
     if resume and existing is not None:
         _check_same_run(out, existing, header)
         return {b for part in existing["parts"] for b in part["batches"]}
     if any(out.iterdir()):
-        if existing is None:
+        if existing is None and not damaged:
             raise UserError(f"--out {out} is not empty and not a neuroscan output directory (no {MANIFEST_NAME}): choose another directory")
         if not overwrite:
             raise UserError(f"--out {out} is not empty: pass --resume to continue that run, --overwrite to replace it, or choose another directory")
