@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="write DIR/report/, a static site of the scan (opens from file://)")
     rep.add_argument("dir", help="a finished scan's output directory")
+    rep.add_argument("--out", help="write the site here instead of DIR/report/ (DIR is only read)")
     rep.add_argument("--serve", action="store_true", help="also serve it on 127.0.0.1 and print the URL (Ctrl-C stops)")
     rep.add_argument("--port", type=int, default=0, help="port for --serve (default: any free port)")
     rep.add_argument("--strips", type=int, default=32, help="strips per (prompt, layer) on layer pages (0: one per kept neuron)")
@@ -192,7 +193,7 @@ def cmd_report(args) -> int:
         raise UserError(f"--neurons-per-layer {args.neurons_per_layer} must be a positive number")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port} is not a port number: use 1-65535, or 0 for any free port")
-    index = build(args.dir, Options(strips=args.strips, neurons_per_layer=args.neurons_per_layer))
+    index = build(args.dir, Options(strips=args.strips, neurons_per_layer=args.neurons_per_layer), site=args.out)
     print(f"wrote {index.parent}/ (open {index.resolve().as_uri()})", flush=True)
     if args.serve:
         try:

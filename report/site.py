@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.manifest import open_run
-from cluster.errors import UserError
+from cluster.errors import UserError, make_dir
 from report import data, plots
 
 STATIC = Path(__file__).parent / "static"
@@ -39,20 +39,28 @@ class Options:
     """Prompts a data chunk."""
 
 
-def build(out_dir: str | Path, options: Options = Options()) -> Path:
-    """Write ``out_dir/report/``; returns the path of its index.html."""
+def build(out_dir: str | Path, options: Options = Options(), site: str | Path | None = None) -> Path:
+    """Write the site to ``site`` (default ``out_dir/report/``); returns the path of its index.html.
+
+    The scan's directory is only read, so ``site`` elsewhere reports a scan on read-only storage."""
     run = open_run(out_dir)
     if run.manifest.get("status") != "complete":
         raise UserError(f"{run.out} is not a finished scan (neurons/ is written at the end): finish it with `neuroscan scan ... --resume`, then report")
-    site = run.out / "report"
-    staging = run.out / ".report.tmp"
+    site = run.out / "report" if site is None else Path(site)
+    if site.is_file() or (site.is_dir() and any(site.iterdir()) and not (site / "index.html").is_file()):
+        raise UserError(f"--out {site} is {'a file' if site.is_file() else 'not empty and holds no report'}: choose a new directory, or an earlier report's")
+    make_dir(site.parent, site)
+    staging = site.parent / f".{site.name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         _write(run, staging, options)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)  # an earlier report stays as it was
         if isinstance(err, OSError):
-            raise UserError(f"writing the report under {run.out} failed ({err.strerror or err}): fix the disk (space, permissions) and run it again; an earlier report is intact") from None
+            raise UserError(
+                f"writing the report to {site} failed ({err.strerror or err}): fix the disk (space, permissions), "
+                "or give another place with --out, and run it again; an earlier report is intact"
+            ) from None
         raise
     shutil.rmtree(site, ignore_errors=True)
     staging.rename(site)

@@ -218,6 +218,24 @@ def test_a_failed_write_keeps_the_earlier_report(scanned, tmp_path, capsys, monk
     assert not (copy / ".report.tmp").exists()
 
 
+def test_out_writes_the_same_site_elsewhere_and_only_reads_the_scan(scanned, tmp_path, capsys):
+    """A scan on read-only storage (a team's shared results) is reported to a place of one's own."""
+    before = {p: p.read_bytes() for p in sorted(scanned.rglob("*")) if p.is_file()}
+    site = tmp_path / "mine" / "site"
+    assert main(["report", str(scanned), "--out", str(site)]) == 0
+    assert capsys.readouterr().out == f"wrote {site}/ (open {(site / 'index.html').as_uri()})\n"
+    assert {p: p.read_bytes() for p in sorted(scanned.rglob("*")) if p.is_file()} == before
+    default = {p.relative_to(scanned / "report"): p.read_bytes() for p in sorted((scanned / "report").rglob("*")) if p.is_file()}
+    assert {p.relative_to(site): p.read_bytes() for p in sorted(site.rglob("*")) if p.is_file()} == default
+    assert main(["report", str(scanned), "--out", str(site)]) == 0  # an earlier report there is replaced
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    assert main(["report", str(scanned), "--out", str(busy)]) == 2
+    assert capsys.readouterr().err.endswith(f"--out {busy} is not empty and holds no report: choose a new directory, or an earlier report's\n")
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+
+
 HOSTILE = [
     {"id": '<img src=x onerror="window.pwned=1">', "family": "<b>fam</b>", "text": 'a <img src=x onerror="window.pwned=2"> b'},
     {"id": "q2", "family": "</script><script>window.pwned=3</script>", "text": "</script><script>window.pwned=4</script> & &amp; done"},
