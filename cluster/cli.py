@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=int, required=True, help="number of prompts")
     gen.add_argument("--out", required=True, help="output .jsonl file")
     gen.add_argument("--shots", type=int, default=3, help="in-context examples per prompt (default 3)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="the same seed (and flags) gives the same prompts (default 0)")
     gen.add_argument("--families", help="comma-separated families (default: all)")
     gen.add_argument("--variants", default="icl", help="comma-separated: icl, zero_shot, shuffled (default icl)")
 
@@ -87,11 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--preset", default="tiny", help="tiny or gptj-6b (random weights, written once under --cache)")
     bench.add_argument("--model", help="a checkpoint directory instead of a preset")
     bench.add_argument("--dtype", default="auto", help="auto (float16 on cuda, float32 on cpu), float32, float16, bfloat16")
-    bench.add_argument("--prompts", type=int, default=64)
-    bench.add_argument("--prompt-tokens", type=int, default=256)
-    bench.add_argument("--batch-tokens", type=int, default=8192)
+    bench.add_argument("--prompts", type=int, default=64, help="synthetic prompts, the same for every mode (default 64)")
+    bench.add_argument("--prompt-tokens", type=int, default=256, help="tokens a prompt (default 256)")
+    bench.add_argument("--batch-tokens", type=int, default=8192, help="token budget of a micro-batch (default 8192)")
     bench.add_argument("--modes", help="comma-separated subset of: " + ", ".join(BENCH_MODES) + " (default: all)")
-    bench.add_argument("--cache", default=str(Path.home() / ".cache" / "neuroscan" / "bench"))
+    bench.add_argument("--cache", default=str(Path.home() / ".cache" / "neuroscan" / "bench"), help="where presets' weights are written once (default %(default)s)")
     bench.add_argument("--out", help="write the report as JSON here")
 
     rep = sub.add_parser("report", help="write DIR/report/, a static site of the scan (opens from file://)")
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     make = sub.add_parser("make-model", help="write a random GPT-J checkpoint in Hugging Face layout")
     make.add_argument("--preset", default="tiny", help="tiny (the embedded model) or gptj-6b (GPT-J-6B's shapes, fp16)")
     make.add_argument("--out", required=True, help="directory to write")
-    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--seed", type=int, default=0, help="the weights' seed (default 0: with --preset tiny, the embedded model)")
     return parser
 
 
