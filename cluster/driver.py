@@ -219,7 +219,7 @@ def _scan(cfg: ScanConfig, p: Plan, out: Path, header: dict, committed: set[int]
                     pipe.append(actor.remote(spec))
                 pipelines.append(pipe)
             actors = [a for pipe in pipelines for a in pipe]
-            aggregator = ray.remote(Aggregator).options(name=f"neuroscan-{run_id}-aggregator", num_cpus=0, **placement.RESTARTS).remote(
+            aggregator = ray.remote(Aggregator).options(name=f"neuroscan-{run_id}-aggregator", **placement.aggregator_options()).remote(
                 str(out.resolve()), header, token_strings(p.tokenizer, p.vocab_size), cfg.format, cfg.rows_per_part
             )
             actors.append(aggregator)

@@ -15,7 +15,7 @@ import socket
 import ray
 from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from cluster.errors import UserError
 from workers.handoff import GROUP, group_backend, transport, where
@@ -132,6 +132,14 @@ def stage_actor(cls, group, bundle: int, device: str, name: str, gpus: float = 1
         **({"max_restarts": 0} if direct else RESTARTS),
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
     )
+
+
+def aggregator_options() -> dict:
+    """Ray options of the aggregator actor: on the driver's node, since it writes ``--out``, a
+    path on that node (on a multi-node cluster Ray may otherwise start a CPU-less actor on any
+    node, and the tables would land on that node's disk); restarted and retried on a crash."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return {"num_cpus": 0, "scheduling_strategy": here, **RESTARTS}
 
 
 def connect(pipelines: list[list], device: str) -> tuple[list[list[str]], list]:

@@ -172,6 +172,27 @@ def test_placement_group_packs_stages_on_logical_gpus(ray_session):
         ray.util.remove_placement_group(group)
 
 
+def test_the_aggregator_runs_on_the_drivers_node(ray_session):
+    """It writes --out, a path on the driver's machine: on a multi-node cluster Ray would
+    otherwise be free to start this CPU-less actor on another node (and its disk)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    class Probe:
+        def node(self):
+            return ray.get_runtime_context().get_node_id()
+
+    options = placement.aggregator_options()
+    strategy = options["scheduling_strategy"]
+    assert isinstance(strategy, NodeAffinitySchedulingStrategy) and not strategy.soft
+    assert strategy.node_id == ray.get_runtime_context().get_node_id()
+    probe = ray.remote(Probe).options(**options).remote()
+    try:
+        assert ray.get(probe.node.remote()) == strategy.node_id
+    finally:
+        ray.kill(probe)
+
+
 @pytest.mark.parametrize("command, name", [
     (["scan", "seed"], "out"),
     (["prompts", "generate", "--n", "3"], "p.jsonl"),
