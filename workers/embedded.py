@@ -52,10 +52,15 @@ def gptj_config(preset: str, **overrides) -> GPTJConfig:
     return GPTJConfig(architectures=["GPTJForCausalLM"], tie_word_embeddings=False, **fields)
 
 
+def embedded_model_path() -> Path:
+    """Where the embedded model is (or will be) on this machine."""
+    root = Path(os.environ.get("NEUROSCAN_CACHE", Path.home() / ".cache" / "neuroscan"))
+    return root / "models" / f"{EMBEDDED_PRESET}-v{EMBEDDED_VERSION}-seed{EMBEDDED_SEED}"
+
+
 def embedded_model_dir() -> Path:
     """The embedded model's directory, written on first use (atomically) under the cache."""
-    root = Path(os.environ.get("NEUROSCAN_CACHE", Path.home() / ".cache" / "neuroscan"))
-    path = root / "models" / f"{EMBEDDED_PRESET}-v{EMBEDDED_VERSION}-seed{EMBEDDED_SEED}"
+    path = embedded_model_path()
     if not (path / "config.json").exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=".building-"))

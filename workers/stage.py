@@ -22,18 +22,22 @@ the host compacts, copies or serialises.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from cluster.config import Selection
+from cluster.errors import UserError
 from cluster.memory import MemoryWatch, release_free_heap
 from prompts.batching import MicroBatch
 from workers.checkpoint import load_config
+from workers.embedded import embedded_model_dir, embedded_model_path
 from workers.fused import available as fused_available
 from workers.fused import gelu_stats_fused
 from workers.handoff import Outbox
@@ -46,6 +50,21 @@ from workers.transfer import host_tensor, leaves, start_copy, to_device
 TOP_TOKENS = 5
 FAULT_OOM_TOKENS = int(os.environ.get("NEUROSCAN_FAULT_OOM_TOKENS", "0"))
 """Testing hook: act as if a micro-batch of more padded tokens than this ran out of memory."""
+
+
+def model_here(path: str) -> None:
+    """The driver resolved the model's path on its own machine; a stage on another node of a
+    cluster reads the same path there. The embedded model is built where it is missing (the
+    same bytes from the same seed); any other model must already be there."""
+    if Path(path).is_dir():
+        return
+    if Path(path) == embedded_model_path():
+        embedded_model_dir()
+        return
+    raise UserError(
+        f"the model is not at {path} on node {socket.gethostname()}: every node of the Ray cluster reads it from the "
+        "path it has on the driver's machine; put it there on each node (the same `hf download`, or a shared file system)"
+    )
 
 
 @dataclass(frozen=True)
@@ -144,6 +163,7 @@ class Stage:
         """Load this stage's weights on its device; returns what was loaded."""
         if self.spec.threads:
             torch.set_num_threads(self.spec.threads)
+        model_here(self.spec.model_path)
         config = load_config(self.spec.model_path)
         self.device = torch.device(self.spec.device)
         self.fused = fused_available(self.device)  # one Triton pass on a GPU, the eager reference elsewhere

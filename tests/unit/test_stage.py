@@ -51,6 +51,21 @@ def test_split_stages_are_bit_identical_to_one_stage(other_model):
     assert np.array_equal(whole.predictions["top_probs"], split[-1].predictions["top_probs"])
 
 
+def test_a_stage_on_a_node_without_the_model(tmp_path, monkeypatch, tiny_model):
+    """On a cluster a stage reads the model at the driver's path, on its own node: the embedded
+    model is built there (the same bytes), any other is named with the fix."""
+    from workers.embedded import embedded_model_path
+
+    missing = tmp_path / "models" / "gpt-j-6b"
+    with pytest.raises(workers.stage.UserError, match=rf"the model is not at {missing} on node \S+: every node of the Ray cluster"):
+        _stages(missing, [(0, 2)], 28)
+    monkeypatch.setenv("NEUROSCAN_CACHE", str(tmp_path / "node-cache"))  # this node has no embedded model yet
+    here = embedded_model_path()
+    assert not here.exists()
+    [stage] = _stages(here, [(0, 2)], 28)
+    assert stage.model.body.h[0].mlp.fc_in.weight.equal(_stages(tiny_model, [(0, 2)], 28)[0].model.body.h[0].mlp.fc_in.weight)
+
+
 def test_hooks_are_removed_after_each_forward(other_model):
     [stage] = _stages(other_model, [(0, 2)], load_config(other_model).n_layer)
     batch, _ = one_batch(0)
