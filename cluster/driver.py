@@ -26,7 +26,6 @@ from pathlib import Path
 import ray
 
 from aggregator.aggregator import Aggregator
-from aggregator.manifest import read_manifest
 from aggregator.schema import SCHEMA_VERSION
 from cluster import placement
 from cluster.config import ScanConfig
@@ -178,8 +177,8 @@ def run_scan(cfg: ScanConfig) -> dict:
     out = Path(cfg.out)
     header = manifest_header(cfg, p)
     with claim(out):  # no second scan into `out` while this one runs
-        committed = prepare_output(out, cfg.overwrite, cfg.resume, header)
-        existing = read_manifest(out)
+        existing = prepare_output(out, cfg.overwrite, cfg.resume, header)
+        committed = {b for part in existing["parts"] for b in part["batches"]} if existing else set()
         done = existing is not None and existing["status"] == "complete"
         notices = [resume_notice(out, existing, committed) if cfg.resume else None, None if done else answer_notice(p)]
         for line in filter(None, notices):

@@ -65,9 +65,9 @@ def claim(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def prepare_output(out: Path, overwrite: bool, resume: bool, header: dict) -> set[int]:
-    """Make ``out`` (claimed, so it exists) ready; returns the micro-batch ids already
-    committed (empty unless resuming)."""
+def prepare_output(out: Path, overwrite: bool, resume: bool, header: dict) -> dict | None:
+    """Make ``out`` (claimed, so it exists) ready; returns the manifest of the run to resume,
+    None when the scan starts from the beginning."""
     try:
         existing, damaged = read_manifest(out), False
     except UserError:  # a damaged manifest.json: the directory is still a scan's, which --overwrite replaces
@@ -76,7 +76,7 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, header: dict) -> se
         existing, damaged = None, True
     if resume and existing is not None:
         _check_same_run(out, existing, header)
-        return {b for part in existing["parts"] for b in part["batches"]}
+        return existing
     if any(out.iterdir()):
         if existing is None and not damaged:
             raise UserError(f"--out {out} is not empty and not a neuroscan output directory (no {MANIFEST_NAME}): choose another directory")
@@ -87,7 +87,7 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, header: dict) -> se
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     if not os.access(out, os.W_OK):
         raise UserError(f"--out {out} is not writable: choose a writable directory")
-    return set()
+    return None
 
 
 def _keep_inputs(out: Path, header: dict) -> None:
