@@ -138,12 +138,7 @@ def cmd_make_model(args) -> int:
     make_dir(out)
     if any(out.iterdir()):
         raise UserError(f"--out {out} is not empty: choose a new directory")
-    try:
-        write_checkpoint(gptj_config(args.preset), out, seed=args.seed)
-    except BaseException:  # a full disk, or Ctrl-C: no half checkpoint is left to be loaded later
-        for child in out.iterdir():
-            child.unlink()
-        raise
+    write_checkpoint(gptj_config(args.preset), out, seed=args.seed)  # a failed write leaves nothing behind
     print(out)
     return 0
 

@@ -64,13 +64,11 @@ def embedded_model_dir() -> Path:
     if not (path / "config.json").exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=".building-"))
-        config = gptj_config(EMBEDDED_PRESET)
         try:
-            _write_checkpoint(config, staging, EMBEDDED_SEED, SHARD_BYTES, "cpu")
-        except BaseException as err:
+            write_checkpoint(gptj_config(EMBEDDED_PRESET), staging, seed=EMBEDDED_SEED, named=path,
+                             fix="free space there, or set NEUROSCAN_CACHE to a place with room")
+        except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(err, (OSError, SafetensorError)):
-                raise _write_failed(path, config, err, "free space there, or set NEUROSCAN_CACHE to a place with room") from None
             raise
         try:
             staging.rename(path)
@@ -79,25 +77,29 @@ def embedded_model_dir() -> Path:
     return path
 
 
-def write_checkpoint(config: GPTJConfig, out: Path, seed: int = 0, shard_bytes: int = SHARD_BYTES, device: str = "cpu") -> Path:
+def write_checkpoint(config: GPTJConfig, out: Path, seed: int = 0, shard_bytes: int = SHARD_BYTES, device: str = "cpu", *,
+                     named: Path | None = None, fix: str = "free space or choose another place, then run it again") -> Path:
     """Write a random GPT-J checkpoint in Hugging Face layout; returns ``out``.
 
     Each tensor is drawn from its own generator (seeded by name), so a tensor's values do not
     depend on the shard size. At most one shard is in memory at a time. ``device`` draws the
     numbers there (a CUDA generator gives other values than the CPU's for the same seed). A
-    failed write (a full disk) stops with one line; the caller removes what was written.
+    write that fails (a full disk, Ctrl-C) removes the files it wrote, so no half checkpoint
+    is loaded later; a full disk stops with one line naming ``named`` (default ``out``) and ``fix``.
     """
+    out = Path(out)
+    before = set(out.iterdir()) if out.is_dir() else set()
     try:
-        return _write_checkpoint(config, Path(out), seed, shard_bytes, device)
-    except (OSError, SafetensorError) as err:
-        raise _write_failed(out, config, err, "free space or choose another place, then run it again") from None
-
-
-def _write_failed(out: Path, config: GPTJConfig, err: Exception, fix: str) -> UserError:
-    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).rpartition("I/O error: ")[2]
-    dtype = getattr(torch, str(config.dtype or "float32").removeprefix("torch."))
-    size = sum(math.prod(shape) for shape in _tensor_shapes(config).values()) * dtype.itemsize
-    return UserError(f"writing a checkpoint to {out} failed ({reason}): it needs {size / 2**30:.2f} GiB; {fix}")
+        return _write_checkpoint(config, out, seed, shard_bytes, device)
+    except BaseException as err:
+        for path in (set(out.iterdir()) - before) if out.is_dir() else ():
+            path.unlink()
+        if not isinstance(err, (OSError, SafetensorError)):
+            raise
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).rpartition("I/O error: ")[2]
+        dtype = getattr(torch, str(config.dtype or "float32").removeprefix("torch."))
+        size = sum(math.prod(shape) for shape in _tensor_shapes(config).values()) * dtype.itemsize
+        raise UserError(f"writing a checkpoint to {named or out} failed ({reason}): it needs {size / 2**30:.2f} GiB; {fix}") from None
 
 
 def _write_checkpoint(config: GPTJConfig, out: Path, seed: int, shard_bytes: int, device: str) -> Path:
