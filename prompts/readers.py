@@ -221,7 +221,7 @@ def _to_prompt(prompt_id: int, where: str, row: dict) -> Prompt:
 def _check_unicode(where: str, pid: str, key: str, value: str | None) -> None:
     """JSON may escape half of a UTF-16 surrogate pair (``"\\ud83d"``: an emoji cut in two by
     UTF-16 string slicing); that is no character, and no tokenizer or Arrow file takes it."""
-    if value is None:
+    if value is None or value.isascii():  # a scan, no copy: most text is ASCII, and ASCII holds no surrogate
         return
     try:
         value.encode("utf-8")
