@@ -186,7 +186,7 @@ def test_the_aggregator_runs_on_the_drivers_node(ray_session):
     strategy = options["scheduling_strategy"]
     assert isinstance(strategy, NodeAffinitySchedulingStrategy) and not strategy.soft
     assert strategy.node_id == ray.get_runtime_context().get_node_id()
-    probe = ray.remote(Probe).options(**options).remote()
+    probe = ray.remote(Probe).options(**options).remote()  # Ray takes the options (one node here: where is not shown)
     try:
         assert ray.get(probe.node.remote()) == strategy.node_id
     finally:
