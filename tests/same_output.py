@@ -17,6 +17,11 @@ def sequence_corpus(path: Path, n: int, seed: int) -> Path:
     return path
 
 
+def files(directory: Path) -> dict[Path, bytes]:
+    """Every file under ``directory`` (relative path -> bytes): to show a command left it untouched."""
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 def tables(out: Path) -> dict:
     sort = {"activations": [("layer", "ascending"), ("prompt_id", "ascending"), ("neuron", "ascending")],
             "prompts": [("prompt_id", "ascending")], "layers": [("prompt_id", "ascending"), ("layer", "ascending")],

@@ -16,6 +16,7 @@ from cluster.cli import main
 from cluster.config import ScanConfig
 from cluster.driver import run_scan
 from cluster.errors import UserError
+from tests.same_output import files
 
 ROOT = Path(__file__).resolve().parents[2]
 NEUROSCAN = [sys.executable, "-m", "cluster.cli"]
@@ -92,7 +93,7 @@ def test_non_empty_output_directory_is_refused(capsys, tmp_path):
 def test_a_directory_another_scan_is_writing_is_left_alone(cli_run, tmp_path, capsys):
     out = tmp_path / "busy"
     shutil.copytree(cli_run[0], out)
-    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    before = files(out)
     holder = subprocess.Popen(  # another scan's driver: it claims --out for its run
         [sys.executable, "-c", "import sys; from pathlib import Path; from cluster.output import claim\n"
          f"with claim(Path({str(out)!r})):\n    print('held', flush=True); sys.stdin.read()"],
@@ -107,7 +108,7 @@ def test_a_directory_another_scan_is_writing_is_left_alone(cli_run, tmp_path, ca
                 f"neuroscan: error: --out {out} is in use by another neuroscan scan: wait for it to end "
                 "(or stop it and --resume), or choose another directory\n"
             ), flags
-        assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+        assert files(out) == before
     finally:
         holder.communicate("", timeout=30)
     assert main(["scan", "seed", "--out", str(out), "--quiet", "--overwrite"]) == 0  # free again once it ends
@@ -117,12 +118,12 @@ def test_a_directory_another_scan_is_writing_is_left_alone(cli_run, tmp_path, ca
 def test_resume_says_what_it_found(cli_run, corpus, tmp_path, capsys):
     done = tmp_path / "done"
     shutil.copytree(cli_run[0], done)
-    before = {p: p.read_bytes() for p in sorted(done.rglob("*")) if p.is_file()}
+    before = files(done)
     assert main(["scan", str(corpus), "--out", str(done), "--stages", "3", "--batch-tokens", "600", "--quiet", "--resume"]) == 0
     shown = capsys.readouterr()
     assert shown.err == f"{done} is already complete: nothing to scan (--overwrite scans it again)\n"
     assert shown.out.startswith(f"wrote {done}  (")
-    assert {p: p.read_bytes() for p in sorted(done.rglob("*")) if p.is_file()} == before
+    assert files(done) == before
     typo = tmp_path / "typo"  # --resume in a directory that holds no run: the scan starts, and says so
     assert main(["scan", "seed", "--out", str(typo), "--quiet", "--resume"]) == 0
     assert capsys.readouterr().err == f"nothing to resume in {typo} (no manifest.json): starting the scan from the beginning\n"

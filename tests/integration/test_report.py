@@ -23,6 +23,7 @@ from cluster.config import ScanConfig
 from cluster.driver import run_scan
 from prompts.generate import generate, write_jsonl
 from report.site import build
+from tests.same_output import files
 
 CHROMIUM = "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():
@@ -220,13 +221,12 @@ def test_a_failed_write_keeps_the_earlier_report(scanned, tmp_path, capsys, monk
 
 def test_out_writes_the_same_site_elsewhere_and_only_reads_the_scan(scanned, tmp_path, capsys):
     """A scan on read-only storage (a team's shared results) is reported to a place of one's own."""
-    before = {p: p.read_bytes() for p in sorted(scanned.rglob("*")) if p.is_file()}
+    before = files(scanned)
     site = tmp_path / "mine" / "site"
     assert main(["report", str(scanned), "--out", str(site)]) == 0
     assert capsys.readouterr().out == f"wrote {site}/ (open {(site / 'index.html').as_uri()})\n"
-    assert {p: p.read_bytes() for p in sorted(scanned.rglob("*")) if p.is_file()} == before
-    default = {p.relative_to(scanned / "report"): p.read_bytes() for p in sorted((scanned / "report").rglob("*")) if p.is_file()}
-    assert {p.relative_to(site): p.read_bytes() for p in sorted(site.rglob("*")) if p.is_file()} == default
+    assert files(scanned) == before
+    assert files(site) == files(scanned / "report")
     assert main(["report", str(scanned), "--out", str(site)]) == 0  # an earlier report there is replaced
     busy = tmp_path / "busy"
     busy.mkdir()
