@@ -3,7 +3,7 @@
 # of record. Everything it writes lands in $OUT. Build .whl/ first, here:
 #   bench/device-wheels.sh
 # then run this with carry [".whl"], e.g.
-#   AGGREGATE=1 KERNELS=1 PROFILE=1 PROMPTS=2048 MODES=bare,bare_hf_rotary,scan_local_inline,scan_local_gelu_apart,scan_local,bare_again,scan,scan_2stage,scan_2stage_direct bash bench/device.sh
+#   AGGREGATE=1 KERNELS=1 PROFILE=1 PROMPTS=2048 MODES=bare,bare_hf_rotary,scan_local_inline,scan_local,bare_again,scan,scan_2stage,scan_2stage_direct bash bench/device.sh
 # transformers is carried because the machine's own (5.17) runs GPT-J's attention eagerly in
 # fp32; from the version this repository is tested with, GPT-J uses PyTorch's SDPA. If the
 # carried one does not import there, the machine's own is used (gpu.txt says which).

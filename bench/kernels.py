@@ -3,11 +3,9 @@
     python -m bench.kernels [--batch 32] [--tokens 256]
 
 Prints, median of many runs (``triton.testing.do_bench``): a device-to-device copy of the
-activations (the bandwidth ceiling: bytes read + written), PyTorch's GELU then the
-statistics kernel against the GELU with its statistics in one kernel at ten tilings, the
-statistics kernel alone at a few (its floor is one read of the activations), picking the
-kept neurons (run 6's
-int64 top-k and sort, the eager int32 top-k, the one-kernel bisection), the band packing and
+activations (the bandwidth ceiling: bytes read + written), PyTorch's GELU alone and followed
+by the statistics kernel, the statistics kernel alone at a few tilings (its floor is one read
+of the activations), picking the kept neurons (run 6's int64 top-k and sort, the eager int32 top-k, the one-kernel bisection), the band packing and
 the whole ``reduce_layer``; then GPT-J's rotary embedding of one layer's queries and keys,
 transformers' way (rotate, then concatenate) against `workers.rotary`'s in place (eager ops,
 the kernel). A diagnostic for bench/RESULTS.md and for choosing
@@ -33,11 +31,7 @@ from workers.rotary import rotate_
 
 TILINGS = [Tiling(*t) for t in ((2, 16, 4), (4, 8, 4), (2, 16, 4, 128))]
 """(2, 16, 4) is `workers.fused.STATS_TILING`, the best of ten in run 6's kernel table (where
-(4, 8, 4) was the default); the statistics kernel alone now serves only non-GELU models."""
-GELU_TILINGS = [Tiling(*t) for t in ((2, 16, 4), (2, 8, 4), (4, 8, 4), (2, 16, 8), (1, 16, 4), (4, 4, 8), (2, 16, 4, 128), (4, 8, 4, 128),
-                                     (2, 8, 4, 512), (1, 32, 4, 128))]
-"""The same for the GELU with its statistics, which also writes (211 registers at (2, 16, 4)),
-some with 128 or 512 neurons a program (more or fewer programs, fewer or more registers)."""
+(4, 8, 4) was the default), and again in run 7's."""
 
 
 def main() -> None:
@@ -64,7 +58,10 @@ def main() -> None:
     print(f"activations {tuple(shape)} fp16, {size / 2**20:.0f} MiB")
     print(f"{'device copy (read + write)':<40}{copy * 1e3:9.1f} us  {2 * size / copy / 1e6:7.0f} GB/s")
     reference = fused.layer_stats_fused(act, n_tokens, sel)
-    gelu_stats(pre, act, n_tokens, sel, reference, size, ms)  # first: the open question of the next run
+    gelu = lambda: torch.nn.functional.gelu(pre, approximate="tanh")  # noqa: E731
+    t = ms(gelu)
+    print(f"{'GELU, torch':<40}{t * 1e3:9.1f} us  {2 * size / t / 1e6:7.0f} GB/s")
+    print(f"{'GELU, torch, then the stats kernel':<40}{ms(lambda: fused.layer_stats_fused(gelu(), n_tokens, sel)) * 1e3:9.1f} us")
     for tiling in TILINGS:
         got = fused.layer_stats_fused(act, n_tokens, sel, tiling)
         same = all(torch.equal(reference[k], got[k]) for k in reference)
@@ -95,22 +92,6 @@ def main() -> None:
 
 def name(tiling: Tiling) -> str:
     return f"T={tiling.block_t} U={tiling.unroll} w={tiling.num_warps} N={tiling.block_n}"
-
-
-def gelu_stats(pre, act, n_tokens, sel, reference, size, ms) -> None:
-    """PyTorch's GELU then the statistics kernel (two reads and a write of the activations: what
-    a scan did up to run 6, the kernel on a side stream), against the GELU with its statistics
-    in one kernel (`workers.fused.gelu_stats_fused`: one read, one write) at several tilings."""
-    gelu = lambda: torch.nn.functional.gelu(pre, approximate="tanh")  # noqa: E731
-    t = ms(gelu)
-    print(f"{'GELU, torch':<40}{t * 1e3:9.1f} us  {2 * size / t / 1e6:7.0f} GB/s")
-    print(f"{'GELU, torch, then the stats kernel':<40}{ms(lambda: fused.layer_stats_fused(gelu(), n_tokens, sel)) * 1e3:9.1f} us")
-    for tiling in GELU_TILINGS:
-        got, stats = fused.gelu_stats_fused(pre, n_tokens, sel, tiling)
-        same = all(torch.equal(reference[k], stats[k]) for k in reference) and torch.equal(got, act)
-        t = ms(lambda: fused.gelu_stats_fused(pre, n_tokens, sel, tiling))
-        print(f"{f'GELU + stats {name(tiling)}':<40}{t * 1e3:9.1f} us  {2 * size / t / 1e6:7.0f} GB/s"
-              f"{'' if same else f'  DIFFERS from torch GELU then stats ({int((got != act).sum())} activations)'}")
 
 
 def run6_pick(key: torch.Tensor, k: int) -> torch.Tensor:

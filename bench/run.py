@@ -9,8 +9,6 @@ Modes (tokens are the prompts' own tokens; ratios are against ``bare`` of the sa
   scan_local_eager  the stage code in this process with the eager reduction (the reference path)
   scan_local_inline the stage code called from one thread, the fused reduction on the forward
                     pass's own stream, compaction and copy at the end of each micro-batch
-  scan_local_gelu_fused  ``scan_local`` with the GELU and the statistics in one kernel
-                    (`workers.fused.gelu_stats_fused`; slower than the two apart on an H200, run 7)
   scan_local        the stage code as a Ray actor runs it, without Ray: called from two threads,
                     reductions on a side stream, compaction and copy overlapping the next
                     micro-batch (on a CPU, as a CPU actor: the eager reduction, one thread)
@@ -58,7 +56,7 @@ from workers.shard import ShardSpec
 from workers.stage import Stage, StageSpec
 from workers.transfer import to_device
 
-MODES = ("bare", "bare_hf_gelu", "bare_hf_rotary", "naive", "scan_local_eager", "scan_local_inline", "scan_local_gelu_fused", "scan_local",
+MODES = ("bare", "bare_hf_gelu", "bare_hf_rotary", "naive", "scan_local_eager", "scan_local_inline", "scan_local",
          *PEERS, "bare_again", "scan", "scan_2stage", "scan_2stage_direct")
 RAY_MODES = {"scan": (1, "store"), "scan_2stage": (2, "store"), "scan_2stage_direct": (2, "direct")}
 """The modes that run the Ray pipeline: (stages, hand-off)."""
@@ -179,27 +177,26 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
         arrays = [*rows.rows.values(), *rows.per_prompt.values(), *(rows.predictions or {}).values()]
         return sum(a.nbytes for a in arrays)
 
-    fused, side, gelu = stage.fused, stage.reduce_stream, stage.fuse_gelu
+    fused, side = stage.fused, stage.reduce_stream
     two = STAGE_CONCURRENCY if device.type == "cuda" else 1
-    variants = {  # step, fused reduction, its side stream, GELU with statistics, transformers' modules put back, calling threads
-        "bare": (bare, fused, side, True, (), 1),
-        "bare_hf_gelu": (bare, fused, side, True, ("gelu",), 1),
-        "bare_hf_rotary": (bare, fused, side, True, ("attention",), 1),
-        "naive": (naive, fused, side, True, (), 1),
-        "scan_local_eager": (scan_local, False, None, True, (), 1),
-        "scan_local_inline": (scan_local, fused, None, gelu, (), 1),
-        "scan_local_gelu_fused": (scan_local, fused, side, True, (), two),
-        "scan_local": (scan_local, fused, side, gelu, (), two),
+    variants = {  # step, fused reduction, its side stream, transformers' modules put back, calling threads
+        "bare": (bare, fused, side, (), 1),
+        "bare_hf_gelu": (bare, fused, side, ("gelu",), 1),
+        "bare_hf_rotary": (bare, fused, side, ("attention",), 1),
+        "naive": (naive, fused, side, (), 1),
+        "scan_local_eager": (scan_local, False, None, (), 1),
+        "scan_local_inline": (scan_local, fused, None, (), 1),
+        "scan_local": (scan_local, fused, side, (), two),
     }
     for mode in MODES:
         if mode in modes and mode in variants:
-            step, stage.fused, stage.reduce_stream, stage.fuse_gelu, before, threads = variants[mode]
+            step, stage.fused, stage.reduce_stream, before, threads = variants[mode]
             run = batches[:NAIVE_BATCHES] if mode == "naive" else batches
             with transformers_modules(model, before):
                 results[mode] = {**timed(step, run, device, warm_up=mode != "naive", threads=threads),
                                  "reduction": "fused" if stage.fused else "eager", "threads": threads}
             saved(results)
-    stage.fused, stage.reduce_stream, stage.fuse_gelu = fused, side, gelu
+    stage.fused, stage.reduce_stream = fused, side
     inputs = lambda batch: _inputs(batch, device)  # noqa: E731
     for mode, step in (("transformer_lens", lambda: peers.transformer_lens_step(stage, tokenizer, inputs, sel)),
                        ("nnsight", lambda: peers.nnsight_step(stage, inputs, sel))):

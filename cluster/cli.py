@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCH_MODES = ("bare", "bare_hf_gelu", "bare_hf_rotary", "naive", "scan_local_eager", "scan_local_inline", "scan_local_gelu_fused", "scan_local",
+BENCH_MODES = ("bare", "bare_hf_gelu", "bare_hf_rotary", "naive", "scan_local_eager", "scan_local_inline", "scan_local",
                "transformer_lens", "nnsight", "bare_again", "scan", "scan_2stage", "scan_2stage_direct")
 """bench.run.MODES, named here so that `neuroscan --help` needs no torch import (a test checks they agree)."""
 

@@ -9,11 +9,9 @@ slice, reducing across the slice's rows once at the end. Each step loads ``UNROL
 before folding them in, so that enough bytes are in flight to keep the memory busy. Loads
 are coalesced along the neuron axis, the innermost one of the activations.
 
-The same kernel can also be the GELU (`gelu_stats_fused`, what a scanning GPU stage runs in
-place of GPT-J's activation): it reads the pre-activations, writes the activations and keeps
-the statistics of what it wrote, so the statistics cost no second read of the layer. The
-pick (`pick_fused`) and the kept rows' statistics and band codes (`kept_rows_fused`) are one
-kernel each too.
+The pick (`pick_fused`) and the kept rows' statistics and band codes (`kept_rows_fused`) are
+one kernel each too. (The GELU and these statistics in one kernel, which saves the second read
+of the activations, was tried and measured slower end to end: bench/RESULTS.md, item 17.)
 
 Same results as the eager path: values compared in float32 after an exact upcast, first
 position on ties. On a CPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``),
@@ -32,9 +30,8 @@ from cluster.config import Selection
 
 try:
     import triton.language as tl
-    from triton.language.extra import libdevice
 except ImportError:  # CPU installs without Triton use the eager path only
-    tl = libdevice = None
+    tl = None
 
 
 class Tiling(NamedTuple):
@@ -51,11 +48,7 @@ STATS_TILING = Tiling(2, 16, 4)
 """Measured alone on an H200 (bench/records/2026-11-26-h200-run6-kernels.txt, 32 x 256 x 16,384
 fp16, median of ``do_bench``): (BLOCK_T, UNROLL, warps) = (8, 1, 8), the v2 kernel, 405 us;
 (8, 4, 8) 368 us; (4, 8, 4) 258 us (the tiling of run 6's full benchmark); (2, 16, 4) 157 us,
-the best of the ten tried (1,710 GB/s: 41 % of a device copy's 4,129)."""
-GELU_TILING = Tiling(2, 16, 4)
-"""The statistics kernel's, for the GELU with its statistics: not yet timed on a GPU
-(`bench.kernels` times several); ptxas (sm_90) gives 211 registers with Triton 3.9, 157-168
-with 3.6 (the lent machines'), and no spills."""
+the best of the ten tried (1,710 GB/s: 41 % of a device copy's 4,129); run 7 again 157 us."""
 
 
 def available(device: torch.device) -> bool:
@@ -65,15 +58,11 @@ def available(device: torch.device) -> bool:
 
 
 def stats_kernel(
-    act, n_tokens, max_act, max_pos, min_act, min_pos, n_above, n_below, n_red, rank, gelu_out,
-    n_neurons, n_pos, stride_b, stride_t, high, low, red, sel_high, sel_low,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, GELU: tl.constexpr, EXACT_TANH: tl.constexpr,
+    act, n_tokens, max_act, max_pos, min_act, min_pos, n_above, n_below, n_red, rank,
+    n_neurons, stride_b, stride_t, high, low, red, sel_high, sel_low,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    # With GELU, ``act`` holds the MLP's pre-activations: the program also applies GPT-J's
-    # GELU to every position of its [n_pos, BLOCK_N] column (padding too: the next matmul
-    # reads it), writes it to ``gelu_out`` (contiguous, same shape) and takes the statistics
-    # of the values as written. Without, ``act`` holds the activations and only the prompt's
-    # own tokens are read.
+    # Only the prompt's own tokens are read.
     # Each lane of the [BLOCK_T, BLOCK_N] tile keeps its own running statistics while the
     # program walks the prompt; the tile is reduced along the token axis once, at the end.
     # (Reducing every slice as it is loaded costs a cross-warp exchange per statistic per
@@ -90,33 +79,14 @@ def stats_kernel(
     below = tl.zeros((BLOCK_T, BLOCK_N), tl.int32)
     reds = tl.zeros((BLOCK_T, BLOCK_N), tl.int32)
     base = act + b.to(tl.int64) * stride_b
-    out_base = gelu_out + b.to(tl.int64) * n_pos * n_neurons
-    end = length  # the prompt's own tokens; with GELU, every position
-    if GELU:
-        end = n_pos
-    for t0 in range(0, end, BLOCK_T * UNROLL):
+    for t0 in range(0, length, BLOCK_T * UNROLL):
         # v2 loaded one [BLOCK_T, BLOCK_N] slice a step: 4 KB in flight per program, ~0.44 ms a
         # layer on an H200 (a seventh of its bandwidth). The UNROLL loads below do not depend on
         # each other or on the running statistics, so they are all issued before the first is used.
         for u in tl.static_range(UNROLL):
             rows = t0 + u * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
             ok = (rows < length)[:, None] & col_ok[None, :]
-            if GELU:
-                inside = (rows < n_pos)[:, None] & col_ok[None, :]
-                pre = tl.load(base + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-                # PyTorch's gelu(approximate="tanh") in float32, in its order of operations (x +
-                # kappa * x^3 contracts to one FMA, as nvcc does there); 0.7978845834732056 is its
-                # sqrt(2 / pi), M_SQRT2 * M_2_SQRTPI * 0.5 rounded to float32.
-                inner = 0.7978845834732056 * (pre + 0.044715 * (pre * pre * pre))
-                if EXACT_TANH:
-                    tanh = libdevice.tanh(inner)  # CUDA's tanhf
-                else:  # Triton's interpreter has no libdevice: tests only
-                    tanh = 2.0 / (1.0 + tl.exp(tl.minimum(-2.0 * inner, 80.0))) - 1.0
-                y = (0.5 * pre * (1.0 + tanh)).to(gelu_out.dtype.element_ty)
-                tl.store(out_base + rows[:, None].to(tl.int64) * n_neurons + cols[None, :], y, mask=inside)
-                x = y.to(tl.float32)
-            else:
-                x = tl.load(base + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            x = tl.load(base + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             hi = tl.where(ok, x, float("-inf"))
             lo = tl.where(ok, x, float("inf"))
             new_max = hi > lane_max  # strict: a lane keeps its earliest position on ties
@@ -168,27 +138,9 @@ def layer_stats_fused(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection,
     d_mlp), n_tokens [batch] -> [batch, d_mlp] max_act/min_act float32 and
     max_pos/min_pos/n_above/n_below/n_red int32, and rank int32 (`workers.reduce.rank_scores`).
     Other tilings are for `bench.kernels`."""
-    return _stats(act, n_tokens, sel, None, tiling)
-
-
-def gelu_stats_fused(pre: torch.Tensor, n_tokens: torch.Tensor, sel: Selection,
-                     tiling: Tiling = GELU_TILING) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GPT-J's GELU and its statistics in one pass: pre-activations [batch, pos, d_mlp] ->
-    the activations (``gelu(pre, approximate="tanh")``, same shape and dtype, contiguous) and
-    `layer_stats_fused`'s statistics of them, as if it had read them back. One read of the
-    pre-activations and one write of the activations, where GELU then statistics is two
-    reads and a write. On a GPU the tanh is CUDA's, as PyTorch's GELU kernel calls it; under
-    Triton's interpreter (tests) it is written with exp, so the activations there are close
-    to PyTorch's, not equal, and the statistics exact for the activations returned."""
-    out = torch.empty(pre.shape, dtype=pre.dtype, device=pre.device)
-    return out, _stats(pre, n_tokens, sel, out, tiling)
-
-
-def _stats(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, gelu_out: torch.Tensor | None,
-           tiling: Tiling) -> dict[str, torch.Tensor]:
     if act.stride(2) != 1:
         act = act.contiguous()
-    b, t, n = act.shape
+    b, _, n = act.shape
     dev = act.device
     out = {name: torch.empty(b, n, dtype=torch.float32, device=dev) for name in ("max_act", "min_act")}
     for name in ("max_pos", "min_pos", "n_above", "n_below", "n_red"):
@@ -197,14 +149,11 @@ def _stats(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, gelu_out: 
     from workers.reduce import thresholds
 
     high, low, red = thresholds(sel, act.dtype)  # the same exact comparisons as the eager path
-    interpret = _interpret()
-    _jit(stats_kernel, interpret)[(b, -(-n // tiling.block_n))](
+    _jit(stats_kernel, _interpret())[(b, -(-n // tiling.block_n))](
         act, n_tokens.to(torch.int32), out["max_act"], out["max_pos"], out["min_act"], out["min_pos"],
-        out["n_above"], out["n_below"], out["n_red"], out["rank"], act if gelu_out is None else gelu_out,
-        n, t, act.stride(0), act.stride(1), high, low, red, sel.high, sel.low,
-        BLOCK_T=tiling.block_t, BLOCK_N=tiling.block_n, UNROLL=tiling.unroll, GELU=gelu_out is not None,
-        EXACT_TANH=not interpret, num_warps=tiling.num_warps,
-        enable_fp_fusion=True,  # the GELU's x + kappa * x^3 as one FMA, as nvcc compiles PyTorch's (Triton 3.10 turns it off by default)
+        out["n_above"], out["n_below"], out["n_red"], out["rank"],
+        n, act.stride(0), act.stride(1), high, low, red, sel.high, sel.low,
+        BLOCK_T=tiling.block_t, BLOCK_N=tiling.block_n, UNROLL=tiling.unroll, num_warps=tiling.num_warps,
     )
     return out
 
@@ -212,8 +161,9 @@ def _stats(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, gelu_out: 
 PICK_WARPS = 16
 """A prompt's 16,384 ranks over 512 threads, 32 each: ptxas (sm_90, `tests/unit/test_kernels_compile.py`)
 gives 128 registers and no spills, where 8 warps need 255 registers and spill, 4 warps spill
-~1 KB a thread (Triton 3.9; with 3.6, the lent machines', 16 warps spill 72 bytes). Not yet
-timed on a GPU: `bench.kernels` times 4, 8 and 16 warps."""
+~1 KB a thread (Triton 3.9; with 3.6, the lent machines', 16 warps spill 72 bytes). Timed on
+an H200 (bench/records/2026-11-27-h200-run7-kernels.txt): 104 us at 4 warps, 49 at 8, 44 at 16,
+against 227 us for run 6's int64 top-k and sort."""
 
 
 def pick_kernel(rank, neuron, n_selected, n_neurons, k, unselected, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):

@@ -102,8 +102,7 @@ def layer_stats(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection) -> di
             "n_above": n_above, "n_below": n_below, "n_red": n_red}
 
 
-def reduce_layer(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, fused: bool = False,
-                 stats: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def reduce_layer(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, fused: bool = False) -> dict[str, torch.Tensor]:
     """Reduce one layer's activations to fixed-shape candidate rows.
 
     act:      [batch, pos, d_mlp] activations (any float dtype)
@@ -111,8 +110,6 @@ def reduce_layer(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, fuse
               padding or appended answer tokens and is ignored)
     fused:    take the statistics from the one-pass Triton kernel (`workers.fused`)
               instead of the eager reference; the rows are the same
-    stats:    with ``fused``, the kernel's statistics of ``act`` if already computed (by
-              `workers.fused.gelu_stats_fused`, with the GELU that wrote ``act``)
 
     Returns (B = batch, K = cap or d_mlp, W = ceil(pos / 4)):
       kept [B, K] bool, neuron [B, K] int32 (ascending among kept rows), max_act/min_act [B, K]
@@ -125,7 +122,7 @@ def reduce_layer(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, fuse
     if fused:  # the kernel also gives each neuron's rank
         from workers.fused import layer_stats_fused, pick_fused
 
-        stats = layer_stats_fused(act, n_tokens, sel) if stats is None else stats
+        stats = layer_stats_fused(act, n_tokens, sel)
         rank = stats["rank"]
     else:
         stats = layer_stats(act, n_tokens, sel)

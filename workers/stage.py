@@ -3,9 +3,9 @@
 `Stage` is a plain class (tested without Ray); Ray runs it as an actor, two calls at a time
 on a GPU (`cluster.placement.stage_actor`). Its ``__init__`` only stores the spec; weights
 load in `setup`, after Ray has placed the actor and set ``CUDA_VISIBLE_DEVICES``. Per
-micro-batch the stage runs its blocks once under scoped hooks (on a GPU each GELU writes its
-activations and their statistics in one Triton kernel, `workers.fused`, and the rest of the
-layer's reduction is queued on a side stream beside the forward pass), compacts the kept
+micro-batch the stage runs its blocks once under scoped hooks (on a GPU each layer's
+reduction, Triton kernels from `workers.fused`, is queued on a side stream beside the forward
+pass), compacts the kept
 rows of all its layers on the device (one host sync), and queues one copy of them, with the
 hidden state for the next stage, to pinned host memory (`workers.transfer`).
 
@@ -39,11 +39,10 @@ from prompts.batching import MicroBatch
 from workers.checkpoint import load_config
 from workers.embedded import embedded_model_dir, embedded_model_path
 from workers.fused import available as fused_available
-from workers.fused import gelu_stats_fused
 from workers.handoff import Outbox
 from workers.reduce import compact, reduce_layer
 from workers.rows import Hidden, StageRows
-from workers.shard import ShardSpec, TanhGELU, load_stage
+from workers.shard import ShardSpec, load_stage
 from workers.split import forward_splitting
 from workers.transfer import host_tensor, leaves, start_copy, to_device
 
@@ -85,57 +84,29 @@ class StageSpec:
 
 @contextmanager
 def reducing_hooks(blocks, n_tokens: torch.Tensor, sel: Selection, sink: list, fused: bool = False,
-                   stream: torch.cuda.Stream | None = None, fuse_gelu: bool = True) -> Iterator[None]:
+                   stream: torch.cuda.Stream | None = None) -> Iterator[None]:
     """Reduce every block's ``mlp.act`` output into ``sink`` while the context is open.
 
     With ``stream`` (CUDA), each layer's reduction is queued on that side stream after the
     activations are written, so its small kernels run beside the next matmuls instead of
     between them; the activations are kept from reuse until the side stream has read them.
-    With ``fused`` (and ``fuse_gelu``; the bench turns it off for the before), a block whose
-    activation is GPT-J's GELU (`workers.shard.TanhGELU`) runs `ScanGELU` instead while the
-    context is open: one kernel writes the activations and their statistics, so the
-    statistics cost no second read of the activations.
     """
 
-    def reduce(act: torch.Tensor, stats: dict[str, torch.Tensor] | None = None) -> None:
+    def reduce(act: torch.Tensor) -> None:
         if stream is None:
-            sink.append(reduce_layer(act, n_tokens, sel, fused, stats))
+            sink.append(reduce_layer(act, n_tokens, sel, fused))
             return
         stream.wait_stream(torch.cuda.current_stream(act.device))  # a device-side wait, not a host sync
         with torch.cuda.stream(stream):
-            sink.append(reduce_layer(act, n_tokens, sel, fused, stats))
-        for tensor in (act, *(stats or {}).values()):
-            tensor.record_stream(stream)
+            sink.append(reduce_layer(act, n_tokens, sel, fused))
+        act.record_stream(stream)
 
-    swapped, handles = [], []
-    for block in blocks:
-        if fused and fuse_gelu and isinstance(block.mlp.act, TanhGELU):
-            swapped.append((block.mlp, block.mlp.act))
-            block.mlp.act = ScanGELU(n_tokens, sel, reduce)
-        else:
-            handles.append(block.mlp.act.register_forward_hook(lambda module, inputs, output: reduce(output)))
+    handles = [block.mlp.act.register_forward_hook(lambda module, inputs, output: reduce(output)) for block in blocks]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
-        for mlp, act in swapped:
-            mlp.act = act
-
-
-class ScanGELU(torch.nn.Module):
-    """`workers.shard.TanhGELU` while a stage scans on a GPU: the GELU and the statistics of its
-    output in one kernel (`workers.fused.gelu_stats_fused`), the rest of the layer's reduction
-    handed to ``reduce``."""
-
-    def __init__(self, n_tokens: torch.Tensor, sel: Selection, reduce):
-        super().__init__()
-        self.n_tokens, self.sel, self.reduce = n_tokens, sel, reduce
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act, stats = gelu_stats_fused(x, self.n_tokens, self.sel)
-        self.reduce(act, stats)
-        return act
 
 
 @dataclass
@@ -167,9 +138,6 @@ class Stage:
         config = load_config(self.spec.model_path)
         self.device = torch.device(self.spec.device)
         self.fused = fused_available(self.device)  # one Triton pass on a GPU, the eager reference elsewhere
-        # The GELU and the statistics as two kernels: measured faster than one on an H200 (run 7:
-        # 0.961x against 0.898x of bare; bench mode scan_local_gelu_fused times the one kernel).
-        self.fuse_gelu = False
         # On a GPU the reductions run on a side stream, beside the forward pass (bench turns it off
         # to measure the difference).
         self.reduce_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -185,9 +153,8 @@ class Stage:
     def _warm_up(self, d_model: int) -> None:  # with the lock held (or before any call)
         """Three small forwards, so that kernel compilation (Triton, cuBLAS handles) happens at
         set-up and not inside the first micro-batches. Triton compiles a kernel again for an
-        integer argument that is or is not a multiple of 16: the GELU kernel's width in tokens
-        (16 and 64 are, 17 is not) and the rows kernel's band bytes a row, a quarter of it (16
-        tokens make 4 bytes, 64 make 16, 17 make 5)."""
+        integer argument that is or is not a multiple of 16: the rows kernel's band bytes a row,
+        a quarter of the tokens (16 tokens make 4 bytes, 64 make 16, 17 make 5)."""
         for n in (16, 64, 17):
             batch = MicroBatch(-1, np.zeros(1, np.int64), np.zeros((1, n), np.int32), np.array([n], np.int32),
                                np.array([n], np.int32), np.zeros((1, 0), np.int32))
@@ -246,7 +213,7 @@ class Stage:
 
         layers: list[dict[str, torch.Tensor]] = []
         side = self.reduce_stream
-        with reducing_hooks(self.model.body.h, n_tokens, self.spec.selection, layers, self.fused, side, self.fuse_gelu):
+        with reducing_hooks(self.model.body.h, n_tokens, self.spec.selection, layers, self.fused, side):
             # No attention mask: padding only ever follows a prompt's tokens (and its answer's),
             # so the causal mask alone keeps every real token from seeing it, and the rows never
             # read a padded position. (With a mask transformers checks it on the host, a sync,

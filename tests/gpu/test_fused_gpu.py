@@ -190,29 +190,3 @@ def test_a_stage_micro_batch_synchronises_a_handful_of_times_never_per_layer(tin
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
     print(f"{len(syncs)} synchronising calls in a {config.n_layer}-layer micro-batch")
     assert len(syncs) < 10 < config.n_layer, syncs
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize(("b", "t"), [(32, 256), (5, 77)])
-def test_gelu_stats_kernel_is_torch_gelu_then_the_statistics(dtype, b, t):
-    """The one-kernel GELU and statistics (what a scanning stage runs in place of GPT-J's GELU)
-    against PyTorch's tanh GELU and then the eager statistics: the activations within one
-    rounding of PyTorch's, or 1e-5 where the GELU saturates to 0 from below (1 + tanh cancels,
-    so a tanh one bit off moves the result a long way relatively); printed: how many differ
-    at all (none if libdevice's tanh is the tanhf PyTorch's kernel calls). The statistics are
-    exactly those of the activations written."""
-    from workers.fused import gelu_stats_fused
-
-    gen = torch.Generator("cuda").manual_seed(b + t)
-    pre = (torch.randn(b, t, D_MLP, device="cuda", generator=gen) * 2).to(dtype)
-    n_tokens = torch.randint(1, t + 1, (b,), device="cuda", generator=gen)
-    sel = Selection()
-    act, stats = gelu_stats_fused(pre, n_tokens, sel)
-    want = torch.nn.functional.gelu(pre, approximate="tanh")
-    differ = int((act != want).sum())
-    print(f"{dtype}: {differ} of {act.numel()} activations differ from torch's GELU")
-    torch.testing.assert_close(act, want, rtol=torch.finfo(dtype).eps, atol=1e-5)
-    eager = layer_stats(act, n_tokens, sel)
-    for name, value in eager.items():
-        assert torch.equal(value.to(stats[name].dtype), stats[name]), name
-    assert torch.equal(stats["rank"], rank_scores(eager["max_act"], eager["min_act"], sel, dtype))

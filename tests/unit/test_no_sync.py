@@ -63,8 +63,8 @@ def test_reduce_layer_has_no_syncing_op():
 
 @pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_triton)])
 def test_a_stage_syncs_once_per_micro_batch_whatever_its_layer_count(other_model, fused):
-    """Eager, and fused (the GELU with its statistics, the pick and the rows each one kernel,
-    here under Triton's interpreter)."""
+    """Eager, and fused (the statistics, the pick and the rows each one kernel, here under
+    Triton's interpreter)."""
     import numpy as np
 
     config = load_config(other_model)
