@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     scan = sub.add_parser("scan", help="scan a prompt corpus and write Arrow tables")
-    scan.add_argument("prompts", help="a .jsonl/.csv/.txt corpus (or one of those compressed: .gz, .bz2, .zst), a .parquet one, or a built-in corpus name (seed)")
+    scan.add_argument("prompts", help="a .jsonl/.csv/.txt corpus (or one of those compressed: .gz, .bz2, .zst), a .parquet one, a directory of such files (a dataset's shards), or a built-in corpus name (seed)")
     scan.add_argument("--out", required=True, help="output directory")
     scan.add_argument("--model", help="checkpoint directory or Hugging Face id in the local cache (default: the embedded tiny GPT-J)")
     scan.add_argument("--truncate", action="store_true", help="keep the last tokens of prompts longer than the context instead of refusing them")

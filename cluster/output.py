@@ -19,6 +19,7 @@ from pathlib import Path
 from aggregator.manifest import NAME as MANIFEST_NAME
 from aggregator.manifest import read_manifest
 from cluster.errors import UserError, make_dir
+from prompts.readers import corpus_files
 from prompts.seed import BUILTIN
 
 IDENTITY = {
@@ -31,13 +32,19 @@ IDENTITY = {
 
 
 def corpus_fingerprint(source: str) -> dict:
+    """The corpus's path and checksum, which ``--resume`` compares: of the file's bytes, or of a
+    directory corpus's file names and bytes, in the order they are read."""
     if source in BUILTIN and not Path(source).exists():
         return {"source": source, "sha256": None}
+    path = Path(source)
     digest = hashlib.sha256()
-    with open(source, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"source": str(Path(source).resolve()), "sha256": digest.hexdigest()}
+    for file in corpus_files(path) if path.is_dir() else [path]:
+        if path.is_dir():
+            digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return {"source": str(path.resolve()), "sha256": digest.hexdigest()}
 
 
 @contextmanager

@@ -1,5 +1,9 @@
 """Read a prompt corpus from JSONL, CSV, Parquet, plain text or a built-in name, in chunks.
 
+A corpus may also be a directory of such files (a dataset's shards: ``train-00000-of-00004.parquet``
+as the Hugging Face hub lays them out, or the Pile's ``00.jsonl.zst``), read in name order as
+one corpus.
+
 Every reader yields lists of `Prompt` (a chunk at a time, never the whole file) and checks
 each row as it goes (``text`` required; ``id``, ``family``, ``variant``, ``expected`` optional): a bad row stops the read with a one-line `UserError` naming the line or
 id and the fix. ``prompt_id`` is the 0-based position among the prompts; ``id`` is the user's
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -62,11 +67,41 @@ def _rows(source: str) -> Iterable[tuple[str, dict]]:
     if source in BUILTIN and not Path(source).exists():
         return ((f"{source}[{i}]", row) for i, row in enumerate(BUILTIN[source]))
     path = Path(source)
-    kind = SUFFIXES.get(_suffix(path))
-    known = ", ".join(sorted(SUFFIXES))
     if path.is_dir():
-        raise UserError(f"prompt corpus {source} is a directory: give one file ({known}), e.g. concatenate the directory's files into one")
-    if kind is None or (kind == "parquet" and _compression(path)):
+        return itertools.chain.from_iterable(_file_rows(file) for file in corpus_files(path))
+    return _file_rows(path)
+
+
+def corpus_files(directory: Path) -> list[Path]:
+    """A directory corpus's files, in name order: every file of a corpus type (of one type
+    only); other files (``README.md``, ``dataset_info.json``), hidden ones and subdirectories
+    are left alone."""
+    files = sorted(f for f in directory.iterdir() if not f.name.startswith(".") and f.is_file() and _kind(f))
+    if not files:
+        raise UserError(
+            f"prompt corpus {directory} is a directory with no corpus file in it ({', '.join(sorted(SUFFIXES))}; "
+            "JSONL, CSV and text may be compressed): give the directory that holds the shards, or one file"
+        )
+    kinds = sorted({_kind(f) for f in files})
+    if len(kinds) > 1:
+        raise UserError(
+            f"prompt corpus {directory} mixes {', '.join(kinds)} files: keep one kind in the directory "
+            "(the others may be copies of the same prompts), or give one file"
+        )
+    return files
+
+
+def _kind(path: Path) -> str | None:
+    """The corpus type a file's name says (None: not a corpus file; Parquet is never compressed outside)."""
+    kind = SUFFIXES.get(_suffix(path))
+    return None if kind == "parquet" and _compression(path) else kind
+
+
+def _file_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    source = str(path)
+    kind = _kind(path)
+    known = ", ".join(sorted(SUFFIXES))
+    if kind is None:
         if not path.exists():
             raise UserError(f"prompt file {source} does not exist: give a file ({known}) or a built-in corpus ({', '.join(BUILTIN)})")
         raise UserError(
@@ -75,7 +110,7 @@ def _rows(source: str) -> Iterable[tuple[str, dict]]:
         )
     if not path.is_file():
         raise UserError(f"prompt file {source} does not exist: check the path")
-    return {"jsonl": _jsonl, "csv": _csv, "parquet": _parquet, "text": _text}[kind](path)
+    yield from {"jsonl": _jsonl, "csv": _csv, "parquet": _parquet, "text": _text}[kind](path)
 
 
 def _compression(path: Path) -> str | None:

@@ -6,6 +6,9 @@ with a plain per-prompt forward pass (tests/reference.py).
 
 from __future__ import annotations
 
+import json
+
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
@@ -62,6 +65,20 @@ def test_other_shape_matches_per_prompt_forward(ray_session, tmp_path, corpus, o
     if selection.max_per_layer == 0:  # nothing capped: every selected neuron is a row
         layers = ds.dataset(out / "layers", format="arrow").to_table()
         assert layers["n_kept"].to_pylist() == layers["n_selected"].to_pylist()
+
+
+def test_a_directory_of_shards_matches_per_prompt_forward(ray_session, tmp_path, tiny_reference):
+    """A dataset's shards (compressed or not, beside its card) scan as the one file would."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, (name, compression) in enumerate([("00.jsonl", None), ("01.jsonl.gz", "gzip"), ("02.jsonl.zst", "zstd")]):
+        with pa.output_stream(str(shards / name), compression=compression) as f:
+            f.write("".join(json.dumps(row) + "\n" for row in CORPUS[i * 3:(i + 1) * 3]).encode())
+    (shards / "README.md").write_text("# the dataset's card\n")
+    manifest, out = scan(tmp_path, shards, stages=2, batch_tokens=500)
+    assert manifest["totals"]["prompts"] == len(CORPUS)
+    checked = assert_scan_matches(out, tiny_reference, Selection())
+    assert checked == manifest["totals"]["activation_rows"] > 0
 
 
 def test_prompts_table_matches_per_prompt_forward(ray_session, tmp_path, corpus, tiny_model, tiny_reference):

@@ -164,8 +164,73 @@ def test_unknown_and_missing_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         _all("nonesuch")
     (tmp_path / "shards.jsonl").mkdir()
-    with pytest.raises(UserError, match=r"shards\.jsonl is a directory: give one file \(\.csv, "):
+    with pytest.raises(UserError, match=r"shards\.jsonl is a directory with no corpus file in it \(\.csv, "):
         _all(tmp_path / "shards.jsonl")
+
+
+def _shards(directory, rows, names):
+    """``rows`` split over JSONL shards named ``names`` (compressed by their suffix), beside a
+    README.md, a hidden file and a subdirectory that are not part of the corpus."""
+    directory.mkdir()
+    for i, name in enumerate(names):
+        part = rows[i * len(rows) // len(names):(i + 1) * len(rows) // len(names)]
+        plain = directory / name.split(".jsonl")[0]
+        plain = plain.with_name(plain.name + ".jsonl")
+        plain.write_text("".join(json.dumps(r) + "\n" for r in part))
+        if name.endswith((".gz", ".zst")):
+            _compress(plain, "gzip" if name.endswith(".gz") else "zstd")
+    (directory / "README.md").write_text("# a dataset card\n")
+    (directory / ".hidden.jsonl").write_text("not json\n")
+    (directory / "sub").mkdir()
+    (directory / "sub" / "more.jsonl").write_text("not json either\n")
+    return directory
+
+
+def test_a_directory_of_shards_reads_as_one_corpus_in_name_order(tmp_path):
+    rows = [{"text": f"prompt {i}", **({"id": f"p{i}"} if i % 3 else {})} for i in range(12)]
+    whole = tmp_path / "whole.jsonl"
+    whole.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shards = _shards(tmp_path / "shards", rows, ["train-00000-of-00003.jsonl", "train-00001-of-00003.jsonl.gz", "train-00002-of-00003.jsonl.zst"])
+    got = _all(shards, chunk=5)
+    assert got == _all(whole)  # ids and prompt_ids run on across the shards
+    assert [p.id for p in got][:4] == ["0", "p1", "p2", "3"]
+
+
+def test_directory_corpus_errors(tmp_path):
+    rows = [{"text": "a", "id": "same"}, {"text": "b", "id": "other"}, {"text": "c", "id": "same"}]
+    shards = _shards(tmp_path / "dup", rows, ["a.jsonl", "b.jsonl"])
+    with pytest.raises(UserError, match=r"dup/b\.jsonl:2: id 'same' appears twice"):  # named by shard and line
+        _all(shards)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.jsonl").write_text('{"text": "a"}\n')
+    (mixed / "b.csv").write_text("text\nb\n")
+    with pytest.raises(UserError, match=r"mixed mixes csv, jsonl files: keep one kind in the directory"):
+        _all(mixed)
+    only_card = tmp_path / "card"
+    only_card.mkdir()
+    (only_card / "README.md").write_text("x")
+    (only_card / "data.parquet.gz").write_bytes(b"x")
+    with pytest.raises(UserError, match=r"card is a directory with no corpus file in it .*give the directory that holds the shards"):
+        _all(only_card)
+
+
+def test_a_directory_corpus_fingerprint_covers_every_shard_and_nothing_else(tmp_path):
+    from cluster.output import corpus_fingerprint
+
+    rows = [{"text": f"prompt {i}"} for i in range(6)]
+    shards = _shards(tmp_path / "d", rows, ["a.jsonl", "b.jsonl"])
+    first = corpus_fingerprint(str(shards))
+    assert first["source"] == str(shards.resolve()) and first["sha256"]
+    (shards / "README.md").write_text("# edited\n")
+    assert corpus_fingerprint(str(shards)) == first
+    (shards / "b.jsonl").rename(shards / "0.jsonl")  # the same bytes, read first now
+    assert corpus_fingerprint(str(shards)) != first
+    (shards / "0.jsonl").rename(shards / "b.jsonl")
+    assert corpus_fingerprint(str(shards)) == first
+    with open(shards / "b.jsonl", "a") as f:
+        f.write('{"text": "one more"}\n')
+    assert corpus_fingerprint(str(shards)) != first
 
 
 @pytest.mark.parametrize(
