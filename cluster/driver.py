@@ -29,11 +29,13 @@ from aggregator.aggregator import Aggregator
 from aggregator.schema import SCHEMA_VERSION
 from cluster import placement
 from cluster.config import ScanConfig
+from cluster.errors import UserError
 from cluster.memory import MemoryWatch
 from cluster.output import claim, corpus_fingerprint, prepare_output
 from cluster.partition import partition_layers
 from cluster.schedule import Scheduler
 from prompts.batching import ReadAhead, chunk_batches
+from prompts.readers import corpus_stamp
 from workers.checkpoint import load_config, load_tokenizer, resolve_model
 from workers.shard import ShardSpec
 from workers.stage import Stage, StageSpec
@@ -70,6 +72,8 @@ class Plan:
     """Prompts with an ``expected`` answer ..."""
     n_unspaced: int = 0
     """... of which the answer starts without whitespace after a prompt that ends without it."""
+    stamp: tuple | None = ()
+    """The corpus's `prompts.readers.corpus_stamp` from before the plan read it."""
 
 
 def plan(cfg: ScanConfig) -> Plan:
@@ -79,6 +83,7 @@ def plan(cfg: ScanConfig) -> Plan:
     config = load_config(source.path)
     bounds = partition_layers(config.n_layer, cfg.stages)
     tokenizer = load_tokenizer(source.path)
+    stamp = corpus_stamp(cfg.prompts)  # before reading: an edit from here on is seen
     n_prompts = n_tokens = n_input = n_chunks = n_expected = n_unspaced = 0
     kept, kept_chunks = [], 0
     for pairs in chunk_batches(cfg.prompts, tokenizer, config.n_positions, cfg.batch_tokens, cfg.truncate):
@@ -99,7 +104,21 @@ def plan(cfg: ScanConfig) -> Plan:
         context=config.n_positions, bounds=bounds, tokenizer=tokenizer,
         vocab_size=max(config.vocab_size, len(tokenizer)), n_prompts=n_prompts, n_tokens=n_tokens,
         kept=kept, kept_chunks=kept_chunks, n_chunks=n_chunks, n_expected=n_expected, n_unspaced=n_unspaced,
+        stamp=stamp,
     )
+
+
+def check_unchanged(source: str, p: Plan, fix: str) -> None:
+    """Stop when the corpus is no longer the one the plan read: micro-batches are cut from
+    what the plan read, and the rest of a large corpus is read again during the run."""
+    if corpus_stamp(source) != p.stamp:
+        raise UserError(f"prompt corpus {source} changed while neuroscan was reading it (size or modification time): {fix}")
+
+
+def _unchanged(chunks: Iterator[list], source: str, p: Plan) -> Iterator[list]:
+    for chunk in chunks:  # checked once the chunk is read: a write during its read is seen too
+        check_unchanged(source, p, "leave it as it is while a scan runs; put it back and --resume (what is committed is kept), or --overwrite to scan the new one")
+        yield chunk
 
 
 def answer_notice(p: Plan) -> str | None:
@@ -122,7 +141,7 @@ def corpus_batches(cfg: ScanConfig, p: Plan) -> Iterator[Iterator]:
         yield iter(p.kept)
         return
     rest = chunk_batches(cfg.prompts, p.tokenizer, p.context, cfg.batch_tokens, cfg.truncate, skip=p.kept_chunks, first_id=len(p.kept))
-    with ReadAhead(rest) as ahead:
+    with ReadAhead(_unchanged(rest, cfg.prompts, p)) as ahead:
         yield itertools.chain(p.kept, ahead)
 
 
@@ -175,7 +194,8 @@ def run_scan(cfg: ScanConfig) -> dict:
     """Run a scan end to end; returns the final manifest."""
     p = plan(cfg)
     out = Path(cfg.out)
-    header = manifest_header(cfg, p)
+    header = manifest_header(cfg, p)  # its checksum reads the corpus once more
+    check_unchanged(cfg.prompts, p, "leave it as it is while a scan runs, and start the scan again")
     with claim(out):  # no second scan into `out` while this one runs
         existing = prepare_output(out, cfg.overwrite, cfg.resume, header)
         committed = {b for part in existing["parts"] for b in part["batches"]} if existing else set()

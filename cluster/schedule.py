@@ -20,6 +20,7 @@ import itertools
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +63,7 @@ class Scheduler:
     def run(self, batches, committed: set[int]) -> tuple[int, int]:
         """Scan every micro-batch not in ``committed``; returns this session's prompts and tokens."""
         try:
-            for i, (batch, group) in enumerate(batches):
+            for i, (batch, group) in enumerate(self._landing(batches)):
                 if batch.batch_id in committed:
                     self.bar.update(len(group))
                     continue
@@ -74,6 +75,26 @@ class Scheduler:
         finally:
             self.bar.close()
         return self.prompts_done, self.tokens_done
+
+    def _landing(self, batches) -> Iterator:
+        """``batches``, but when reading them fails (the corpus changed under the run), the calls
+        in flight land first: killed with calls in flight, stages have Ray print each call's
+        retry above the error. Their own errors give way to the reading's (their micro-batches
+        are redone on --resume)."""
+        source = iter(batches)
+        while True:
+            try:
+                item = next(source)
+            except StopIteration:
+                return
+            except UserError:
+                while self.in_flight:
+                    try:
+                        self.settle()
+                    except Exception:  # noqa: BLE001 - the reading's error is the one to report
+                        pass
+                raise
+            yield item
 
     def finish(self, timings: dict) -> dict:
         """Commit the rest and mark the run complete, resending first if the aggregator restarted."""

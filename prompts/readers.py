@@ -91,6 +91,20 @@ def corpus_files(directory: Path) -> list[Path]:
     return files
 
 
+def corpus_stamp(source: str) -> tuple | None:
+    """Each corpus file's path, size and modification time: what an edit of the corpus changes,
+    at the cost of a ``stat`` a file. Empty for a built-in corpus; None when it cannot be read
+    (reading it then says why)."""
+    path = Path(source)
+    if source in BUILTIN and not path.exists():
+        return ()
+    try:
+        files = corpus_files(path) if path.is_dir() else [path]
+        return tuple((str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()])
+    except (OSError, UserError):
+        return None
+
+
 def _kind(path: Path) -> str | None:
     """The corpus type a file's name says (None: not a corpus file; Parquet is never compressed outside)."""
     kind = SUFFIXES.get(_suffix(path))

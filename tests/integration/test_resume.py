@@ -120,3 +120,24 @@ def test_resume_refuses_other_settings(corpus, reference, tmp_path):
         result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert result.returncode == 2 and message in result.stderr, result.stderr
     assert_same_output(out, reference)  # untouched
+
+
+def test_a_corpus_edited_mid_run_stops_in_one_line_keeping_what_is_committed(tmp_path):
+    """A corpus over the plan's 8,192 prompts is read again during the run, a chunk of 4,096
+    ahead; an edit then stops the run at the next chunk read, with one line, keeping what is
+    committed. (With calls still in flight when the actors went, Ray printed its own lines
+    above it: each call's retry, or "Failed to push error to driver"; the calls now land first.)"""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"item {i} of the list,"}) + "\n" for i in range(24_000)))  # 6 chunks, 2 kept
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "cluster.cli", "scan", str(corpus), "--out", str(out), "--max-per-layer", "5", "--rows-per-part", "20000", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_parts(out, proc, 1)  # the run is in the kept chunks; at most two more are read ahead
+    with open(corpus, "a") as f:
+        f.write(json.dumps({"text": "added while it ran"}) + "\n")
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 2, stderr
+    assert stderr.startswith("neuroscan: error: prompt corpus ") and stderr.count("\n") == 1, stderr
+    assert "changed while neuroscan was reading it" in stderr and "--resume" in stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "running" and manifest["parts"]
