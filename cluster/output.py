@@ -19,8 +19,7 @@ from pathlib import Path
 from aggregator.manifest import NAME as MANIFEST_NAME
 from aggregator.manifest import read_manifest
 from cluster.errors import UserError, make_dir
-from prompts.readers import corpus_files
-from prompts.seed import BUILTIN
+from prompts.readers import corpus_paths
 
 IDENTITY = {
     "model.id": "--model", "model.path": "--model", "model.dtype": "--dtype",
@@ -34,12 +33,13 @@ IDENTITY = {
 def corpus_fingerprint(source: str) -> dict:
     """The corpus's path and checksum, which ``--resume`` compares: of the file's bytes, or of a
     directory corpus's file names and bytes, in the order they are read."""
-    if source in BUILTIN and not Path(source).exists():
-        return {"source": source, "sha256": None}
-    path = Path(source)
+    files = corpus_paths(source)
+    if not files:
+        return {"source": source, "sha256": None}  # a built-in corpus
+    path, shards = Path(source), Path(source).is_dir()
     digest = hashlib.sha256()
-    for file in corpus_files(path) if path.is_dir() else [path]:
-        if path.is_dir():
+    for file in files:
+        if shards:
             digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):

@@ -66,10 +66,7 @@ def _rows(source: str) -> Iterable[tuple[str, dict]]:
     """(where, row) pairs; ``where`` names the line or row for error messages."""
     if source in BUILTIN and not Path(source).exists():
         return ((f"{source}[{i}]", row) for i, row in enumerate(BUILTIN[source]))
-    path = Path(source)
-    if path.is_dir():
-        return itertools.chain.from_iterable(_file_rows(file) for file in corpus_files(path))
-    return _file_rows(path)
+    return itertools.chain.from_iterable(_file_rows(file) for file in corpus_paths(source))
 
 
 def corpus_files(directory: Path) -> list[Path]:
@@ -91,16 +88,21 @@ def corpus_files(directory: Path) -> list[Path]:
     return files
 
 
+def corpus_paths(source: str) -> list[Path]:
+    """The files a corpus is read from, in order: the file, or a directory's corpus files; none
+    for a built-in corpus."""
+    path = Path(source)
+    if source in BUILTIN and not path.exists():
+        return []
+    return corpus_files(path) if path.is_dir() else [path]
+
+
 def corpus_stamp(source: str) -> tuple | None:
     """Each corpus file's path, size and modification time: what an edit of the corpus changes,
     at the cost of a ``stat`` a file. Empty for a built-in corpus; None when it cannot be read
     (reading it then says why)."""
-    path = Path(source)
-    if source in BUILTIN and not path.exists():
-        return ()
     try:
-        files = corpus_files(path) if path.is_dir() else [path]
-        return tuple((str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()])
+        return tuple((str(f), st.st_size, st.st_mtime_ns) for f in corpus_paths(source) for st in [f.stat()])
     except (OSError, UserError):
         return None
 

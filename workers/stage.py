@@ -5,9 +5,9 @@ on a GPU (`cluster.placement.stage_actor`). Its ``__init__`` only stores the spe
 load in `setup`, after Ray has placed the actor and set ``CUDA_VISIBLE_DEVICES``. Per
 micro-batch the stage runs its blocks once under scoped hooks (on a GPU each layer's
 reduction, Triton kernels from `workers.fused`, is queued on a side stream beside the forward
-pass), compacts the kept
-rows of all its layers on the device (one host sync), and queues one copy of them, with the
-hidden state for the next stage, to pinned host memory (`workers.transfer`).
+pass), compacts the kept rows of all its layers on the device (one host sync), and queues one
+copy of them, with the hidden state for the next stage, to pinned host memory
+(`workers.transfer`).
 
 Two phases. *Launch* holds the stage's lock: inputs to the device (pinned, asynchronous),
 the forward pass with each layer's reduction queued on a side stream, predictions or the
