@@ -21,6 +21,8 @@ demo: $(STAMP)
 	$(VENV)/bin/neuroscan report runs/demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests
 
 clean:

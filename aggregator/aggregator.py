@@ -20,6 +20,7 @@ batch not yet reported committed and resends it to a restarted aggregator, so no
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import uuid
@@ -31,12 +32,24 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from aggregator import schema
-from aggregator.manifest import read_manifest, write_manifest
+from aggregator import convert
 from aggregator.neurons import NeuronsMerge, layer_delta, read_merge
 from aggregator.writer import write_table
-from cluster.errors import UserError
-from cluster.memory import MemoryWatch
+from neuroscan import schema
+from neuroscan.errors import UserError
+from neuroscan.manifest import (
+    COMPLETE,
+    RUNNING,
+    Accuracy,
+    LayerSummary,
+    Manifest,
+    Part,
+    PartFile,
+    Summary,
+    read_manifest,
+    write_manifest,
+)
+from neuroscan.memory import MemoryWatch
 
 
 @dataclass
@@ -56,36 +69,38 @@ class Buffer:
 
 
 class Aggregator:
-    def __init__(self, out_dir: str, header: dict, token_strings: list[str], fmt: str = "parquet", rows_per_part: int = 500_000):
-        """``header`` is the manifest's fixed part (model, selection, bands, stages, versions...).
+    def __init__(self, out_dir: str, header: Manifest, token_strings: list[str], rows_per_part: int):
+        """``header`` is the new run's manifest: its fixed part (model, selection, bands, stages,
+        format, versions...) and no part yet.
 
         When ``out_dir`` already has a manifest (a resumed run, or this actor restarted by Ray)
         the aggregator continues it: committed parts stay, files no part lists are removed,
         and micro-batches already committed are dropped if they arrive again.
         """
         self.out = Path(out_dir)
-        self.fmt = fmt
         self.pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="neuroscan-write")
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuroscan-commit")
         self.writing: Future | None = None  # the part being written, if any
         self.rows_per_part = rows_per_part
         self.token_strings = token_strings
-        self.run_meta = {k: header[k] for k in ("model", "selection", "bands") if k in header}
+        self.run_meta = header.run_metadata()
         self.watch = MemoryWatch()
         existing = read_manifest(self.out)
         if existing is None:
-            self.manifest = {
-                **header, "status": "running", "parts": [],
-                "totals": {"prompts": 0, "tokens": 0, "activation_rows": 0},
-                "counters": {"layers": {}, "accuracy": {"family": {}, "variant": {}}}, "skipped": [],
-            }
+            self.manifest = copy.deepcopy(header)  # the caller's stays as it was
         else:
-            self.manifest = {**existing, "status": "running"}
-            self.manifest.setdefault("resumed_at", []).append(_now())
+            self.manifest = existing
+            self.manifest.status = RUNNING
+            self.manifest.resumed_at.append(_now())
             remove_uncommitted(self.out, self.manifest)
-        k = self.manifest.get("top_k", 20)
-        self.neurons = NeuronsMerge(k) if existing is None else read_merge(self.out, self.manifest, k)
-        self.committed: set[int] = {b for part in self.manifest["parts"] for b in part["batches"]}
+        self.fmt = self.manifest.format
+        k = self.manifest.top_k
+        self.neurons = (
+            NeuronsMerge(k)
+            if existing is None
+            else read_merge(self.out, self.manifest.files("neuron_parts/"), self.fmt, k)
+        )
+        self.committed: set[int] = self.manifest.committed_batches()
         self.seen: set[int] = set(self.committed)
         self.incarnation = uuid.uuid4().hex  # tells the driver when Ray has restarted this actor
         self.just_committed: list[int] = []
@@ -103,7 +118,12 @@ class Aggregator:
         batch_id = stages[0].batch_id
         if batch_id in self.seen:  # a duplicate; if already committed, say so, so the sender can forget it
             done = self._reported()
-            return 0, 0, self.incarnation, done + [batch_id] if batch_id in self.committed and batch_id not in done else done
+            return (
+                0,
+                0,
+                self.incarnation,
+                done + [batch_id] if batch_id in self.committed and batch_id not in done else done,
+            )
         self.seen.add(batch_id)
         buf = self.buf
         prompt_ids = np.array([t.prompt.prompt_id for t in group], dtype=np.int64)
@@ -114,13 +134,13 @@ class Aggregator:
             # anyway when each row is cut to its prompt's length).
             stage.rows = {name: array if name == "bands" else array.copy() for name, array in stage.rows.items()}
             stage.per_prompt = {name: array.copy() for name, array in stage.per_prompt.items()}
-            for layer, batch in schema.activation_batches(stage.rows, stage.start, prompt_ids, n_tokens).items():
+            for layer, batch in convert.activation_batches(stage.rows, stage.start, prompt_ids, n_tokens).items():
                 buf.acts[layer].append(batch)
                 buf.rows += batch.num_rows
-            buf.layers.append(schema.layers_batch(stage.per_prompt, stage.start, prompt_ids, n_tokens))
+            buf.layers.append(convert.layers_batch(stage.per_prompt, stage.start, prompt_ids, n_tokens))
             self._count_layers(stage)
             if stage.predictions is not None:
-                buf.prompts.append(schema.prompts_batch(group, stage.predictions, self.token_strings))
+                buf.prompts.append(convert.prompts_batch(group, stage.predictions, self.token_strings))
                 self._count_accuracy(group, stage.predictions["correct"])
         buf.batches.append(batch_id)
         buf.prompt_count += len(group)
@@ -186,17 +206,22 @@ class Aggregator:
 
     def _write_part(self, buf: Buffer) -> list[int]:
         """Write ``buf`` as part N and list it in the manifest (on the committer thread)."""
-        part = len(self.manifest["parts"]) + 1
+        part = len(self.manifest.parts) + 1
         stem = f"part-{part:05d}"
         files = []
         try:
             acts = {layer: self._table(schema.ACTIVATIONS, buf.acts[layer]) for layer in sorted(buf.acts)}
             tables = [(table, f"activations/layer={layer:02d}/{stem}") for layer, table in acts.items()]
-            tables += [(self._table(schema.PROMPTS, buf.prompts), f"prompts/{stem}"), (self._table(schema.LAYERS, buf.layers), f"layers/{stem}")]
+            tables += [
+                (self._table(schema.PROMPTS, buf.prompts), f"prompts/{stem}"),
+                (self._table(schema.LAYERS, buf.layers), f"layers/{stem}"),
+            ]
             # Encoding, hashing, fsync and the deltas' sorts release the GIL: all run in parallel.
             futures = [self.pool.submit(write_table, table, self.out, rel, self.fmt) for table, rel in tables]
-            red = self.manifest["bands"]["red"]
-            making = {layer: self.pool.submit(layer_delta, layer, table, self.neurons.k, red) for layer, table in acts.items()}
+            red = self.manifest.bands.red
+            making = {
+                layer: self.pool.submit(layer_delta, layer, table, self.neurons.k, red) for layer, table in acts.items()
+            }
             deltas = {layer: d.result() for layer, d in making.items()}
             delta = pa.concat_tables(list(deltas.values())) if deltas else schema.NEURONS.empty_table()
             futures.append(self.pool.submit(write_table, delta, self.out, f"neuron_parts/{stem}", self.fmt))
@@ -215,9 +240,9 @@ class Aggregator:
                 f"writing part {part} to {self.out} failed ({err.strerror or err}); parts 1-{part - 1} are intact: "
                 "fix the disk (space, permissions), then rerun the same command with --resume"
             ) from None
-        self.manifest["parts"].append({"part": part, "batches": sorted(buf.batches), "files": [f.to_dict() for f in files]})
+        self.manifest.parts.append(Part(part, sorted(buf.batches), files))
         self._fold_counts(buf)
-        self.manifest["summary"] = self.summary()
+        self.manifest.summary = self.summary()
         write_manifest(self.out, self.manifest)
         # Committed: its deltas join the neurons merge (folded here, off the critical path).
         for layer, d in deltas.items():
@@ -227,40 +252,40 @@ class Aggregator:
 
     def _fold_counts(self, buf: Buffer) -> None:
         """Counters cover committed parts only, so a resumed run counts every batch once."""
-        totals, counters = self.manifest["totals"], self.manifest["counters"]
-        totals["prompts"] += buf.prompt_count
-        totals["tokens"] += buf.token_count
-        totals["activation_rows"] += buf.rows
-        self.manifest.setdefault("skipped", []).extend(buf.skipped)
+        totals, counters = self.manifest.totals, self.manifest.counters
+        totals.prompts += buf.prompt_count
+        totals.tokens += buf.token_count
+        totals.activation_rows += buf.rows
+        self.manifest.skipped.extend(buf.skipped)
         for layer, (n, selected, kept) in buf.layer_counts.items():
-            sums = counters["layers"].setdefault(layer, [0, 0, 0])
-            counters["layers"][layer] = [sums[0] + n, sums[1] + selected, sums[2] + kept]
+            sums = counters.layers.setdefault(layer, [0, 0, 0])
+            counters.layers[layer] = [sums[0] + n, sums[1] + selected, sums[2] + kept]
         for (by, value), (correct, total) in buf.accuracy.items():
-            c, n = counters["accuracy"][by].get(value, [0, 0])
-            counters["accuracy"][by][value] = [c + correct, n + total]
+            c, n = counters.accuracy[by].get(value, [0, 0])
+            counters.accuracy[by][value] = [c + correct, n + total]
 
     def _table(self, table_schema: pa.Schema, batches: list[pa.RecordBatch]) -> pa.Table:
         return pa.Table.from_batches(batches, schema=table_schema).replace_schema_metadata(
             schema.with_run_metadata(table_schema, self.run_meta).metadata
         )
 
-    def summary(self) -> dict:
+    def summary(self) -> Summary:
         """Per-layer means per prompt and accuracy, from the committed counters."""
-        counters = self.manifest["counters"]
+        counters = self.manifest.counters
         layers = {
-            layer: {"mean_selected": s[1] / s[0], "mean_kept": s[2] / s[0]}
-            for layer, s in sorted(counters["layers"].items(), key=lambda item: int(item[0]))
+            layer: LayerSummary(mean_selected=s[1] / s[0], mean_kept=s[2] / s[0])
+            for layer, s in sorted(counters.layers.items(), key=lambda item: int(item[0]))
         }
         accuracy = {
-            by: {value: {"correct": c, "total": n, "accuracy": c / n} for value, (c, n) in sorted(groups.items())}
-            for by, groups in counters["accuracy"].items()
+            by: {value: Accuracy(correct=c, total=n, accuracy=c / n) for value, (c, n) in sorted(groups.items())}
+            for by, groups in counters.accuracy.items()
         }
-        return {"layers": layers, "accuracy": accuracy}
+        return Summary(layers=layers, accuracy=accuracy)
 
     def memory(self) -> dict[str, float]:
         return self.watch.report()
 
-    def finish(self, timings: dict) -> tuple[str, dict]:
+    def finish(self, timings: dict) -> tuple[str, Manifest]:
         """Commit what is buffered, mark the run complete; returns (incarnation, final manifest).
 
         ``aggregator_lag_s`` is how long the last commit kept the driver waiting after the
@@ -269,25 +294,24 @@ class Aggregator:
         self.commit()
         table = self.neurons.table(self.pool)
         table = table.replace_schema_metadata(schema.with_run_metadata(table.schema, self.run_meta).metadata)
-        self.manifest["neurons"] = write_table(table, self.out, "neurons/part-00001", self.fmt).to_dict()
-        self.manifest["empty_layers"] = self._write_empty_layers()
+        self.manifest.neurons = write_table(table, self.out, "neurons/part-00001", self.fmt)
+        self.manifest.empty_layers = self._write_empty_layers()
         timings = {**timings, "aggregator_lag_s": time.perf_counter() - t0}
-        self.manifest["summary"] = self.summary()
-        self.manifest["timings"] = {**timings, "finished_at": _now()}
-        self.manifest["status"] = "complete"
+        self.manifest.summary = self.summary()
+        self.manifest.timings = {**timings, "finished_at": _now()}
+        self.manifest.status = COMPLETE
         write_manifest(self.out, self.manifest)
         return self.incarnation, self.manifest
 
-    def _write_empty_layers(self) -> list[dict]:
+    def _write_empty_layers(self) -> list[PartFile]:
         """An empty activations file (the schema, no rows) for each layer no part kept a row of:
         every ``layer=NN`` directory exists, and a run that kept nothing reads as an empty table
         instead of pyarrow's FileNotFoundError or DuckDB's "no files found"."""
-        n_layer = self.manifest["partition"][-1][1]
-        kept = {f["path"].split("/")[1] for part in self.manifest["parts"] for f in part["files"] if f["path"].startswith("activations/")}
+        kept = {f.path.split("/")[1] for f in self.manifest.files("activations/")}
         empty = self._table(schema.ACTIVATIONS, [])
         return [
-            write_table(empty, self.out, f"activations/layer={layer:02d}/part-00000", self.fmt).to_dict()
-            for layer in range(n_layer)
+            write_table(empty, self.out, f"activations/layer={layer:02d}/part-00000", self.fmt)
+            for layer in range(self.manifest.n_layers)
             if f"layer={layer:02d}" not in kept
         ]
 
@@ -296,9 +320,9 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def remove_uncommitted(out: Path, manifest: dict) -> None:
+def remove_uncommitted(out: Path, manifest: Manifest) -> None:
     """Delete table files no committed part lists (a part cut short by a crash)."""
-    listed = {f["path"] for part in manifest["parts"] for f in part["files"]}
+    listed = {f.path for f in manifest.files()}
     for table in schema.OUTPUT_DIRS:
         for path in sorted((out / table).rglob("*")) if (out / table).exists() else []:
             if path.is_file() and path.relative_to(out).as_posix() not in listed:

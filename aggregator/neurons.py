@@ -32,10 +32,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from aggregator import schema
+from neuroscan import schema
+from neuroscan.manifest import PartFile
 
 
-def merge_top_k(state: dict[str, np.ndarray], neuron: np.ndarray, act: np.ndarray, prompt_id: np.ndarray, pos: np.ndarray, k: int) -> dict[str, np.ndarray]:
+def merge_top_k(
+    state: dict[str, np.ndarray], neuron: np.ndarray, act: np.ndarray, prompt_id: np.ndarray, pos: np.ndarray, k: int
+) -> dict[str, np.ndarray]:
     """Fold candidate rows into the per-neuron top-k (flat arrays sorted by neuron, act desc, prompt id)."""
     neuron = np.concatenate([state["neuron"], neuron])
     act = np.concatenate([state["act"], act])
@@ -75,7 +78,12 @@ def rank_within(group: np.ndarray) -> np.ndarray:
 
 
 def empty_state() -> dict[str, np.ndarray]:
-    return {"neuron": np.zeros(0, np.int32), "act": np.zeros(0, np.float32), "prompt_id": np.zeros(0, np.int64), "pos": np.zeros(0, np.int16)}
+    return {
+        "neuron": np.zeros(0, np.int32),
+        "act": np.zeros(0, np.float32),
+        "prompt_id": np.zeros(0, np.int64),
+        "pos": np.zeros(0, np.int16),
+    }
 
 
 class LayerState:
@@ -107,8 +115,13 @@ class LayerState:
         np.add.at(self.n_prompts, neuron, table["n_prompts"].to_numpy())
         np.add.at(self.n_red, neuron, table["n_red"].to_numpy())
         lengths = pc.list_value_length(table["top_acts"]).to_numpy()
-        flat = {name: pc.list_flatten(table[col]).to_numpy() for name, col in (("act", "top_acts"), ("prompt_id", "top_prompt_ids"), ("pos", "top_pos"))}
-        self.top = merge_top_k(self.top, np.repeat(neuron, lengths), flat["act"], flat["prompt_id"], flat["pos"], self.k)
+        flat = {
+            name: pc.list_flatten(table[col]).to_numpy()
+            for name, col in (("act", "top_acts"), ("prompt_id", "top_prompt_ids"), ("pos", "top_pos"))
+        }
+        self.top = merge_top_k(
+            self.top, np.repeat(neuron, lengths), flat["act"], flat["prompt_id"], flat["pos"], self.k
+        )
 
     def table(self, layer: int) -> pa.Table:
         present = np.flatnonzero(self.n_prompts)
@@ -116,11 +129,19 @@ class LayerState:
         # each neuron's list is one slice of the flat arrays, so the offsets are its starts.
         offsets = np.searchsorted(self.top["neuron"], present).astype(np.int32)
         offsets = pa.array(np.r_[offsets, len(self.top["neuron"])].astype(np.int32))
-        lists = {name: pa.ListArray.from_arrays(offsets, pa.array(self.top[name])) for name in ("prompt_id", "act", "pos")}
+        lists = {
+            name: pa.ListArray.from_arrays(offsets, pa.array(self.top[name])) for name in ("prompt_id", "act", "pos")
+        }
         return pa.table(
             [
-                np.full(len(present), layer, np.int32), present.astype(np.int32), self.n_prompts[present], self.n_red[present],
-                self.top["act"][offsets.to_numpy()[:-1]], lists["prompt_id"], lists["act"], lists["pos"],
+                np.full(len(present), layer, np.int32),
+                present.astype(np.int32),
+                self.n_prompts[present],
+                self.n_red[present],
+                self.top["act"][offsets.to_numpy()[:-1]],
+                lists["prompt_id"],
+                lists["act"],
+                lists["pos"],
             ],
             schema=schema.NEURONS,
         )
@@ -129,7 +150,13 @@ class LayerState:
 def layer_delta(layer: int, rows: pa.Table, k: int, red: float) -> pa.Table:
     """The neurons table of one layer's activation rows in one part (an ACTIVATIONS table)."""
     state = LayerState(k)
-    state.add_rows(rows["neuron"].to_numpy(), rows["max_act"].to_numpy(), rows["prompt_id"].to_numpy(), rows["max_pos"].to_numpy(), red)
+    state.add_rows(
+        rows["neuron"].to_numpy(),
+        rows["max_act"].to_numpy(),
+        rows["prompt_id"].to_numpy(),
+        rows["max_pos"].to_numpy(),
+        red,
+    )
     return state.table(layer)
 
 
@@ -189,19 +216,16 @@ class NeuronsMerge:
         return pa.concat_tables(tables) if tables else schema.NEURONS.empty_table()
 
 
-def read_merge(out: Path, manifest: dict, k: int) -> NeuronsMerge:
-    """The merge of the deltas of the parts the manifest lists, read from disk."""
-    fmt = "arrow" if manifest.get("format") == "arrow" else "parquet"
+def read_merge(out: Path, deltas: list[PartFile], fmt: str, k: int) -> NeuronsMerge:
+    """The merge of the committed parts' deltas (``neuron_parts/`` files), read from disk."""
     merge = NeuronsMerge(k)
-    for part in manifest["parts"]:
-        for f in part["files"]:
-            if f["path"].startswith("neuron_parts/"):
-                merge.add_part(ds.dataset(str(out / f["path"]), format=fmt).to_table())
-                for layer in merge.due():
-                    merge.fold(layer)
+    for f in deltas:
+        merge.add_part(ds.dataset(str(out / f.path), format=fmt).to_table())
+        for layer in merge.due():
+            merge.fold(layer)
     return merge
 
 
-def neurons_table(out: Path, manifest: dict, k: int) -> pa.Table:
-    """The whole table of the parts the manifest lists, from their deltas on disk."""
-    return read_merge(out, manifest, k).table()
+def neurons_table(out: Path, deltas: list[PartFile], fmt: str, k: int) -> pa.Table:
+    """The whole table of the committed parts, from their deltas on disk."""
+    return read_merge(out, deltas, fmt, k).table()

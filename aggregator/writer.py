@@ -4,27 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aggregator.manifest import fsync_dir
+from neuroscan.manifest import PartFile, fsync_dir
 
 SUFFIX = {"parquet": ".parquet", "arrow": ".arrow"}
-
-
-@dataclass(frozen=True)
-class PartFile:
-    path: str
-    """Relative to the output directory."""
-    rows: int
-    bytes: int
-    sha256: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:

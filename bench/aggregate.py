@@ -20,13 +20,34 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.aggregator import Aggregator
-from aggregator.schema import SCHEMA_VERSION
-from prompts.batching import Tokenized
-from prompts.readers import Prompt
-from workers.rows import StageRows
+from neuroscan.config import ScanConfig
+from neuroscan.manifest import BandEdges, Corpus, Manifest, ModelInfo, SelectionInfo
+from neuroscan.messages import Prompt, StageRows, Tokenized
+from neuroscan.schema import SCHEMA_VERSION
 
 D_MLP = 16_384
-HEADER = {"schema_version": SCHEMA_VERSION, "model": {"id": "bench"}, "selection": {}, "bands": {"low": 0.0, "high": 3.0, "red": 3.5}}
+
+
+def header(n_layers: int) -> Manifest:
+    """A run's manifest as the driver starts it, for ``n_layers`` layers on one stage."""
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        model=ModelInfo(id="bench", path="", dtype="float32"),
+        selection=SelectionInfo(high=3.0, low=0.0, max_per_layer=500),
+        bands=BandEdges(low=0.0, high=3.0, red=3.5),
+        stages=1,
+        replicas=1,
+        partition=[[0, n_layers]],
+        device="cpu",
+        handoff="store",
+        batch_tokens=8192,
+        top_k=20,
+        format="parquet",
+        truncate=False,
+        corpus=Corpus(source="bench", sha256=None),
+        versions={},
+        started_at="",
+    )
 
 
 BAND_POOL = 4096
@@ -52,16 +73,22 @@ def micro_batch(batch_id: int, prompts: int, tokens: int, layers: int, kept: int
         "layer_offset": np.repeat(np.arange(layers), prompts * kept).astype(np.int16),
         "row": np.tile(np.repeat(np.arange(prompts), kept), layers).astype(np.int32),
         "neuron": neuron,
-        "max_act": rng.normal(3, 1, m).astype(np.float32), "max_pos": rng.integers(0, tokens, m).astype(np.int16),
-        "min_act": rng.normal(-0.1, 0.05, m).astype(np.float32), "min_pos": rng.integers(0, tokens, m).astype(np.int16),
-        "n_above": rng.integers(0, 10, m).astype(np.int16), "n_below": rng.integers(0, tokens, m).astype(np.int16),
+        "max_act": rng.normal(3, 1, m).astype(np.float32),
+        "max_pos": rng.integers(0, tokens, m).astype(np.int16),
+        "min_act": rng.normal(-0.1, 0.05, m).astype(np.float32),
+        "min_pos": rng.integers(0, tokens, m).astype(np.int16),
+        "n_above": rng.integers(0, 10, m).astype(np.int16),
+        "n_below": rng.integers(0, tokens, m).astype(np.int16),
         "bands": band_rows(rng, tokens)[rng.integers(0, BAND_POOL, m)],
     }
     per_prompt = {name: np.full((layers, prompts), kept, np.int32) for name in ("n_selected", "n_kept", "n_above_any")}
     for name in ("mean_coverage", "red_coverage", "blue_coverage"):
         per_prompt[name] = np.full((layers, prompts), 0.1, np.float32)
-    predictions = {"top_ids": np.zeros((prompts, 5), np.int32), "top_probs": np.full((prompts, 5), 0.2, np.float32),
-                   "correct": np.full(prompts, -1, np.int8)}
+    predictions = {
+        "top_ids": np.zeros((prompts, 5), np.int32),
+        "top_probs": np.full((prompts, 5), 0.2, np.float32),
+        "correct": np.full(prompts, -1, np.int8),
+    }
     return group, StageRows(batch_id, 0, rows, per_prompt, predictions)
 
 
@@ -79,7 +106,9 @@ def main() -> None:
     out.mkdir(parents=True)
     rng = np.random.default_rng(0)
     made = [micro_batch(i, args.prompts, args.tokens, args.layers, args.kept, rng) for i in range(args.batches)]
-    agg = Aggregator(str(out), {**HEADER, "partition": [[0, args.layers]]}, [chr(65 + i % 26) for i in range(256)])
+    agg = Aggregator(
+        str(out), header(args.layers), [chr(65 + i % 26) for i in range(256)], rows_per_part=ScanConfig.rows_per_part
+    )
     adds = []
     t0 = time.perf_counter()
     for group, rows in made:
@@ -90,9 +119,11 @@ def main() -> None:
     agg.finish({})
     total = time.perf_counter() - t0
     m = len(made[0][1].rows["neuron"])
-    print(f"{args.batches} micro-batches of {m:,} rows: add median {np.median(adds) * 1e3:.0f} ms, max {max(adds) * 1e3:.0f} ms; "
-          f"fed in {fed:.2f} s ({args.batches / fed:.1f} a second); finished in {total:.2f} s "
-          f"({args.batches / total:.1f} a second, end-of-run lag {total - fed:.2f} s)")
+    print(
+        f"{args.batches} micro-batches of {m:,} rows: add median {np.median(adds) * 1e3:.0f} ms, max {max(adds) * 1e3:.0f} ms; "
+        f"fed in {fed:.2f} s ({args.batches / fed:.1f} a second); finished in {total:.2f} s "
+        f"({args.batches / total:.1f} a second, end-of-run lag {total - fed:.2f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from transformers.models.gptj.modeling_gptj import (
     apply_rotary_pos_emb,
 )
 
-from cluster.config import Selection
+from neuroscan.config import Selection
 from workers import fused
 from workers.fused import Tiling
 from workers.reduce import UNSELECTED, kept_rows, pick_neurons, reduce_layer
@@ -58,33 +58,45 @@ def main() -> None:
     print(f"activations {tuple(shape)} fp16, {size / 2**20:.0f} MiB")
     print(f"{'device copy (read + write)':<40}{copy * 1e3:9.1f} us  {2 * size / copy / 1e6:7.0f} GB/s")
     reference = fused.layer_stats_fused(act, n_tokens, sel)
-    gelu = lambda: torch.nn.functional.gelu(pre, approximate="tanh")  # noqa: E731
+    gelu = lambda: torch.nn.functional.gelu(pre, approximate="tanh")
     t = ms(gelu)
     print(f"{'GELU, torch':<40}{t * 1e3:9.1f} us  {2 * size / t / 1e6:7.0f} GB/s")
-    print(f"{'GELU, torch, then the stats kernel':<40}{ms(lambda: fused.layer_stats_fused(gelu(), n_tokens, sel)) * 1e3:9.1f} us")
+    print(
+        f"{'GELU, torch, then the stats kernel':<40}{ms(lambda: fused.layer_stats_fused(gelu(), n_tokens, sel)) * 1e3:9.1f} us"
+    )
     for tiling in TILINGS:
         got = fused.layer_stats_fused(act, n_tokens, sel, tiling)
         same = all(torch.equal(reference[k], got[k]) for k in reference)
-        t = ms(lambda: fused.layer_stats_fused(act, n_tokens, sel, tiling))
-        print(f"{f'stats {name(tiling)}':<40}{t * 1e3:9.1f} us  {size / t / 1e6:7.0f} GB/s"
-              f"{'' if same else '  DIFFERENT RESULTS'}")
+        t = ms(lambda tiling=tiling: fused.layer_stats_fused(act, n_tokens, sel, tiling))
+        print(
+            f"{f'stats {name(tiling)}':<40}{t * 1e3:9.1f} us  {size / t / 1e6:7.0f} GB/s"
+            f"{'' if same else '  DIFFERENT RESULTS'}"
+        )
     rank = reference["rank"]
     key = (rank.long() << 32) | (args.neurons - 1 - torch.arange(args.neurons, device="cuda"))  # run 6's rank keys
     before = run6_pick(key, 500)
     print(f"{'pick 500, int64 top-k + sort (run 6)':<40}{ms(lambda: run6_pick(key, 500)) * 1e3:9.1f} us")
     same = torch.equal(pick_neurons(rank, 500)[0], before)
-    print(f"{'pick 500, int32 top-k + prefix sums':<40}{ms(lambda: pick_neurons(rank, 500)) * 1e3:9.1f} us{'' if same else '  DIFFERENT RESULTS'}")
+    print(
+        f"{'pick 500, int32 top-k + prefix sums':<40}{ms(lambda: pick_neurons(rank, 500)) * 1e3:9.1f} us{'' if same else '  DIFFERENT RESULTS'}"
+    )
     for warps in (4, 8, 16):
         same = torch.equal(fused.pick_fused(rank, 500, warps)[0], before)
-        print(f"{f'pick 500, kernel warps={warps}':<40}{ms(lambda: fused.pick_fused(rank, 500, warps)) * 1e3:9.1f} us"
-              f"{'' if same else '  DIFFERENT RESULTS'}")
+        print(
+            f"{f'pick 500, kernel warps={warps}':<40}{ms(lambda warps=warps: fused.pick_fused(rank, 500, warps)) * 1e3:9.1f} us"
+            f"{'' if same else '  DIFFERENT RESULTS'}"
+        )
     idx = torch.sort(torch.randperm(args.neurons, device="cuda")[:500]).values.expand(args.batch, 500).contiguous()
     rows = fused.kept_rows_fused(act, idx, n_tokens, reference, sel)
     eager = kept_rows(act, idx, n_tokens, reference, sel)
     same = all(torch.equal(rows[k], eager[k]) for k in rows)
-    print(f"{'kept rows, eager (500 neurons)':<40}{ms(lambda: kept_rows(act, idx, n_tokens, reference, sel)) * 1e3:9.1f} us")
-    print(f"{'kept rows, fused (500 neurons)':<40}{ms(lambda: fused.kept_rows_fused(act, idx, n_tokens, reference, sel)) * 1e3:9.1f} us"
-          f"{'' if same else '  DIFFERENT RESULTS'}")
+    print(
+        f"{'kept rows, eager (500 neurons)':<40}{ms(lambda: kept_rows(act, idx, n_tokens, reference, sel)) * 1e3:9.1f} us"
+    )
+    print(
+        f"{'kept rows, fused (500 neurons)':<40}{ms(lambda: fused.kept_rows_fused(act, idx, n_tokens, reference, sel)) * 1e3:9.1f} us"
+        f"{'' if same else '  DIFFERENT RESULTS'}"
+    )
     print(f"{'reduce_layer (fused)':<40}{ms(lambda: reduce_layer(act, n_tokens, sel, fused=True)) * 1e3:9.1f} us")
     print(f"{'reduce_layer (eager)':<40}{ms(lambda: reduce_layer(act, n_tokens, sel)) * 1e3:9.1f} us")
     rotary(args.batch, args.tokens, ms)
@@ -108,7 +120,9 @@ def rotary(batch: int, tokens: int, ms) -> None:
     config = GPTJConfig()
     heads, head_dim, rd = config.n_head, config.n_embd // config.n_head, config.rotary_dim
     gen = torch.Generator("cuda").manual_seed(1)
-    query, key = (torch.randn(batch, tokens, heads, head_dim, device="cuda", dtype=torch.float16, generator=gen) for _ in range(2))
+    query, key = (
+        torch.randn(batch, tokens, heads, head_dim, device="cuda", dtype=torch.float16, generator=gen) for _ in range(2)
+    )
     positions = torch.arange(tokens, device="cuda")[None, :].expand(batch, tokens)
     sin, cos = GPTJRotaryEmbedding(config).to("cuda")(query, positions)
 
@@ -122,8 +136,10 @@ def rotary(batch: int, tokens: int, ms) -> None:
     print(f"queries and keys {(batch, tokens, heads, head_dim)} fp16, rotary_dim {rd}")
     print(f"{'rotary, transformers (+ cat)':<40}{ms(theirs) * 1e3:9.1f} us")
     print(f"{'rotary in place, eager':<40}{ms(lambda: rotate_(q, k, sin, cos, rd, kernel=False)) * 1e3:9.1f} us")
-    print(f"{'rotary in place, kernel':<40}{ms(lambda: rotate_(q, k, sin, cos, rd, kernel=True)) * 1e3:9.1f} us"
-          f"{'' if same else '  DIFFERENT RESULTS'}")
+    print(
+        f"{'rotary in place, kernel':<40}{ms(lambda: rotate_(q, k, sin, cos, rd, kernel=True)) * 1e3:9.1f} us"
+        f"{'' if same else '  DIFFERENT RESULTS'}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,24 +23,33 @@ import pyarrow as pa
 
 from aggregator.neurons import layer_delta, neurons_table
 from aggregator.writer import write_table
+from neuroscan.manifest import PartFile
 
 D_MLP = 16_384
 
 
-def write_deltas(out: Path, parts: int, layers: int, prompts: int, kept: int) -> dict:
+def write_deltas(out: Path, parts: int, layers: int, prompts: int, kept: int) -> list[PartFile]:
     rng = np.random.default_rng(0)
     listed = []
     for part in range(parts):
         deltas = []
         for layer in range(layers):
-            neuron = np.concatenate([np.sort(rng.choice(D_MLP, kept, replace=False)) for _ in range(prompts)]).astype(np.int32)
+            neuron = np.concatenate([np.sort(rng.choice(D_MLP, kept, replace=False)) for _ in range(prompts)]).astype(
+                np.int32
+            )
             m = len(neuron)
-            rows = pa.table({"prompt_id": np.repeat(np.arange(prompts) + part * prompts, kept).astype(np.int64), "neuron": neuron,
-                             "max_act": rng.normal(3, 1, m).astype(np.float32), "max_pos": rng.integers(0, 256, m).astype(np.int16)})
+            rows = pa.table(
+                {
+                    "prompt_id": np.repeat(np.arange(prompts) + part * prompts, kept).astype(np.int64),
+                    "neuron": neuron,
+                    "max_act": rng.normal(3, 1, m).astype(np.float32),
+                    "max_pos": rng.integers(0, 256, m).astype(np.int16),
+                }
+            )
             deltas.append(layer_delta(layer, rows, k=20, red=3.5))
         f = write_table(pa.concat_tables(deltas), out, f"neuron_parts/part-{part:05d}", "parquet")
-        listed.append({"part": part + 1, "files": [f.to_dict()]})
-    return {"parts": listed, "format": "parquet"}
+        listed.append(f)
+    return listed
 
 
 def main() -> None:
@@ -52,15 +62,17 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.dir)
     shape = [args.parts, args.layers, args.prompts_per_part, args.kept]
-    saved = out / "merge-manifest.json"
+    saved = out / "merge-deltas.json"
     if saved.exists() and json.loads(saved.read_text())["shape"] == shape:
-        manifest = json.loads(saved.read_text())["manifest"]
+        deltas = [PartFile(**f) for f in json.loads(saved.read_text())["deltas"]]
     else:
-        manifest = write_deltas(out, *shape)
-        saved.write_text(json.dumps({"shape": shape, "manifest": manifest}))
+        deltas = write_deltas(out, *shape)
+        saved.write_text(json.dumps({"shape": shape, "deltas": [asdict(f) for f in deltas]}))
     t0 = time.perf_counter()
-    table = neurons_table(out, manifest, k=20)
-    print(f"{args.parts} parts x {args.layers} layers: neurons_table {time.perf_counter() - t0:.2f} s, {table.num_rows} rows")
+    table = neurons_table(out, deltas, "parquet", k=20)
+    print(
+        f"{args.parts} parts x {args.layers} layers: neurons_table {time.perf_counter() - t0:.2f} s, {table.num_rows} rows"
+    )
 
 
 if __name__ == "__main__":

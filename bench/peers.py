@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
-from cluster.config import Selection
+from neuroscan.config import Selection
 from workers.reduce import compact, reduce_layer
 from workers.transfer import leaves, to_host
 
@@ -44,8 +44,8 @@ def transformer_lens_step(stage, tokenizer, inputs, sel: Selection):
     """A bench step through TransformerLens; the stage's model is left as it was afterwards.
 
     ``inputs(batch)`` gives (ids, attention mask, position ids) on the device."""
-    from transformers import GPTJForCausalLM
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import GPTJForCausalLM
 
     body = stage.model.body
     attention = body.config._attn_implementation
@@ -54,7 +54,11 @@ def transformer_lens_step(stage, tokenizer, inputs, sel: Selection):
         hf = GPTJForCausalLM(body.config)
     hf.transformer, hf.lm_head = body, stage.model.lm_head  # the loaded weights, shared
     bridge = TransformerBridge.boot_transformers(
-        "EleutherAI/gpt-j-6b", hf_model=hf, tokenizer=tokenizer, device=str(stage.device), dtype=next(body.parameters()).dtype
+        "EleutherAI/gpt-j-6b",
+        hf_model=hf,
+        tokenizer=tokenizer,
+        device=str(stage.device),
+        dtype=next(body.parameters()).dtype,
     )  # switches the model to eager attention, as TransformerLens does so that its hooks see the pattern
     names = [f"blocks.{i}.mlp.hook_post" for i in range(len(body.h))]
 
@@ -68,7 +72,7 @@ def transformer_lens_step(stage, tokenizer, inputs, sel: Selection):
     try:
         yield step
     finally:
-        del bridge
+        bridge = None  # the wrappers go with it
         undo()
         body.config._attn_implementation = attention
         for block in body.h:

@@ -20,8 +20,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from bench.run import bare_step, synthetic_corpus
-from cluster.config import Selection
 from cluster.placement import STAGE_CONCURRENCY
+from neuroscan.config import Selection
 from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer
 from workers.shard import ShardSpec
@@ -43,7 +43,12 @@ def main() -> None:
     model, device = stage.model, torch.device("cuda")
     with tempfile.TemporaryDirectory() as tmp:
         corpus = synthetic_corpus(Path(tmp) / "p.jsonl", args.prompts * args.batches, args.prompt_tokens)
-        batches = [b for b, _ in micro_batches(str(corpus), load_tokenizer(args.model), config.n_positions, args.prompts * args.prompt_tokens, False)]
+        batches = [
+            b
+            for b, _ in micro_batches(
+                str(corpus), load_tokenizer(args.model), config.n_positions, args.prompts * args.prompt_tokens, False
+            )
+        ]
 
     bare = bare_step(model, device)
 
@@ -61,7 +66,11 @@ def main() -> None:
         stage.reduce_stream = None
         stage.forward(batch)
 
-    for name, run in (("bare", one_thread(bare)), ("scan_local_inline", one_thread(scan_local_inline)), ("scan_local", scan_local)):
+    for name, run in (
+        ("bare", one_thread(bare)),
+        ("scan_local_inline", one_thread(scan_local_inline)),
+        ("scan_local", scan_local),
+    ):
         run(batches[:1])
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -72,8 +81,14 @@ def main() -> None:
         events = prof.key_averages()
         # Kernels only: summing the table's rows would count an op and its kernels twice (runs
         # 2-6 printed that doubled figure).
-        device_total = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e3 / len(batches)
-        print(f"\n== {name}: {wall * 1e3:.1f} ms wall per micro-batch, {device_total:.1f} ms of kernels per micro-batch")
+        device_total = (
+            sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+            / 1e3
+            / len(batches)
+        )
+        print(
+            f"\n== {name}: {wall * 1e3:.1f} ms wall per micro-batch, {device_total:.1f} ms of kernels per micro-batch"
+        )
         print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60))
 
 

@@ -46,18 +46,16 @@ from transformers.models.gptj.modeling_gptj import GPTJAttention
 
 from bench import peers
 from bench.peers import PEER_PACKAGES, PEERS
-from cluster.config import DEVICES, DTYPES, ScanConfig, Selection
 from cluster.driver import package_version, run_scan
-from cluster.errors import UserError, file_out, one_of
 from cluster.placement import STAGE_CONCURRENCY
+from neuroscan.config import BENCH_MODES, BenchConfig, ScanConfig, Selection, resolve_dtype
+from neuroscan.errors import UserError, file_out
 from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer, resolve_model
 from workers.shard import ShardSpec
 from workers.stage import Stage, StageSpec
 from workers.transfer import to_device
 
-MODES = ("bare", "bare_hf_gelu", "bare_hf_rotary", "naive", "scan_local_eager", "scan_local_inline", "scan_local",
-         *PEERS, "bare_again", "scan", "scan_2stage", "scan_2stage_direct")
 RAY_MODES = {"scan": (1, "store"), "scan_2stage": (2, "store"), "scan_2stage_direct": (2, "direct")}
 """The modes that run the Ray pipeline: (stages, hand-off)."""
 
@@ -142,8 +140,17 @@ def bare_step(model, device: torch.device):
     return bare
 
 
-def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: Selection, modes: list[str], tokenizer,
-                     results: dict, saved) -> None:
+def bench_in_process(
+    path: str,
+    batches,
+    device: torch.device,
+    dtype: str,
+    sel: Selection,
+    modes: list[str],
+    tokenizer,
+    results: dict,
+    saved,
+) -> None:
     """The in-process modes, all on one loaded copy of the model (a stage holding every layer),
     added to ``results``; ``saved(results)`` after each."""
     n = load_config(path).n_layer
@@ -162,7 +169,9 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
             copied.append(a.nbytes)
             for row, length in enumerate(batch.n_tokens):
                 x = a[row, :length]  # [pos, d_mlp]
-                stats.append((x.max(0), x.argmax(0), x.min(0), x.argmin(0), (x > sel.high).sum(0), (x < sel.low).sum(0)))
+                stats.append(
+                    (x.max(0), x.argmax(0), x.min(0), x.argmin(0), (x > sel.high).sum(0), (x < sel.low).sum(0))
+                )
 
         handles = [b.mlp.act.register_forward_hook(lambda m, i, o: to_host(o)) for b in model.body.h]
         try:
@@ -188,24 +197,33 @@ def bench_in_process(path: str, batches, device: torch.device, dtype: str, sel: 
         "scan_local_inline": (scan_local, fused, None, (), 1),
         "scan_local": (scan_local, fused, side, (), two),
     }
-    for mode in MODES:
+    for mode in BENCH_MODES:
         if mode in modes and mode in variants:
             step, stage.fused, stage.reduce_stream, before, threads = variants[mode]
             run = batches[:NAIVE_BATCHES] if mode == "naive" else batches
             with transformers_modules(model, before):
-                results[mode] = {**timed(step, run, device, warm_up=mode != "naive", threads=threads),
-                                 "reduction": "fused" if stage.fused else "eager", "threads": threads}
+                results[mode] = {
+                    **timed(step, run, device, warm_up=mode != "naive", threads=threads),
+                    "reduction": "fused" if stage.fused else "eager",
+                    "threads": threads,
+                }
             saved(results)
     stage.fused, stage.reduce_stream = fused, side
-    inputs = lambda batch: _inputs(batch, device)  # noqa: E731
-    for mode, step in (("transformer_lens", lambda: peers.transformer_lens_step(stage, tokenizer, inputs, sel)),
-                       ("nnsight", lambda: peers.nnsight_step(stage, inputs, sel))):
+    inputs = lambda batch: _inputs(batch, device)
+    for mode, step in (
+        ("transformer_lens", lambda: peers.transformer_lens_step(stage, tokenizer, inputs, sel)),
+        ("nnsight", lambda: peers.nnsight_step(stage, inputs, sel)),
+    ):
         if mode in modes:  # on transformers' own GELU and attention, the model their users run
             with transformers_modules(model, ("gelu", "attention")), step() as run:
                 results[mode] = {**timed(run, batches, device), "reduction": "eager"}
             saved(results)
     if "bare_again" in modes:
-        results["bare_again"] = {**timed(bare, batches, device), "reduction": "fused" if fused else "eager", "threads": 1}
+        results["bare_again"] = {
+            **timed(bare, batches, device),
+            "reduction": "fused" if fused else "eager",
+            "threads": 1,
+        }
         saved(results)
 
 
@@ -229,15 +247,37 @@ def transformers_modules(model, which: tuple[str, ...]):
             block.mlp.act, block.attn.__class__ = act, attention
 
 
-def bench_ray(corpus: Path, model: str | None, device: str, dtype: str, batch_tokens: int, stages: int, sel: Selection,
-              handoff: str = "store") -> dict:
+def bench_ray(
+    corpus: Path,
+    model: str | None,
+    device: str,
+    dtype: str,
+    batch_tokens: int,
+    stages: int,
+    sel: Selection,
+    handoff: str = "store",
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ScanConfig(
-            prompts=str(corpus), out=str(Path(tmp) / "out"), model=model, stages=stages, device=device, dtype=dtype, handoff=handoff,
-            gpus_per_stage=1.0 / stages if device == "cuda" else 1.0, selection=sel, batch_tokens=batch_tokens, progress=False,
+            prompts=str(corpus),
+            out=str(Path(tmp) / "out"),
+            model=model,
+            stages=stages,
+            device=device,
+            dtype=dtype,
+            handoff=handoff,
+            gpus_per_stage=1.0 / stages if device == "cuda" else 1.0,
+            selection=sel,
+            batch_tokens=batch_tokens,
+            quiet=True,
         )
-        timings = run_scan(cfg)["timings"]
-    return {"seconds": timings["seconds"], "d2h_bytes": None, "peak_device_mb": None, "aggregator_lag_s": timings["aggregator_lag_s"]}
+        timings = run_scan(cfg).timings
+    return {
+        "seconds": timings["seconds"],
+        "d2h_bytes": None,
+        "peak_device_mb": None,
+        "aggregator_lag_s": timings["aggregator_lag_s"],
+    }
 
 
 def attention_implementation(path: str) -> str:
@@ -249,75 +289,76 @@ def attention_implementation(path: str) -> str:
         return StageModel(config, ShardSpec(0, config.n_layer, config.n_layer)).body.config._attn_implementation
 
 
-def check_args(args) -> None:
-    """The flags ``run_bench`` needs before it loads or writes anything: one line for each bad one."""
-    from workers.embedded import PRESETS
-
-    one_of("--device", args.device, DEVICES)
-    one_of("--dtype", args.dtype, DTYPES)
-    if not args.model:
-        one_of("--preset", args.preset, PRESETS, " (or --model DIR)")
-    for flag, value in (("--prompts", args.prompts), ("--prompt-tokens", args.prompt_tokens), ("--batch-tokens", args.batch_tokens)):
-        if value < 1:
-            raise UserError(f"{flag} {value} must be at least 1")
-    if args.out:
-        file_out(Path(args.out), "bench.json")
-
-
-def run_bench(args) -> dict:
-    check_args(args)
-    device = torch.device(args.device)
+def run_bench(cfg: BenchConfig) -> dict:
+    if cfg.out:
+        file_out(Path(cfg.out), "bench.json")
+    device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but torch sees no CUDA device: use --device cpu or run on a GPU machine")
-    if args.model:
-        path, model_arg = resolve_model(args.model).path, args.model
-    elif args.preset == "tiny":
+    if cfg.model:
+        path, model_arg = resolve_model(cfg.model).path, cfg.model
+    elif cfg.preset == "tiny":
         path, model_arg = resolve_model(None).path, None
     else:
         from workers.embedded import gptj_config, write_checkpoint
 
         # On a GPU the random weights are drawn there (seconds instead of a minute for 6B).
-        cache = Path(args.cache) / f"{args.preset}-seed0-{device.type}"
+        cache = cfg.cache_path / f"{cfg.preset}-seed0-{device.type}"
         if not (cache / "config.json").exists():
-            write_checkpoint(gptj_config(args.preset), cache, device=device.type)
+            write_checkpoint(gptj_config(cfg.preset), cache, device=device.type)
         path = model_arg = str(cache)
-    dtype = args.dtype if args.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
     sel = Selection()
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = synthetic_corpus(Path(tmp) / "bench.jsonl", args.prompts, args.prompt_tokens)
+        corpus = synthetic_corpus(Path(tmp) / "bench.jsonl", cfg.prompts, cfg.prompt_tokens)
         tokenizer = load_tokenizer(path)
         config = load_config(path)
-        if args.prompt_tokens > config.n_positions:
-            raise UserError(f"--prompt-tokens {args.prompt_tokens} is more than the model's context of {config.n_positions}: "
-                            f"use at most {config.n_positions}")
-        batches = [b for b, _ in micro_batches(str(corpus), tokenizer, config.n_positions, args.batch_tokens, False)]
+        dtype = resolve_dtype(cfg.dtype, device.type, getattr(config, "dtype", None))
+        if cfg.prompt_tokens > config.n_positions:
+            raise UserError(
+                f"--prompt-tokens {cfg.prompt_tokens} is more than the model's context of {config.n_positions}: "
+                f"use at most {config.n_positions}"
+            )
+        batches = [b for b, _ in micro_batches(str(corpus), tokenizer, config.n_positions, cfg.batch_tokens, False)]
         tokens = int(sum(b.n_tokens.sum() for b in batches))
-        modes = args.modes.split(",") if args.modes else list(MODES)
-        unknown = sorted(set(modes) - set(MODES))
-        if unknown:
-            raise UserError(f"--modes: {', '.join(unknown)} not known: use a comma-separated subset of {', '.join(MODES)}")
+        modes = [m for m in BENCH_MODES if m in cfg.modes]
         missing = [m for m in modes if m in PEERS and not peers.available(m)]
-        if missing and args.modes:
-            raise UserError(f"--modes {','.join(missing)}: not installed here: pip install 'neuroscan[bench]' (or leave them out)")
+        if missing and cfg.modes != BENCH_MODES:
+            raise UserError(
+                f"--modes {','.join(missing)}: not installed here: pip install 'neuroscan[bench]' (or leave them out)"
+            )
         modes = [m for m in modes if m not in missing]
         peak = matmul_flops(device, getattr(torch, dtype))
         per_token = flops_per_token(config, float(np.mean([b.n_tokens.mean() for b in batches])))
         head = {
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "command": " ".join(["neuroscan", *sys.argv[1:]]),
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-            "versions": {p: package_version(p) for p in ("torch", "transformers", "triton", "ray", "pyarrow", *PEER_PACKAGES)},
-            "model": {"path": path, "n_layer": config.n_layer, "d_model": config.n_embd, "dtype": dtype,
-                      "attention": attention_implementation(path)},
-            "workload": {"prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "batch_tokens": args.batch_tokens,
-                         "micro_batches": len(batches), "tokens": tokens},
+            "device": torch.cuda.get_device_name()
+            if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "versions": {
+                p: package_version(p) for p in ("torch", "transformers", "triton", "ray", "pyarrow", *PEER_PACKAGES)
+            },
+            "model": {
+                "path": path,
+                "n_layer": config.n_layer,
+                "d_model": config.n_embd,
+                "dtype": dtype,
+                "attention": attention_implementation(path),
+            },
+            "workload": {
+                "prompts": cfg.prompts,
+                "prompt_tokens": cfg.prompt_tokens,
+                "batch_tokens": cfg.batch_tokens,
+                "micro_batches": len(batches),
+                "tokens": tokens,
+            },
             "matmul_flops": peak,
             "skipped": {m: "not installed (the bench extra)" for m in missing},
         }
 
         def saved(results: dict) -> None:  # a run cut short still leaves the modes it finished
-            if args.out:
-                Path(args.out).write_text(json.dumps(finished(head, results, per_token, complete=False), indent=1))
+            if cfg.out:
+                Path(cfg.out).write_text(json.dumps(finished(head, results, per_token, complete=False), indent=1))
 
         results: dict = {}
         in_process = [m for m in modes if m not in RAY_MODES]
@@ -327,7 +368,7 @@ def run_bench(args) -> dict:
             torch.cuda.empty_cache()  # the model is gone; the Ray modes' actors need the memory
         for mode, (stages, handoff) in RAY_MODES.items():
             if mode in modes:
-                run = bench_ray(corpus, model_arg, device.type, dtype, args.batch_tokens, stages, sel, handoff)
+                run = bench_ray(corpus, model_arg, device.type, dtype, cfg.batch_tokens, stages, sel, handoff)
                 results[mode] = {**run, "tokens": tokens}
                 saved(results)
     return finished(head, results, per_token, complete=True)
@@ -340,25 +381,37 @@ def finished(head: dict, results: dict, per_token: float, complete: bool) -> dic
     out = {}
     for mode, r in results.items():
         rate = r["tokens"] / r["seconds"]
-        out[mode] = {**r, "tokens_per_s": rate, "ratio_to_bare": rate / bare_rate if bare_rate else None,
-                     "mfu": rate * per_token / head["matmul_flops"],
-                     "d2h_bytes_per_token": None if r["d2h_bytes"] is None else r["d2h_bytes"] / r["tokens"]}
+        out[mode] = {
+            **r,
+            "tokens_per_s": rate,
+            "ratio_to_bare": rate / bare_rate if bare_rate else None,
+            "mfu": rate * per_token / head["matmul_flops"],
+            "d2h_bytes_per_token": None if r["d2h_bytes"] is None else r["d2h_bytes"] / r["tokens"],
+        }
     return {**head, "results": out, "complete": complete}
 
 
 def table(report: dict) -> str:
-    lines = [(f"{report['device']}  {report['model']['n_layer']} layers x {report['model']['d_model']}  {report['model']['dtype']}  "
-              f"attention {report['model']['attention']}  "
-              f"{report['workload']['tokens']} tokens in {report['workload']['micro_batches']} micro-batches"),
-             f"{'mode':<23}{'tokens/s':>12}{'vs bare':>9}{'MFU':>8}{'D2H B/token':>13}{'peak MB':>10}{'agg lag s':>11}"]
+    lines = [
+        (
+            f"{report['device']}  {report['model']['n_layer']} layers x {report['model']['d_model']}  {report['model']['dtype']}  "
+            f"attention {report['model']['attention']}  "
+            f"{report['workload']['tokens']} tokens in {report['workload']['micro_batches']} micro-batches"
+        ),
+        f"{'mode':<23}{'tokens/s':>12}{'vs bare':>9}{'MFU':>8}{'D2H B/token':>13}{'peak MB':>10}{'agg lag s':>11}",
+    ]
     for mode, r in report["results"].items():
         fmt = lambda v, spec: "-" if v is None else format(v, spec)
-        lines.append(f"{mode:<23}{r['tokens_per_s']:>12,.0f}{fmt(r['ratio_to_bare'], '.3f'):>9}{r['mfu']:>8.3f}"
-                     f"{fmt(r['d2h_bytes_per_token'], ',.0f'):>13}{fmt(r['peak_device_mb'], ',.0f'):>10}"
-                     f"{fmt(r.get('aggregator_lag_s'), '.2f'):>11}")
+        lines.append(
+            f"{mode:<23}{r['tokens_per_s']:>12,.0f}{fmt(r['ratio_to_bare'], '.3f'):>9}{r['mfu']:>8.3f}"
+            f"{fmt(r['d2h_bytes_per_token'], ',.0f'):>13}{fmt(r['peak_device_mb'], ',.0f'):>10}"
+            f"{fmt(r.get('aggregator_lag_s'), '.2f'):>11}"
+        )
     for mode, why in report.get("skipped", {}).items():
         lines.append(f"{mode:<23}skipped: {why}")
     noise = report["results"].get("bare_again", {}).get("ratio_to_bare")
     if noise is not None:
-        lines.append(f"noise: bare timed twice differs by {abs(1 - noise):.1%}; ratios closer than that are not told apart")
+        lines.append(
+            f"noise: bare timed twice differs by {abs(1 - noise):.1%}; ratios closer than that are not told apart"
+        )
     return "\n".join(lines)

@@ -26,14 +26,15 @@ from pathlib import Path
 import ray
 
 from aggregator.aggregator import Aggregator
-from aggregator.schema import SCHEMA_VERSION
 from cluster import placement
-from cluster.config import ScanConfig
-from cluster.errors import UserError
-from cluster.memory import MemoryWatch
 from cluster.output import claim, corpus_fingerprint, prepare_output
 from cluster.partition import partition_layers
 from cluster.schedule import Scheduler
+from neuroscan.config import ScanConfig, resolve_dtype
+from neuroscan.errors import UserError
+from neuroscan.manifest import BandEdges, Manifest, ModelInfo, SelectionInfo
+from neuroscan.memory import MemoryWatch
+from neuroscan.schema import SCHEMA_VERSION
 from prompts.batching import ReadAhead, chunk_batches
 from prompts.readers import corpus_stamp
 from workers.checkpoint import load_config, load_tokenizer, resolve_model
@@ -99,11 +100,22 @@ def plan(cfg: ScanConfig) -> Plan:
             kept += pairs
             kept_chunks = n_chunks
     return Plan(
-        model_id=source.id, model_path=source.path, revision=source.revision,
-        dtype=resolve_dtype(cfg.dtype, cfg.device, config), n_layers=config.n_layer,
-        context=config.n_positions, bounds=bounds, tokenizer=tokenizer,
-        vocab_size=max(config.vocab_size, len(tokenizer)), n_prompts=n_prompts, n_tokens=n_tokens,
-        kept=kept, kept_chunks=kept_chunks, n_chunks=n_chunks, n_expected=n_expected, n_unspaced=n_unspaced,
+        model_id=source.id,
+        model_path=source.path,
+        revision=source.revision,
+        dtype=resolve_dtype(cfg.dtype, cfg.device, getattr(config, "dtype", None)),
+        n_layers=config.n_layer,
+        context=config.n_positions,
+        bounds=bounds,
+        tokenizer=tokenizer,
+        vocab_size=max(config.vocab_size, len(tokenizer)),
+        n_prompts=n_prompts,
+        n_tokens=n_tokens,
+        kept=kept,
+        kept_chunks=kept_chunks,
+        n_chunks=n_chunks,
+        n_expected=n_expected,
+        n_unspaced=n_unspaced,
         stamp=stamp,
     )
 
@@ -112,12 +124,18 @@ def check_unchanged(source: str, p: Plan, fix: str) -> None:
     """Stop when the corpus is no longer the one the plan read: micro-batches are cut from
     what the plan read, and the rest of a large corpus is read again during the run."""
     if corpus_stamp(source) != p.stamp:
-        raise UserError(f"prompt corpus {source} changed while neuroscan was reading it (size or modification time): {fix}")
+        raise UserError(
+            f"prompt corpus {source} changed while neuroscan was reading it (size or modification time): {fix}"
+        )
 
 
 def _unchanged(chunks: Iterator[list], source: str, p: Plan) -> Iterator[list]:
     for chunk in chunks:  # checked once the chunk is read: a write during its read is seen too
-        check_unchanged(source, p, "leave it as it is while a scan runs; put it back and --resume (what is committed is kept), or --overwrite to scan the new one")
+        check_unchanged(
+            source,
+            p,
+            "leave it as it is while a scan runs; put it back and --resume (what is committed is kept), or --overwrite to scan the new one",
+        )
         yield chunk
 
 
@@ -129,7 +147,7 @@ def answer_notice(p: Plan) -> str | None:
     return (
         f"note: {p.n_unspaced} of {p.n_expected} expected answers start without a space, after a prompt that ends "
         "without one; `correct` scores each answer exactly as given, and a next word's token usually starts with "
-        "the space (\" mango\", not \"mango\")"
+        'the space (" mango", not "mango")'
     )
 
 
@@ -140,19 +158,11 @@ def corpus_batches(cfg: ScanConfig, p: Plan) -> Iterator[Iterator]:
     if p.kept_chunks == p.n_chunks:
         yield iter(p.kept)
         return
-    rest = chunk_batches(cfg.prompts, p.tokenizer, p.context, cfg.batch_tokens, cfg.truncate, skip=p.kept_chunks, first_id=len(p.kept))
+    rest = chunk_batches(
+        cfg.prompts, p.tokenizer, p.context, cfg.batch_tokens, cfg.truncate, skip=p.kept_chunks, first_id=len(p.kept)
+    )
     with ReadAhead(_unchanged(rest, cfg.prompts, p)) as ahead:
         yield itertools.chain(p.kept, ahead)
-
-
-def resolve_dtype(dtype: str, device: str, config) -> str:
-    """"auto" is float32 on the CPU (half precision is slow there) and the checkpoint's dtype on CUDA."""
-    if dtype != "auto":
-        return dtype
-    if device == "cpu":
-        return "float32"
-    stored = str(getattr(config, "dtype", None) or "float16").removeprefix("torch.")
-    return stored if stored in ("float16", "bfloat16", "float32") else "float16"
 
 
 def token_strings(tokenizer, vocab_size: int) -> list[str]:
@@ -161,26 +171,27 @@ def token_strings(tokenizer, vocab_size: int) -> list[str]:
     return known + [f"<id:{i}>" for i in range(len(known), vocab_size)]
 
 
-def manifest_header(cfg: ScanConfig, p: Plan) -> dict:
+def manifest_header(cfg: ScanConfig, p: Plan) -> Manifest:
+    """The new run's manifest: what identifies it, and no part yet."""
     sel = cfg.selection
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "model": {"id": p.model_id, "path": p.model_path, "dtype": p.dtype, "revision": p.revision},
-        "selection": {"high": sel.high, "low": sel.low, "max_per_layer": sel.max_per_layer},
-        "bands": {"low": sel.low, "high": sel.high, "red": sel.red},
-        "stages": cfg.stages,
-        "replicas": cfg.replicas,
-        "partition": [list(b) for b in p.bounds],
-        "device": cfg.device,
-        "handoff": cfg.handoff,
-        "batch_tokens": cfg.batch_tokens,
-        "top_k": cfg.top_k,
-        "format": cfg.format,
-        "truncate": cfg.truncate,
-        "corpus": corpus_fingerprint(cfg.prompts),
-        "versions": {name: package_version(name) for name in PACKAGES},
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        model=ModelInfo(id=p.model_id, path=p.model_path, dtype=p.dtype, revision=p.revision),
+        selection=SelectionInfo(high=sel.high, low=sel.low, max_per_layer=sel.max_per_layer),
+        bands=BandEdges(low=sel.low, high=sel.high, red=sel.red),
+        stages=cfg.stages,
+        replicas=cfg.replicas,
+        partition=[list(b) for b in p.bounds],
+        device=cfg.device,
+        handoff=cfg.handoff,
+        batch_tokens=cfg.batch_tokens,
+        top_k=cfg.top_k,
+        format=cfg.format,
+        truncate=cfg.truncate,
+        corpus=corpus_fingerprint(cfg.prompts),
+        versions={name: package_version(name) for name in PACKAGES},
+        started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
 
 
 def package_version(package: str) -> str | None:
@@ -190,7 +201,7 @@ def package_version(package: str) -> str | None:
         return None
 
 
-def run_scan(cfg: ScanConfig) -> dict:
+def run_scan(cfg: ScanConfig) -> Manifest:
     """Run a scan end to end; returns the final manifest."""
     p = plan(cfg)
     out = Path(cfg.out)
@@ -198,8 +209,8 @@ def run_scan(cfg: ScanConfig) -> dict:
     check_unchanged(cfg.prompts, p, "leave it as it is while a scan runs, and start the scan again")
     with claim(out):  # no second scan into `out` while this one runs
         existing = prepare_output(out, cfg.overwrite, cfg.resume, header)
-        committed = {b for part in existing["parts"] for b in part["batches"]} if existing else set()
-        done = existing is not None and existing["status"] == "complete"
+        committed = existing.committed_batches() if existing else set()
+        done = existing is not None and existing.complete
         notices = [resume_notice(out, existing, committed) if cfg.resume else None, None if done else answer_notice(p)]
         for line in filter(None, notices):
             print(line, file=sys.stderr, flush=True)
@@ -208,16 +219,16 @@ def run_scan(cfg: ScanConfig) -> dict:
         return _scan(cfg, p, out, header, committed)
 
 
-def resume_notice(out: Path, existing: dict | None, committed: set[int]) -> str:
+def resume_notice(out: Path, existing: Manifest | None, committed: set[int]) -> str:
     """What ``--resume`` found in ``out``: a user who mistyped the directory learns it here."""
     if existing is None:
         return f"nothing to resume in {out} (no manifest.json): starting the scan from the beginning"
-    if existing["status"] == "complete":
+    if existing.complete:
         return f"{out} is already complete: nothing to scan (--overwrite scans it again)"
     return f"resuming {out}: {len(committed)} micro-batches already committed, scanning the rest"
 
 
-def _scan(cfg: ScanConfig, p: Plan, out: Path, header: dict, committed: set[int]) -> dict:
+def _scan(cfg: ScanConfig, p: Plan, out: Path, header: Manifest, committed: set[int]) -> Manifest:
     """The run itself, on a prepared and claimed ``out``."""
     with corpus_batches(cfg, p) as batches:  # reading ahead while the actors load the model
         n_stage_actors = cfg.stages * cfg.replicas
@@ -232,14 +243,26 @@ def _scan(cfg: ScanConfig, p: Plan, out: Path, header: dict, committed: set[int]
             for r in range(cfg.replicas):
                 pipe = []
                 for s, (start, stop) in enumerate(p.bounds):
-                    spec = StageSpec(p.model_path, ShardSpec(start, stop, p.n_layers), cfg.device, p.dtype, cfg.selection, threads, direct)
+                    spec = StageSpec(
+                        p.model_path,
+                        ShardSpec(start, stop, p.n_layers),
+                        cfg.device,
+                        p.dtype,
+                        cfg.selection,
+                        threads,
+                        direct,
+                    )
                     name = f"neuroscan-{run_id}-stage-{r}-{s}"
-                    actor = placement.stage_actor(Stage, group, r * cfg.stages + s, cfg.device, name, cfg.gpus_per_stage, direct)
+                    actor = placement.stage_actor(
+                        Stage, group, r * cfg.stages + s, cfg.device, name, cfg.gpus_per_stage, direct
+                    )
                     pipe.append(actor.remote(spec))
                 pipelines.append(pipe)
             actors = [a for pipe in pipelines for a in pipe]
-            aggregator = ray.remote(Aggregator).options(name=f"neuroscan-{run_id}-aggregator", **placement.aggregator_options()).remote(
-                str(out.resolve()), header, token_strings(p.tokenizer, p.vocab_size), cfg.format, cfg.rows_per_part
+            aggregator = (
+                ray.remote(Aggregator)
+                .options(name=f"neuroscan-{run_id}-aggregator", **placement.aggregator_options())
+                .remote(str(out.resolve()), header, token_strings(p.tokenizer, p.vocab_size), cfg.rows_per_part)
             )
             actors.append(aggregator)
             ray.get([a.setup.remote() for a in actors[:-1]] + [aggregator.__ray_ready__.remote()])
@@ -253,7 +276,9 @@ def _scan(cfg: ScanConfig, p: Plan, out: Path, header: dict, committed: set[int]
             seconds = time.perf_counter() - t0
             *stages, aggregated = ray.get([a.memory.remote() for a in actors])
             timings = {
-                "seconds": seconds, "prompts_per_s": n_prompts / seconds, "tokens_per_s": n_tokens / seconds,
+                "seconds": seconds,
+                "prompts_per_s": n_prompts / seconds,
+                "tokens_per_s": n_tokens / seconds,
                 "memory": {"driver": watch.report(), "aggregator": aggregated, "stages": stages},
             }
             if handoffs:
@@ -269,26 +294,28 @@ def _scan(cfg: ScanConfig, p: Plan, out: Path, header: dict, committed: set[int]
                 ray.shutdown()
 
 
-def summary_lines(manifest: dict, out: str) -> list[str]:
+def summary_lines(manifest: Manifest, out: str) -> list[str]:
     """The closing report: where the tables are, throughput, per-layer means per prompt."""
-    totals, timings = manifest["totals"], manifest.get("timings", {})
+    totals, timings = manifest.totals, manifest.timings
     lines = [
-        f"wrote {out}  ({totals['prompts']} prompts, {totals['tokens']} tokens, "
-        f"{totals['activation_rows']} activation rows, {timings.get('seconds', math.nan):.1f} s, "
+        f"wrote {out}  ({totals.prompts} prompts, {totals.tokens} tokens, "
+        f"{totals.activation_rows} activation rows, {timings.get('seconds', math.nan):.1f} s, "
         f"{timings.get('tokens_per_s', math.nan):,.0f} tokens/s)",
         "layer  mean selected  mean kept   (per prompt)",
     ]
-    for layer, row in manifest["summary"]["layers"].items():
-        lines.append(f"{int(layer):5d}  {row['mean_selected']:13.1f}  {row['mean_kept']:9.1f}")
-    if totals["activation_rows"] == 0 and totals["prompts"]:
-        sel = manifest["selection"]
+    for layer, row in manifest.summary.layers.items():
+        lines.append(f"{int(layer):5d}  {row.mean_selected:13.1f}  {row.mean_kept:9.1f}")
+    if totals.activation_rows == 0 and totals.prompts:
+        sel = manifest.selection
         lines.append(
-            f"no neuron went above --high {sel['high']:g} or below --low {sel['low']:g} on any token: "
+            f"no neuron went above --high {sel.high:g} or below --low {sel.low:g} on any token: "
             "the tables are empty; lower --high or raise --low to keep some"
         )
-    if manifest.get("skipped"):
-        lines.append(f"skipped {len(manifest['skipped'])} prompts that do not fit in device memory (listed in manifest.json)")
-    for by, groups in manifest["summary"]["accuracy"].items():
+    if manifest.skipped:
+        lines.append(
+            f"skipped {len(manifest.skipped)} prompts that do not fit in device memory (listed in manifest.json)"
+        )
+    for by, groups in manifest.summary.accuracy.items():
         for value, acc in groups.items():
-            lines.append(f"accuracy {by}={value}: {acc['correct']}/{acc['total']} ({acc['accuracy']:.0%})")
+            lines.append(f"accuracy {by}={value}: {acc.correct}/{acc.total} ({acc.accuracy:.0%})")
     return lines

@@ -16,26 +16,34 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from aggregator.manifest import NAME as MANIFEST_NAME
-from aggregator.manifest import read_manifest
-from cluster.errors import UserError, make_dir
+from neuroscan.errors import UserError, make_dir
+from neuroscan.manifest import NAME as MANIFEST_NAME
+from neuroscan.manifest import Corpus, Manifest, read_manifest
 from prompts.readers import corpus_paths
 
 IDENTITY = {
-    "model.id": "--model", "model.path": "--model", "model.dtype": "--dtype",
-    "selection.high": "--high", "selection.low": "--low", "selection.max_per_layer": "--max-per-layer",
-    "bands.red": "--red", "batch_tokens": "--batch-tokens", "format": "--format",
-    "corpus.source": "PROMPTS", "corpus.sha256": "PROMPTS (its contents changed)", "truncate": "--truncate",
+    "model.id": "--model",
+    "model.path": "--model",
+    "model.dtype": "--dtype",
+    "selection.high": "--high",
+    "selection.low": "--low",
+    "selection.max_per_layer": "--max-per-layer",
+    "bands.red": "--red",
+    "batch_tokens": "--batch-tokens",
+    "format": "--format",
+    "corpus.source": "PROMPTS",
+    "corpus.sha256": "PROMPTS (its contents changed)",
+    "truncate": "--truncate",
     "top_k": "--top-k",
 }
 
 
-def corpus_fingerprint(source: str) -> dict:
+def corpus_fingerprint(source: str) -> Corpus:
     """The corpus's path and checksum, which ``--resume`` compares: of the file's bytes, or of a
     directory corpus's file names and bytes, in the order they are read."""
     files = corpus_paths(source)
     if not files:
-        return {"source": source, "sha256": None}  # a built-in corpus
+        return Corpus(source=source, sha256=None)  # a built-in corpus
     path, shards = Path(source), Path(source).is_dir()
     digest = hashlib.sha256()
     for file in files:
@@ -44,7 +52,7 @@ def corpus_fingerprint(source: str) -> dict:
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-    return {"source": str(path.resolve()), "sha256": digest.hexdigest()}
+    return Corpus(source=str(path.resolve()), sha256=digest.hexdigest())
 
 
 @contextmanager
@@ -72,7 +80,7 @@ def claim(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def prepare_output(out: Path, overwrite: bool, resume: bool, header: dict) -> dict | None:
+def prepare_output(out: Path, overwrite: bool, resume: bool, header: Manifest) -> Manifest | None:
     """Make ``out`` (claimed, so it exists) ready; returns the manifest of the run to resume,
     None when the scan starts from the beginning."""
     try:
@@ -86,9 +94,13 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, header: dict) -> di
         return existing
     if any(out.iterdir()):
         if existing is None and not damaged:
-            raise UserError(f"--out {out} is not empty and not a neuroscan output directory (no {MANIFEST_NAME}): choose another directory")
+            raise UserError(
+                f"--out {out} is not empty and not a neuroscan output directory (no {MANIFEST_NAME}): choose another directory"
+            )
         if not overwrite:
-            raise UserError(f"--out {out} is not empty: pass --resume to continue that run, --overwrite to replace it, or choose another directory")
+            raise UserError(
+                f"--out {out} is not empty: pass --resume to continue that run, --overwrite to replace it, or choose another directory"
+            )
         _keep_inputs(out, header)
         for child in out.iterdir():  # the directory itself stays: it carries the claim
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
@@ -97,15 +109,18 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, header: dict) -> di
     return None
 
 
-def _keep_inputs(out: Path, header: dict) -> None:
+def _keep_inputs(out: Path, header: Manifest) -> None:
     """--overwrite empties ``out``: refuse when the corpus or the model lives under it."""
-    inputs = [("the prompt corpus", header["corpus"]["source"] if header["corpus"]["sha256"] else None), ("the model", header["model"]["path"])]
+    corpus = header.corpus.source if header.corpus.sha256 else None
+    inputs = [("the prompt corpus", corpus), ("the model", header.model.path)]
     for what, path in inputs:
         if path and Path(path).resolve().is_relative_to(out.resolve()):
-            raise UserError(f"--overwrite would delete {what} {path}, which is inside --out {out}: move it out first, or choose another --out")
+            raise UserError(
+                f"--overwrite would delete {what} {path}, which is inside --out {out}: move it out first, or choose another --out"
+            )
 
 
-def _check_same_run(out: Path, existing: dict, header: dict) -> None:
+def _check_same_run(out: Path, existing: Manifest, header: Manifest) -> None:
     for key, flag in IDENTITY.items():
         before, now = _get(existing, key), _get(header, key)
         if before != now:
@@ -115,7 +130,8 @@ def _check_same_run(out: Path, existing: dict, header: dict) -> None:
             )
 
 
-def _get(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
+def _get(manifest: Manifest, dotted: str):
+    value = manifest
+    for name in dotted.split("."):
+        value = getattr(value, name)
+    return value

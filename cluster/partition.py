@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.errors import UserError
+from neuroscan.errors import UserError
 
 
 def partition_layers(n_layers: int, n_stages: int) -> list[tuple[int, int]]:

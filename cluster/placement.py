@@ -17,7 +17,7 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from cluster.errors import UserError
+from neuroscan.errors import UserError
 from workers.handoff import GROUP, group_backend, transport, where
 
 PLACEMENT_TIMEOUT_S = 120
@@ -63,7 +63,9 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     if not sep or not port.isdigit() or "://" in address:
         return  # "auto", "ray://...": Ray resolves those itself
     try:
-        socket.create_connection((host.removeprefix("[").removesuffix("]"), int(port)), timeout=timeout_s).close()  # [::1]:6379
+        socket.create_connection(
+            (host.removeprefix("[").removesuffix("]"), int(port)), timeout=timeout_s
+        ).close()  # [::1]:6379
     except OSError as err:
         raise UserError(
             f"nothing answers at RAY_ADDRESS={address} ({err.strerror or err}): start the cluster's head there "
@@ -177,4 +179,7 @@ def disconnect(groups: list) -> None:
 
 def _describe(resources: dict) -> str:
     shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory") or k.startswith("accelerator")}
-    return ", ".join(f"{k}={v / 2**30:.1f} GiB" if k == "memory" else f"{k}={v:g}" for k, v in sorted(shown.items())) or "no resources"
+    return (
+        ", ".join(f"{k}={v / 2**30:.1f} GiB" if k == "memory" else f"{k}={v:g}" for k, v in sorted(shown.items()))
+        or "no resources"
+    )

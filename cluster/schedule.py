@@ -28,9 +28,10 @@ import ray
 from ray.exceptions import RayActorError
 from tqdm import tqdm
 
-from cluster.config import ScanConfig
-from cluster.errors import UserError
-from cluster.memory import MemoryWatch
+from neuroscan.config import ScanConfig
+from neuroscan.errors import UserError
+from neuroscan.manifest import Manifest
+from neuroscan.memory import MemoryWatch
 from workers.handoff import GROUP
 from workers.split import PromptTooLarge
 
@@ -46,8 +47,15 @@ class Sent:
 
 
 class Scheduler:
-    def __init__(self, cfg: ScanConfig, pipelines: list[list], aggregator, total_prompts: int, watch: MemoryWatch,
-                 handoffs: list[list[str]] | None = None):
+    def __init__(
+        self,
+        cfg: ScanConfig,
+        pipelines: list[list],
+        aggregator,
+        total_prompts: int,
+        watch: MemoryWatch,
+        handoffs: list[list[str]] | None = None,
+    ):
         self.cfg, self.pipelines, self.aggregator, self.watch = cfg, pipelines, aggregator, watch
         self.handoffs = handoffs
         """Per pipeline, the Ray Direct Transport from each stage to the next; None: the object store."""
@@ -57,11 +65,11 @@ class Scheduler:
         self.counted: set[int] = set()
         self.incarnation: str | None = None
         self.prompts_done = self.tokens_done = 0
-        self.bar = tqdm(total=total_prompts, unit="prompt", file=sys.stderr, disable=not cfg.progress, dynamic_ncols=True)
+        self.bar = tqdm(total=total_prompts, unit="prompt", file=sys.stderr, disable=cfg.quiet, dynamic_ncols=True)
         self.t0 = time.perf_counter()
 
     def run(self, batches, committed: set[int]) -> tuple[int, int]:
-        """Scan every micro-batch not in ``committed``; returns this session's prompts and tokens."""
+        """Scan every micro-batch not in ``committed``; returns the prompts and tokens it scanned."""
         try:
             for i, (batch, group) in enumerate(self._landing(batches)):
                 if batch.batch_id in committed:
@@ -91,12 +99,12 @@ class Scheduler:
                 while self.in_flight:
                     try:
                         self.settle()
-                    except Exception:  # noqa: BLE001 - the reading's error is the one to report
+                    except Exception:
                         pass
                 raise
             yield item
 
-    def finish(self, timings: dict) -> dict:
+    def finish(self, timings: dict) -> Manifest:
         """Commit the rest and mark the run complete, resending first if the aggregator restarted."""
         while True:
             incarnation, manifest = self._call(self.aggregator.finish.remote(timings))
@@ -145,7 +153,9 @@ class Scheduler:
             self.tokens_done += n_tokens
             self.bar.update(n_prompts)
         self.watch.sample()
-        self.bar.set_postfix_str(f"{self.tokens_done / max(time.perf_counter() - self.t0, 1e-9):,.0f} tok/s", refresh=False)
+        self.bar.set_postfix_str(
+            f"{self.tokens_done / max(time.perf_counter() - self.t0, 1e-9):,.0f} tok/s", refresh=False
+        )
 
     def _restarted(self, incarnation: str) -> None:
         """The aggregator is new (first contact or a restart): send what it may have lost."""
@@ -159,7 +169,11 @@ class Scheduler:
         """--on-error skip: record the prompt as skipped and rerun the rest of its micro-batch."""
         batch, group = sent.batch, sent.group
         keep = np.flatnonzero(batch.prompt_ids != err.prompt_id)
-        skipped = [{"prompt_id": err.prompt_id, "id": t.prompt.id, "reason": str(err)} for t in group if t.prompt.prompt_id == err.prompt_id]
+        skipped = [
+            {"prompt_id": err.prompt_id, "id": t.prompt.id, "reason": str(err)}
+            for t in group
+            if t.prompt.prompt_id == err.prompt_id
+        ]
         self._call(self.aggregator.skip.remote(batch.batch_id, skipped, batch_done=len(keep) == 0))
         self.bar.update(1)
         if len(keep):

@@ -11,51 +11,15 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.errors import UserError
-from prompts.readers import Prompt, read_prompts
+from neuroscan.errors import UserError
+from neuroscan.messages import MicroBatch, Prompt, Tokenized
+from prompts.readers import read_prompts
 
 CHUNK = 4096
 """Prompts read, tokenised and length-bucketed together."""
-
-
-@dataclass(frozen=True)
-class Tokenized:
-    prompt: Prompt
-    token_ids: list[int]
-    """The prompt's tokens (after --truncate, if it applied)."""
-    answer_ids: list[int]
-    """The expected answer tokenised as a continuation; empty without ``expected``."""
-
-    @property
-    def n_input(self) -> int:
-        return len(self.token_ids) + len(self.answer_ids)
-
-
-@dataclass(frozen=True)
-class MicroBatch:
-    """What every stage of a pipeline receives for one forward pass (numpy, cheap to ship)."""
-
-    batch_id: int
-    prompt_ids: np.ndarray  # [batch] int64
-    input_ids: np.ndarray  # [batch, pos] int32, prompt + answer tokens, right-padded
-    n_tokens: np.ndarray  # [batch] int32, the prompt's own tokens
-    n_input: np.ndarray  # [batch] int32, prompt + answer tokens
-    answer_ids: np.ndarray  # [batch, answer] int32, -1 past each answer's end
-    ids: tuple[str, ...] = ()
-    """The users' prompt ids, for error messages."""
-
-    def take(self, rows: np.ndarray, trim: bool = False) -> MicroBatch:
-        """The same micro-batch (same id) restricted to ``rows``; ``trim`` drops padding columns."""
-        width = int(self.n_input[rows].max()) if trim else self.input_ids.shape[1]
-        return MicroBatch(
-            batch_id=self.batch_id, prompt_ids=self.prompt_ids[rows], input_ids=self.input_ids[rows, :width],
-            n_tokens=self.n_tokens[rows], n_input=self.n_input[rows], answer_ids=self.answer_ids[rows],
-            ids=tuple(self.ids[i] for i in rows) if self.ids else (),
-        )
 
 
 def tokenize(prompts: list[Prompt], tokenizer, context: int, truncate: bool) -> list[Tokenized]:
@@ -68,7 +32,9 @@ def tokenize(prompts: list[Prompt], tokenizer, context: int, truncate: bool) -> 
         if not token_ids:
             raise UserError(f"prompt {prompt.id!r} tokenises to zero tokens: give it some text the tokenizer keeps")
         if len(answer) >= context:
-            raise UserError(f"prompt {prompt.id!r}: its expected answer has {len(answer)} tokens, more than the model's context {context}: shorten it")
+            raise UserError(
+                f"prompt {prompt.id!r}: its expected answer has {len(answer)} tokens, more than the model's context {context}: shorten it"
+            )
         if len(token_ids) + len(answer) > context:
             if not truncate:
                 raise UserError(
@@ -115,8 +81,14 @@ def make_batch(batch_id: int, group: list[Tokenized], pad_id: int) -> MicroBatch
 
 
 def chunk_batches(
-    source: str, tokenizer, context: int, batch_tokens: int, truncate: bool, chunk: int | None = None,
-    skip: int = 0, first_id: int = 0,
+    source: str,
+    tokenizer,
+    context: int,
+    batch_tokens: int,
+    truncate: bool,
+    chunk: int | None = None,
+    skip: int = 0,
+    first_id: int = 0,
 ) -> Iterator[list[tuple[MicroBatch, list[Tokenized]]]]:
     """The corpus's (micro-batch, its prompts) pairs, one list per chunk of ``chunk`` prompts
     (default CHUNK); lengths are bucketed within each chunk.
@@ -176,7 +148,7 @@ class ReadAhead:
                 if self._stop.is_set():
                     return
             self._put(_DONE)
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+        except BaseException as err:
             self._put(err)
 
     def __iter__(self) -> Iterator:

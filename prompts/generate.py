@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.errors import UserError, file_out
+from neuroscan.config import Config, option
+from neuroscan.errors import UserError, file_out
 
 VARIANTS = ("icl", "zero_shot", "shuffled")
 WORD_INTRO = "Based on the examples above, determine the pattern and the next word in the following sequence:"
@@ -71,16 +72,60 @@ def _countdown(rng: random.Random):
 FAMILIES = {
     f.name: f
     for f in [
-        Family("colors", "word", _words("red orange yellow green blue indigo violet", "Colors of the rainbow in order", False)),
-        Family("days", "word", _words("Monday Tuesday Wednesday Thursday Friday Saturday Sunday", "Days of the week in order", True)),
-        Family("months", "word", _words("January February March April May June July August September October November December", "Months of the year in order", True)),
-        Family("number_words", "word", _words("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty", "Counting numbers in order", False)),
-        Family("ordinals", "word", _words("first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth", "Ordinal numbers in order", False)),
-        Family("letters", "word", _words(" ".join("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), "Letters of the alphabet in order", False)),
-        Family("planets", "word", _words("Mercury Venus Earth Mars Jupiter Saturn Uranus Neptune", "Planets in order from the sun", False)),
+        Family(
+            "colors",
+            "word",
+            _words("red orange yellow green blue indigo violet", "Colors of the rainbow in order", False),
+        ),
+        Family(
+            "days",
+            "word",
+            _words("Monday Tuesday Wednesday Thursday Friday Saturday Sunday", "Days of the week in order", True),
+        ),
+        Family(
+            "months",
+            "word",
+            _words(
+                "January February March April May June July August September October November December",
+                "Months of the year in order",
+                True,
+            ),
+        ),
+        Family(
+            "number_words",
+            "word",
+            _words(
+                "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty",
+                "Counting numbers in order",
+                False,
+            ),
+        ),
+        Family(
+            "ordinals",
+            "word",
+            _words(
+                "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth",
+                "Ordinal numbers in order",
+                False,
+            ),
+        ),
+        Family(
+            "letters", "word", _words(" ".join("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), "Letters of the alphabet in order", False)
+        ),
+        Family(
+            "planets",
+            "word",
+            _words("Mercury Venus Earth Mars Jupiter Saturn Uranus Neptune", "Planets in order from the sun", False),
+        ),
         Family("notes", "word", _words("do re mi fa sol la ti", "Notes of the scale in order", True)),
         Family("seasons", "word", _words("spring summer autumn winter", "Seasons of the year in order", True)),
-        Family("greek", "word", _words("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu", "Greek letters in order", False)),
+        Family(
+            "greek",
+            "word",
+            _words(
+                "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu", "Greek letters in order", False
+            ),
+        ),
         Family("arithmetic", "number", _arithmetic),
         Family("geometric", "number", _geometric),
         Family("countdown", "number", _countdown),
@@ -88,7 +133,9 @@ FAMILIES = {
 }
 
 
-def render(family: Family, shots: list[tuple[list[str], str, str]], query: tuple[list[str], str, str]) -> tuple[str, str]:
+def render(
+    family: Family, shots: list[tuple[list[str], str, str]], query: tuple[list[str], str, str]
+) -> tuple[str, str]:
     """(text, expected) in the family's seed format; no shots gives the query line alone."""
     items, answer, pattern = query
     if family.kind == "word":
@@ -132,7 +179,9 @@ def _examples(family: Family, query: tuple, shots: int, variant: str, rng: rando
     return [_shuffled(rng, example) for example in examples] if variant == "shuffled" else examples
 
 
-def generate(n: int, shots: int = 3, seed: int = 0, families: list[str] | None = None, variants: list[str] | None = None) -> list[dict]:
+def generate(
+    n: int, shots: int = 3, seed: int = 0, families: list[str] | None = None, variants: list[str] | None = None
+) -> list[dict]:
     """``n`` unique prompts, dealt round-robin over (family, variant)."""
     names = families or list(FAMILIES)
     variants = variants or ["icl"]
@@ -152,7 +201,9 @@ def generate(n: int, shots: int = 3, seed: int = 0, families: list[str] | None =
     turn = 0
     while len(rows) < n:
         if not misses:
-            raise UserError(f"only {len(rows)} unique prompts exist for these families and variants: lower --n or add families")
+            raise UserError(
+                f"only {len(rows)} unique prompts exist for these families and variants: lower --n or add families"
+            )
         live = sorted(misses)
         index = live[turn % len(live)]
         turn += 1
@@ -167,7 +218,16 @@ def generate(n: int, shots: int = 3, seed: int = 0, families: list[str] | None =
             continue
         seen.add(text)
         misses[index] = 0
-        rows.append({"id": f"gen-{len(rows):06d}", "family": family.name, "variant": variant, "text": text, "expected": expected, "answer": query[1]})
+        rows.append(
+            {
+                "id": f"gen-{len(rows):06d}",
+                "family": family.name,
+                "variant": variant,
+                "text": text,
+                "expected": expected,
+                "answer": query[1],
+            }
+        )
     return rows
 
 
@@ -180,3 +240,17 @@ def write_jsonl(rows: list[dict], out: Path) -> None:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateConfig(Config):
+    """``neuroscan prompts generate``: in-context sequence prompts as JSONL."""
+
+    n: int = option(help="number of prompts", minimum=1, hint=" prompt")
+    out: str = option(help="output .jsonl file", metavar="a .jsonl file")
+    shots: int = option(
+        3, "in-context examples per prompt", minimum=1, hint=" (for prompts without examples: --variants zero_shot)"
+    )
+    seed: int = option(0, "the same seed (and flags) gives the same prompts")
+    families: tuple[str, ...] = option(tuple(FAMILIES), "comma-separated families", choices=tuple(FAMILIES))
+    variants: tuple[str, ...] = option(("icl",), "comma-separated variants", choices=VARIANTS)

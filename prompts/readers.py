@@ -17,29 +17,26 @@ import io
 import itertools
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster.errors import UserError
+from neuroscan.errors import UserError
+from neuroscan.messages import Prompt
 from prompts.seed import BUILTIN
 
-SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".txt": "text"}
+SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".txt": "text",
+}
 COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
 """A line-based corpus may be compressed (``corpus.jsonl.zst``, as the Pile ships): pyarrow
 decompresses it as it is read."""
-
-
-@dataclass(frozen=True)
-class Prompt:
-    prompt_id: int
-    id: str
-    text: str
-    family: str | None = None
-    variant: str | None = None
-    expected: str | None = None
 
 
 def read_prompts(source: str, chunk: int = 4096) -> Iterator[list[Prompt]]:
@@ -119,7 +116,9 @@ def _file_rows(path: Path) -> Iterator[tuple[str, dict]]:
     known = ", ".join(sorted(SUFFIXES))
     if kind is None:
         if not path.exists():
-            raise UserError(f"prompt file {source} does not exist: give a file ({known}) or a built-in corpus ({', '.join(BUILTIN)})")
+            raise UserError(
+                f"prompt file {source} does not exist: give a file ({known}) or a built-in corpus ({', '.join(BUILTIN)})"
+            )
         raise UserError(
             f"prompt file {source} has an unknown type {''.join(path.suffixes[-2:])!r}: use one of {known} "
             f"(JSONL, CSV and text may be compressed: {', '.join(COMPRESSED)})"
@@ -144,7 +143,11 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     compression = _compression(path)
     number = 0
     try:
-        with io.BufferedReader(pa.input_stream(str(path), compression=compression)) if compression else open(path, "rb") as f:
+        with (
+            io.BufferedReader(pa.input_stream(str(path), compression=compression))
+            if compression
+            else open(path, "rb") as f
+        ):
             for number, raw in enumerate(f, start=1):
                 try:
                     yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
@@ -167,9 +170,11 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise UserError(f"{where}: invalid JSON ({err.msg} at column {err.colno}): fix or remove the line") from None
+            raise UserError(
+                f"{where}: invalid JSON ({err.msg} at column {err.colno}): fix or remove the line"
+            ) from None
         if not isinstance(row, dict):
-            raise UserError(f"{where}: expected a JSON object with a \"text\" field, got {type(row).__name__}")
+            raise UserError(f'{where}: expected a JSON object with a "text" field, got {type(row).__name__}')
         yield where, row
 
 
@@ -182,8 +187,8 @@ def _csv(path: Path) -> Iterator[tuple[str, dict]]:
     reader = csv.DictReader((line for _, line in _lines(path)), strict=True)
     try:
         if reader.fieldnames is None:
-            raise UserError(f"{path} is empty: give a header row with a \"text\" column, then a prompt a row")
-        _need_text(f"{path}: no \"text\" column in the CSV header {reader.fieldnames}", reader.fieldnames)
+            raise UserError(f'{path} is empty: give a header row with a "text" column, then a prompt a row')
+        _need_text(f'{path}: no "text" column in the CSV header {reader.fieldnames}', reader.fieldnames)
         start = reader.line_num + 1  # the line the next row starts on (a quoted field may span lines)
         for row in reader:
             yield f"{path}:{start}", row
@@ -205,7 +210,7 @@ def _parquet(path: Path) -> Iterator[tuple[str, dict]]:
     names = file.schema_arrow.names
     wanted = ("text", "id", "family", "variant", "expected", *(() if "expected" in names else EXPECTED_ALIASES))
     columns = [c for c in wanted if c in names]
-    _need_text(f"{path}: no \"text\" column (columns: {names})", names)
+    _need_text(f'{path}: no "text" column (columns: {names})', names)
     offset = 0
     for batch in file.iter_batches(batch_size=4096, columns=columns):
         for i, row in enumerate(batch.to_pylist()):
@@ -230,7 +235,7 @@ of them instead is refused with the rename, since reading on would lose the prom
 def _need_text(problem: str, names: list[str]) -> None:
     if "text" not in names:
         alias = next((k for k in TEXT_ALIASES if k in names), None)
-        raise UserError(f"{problem}: {f'rename {alias!r} to' if alias else 'add'} \"text\"")
+        raise UserError(f'{problem}: {f"rename {alias!r} to" if alias else "add"} "text"')
 
 
 def _to_prompt(prompt_id: int, where: str, row: dict) -> Prompt:
@@ -239,14 +244,14 @@ def _to_prompt(prompt_id: int, where: str, row: dict) -> Prompt:
     pid = str(prompt_id) if pid is None or pid == "" else str(pid)
     if text is None:
         alias = next((k for k in TEXT_ALIASES if row.get(k) is not None), None)
-        fix = f"rename {alias!r} to \"text\"" if alias else "add the prompt text"
-        raise UserError(f"{where}: prompt {pid!r} has no \"text\" field: {fix}")
+        fix = f'rename {alias!r} to "text"' if alias else "add the prompt text"
+        raise UserError(f'{where}: prompt {pid!r} has no "text" field: {fix}')
     if "expected" not in row:
         alias = next((k for k in EXPECTED_ALIASES if row.get(k) not in (None, "")), None)
         if alias:
             raise UserError(
-                f"{where}: prompt {pid!r} has {alias!r} but no \"expected\" field, which neuroscan scores "
-                f"accuracy with: rename {alias!r} to \"expected\""
+                f'{where}: prompt {pid!r} has {alias!r} but no "expected" field, which neuroscan scores '
+                f'accuracy with: rename {alias!r} to "expected"'
             )
     if not isinstance(text, str):
         raise UserError(f"{where}: prompt {pid!r} has a non-string text ({type(text).__name__}): quote it")

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from aggregator.manifest import Run
 from aggregator.neurons import rank_within
+from results.run import Run
 
 
 def prompts(run: Run) -> pa.Table:
@@ -28,15 +28,26 @@ def layer_spread(run: Run, columns: list[str]) -> dict[str, np.ndarray]:
     out = {}
     for column in columns:
         values = table[column].to_numpy().astype(np.float64)
-        out[column] = np.array([np.percentile(values[layer == i], [25, 50, 75]) if (layer == i).any() else [np.nan] * 3
-                                for i in range(run.n_layers)])
+        out[column] = np.array(
+            [
+                np.percentile(values[layer == i], [25, 50, 75]) if (layer == i).any() else [np.nan] * 3
+                for i in range(run.n_layers)
+            ]
+        )
     return out
 
 
 def top_neurons(run: Run, per_layer: int) -> pa.Table:
     """Each layer's ``per_layer`` most often red neurons (then highest corpus max, lower index)."""
-    neurons = ds.dataset(str(run.out / run.manifest["neurons"]["path"]), format=run.fmt).to_table()
-    order = np.lexsort((neurons["neuron"].to_numpy(), -neurons["max_act"].to_numpy(), -neurons["n_red"].to_numpy(), neurons["layer"].to_numpy()))
+    neurons = ds.dataset(str(run.out / run.manifest.neurons.path), format=run.fmt).to_table()
+    order = np.lexsort(
+        (
+            neurons["neuron"].to_numpy(),
+            -neurons["max_act"].to_numpy(),
+            -neurons["n_red"].to_numpy(),
+            neurons["layer"].to_numpy(),
+        )
+    )
     neurons = neurons.take(order)
     return neurons.filter(pa.array(rank_within(neurons["layer"].to_numpy()) < per_layer))
 
@@ -72,7 +83,9 @@ def strips(rows: pa.Table, ids: np.ndarray, lengths: np.ndarray, per_prompt: int
     return rows.take(pa.array(keep)).append_column("coverage", pa.array(coverage[keep], pa.float32()))
 
 
-def family_frequency(rows: pa.Table, ids: np.ndarray, family: np.ndarray, family_size: dict[str, int]) -> dict[int, dict[str, float]]:
+def family_frequency(
+    rows: pa.Table, ids: np.ndarray, family: np.ndarray, family_size: dict[str, int]
+) -> dict[int, dict[str, float]]:
     """For each neuron of ``rows`` (one layer's kept rows): per family, the fraction of that
     family's prompts on which the layer kept it. ``ids`` (sorted) and ``family``: every prompt's
     id and family name."""

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from neuroscan.manifest import BandEdges
+
 RED, BLUE, GREY = "#c0392b", "#2e6fba", "#555555"
 
 
@@ -28,12 +30,15 @@ def kept_per_layer(spread: dict[str, np.ndarray], path: Path) -> Path:
     return _save(fig, ax, path)
 
 
-def coverage_by_depth(spread: dict[str, np.ndarray], bands: dict, path: Path) -> Path:
+def coverage_by_depth(spread: dict[str, np.ndarray], bands: BandEdges, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
-    _spread(ax, spread["red_coverage"], RED, f"red (> {bands['red']:g})")
-    _spread(ax, spread["blue_coverage"], BLUE, f"blue (< {bands['low']:g})")
-    ax.set(xlabel="layer", ylabel="fraction of the prompt's tokens",
-           title="Coverage by depth: mean over kept neurons of the tokens each one colours")
+    _spread(ax, spread["red_coverage"], RED, f"red (> {bands.red:g})")
+    _spread(ax, spread["blue_coverage"], BLUE, f"blue (< {bands.low:g})")
+    ax.set(
+        xlabel="layer",
+        ylabel="fraction of the prompt's tokens",
+        title="Coverage by depth: mean over kept neurons of the tokens each one colours",
+    )
     ax.set_ylim(0, 1)
     return _save(fig, ax, path)
 

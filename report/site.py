@@ -15,40 +15,36 @@ import html
 import json
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aggregator.manifest import open_run
-from cluster.errors import UserError, make_dir
+from neuroscan.config import ReportConfig
+from neuroscan.errors import UserError, make_dir
 from report import data, plots
+from results.run import open_run
 
 STATIC = Path(__file__).parent / "static"
 
 
-@dataclass(frozen=True)
-class Options:
-    strips: int = 32
-    """Strips a (prompt, layer) on layer pages (`report.data.strips` says which)."""
-    neurons_per_layer: int = 20
-    """Neurons a layer with their own page: the most often red."""
-    chunk: int = 200
-    """Prompts a data chunk."""
+def build(options: ReportConfig) -> Path:
+    """Write the site of the scan in ``options.dir`` to ``options.out`` (default ``DIR/report/``);
+    returns the path of its index.html.
 
-
-def build(out_dir: str | Path, options: Options = Options(), site: str | Path | None = None) -> Path:
-    """Write the site to ``site`` (default ``out_dir/report/``); returns the path of its index.html.
-
-    The scan's directory is only read, so ``site`` elsewhere reports a scan on read-only storage."""
-    run = open_run(out_dir)
-    if run.manifest.get("status") != "complete":
-        raise UserError(f"{run.out} is not a finished scan (neurons/ is written at the end): finish it with `neuroscan scan ... --resume`, then report")
-    site = run.out / "report" if site is None else Path(site)
+    The scan's directory is only read, so a site elsewhere reports a scan on read-only storage."""
+    run = open_run(options.dir)
+    if not run.manifest.complete:
+        raise UserError(
+            f"{run.out} is not a finished scan (neurons/ is written at the end): finish it with `neuroscan scan ... --resume`, then report"
+        )
+    site = run.out / "report" if options.out is None else Path(options.out)
     if site.is_file() or (site.is_dir() and any(site.iterdir()) and not (site / "index.html").is_file()):
-        raise UserError(f"--out {site} is {'a file' if site.is_file() else 'not empty and holds no report'}: choose a new directory, or an earlier report's")
+        raise UserError(
+            f"--out {site} is {'a file' if site.is_file() else 'not empty and holds no report'}: choose a new directory, or an earlier report's"
+        )
     make_dir(site.parent, site)
     staging = site.parent / f".{site.name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
@@ -67,7 +63,7 @@ def build(out_dir: str | Path, options: Options = Options(), site: str | Path | 
     return site / "index.html"
 
 
-def _write(run, staging: Path, options: Options) -> None:
+def _write(run, staging: Path, options: ReportConfig) -> None:
     for sub in ("static", "plots", "layers", "neurons", "data/prompts"):
         (staging / sub).mkdir(parents=True, exist_ok=True)
     for f in STATIC.iterdir():
@@ -80,8 +76,11 @@ def _write(run, staging: Path, options: Options) -> None:
     family_size = dict(sorted(Counter(families).items()))
     position = {p: i for i, p in enumerate(ids.tolist())}
     for c in range(0, len(ids), options.chunk):
-        _write_chunk(staging / "data" / "prompts" / f"{c // options.chunk:04d}.js", f"prompts/{c // options.chunk:04d}",
-                     {str(p): t for p, t in zip(ids[c : c + options.chunk].tolist(), tokens[c : c + options.chunk])})
+        _write_chunk(
+            staging / "data" / "prompts" / f"{c // options.chunk:04d}.js",
+            f"prompts/{c // options.chunk:04d}",
+            {str(p): t for p, t in zip(ids[c : c + options.chunk].tolist(), tokens[c : c + options.chunk])},
+        )
     index = [list(row) for row in zip(ids.tolist(), user_ids, families, lengths.tolist())]
     _write_chunk(staging / "data" / "prompt-index.js", "prompt-index", index)
 
@@ -89,12 +88,20 @@ def _write(run, staging: Path, options: Options) -> None:
     listed: dict[int, list[dict]] = {}
     for row in top.to_pylist():
         listed.setdefault(row["layer"], []).append(row)
-    config = {"bands": run.bands, "chunk": options.chunk, "n_layers": run.n_layers,
-              "neuron_pages": {str(layer): sorted(r["neuron"] for r in rows) for layer, rows in listed.items()}}
+    config = {
+        "bands": asdict(run.manifest.bands),
+        "chunk": options.chunk,
+        "n_layers": run.n_layers,
+        "neuron_pages": {str(layer): sorted(r["neuron"] for r in rows) for layer, rows in listed.items()},
+    }
     _write_chunk(staging / "data" / "config.js", "config", config)
 
     for layer in range(run.n_layers):
-        rows = run.read("activations", ["prompt_id", "neuron", "max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "bands"], layer)
+        rows = run.read(
+            "activations",
+            ["prompt_id", "neuron", "max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "bands"],
+            layer,
+        )
         _write_layer(staging, layer, rows, ids, lengths, options)
         neurons = listed.get(layer, [])
         if neurons:
@@ -104,19 +111,32 @@ def _write(run, staging: Path, options: Options) -> None:
             key = mine["prompt_id"].to_numpy().astype(np.int64) << 32 | mine["neuron"].to_numpy()
             wanted = np.array([p << 32 | n["neuron"] for n in neurons for p in n["top_prompt_ids"]], np.int64)
             shown = mine.filter(pa.array(np.isin(key, wanted)))
-            bands_of = {(p, n): b for p, n, b in zip(shown["prompt_id"].to_pylist(), shown["neuron"].to_pylist(), shown["bands"].to_pylist())}
+            bands_of = {
+                (p, n): b
+                for p, n, b in zip(
+                    shown["prompt_id"].to_pylist(), shown["neuron"].to_pylist(), shown["bands"].to_pylist()
+                )
+            }
             for neuron in neurons:
-                top = [{"prompt_id": p, "id": user_ids[position[p]], "family": families[position[p]], "act": act, "pos": pos,
-                        "tokens": tokens[position[p]], "bands": _b64(bands_of[(p, neuron["neuron"])])}
-                       for p, act, pos in zip(neuron["top_prompt_ids"], neuron["top_acts"], neuron["top_pos"])]
+                top = [
+                    {
+                        "prompt_id": p,
+                        "id": user_ids[position[p]],
+                        "family": families[position[p]],
+                        "act": act,
+                        "pos": pos,
+                        "tokens": tokens[position[p]],
+                        "bands": _b64(bands_of[(p, neuron["neuron"])]),
+                    }
+                    for p, act, pos in zip(neuron["top_prompt_ids"], neuron["top_acts"], neuron["top_pos"])
+                ]
                 _write_neuron(staging, neuron, top, freq[neuron["neuron"]])
         (staging / "layers" / f"{layer:02d}.html").write_text(_layer_page(run, layer, neurons, options))
 
     spread = data.layer_spread(run, ["n_selected", "n_kept", "red_coverage", "blue_coverage"])
     plots.kept_per_layer(spread, staging / "plots" / "kept-per-layer.png")
-    plots.coverage_by_depth(spread, run.bands, staging / "plots" / "coverage-by-depth.png")
+    plots.coverage_by_depth(spread, run.manifest.bands, staging / "plots" / "coverage-by-depth.png")
     (staging / "index.html").write_text(_index_page(run, family_size))
-
 
 
 def _write_chunk(path: Path, name: str, payload) -> None:
@@ -132,12 +152,17 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def _write_layer(staging: Path, layer: int, rows, ids: np.ndarray, lengths: np.ndarray, options: Options) -> None:
+def _write_layer(staging: Path, layer: int, rows, ids: np.ndarray, lengths: np.ndarray, options: ReportConfig) -> None:
     picked = data.strips(rows, ids, lengths, options.strips)
     chunk_of = np.searchsorted(ids, picked["prompt_id"].to_numpy()) // options.chunk
     chunks: dict[int, dict[str, list]] = {c: {} for c in range(-(-len(ids) // options.chunk))}
-    columns = [picked[c].to_pylist() for c in ("prompt_id", "neuron", "coverage", "max_act", "max_pos", "min_act", "min_pos", "bands")]
-    for c, (prompt_id, neuron, coverage, max_act, max_pos, min_act, min_pos, bands) in zip(chunk_of.tolist(), zip(*columns)):
+    columns = [
+        picked[c].to_pylist()
+        for c in ("prompt_id", "neuron", "coverage", "max_act", "max_pos", "min_act", "min_pos", "bands")
+    ]
+    for c, (prompt_id, neuron, coverage, max_act, max_pos, min_act, min_pos, bands) in zip(
+        chunk_of.tolist(), zip(*columns)
+    ):
         strip = [neuron, round(coverage, 4), round(max_act, 3), max_pos, round(min_act, 3), min_pos, _b64(bands)]
         chunks[c].setdefault(str(prompt_id), []).append(strip)
     for c, payload in chunks.items():
@@ -146,11 +171,18 @@ def _write_layer(staging: Path, layer: int, rows, ids: np.ndarray, lengths: np.n
 
 def _write_neuron(staging: Path, neuron: dict, top: list[dict], frequency: dict) -> None:
     layer, index = neuron["layer"], neuron["neuron"]
-    payload = {"layer": layer, "neuron": index, "n_prompts": neuron["n_prompts"], "n_red": neuron["n_red"],
-               "max_act": neuron["max_act"], "top": top, "families": frequency}
+    payload = {
+        "layer": layer,
+        "neuron": index,
+        "n_prompts": neuron["n_prompts"],
+        "n_red": neuron["n_red"],
+        "max_act": neuron["max_act"],
+        "top": top,
+        "families": frequency,
+    }
     title = f"Layer {layer} · neuron {index}"
     body = f"""<h1>{title}</h1>
-<p class="stats">kept on <b>{neuron['n_prompts']}</b> prompts, red on <b>{neuron['n_red']}</b>, corpus max <b>{neuron['max_act']:.3f}</b></p>
+<p class="stats">kept on <b>{neuron["n_prompts"]}</b> prompts, red on <b>{neuron["n_red"]}</b>, corpus max <b>{neuron["max_act"]:.3f}</b></p>
 <div id="legend"></div>
 <h2>Max-activating prompts</h2>
 <p class="hint">The outlined token is where the neuron peaks; hover a token for its band.</p>
@@ -159,7 +191,9 @@ def _write_neuron(staging: Path, neuron: dict, top: list[dict], frequency: dict)
 <table id="families"><thead><tr><th>family</th><th>share of its prompts</th><th></th></tr></thead><tbody></tbody></table>
 <script>window.NEURON = {_json(payload)};</script>"""
     nav = f'<a href="../index.html">index</a> · <a href="../layers/{layer:02d}.html">layer {layer}</a>'
-    (staging / "neurons" / f"{layer:02d}-{index:05d}.html").write_text(_page(title, "neuron", body, root="../", nav=nav))
+    (staging / "neurons" / f"{layer:02d}-{index:05d}.html").write_text(
+        _page(title, "neuron", body, root="../", nav=nav)
+    )
 
 
 def _page(title: str, kind: str, body: str, root: str, nav: str = "", extra: str = "") -> str:
@@ -177,43 +211,58 @@ def _page(title: str, kind: str, body: str, root: str, nav: str = "", extra: str
 """
 
 
-def _layer_page(run, layer: int, neurons: list[dict], options: Options) -> str:
+def _layer_page(run, layer: int, neurons: list[dict], options: ReportConfig) -> str:
     nav = ['<a href="../index.html">index</a>']
     if layer > 0:
         nav.append(f'<a href="{layer - 1:02d}.html">◀ layer {layer - 1}</a>')
     if layer + 1 < run.n_layers:
         nav.append(f'<a href="{layer + 1:02d}.html">layer {layer + 1} ▶</a>')
-    links = " ".join(f'<a href="../neurons/{layer:02d}-{n["neuron"]:05d}.html" title="red on {n["n_red"]} prompts, max {n["max_act"]:.2f}">{n["neuron"]}</a>' for n in neurons)
+    links = " ".join(
+        f'<a href="../neurons/{layer:02d}-{n["neuron"]:05d}.html" title="red on {n["n_red"]} prompts, max {n["max_act"]:.2f}">{n["neuron"]}</a>'
+        for n in neurons
+    )
     body = f"""<h1>Layer {layer}</h1>
 <div id="legend"></div>
 <p class="top-neurons">Most often red here: {links or "none"}</p>
 <div class="picker"><label>Prompt <select id="prompt"></select></label>
 <button id="prev" type="button">◀</button><button id="next" type="button">▶</button></div>
 <p id="prompt-info"></p>
-<p class="hint">One strip per kept neuron{f", at most {options.strips}" if options.strips else ""}: half of them the neurons above {run.bands['high']:g} on most tokens, the rest the widest of the others; widest coverage (red, orange or blue tokens) first. Hover a token for its band, a label for the neuron's values.</p>
+<p class="hint">One strip per kept neuron{f", at most {options.strips}" if options.strips else ""}: half of them the neurons above {run.manifest.bands.high:g} on most tokens, the rest the widest of the others; widest coverage (red, orange or blue tokens) first. Hover a token for its band, a label for the neuron's values.</p>
 <div id="strips" data-layer="{layer}"></div>"""
-    return _page(f"Layer {layer}", "layer", body, root="../", nav=" · ".join(nav), extra='\n<script src="../data/prompt-index.js"></script>')
+    return _page(
+        f"Layer {layer}",
+        "layer",
+        body,
+        root="../",
+        nav=" · ".join(nav),
+        extra='\n<script src="../data/prompt-index.js"></script>',
+    )
 
 
 def _index_page(run, family_size: dict) -> str:
     m = run.manifest
-    totals, timings, bands = m["totals"], m.get("timings", {}), m["bands"]
-    model = m["model"]
+    totals, timings, bands, cap = m.totals, m.timings, m.bands, m.selection.max_per_layer
     rows = [
-        ("model", f"{model.get('id')} ({model.get('dtype')})"),
-        ("bands", f"red &gt; {bands['red']:g}, orange {bands['high']:g}–{bands['red']:g}, grey {bands['low']:g}–{bands['high']:g}, blue &lt; {bands['low']:g}"),
-        ("kept per (prompt, layer)", f"at most {m['selection'].get('max_per_layer')}" if m["selection"].get("max_per_layer") else "every selected neuron"),
-        ("prompts", f"{totals['prompts']:,} ({len(family_size)} famil{'y' if len(family_size) == 1 else 'ies'})"),
-        ("tokens", f"{totals['tokens']:,}"),
-        ("activation rows", f"{totals['activation_rows']:,}"),
-        ("stages × replicas", f"{m.get('stages')} × {m.get('replicas')} on {m.get('device')}"),
-        ("time", f"{timings.get('seconds', float('nan')):.1f} s ({timings.get('tokens_per_s', float('nan')):,.0f} tokens/s)"),
+        ("model", f"{m.model.id} ({m.model.dtype})"),
+        (
+            "bands",
+            f"red &gt; {bands.red:g}, orange {bands.high:g}–{bands.red:g}, grey {bands.low:g}–{bands.high:g}, blue &lt; {bands.low:g}",
+        ),
+        ("kept per (prompt, layer)", f"at most {cap}" if cap else "every selected neuron"),
+        ("prompts", f"{totals.prompts:,} ({len(family_size)} famil{'y' if len(family_size) == 1 else 'ies'})"),
+        ("tokens", f"{totals.tokens:,}"),
+        ("activation rows", f"{totals.activation_rows:,}"),
+        ("stages × replicas", f"{m.stages} × {m.replicas} on {m.device}"),
+        (
+            "time",
+            f"{timings.get('seconds', float('nan')):.1f} s ({timings.get('tokens_per_s', float('nan')):,.0f} tokens/s)",
+        ),
     ]
     summary = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
-    accuracy = m.get("summary", {}).get("accuracy", {})
     acc_rows = "\n".join(
-        f"<tr><td>{html.escape(by)}</td><td>{html.escape(str(value))}</td><td>{a['correct']}/{a['total']}</td><td>{a['accuracy']:.0%}</td></tr>"
-        for by, groups in accuracy.items() for value, a in groups.items()
+        f"<tr><td>{html.escape(by)}</td><td>{html.escape(str(value))}</td><td>{a.correct}/{a.total}</td><td>{a.accuracy:.0%}</td></tr>"
+        for by, groups in m.summary.accuracy.items()
+        for value, a in groups.items()
     )
     layer_links = " ".join(f'<a class="layer-link" href="layers/{i:02d}.html">{i}</a>' for i in range(run.n_layers))
     body = f"""<h1>neuroscan report</h1>

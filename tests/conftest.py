@@ -24,9 +24,18 @@ CORPUS = [
     {"id": "short", "text": "Hi", "family": "misc"},
     {"id": "days", "text": "Monday, Tuesday, Wednesday,", "family": "days", "expected": " Thursday"},
     {"id": "unicode", "text": "Café naïve — ünïcödé ✓ 東京", "family": "misc"},
-    {"text": "one two three four five six seven eight nine ten eleven twelve", "family": "numbers", "expected": " thirteen"},
+    {
+        "text": "one two three four five six seven eight nine ten eleven twelve",
+        "family": "numbers",
+        "expected": " thirteen",
+    },
     {"id": "long", "text": " ".join(f"word{i}" for i in range(60)), "family": "misc"},
-    {"id": "colors", "text": 'Sequence: "red, green, blue" Pattern: Colors of the rainbow in order Next Word:', "family": "colors", "expected": ' "indigo"'},
+    {
+        "id": "colors",
+        "text": 'Sequence: "red, green, blue" Pattern: Colors of the rainbow in order Next Word:',
+        "family": "colors",
+        "expected": ' "indigo"',
+    },
     {"id": "x", "text": "x", "family": "misc"},
     {"id": "mid", "text": "The quick brown fox jumps over the lazy dog. " * 3, "family": "misc"},
     {"id": "digits", "text": "1, 3, 5, 7, 9, 11,", "family": "numbers", "expected": " 13"},
@@ -61,6 +70,13 @@ def ray_session():
     """One local Ray for the whole session, with fake logical GPUs for placement tests."""
     import ray
 
-    ray.init(address="local", num_cpus=8, num_gpus=4, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    ray.init(
+        address="local",
+        num_cpus=8,
+        num_gpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+    )
     yield ray
     ray.shutdown()

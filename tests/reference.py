@@ -19,7 +19,7 @@ import pyarrow.dataset as ds
 import torch
 from transformers import AutoTokenizer, GPTJForCausalLM
 
-from cluster.config import Selection
+from neuroscan.config import Selection
 
 
 def reference_scan(model_dir: Path, texts: list[str]) -> dict:
@@ -30,7 +30,10 @@ def reference_scan(model_dir: Path, texts: list[str]) -> dict:
     for prompt_id, text in enumerate(texts):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         acts = []
-        hooks = [b.mlp.act.register_forward_hook(lambda m, i, o: acts.append(o[0].numpy().copy())) for b in model.transformer.h]
+        hooks = [
+            b.mlp.act.register_forward_hook(lambda m, i, o, acts=acts: acts.append(o[0].numpy().copy()))
+            for b in model.transformer.h
+        ]
         try:
             with torch.no_grad():
                 logits = model(torch.tensor([ids])).logits[0, -1]
@@ -39,7 +42,12 @@ def reference_scan(model_dir: Path, texts: list[str]) -> dict:
                 h.remove()
         probs = logits.softmax(-1)
         top = probs.topk(5)
-        out[prompt_id] = {"token_ids": ids, "acts": np.stack(acts), "probs": probs.numpy(), "top_ids": top.indices.numpy()}
+        out[prompt_id] = {
+            "token_ids": ids,
+            "acts": np.stack(acts),
+            "probs": probs.numpy(),
+            "top_ids": top.indices.numpy(),
+        }
     return out
 
 
@@ -108,7 +116,11 @@ def _check_coverage(summary: dict, kept_acts: np.ndarray, sel: Selection, tol: f
     """layers/ coverage columns: mean over kept neurons of the fraction of tokens in a band."""
     if kept_acts.shape[1] == 0:
         return
-    for name, edge, above in (("mean_coverage", sel.high, True), ("red_coverage", sel.red, True), ("blue_coverage", sel.low, False)):
+    for name, edge, above in (
+        ("mean_coverage", sel.high, True),
+        ("red_coverage", sel.red, True),
+        ("blue_coverage", sel.low, False),
+    ):
         strict = (kept_acts > edge + tol) if above else (kept_acts < edge - tol)
         loose = (kept_acts > edge - tol) if above else (kept_acts < edge + tol)
         assert strict.mean() - 1e-6 <= summary[name] <= loose.mean() + 1e-6, (where, name, summary[name], strict.mean())
@@ -127,7 +139,9 @@ def _check_kept_set(kept: set, exp: dict, sel: Selection, tol: float, where) -> 
     for j in differ:  # only near-ties at the cap, or neurons at a selection threshold, may differ
         at_cap = abs(scores[j] - boundary) < tol
         at_threshold = abs(exp["max"][j] - sel.high) < tol or abs(exp["min"][j] - sel.low) < tol
-        assert at_cap or at_threshold, f"{where}: neuron {j} kept={j in kept}, reference says {j in exp['kept']} (score {scores[j]}, boundary {boundary})"
+        assert at_cap or at_threshold, (
+            f"{where}: neuron {j} kept={j in kept}, reference says {j in exp['kept']} (score {scores[j]}, boundary {boundary})"
+        )
 
 
 def _check_row(row: dict, acts: np.ndarray, sel: Selection, tol: float, where) -> None:
@@ -141,4 +155,6 @@ def _check_row(row: dict, acts: np.ndarray, sel: Selection, tol: float, where) -
     codes = unpack_bands(row["bands"], len(acts))
     mismatch = codes != band_codes(acts, sel)
     near_edge = np.min(np.abs(acts[:, None] - np.array([sel.low, sel.high, sel.red])), axis=1) < tol
-    assert not (mismatch & ~near_edge).any(), f"{where}: band codes differ at tokens {np.flatnonzero(mismatch & ~near_edge)}"
+    assert not (mismatch & ~near_edge).any(), (
+        f"{where}: band codes differ at tokens {np.flatnonzero(mismatch & ~near_edge)}"
+    )

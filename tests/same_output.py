@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 
-from aggregator import schema
+from neuroscan import schema
 from prompts.generate import generate, write_jsonl
 
 
@@ -23,11 +23,17 @@ def files(directory: Path) -> dict[Path, bytes]:
 
 
 def tables(out: Path) -> dict:
-    sort = {"activations": [("layer", "ascending"), ("prompt_id", "ascending"), ("neuron", "ascending")],
-            "prompts": [("prompt_id", "ascending")], "layers": [("prompt_id", "ascending"), ("layer", "ascending")],
-            "neurons": [("layer", "ascending"), ("neuron", "ascending")]}
+    sort = {
+        "activations": [("layer", "ascending"), ("prompt_id", "ascending"), ("neuron", "ascending")],
+        "prompts": [("prompt_id", "ascending")],
+        "layers": [("prompt_id", "ascending"), ("layer", "ascending")],
+        "neurons": [("layer", "ascending"), ("neuron", "ascending")],
+    }
     return {
-        name: ds.dataset(out / name, partitioning="hive" if name == "activations" else None).to_table().sort_by(keys).replace_schema_metadata(None)
+        name: ds.dataset(out / name, partitioning="hive" if name == "activations" else None)
+        .to_table()
+        .sort_by(keys)
+        .replace_schema_metadata(None)
         for name, keys in sort.items()
     }
 

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, GPTJConfig
 
-from cluster.errors import UserError
+from neuroscan.errors import UserError
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
@@ -75,7 +75,9 @@ def check_checkpoint(path: Path) -> None:
     files = tensor_files(path)
     if not files:
         convert = f"import transformers as t; t.AutoModelForCausalLM.from_pretrained({str(path)!r}, dtype='auto').save_pretrained({str(path)!r})"
-        raise UserError(f'model directory {path} has no safetensors weights: convert them once with python -c "{convert}"')
+        raise UserError(
+            f'model directory {path} has no safetensors weights: convert them once with python -c "{convert}"'
+        )
     for name in sorted(set(files.values())):  # headers only: a truncated file fails here, before any actor starts
         if not (path / name).exists():
             raise UserError(f"weights file {path / name} listed in the index is missing: write or download it again")
@@ -136,4 +138,6 @@ def _open(file: Path):
 
 def _corrupt(file: Path, err: Exception) -> UserError:
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return UserError(f"cannot read weights file {file} ({reason}): it is truncated or corrupted; write or download it again")
+    return UserError(
+        f"cannot read weights file {file} ({reason}): it is truncated or corrupted; write or download it again"
+    )

@@ -26,20 +26,10 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import GPTJConfig
 
-from cluster.errors import UserError
+from neuroscan.config import MODEL_PRESETS, cache_dir
+from neuroscan.errors import UserError
 from workers.tokenizer import byte_tokenizer
 
-PRESETS: dict[str, dict] = {
-    "tiny": dict(
-        vocab_size=257, n_positions=2048, n_embd=128, n_layer=28, n_head=4, rotary_dim=16,
-        n_inner=512, bos_token_id=256, eos_token_id=256, dtype="float32",
-    ),
-    # GPT-J-6B's exact shapes (EleutherAI/gpt-j-6b config.json), random fp16 weights.
-    "gptj-6b": dict(
-        vocab_size=50400, n_positions=2048, n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,
-        n_inner=None, bos_token_id=50256, eos_token_id=50256, dtype="float16",
-    ),
-}
 EMBEDDED_PRESET = "tiny"
 EMBEDDED_SEED = 0
 EMBEDDED_VERSION = 1
@@ -48,14 +38,13 @@ SHARD_BYTES = 2 << 30
 
 
 def gptj_config(preset: str, **overrides) -> GPTJConfig:
-    fields = {**PRESETS[preset], **overrides}
+    fields = {**MODEL_PRESETS[preset], **overrides}
     return GPTJConfig(architectures=["GPTJForCausalLM"], tie_word_embeddings=False, **fields)
 
 
 def embedded_model_path() -> Path:
     """Where the embedded model is (or will be) on this machine."""
-    root = Path(os.environ.get("NEUROSCAN_CACHE", Path.home() / ".cache" / "neuroscan"))
-    return root / "models" / f"{EMBEDDED_PRESET}-v{EMBEDDED_VERSION}-seed{EMBEDDED_SEED}"
+    return cache_dir() / "models" / f"{EMBEDDED_PRESET}-v{EMBEDDED_VERSION}-seed{EMBEDDED_SEED}"
 
 
 def embedded_model_dir() -> Path:
@@ -65,8 +54,13 @@ def embedded_model_dir() -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=".building-"))
         try:
-            write_checkpoint(gptj_config(EMBEDDED_PRESET), staging, seed=EMBEDDED_SEED, named=path,
-                             fix="free space there, or set NEUROSCAN_CACHE to a place with room")
+            write_checkpoint(
+                gptj_config(EMBEDDED_PRESET),
+                staging,
+                seed=EMBEDDED_SEED,
+                named=path,
+                fix="free space there, or set NEUROSCAN_CACHE to a place with room",
+            )
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -77,8 +71,16 @@ def embedded_model_dir() -> Path:
     return path
 
 
-def write_checkpoint(config: GPTJConfig, out: Path, seed: int = 0, shard_bytes: int = SHARD_BYTES, device: str = "cpu", *,
-                     named: Path | None = None, fix: str = "free space or choose another place, then run it again") -> Path:
+def write_checkpoint(
+    config: GPTJConfig,
+    out: Path,
+    seed: int = 0,
+    shard_bytes: int = SHARD_BYTES,
+    device: str = "cpu",
+    *,
+    named: Path | None = None,
+    fix: str = "free space or choose another place, then run it again",
+) -> Path:
     """Write a random GPT-J checkpoint in Hugging Face layout; returns ``out``.
 
     Each tensor is drawn from its own generator (seeded by name), so a tensor's values do not
@@ -99,7 +101,9 @@ def write_checkpoint(config: GPTJConfig, out: Path, seed: int = 0, shard_bytes: 
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).rpartition("I/O error: ")[2]
         dtype = getattr(torch, str(config.dtype or "float32").removeprefix("torch."))
         size = sum(math.prod(shape) for shape in _tensor_shapes(config).values()) * dtype.itemsize
-        raise UserError(f"writing a checkpoint to {named or out} failed ({reason}): it needs {size / 2**30:.2f} GiB; {fix}") from None
+        raise UserError(
+            f"writing a checkpoint to {named or out} failed ({reason}): it needs {size / 2**30:.2f} GiB; {fix}"
+        ) from None
 
 
 def _write_checkpoint(config: GPTJConfig, out: Path, seed: int, shard_bytes: int, device: str) -> Path:
@@ -146,15 +150,22 @@ def _tensor_shapes(config: GPTJConfig) -> dict[str, tuple[int, ...]]:
     for i in range(config.n_layer):
         p = f"transformer.h.{i}."
         shapes |= {
-            p + "ln_1.weight": (d,), p + "ln_1.bias": (d,),
-            p + "attn.q_proj.weight": (d, d), p + "attn.k_proj.weight": (d, d),
-            p + "attn.v_proj.weight": (d, d), p + "attn.out_proj.weight": (d, d),
-            p + "mlp.fc_in.weight": (inner, d), p + "mlp.fc_in.bias": (inner,),
-            p + "mlp.fc_out.weight": (d, inner), p + "mlp.fc_out.bias": (d,),
+            p + "ln_1.weight": (d,),
+            p + "ln_1.bias": (d,),
+            p + "attn.q_proj.weight": (d, d),
+            p + "attn.k_proj.weight": (d, d),
+            p + "attn.v_proj.weight": (d, d),
+            p + "attn.out_proj.weight": (d, d),
+            p + "mlp.fc_in.weight": (inner, d),
+            p + "mlp.fc_in.bias": (inner,),
+            p + "mlp.fc_out.weight": (d, inner),
+            p + "mlp.fc_out.bias": (d,),
         }
     shapes |= {
-        "transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,),
-        "lm_head.weight": (v, d), "lm_head.bias": (v,),
+        "transformer.ln_f.weight": (d,),
+        "transformer.ln_f.bias": (d,),
+        "lm_head.weight": (v, d),
+        "lm_head.bias": (v,),
     }
     return shapes
 

@@ -11,7 +11,7 @@ are coalesced along the neuron axis, the innermost one of the activations.
 
 The pick (`pick_fused`) and the kept rows' statistics and band codes (`kept_rows_fused`) are
 one kernel each too. (The GELU and these statistics in one kernel, which saves the second read
-of the activations, was tried and measured slower end to end: bench/RESULTS.md, item 17.)
+of the activations, is slower end to end: bench/RESULTS.md.)
 
 Same results as the eager path: values compared in float32 after an exact upcast, first
 position on ties. On a CPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``),
@@ -26,7 +26,8 @@ from typing import NamedTuple
 
 import torch
 
-from cluster.config import Selection
+from neuroscan.config import Selection
+from workers.thresholds import UNSELECTED, thresholds
 
 try:
     import triton.language as tl
@@ -45,10 +46,8 @@ class Tiling(NamedTuple):
 
 
 STATS_TILING = Tiling(2, 16, 4)
-"""Measured alone on an H200 (bench/records/2026-11-26-h200-run6-kernels.txt, 32 x 256 x 16,384
-fp16, median of ``do_bench``): (BLOCK_T, UNROLL, warps) = (8, 1, 8), the v2 kernel, 405 us;
-(8, 4, 8) 368 us; (4, 8, 4) 258 us (the tiling of run 6's full benchmark); (2, 16, 4) 157 us,
-the best of the ten tried (1,710 GB/s: 41 % of a device copy's 4,129); run 7 again 157 us."""
+"""The fastest of the tilings `bench.kernels` tries, at GPT-J-6B's shape on a GPU (figures in
+bench/RESULTS.md)."""
 
 
 def available(device: torch.device) -> bool:
@@ -58,15 +57,33 @@ def available(device: torch.device) -> bool:
 
 
 def stats_kernel(
-    act, n_tokens, max_act, max_pos, min_act, min_pos, n_above, n_below, n_red, rank,
-    n_neurons, stride_b, stride_t, high, low, red, sel_high, sel_low,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+    act,
+    n_tokens,
+    max_act,
+    max_pos,
+    min_act,
+    min_pos,
+    n_above,
+    n_below,
+    n_red,
+    rank,
+    n_neurons,
+    stride_b,
+    stride_t,
+    high,
+    low,
+    red,
+    sel_high,
+    sel_low,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     # Only the prompt's own tokens are read.
     # Each lane of the [BLOCK_T, BLOCK_N] tile keeps its own running statistics while the
     # program walks the prompt; the tile is reduced along the token axis once, at the end.
-    # (Reducing every slice as it is loaded costs a cross-warp exchange per statistic per
-    # slice: measured on an H200, that kernel ran at 1.1 ms a layer instead of ~0.1.)
+    # (Reducing every slice as it is loaded would cost a cross-warp exchange per statistic
+    # per slice, an order of magnitude slower: bench/RESULTS.md.)
     b = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     col_ok = cols < n_neurons
@@ -80,9 +97,9 @@ def stats_kernel(
     reds = tl.zeros((BLOCK_T, BLOCK_N), tl.int32)
     base = act + b.to(tl.int64) * stride_b
     for t0 in range(0, length, BLOCK_T * UNROLL):
-        # v2 loaded one [BLOCK_T, BLOCK_N] slice a step: 4 KB in flight per program, ~0.44 ms a
-        # layer on an H200 (a seventh of its bandwidth). The UNROLL loads below do not depend on
-        # each other or on the running statistics, so they are all issued before the first is used.
+        # One [BLOCK_T, BLOCK_N] slice a step leaves too few bytes in flight to use the memory's
+        # bandwidth. The UNROLL loads below do not depend on each other or on the running
+        # statistics, so they are all issued before the first is used.
         for u in tl.static_range(UNROLL):
             rows = t0 + u * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
             ok = (rows < length)[:, None] & col_ok[None, :]
@@ -133,7 +150,9 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def layer_stats_fused(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, tiling: Tiling = STATS_TILING) -> dict[str, torch.Tensor]:
+def layer_stats_fused(
+    act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, tiling: Tiling = STATS_TILING
+) -> dict[str, torch.Tensor]:
     """`workers.reduce.layer_stats` in one pass: act [batch, pos, d_mlp] (unit stride along
     d_mlp), n_tokens [batch] -> [batch, d_mlp] max_act/min_act float32 and
     max_pos/min_pos/n_above/n_below/n_red int32, and rank int32 (`workers.reduce.rank_scores`).
@@ -146,24 +165,38 @@ def layer_stats_fused(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection,
     for name in ("max_pos", "min_pos", "n_above", "n_below", "n_red"):
         out[name] = torch.empty(b, n, dtype=torch.int32, device=dev)
     out["rank"] = torch.empty(b, n, dtype=torch.int32, device=dev)
-    from workers.reduce import thresholds
-
     high, low, red = thresholds(sel, act.dtype)  # the same exact comparisons as the eager path
     _jit(stats_kernel, _interpret())[(b, -(-n // tiling.block_n))](
-        act, n_tokens.to(torch.int32), out["max_act"], out["max_pos"], out["min_act"], out["min_pos"],
-        out["n_above"], out["n_below"], out["n_red"], out["rank"],
-        n, act.stride(0), act.stride(1), high, low, red, sel.high, sel.low,
-        BLOCK_T=tiling.block_t, BLOCK_N=tiling.block_n, UNROLL=tiling.unroll, num_warps=tiling.num_warps,
+        act,
+        n_tokens.to(torch.int32),
+        out["max_act"],
+        out["max_pos"],
+        out["min_act"],
+        out["min_pos"],
+        out["n_above"],
+        out["n_below"],
+        out["n_red"],
+        out["rank"],
+        n,
+        act.stride(0),
+        act.stride(1),
+        high,
+        low,
+        red,
+        sel.high,
+        sel.low,
+        BLOCK_T=tiling.block_t,
+        BLOCK_N=tiling.block_n,
+        UNROLL=tiling.unroll,
+        num_warps=tiling.num_warps,
     )
     return out
 
 
 PICK_WARPS = 16
-"""A prompt's 16,384 ranks over 512 threads, 32 each: ptxas (sm_90, `tests/unit/test_kernels_compile.py`)
-gives 128 registers and no spills, where 8 warps need 255 registers and spill, 4 warps spill
-~1 KB a thread (Triton 3.9; with 3.6, the lent machines', 16 warps spill 72 bytes). Timed on
-an H200 (bench/records/2026-11-27-h200-run7-kernels.txt): 104 us at 4 warps, 49 at 8, 44 at 16,
-against 227 us for run 6's int64 top-k and sort."""
+"""A prompt's 16,384 ranks over 512 threads, 32 each: with fewer warps each thread holds more
+ranks than its registers and spills (`tests/unit/test_kernels_compile.py` checks the count on
+sm_90; timings by warps in bench/RESULTS.md)."""
 
 
 def pick_kernel(rank, neuron, n_selected, n_neurons, k, unselected, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -204,14 +237,19 @@ def pick_fused(rank: torch.Tensor, k: int, num_warps: int = PICK_WARPS) -> tuple
     ``num_warps`` is for `bench.kernels`."""
     import triton
 
-    from workers.reduce import UNSELECTED
-
     b, n = rank.shape
     neuron = torch.empty(b, k, dtype=torch.int64, device=rank.device)
     n_selected = torch.empty(b, dtype=torch.int32, device=rank.device)
     _jit(pick_kernel, _interpret())[(b,)](
-        rank.contiguous(), neuron, n_selected, n, k, UNSELECTED,
-        BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_K=256, num_warps=num_warps,
+        rank.contiguous(),
+        neuron,
+        n_selected,
+        n,
+        k,
+        UNSELECTED,
+        BLOCK_N=max(16, triton.next_power_of_2(n)),
+        BLOCK_K=256,
+        num_warps=num_warps,
     )
     return neuron, n_selected
 
@@ -221,10 +259,34 @@ ROWS_BLOCK_W = 16
 
 
 def rows_kernel(
-    act, n_tokens, idx, max_act, max_pos, min_act, min_pos, n_above, n_below, n_red,
-    o_max_act, o_max_pos, o_min_act, o_min_pos, o_n_above, o_n_below, o_n_red, bands,
-    n_neurons, n_slots, width, stride_b, stride_t, high, low, red,
-    BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
+    act,
+    n_tokens,
+    idx,
+    max_act,
+    max_pos,
+    min_act,
+    min_pos,
+    n_above,
+    n_below,
+    n_red,
+    o_max_act,
+    o_max_pos,
+    o_min_act,
+    o_min_pos,
+    o_n_above,
+    o_n_below,
+    o_n_red,
+    bands,
+    n_neurons,
+    n_slots,
+    width,
+    stride_b,
+    stride_t,
+    high,
+    low,
+    red,
+    BLOCK_K: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):
     # A program owns BLOCK_K slots (kept neurons) of one prompt: it copies their statistics
     # and writes their band codes, four tokens a byte, walking the prompt BLOCK_W bytes a step.
@@ -259,8 +321,9 @@ def rows_kernel(
         tl.store(dest, packed.to(tl.uint8), mask=slot_ok[:, None] & (byte < width)[None, :])
 
 
-def kept_rows_fused(act: torch.Tensor, idx: torch.Tensor, n_tokens: torch.Tensor, stats: dict[str, torch.Tensor],
-                    sel: Selection) -> dict[str, torch.Tensor]:
+def kept_rows_fused(
+    act: torch.Tensor, idx: torch.Tensor, n_tokens: torch.Tensor, stats: dict[str, torch.Tensor], sel: Selection
+) -> dict[str, torch.Tensor]:
     """`workers.reduce.kept_rows` in one kernel: the statistics and packed band codes of the
     neurons ``idx`` [batch, K] (same values, same dtypes)."""
     if act.stride(2) != 1:
@@ -274,12 +337,22 @@ def kept_rows_fused(act: torch.Tensor, idx: torch.Tensor, n_tokens: torch.Tensor
         out[name] = torch.empty(b, k, dtype=torch.int16, device=dev)
     out["n_red"] = torch.empty(b, k, dtype=torch.int32, device=dev)
     out["bands"] = torch.empty(b, k, width, dtype=torch.uint8, device=dev)
-    from workers.reduce import thresholds
-
     high, low, red = thresholds(sel, act.dtype)
     _jit(rows_kernel, _interpret())[(b, -(-k // ROWS_BLOCK_K))](
-        act, n_tokens.to(torch.int32), idx.contiguous(), *(stats[name] for name in ("max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "n_red")),
+        act,
+        n_tokens.to(torch.int32),
+        idx.contiguous(),
+        *(stats[name] for name in ("max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "n_red")),
         *(out[name] for name in ("max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "n_red", "bands")),
-        n, k, width, act.stride(0), act.stride(1), high, low, red, BLOCK_K=ROWS_BLOCK_K, BLOCK_W=ROWS_BLOCK_W,
+        n,
+        k,
+        width,
+        act.stride(0),
+        act.stride(1),
+        high,
+        low,
+        red,
+        BLOCK_K=ROWS_BLOCK_K,
+        BLOCK_W=ROWS_BLOCK_W,
     )
     return out

@@ -15,50 +15,14 @@ look at a value: the stage compacts all its layers at once, once per micro-batch
 
 from __future__ import annotations
 
-import functools
-import struct
-
-import numpy as np
 import torch
 
-from cluster.config import Selection
+from neuroscan.config import Selection
+from workers.fused import kept_rows_fused, layer_stats_fused, pick_fused
+from workers.thresholds import UNSELECTED, thresholds
 
 ROW_FIELDS = ("neuron", "max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "bands")
 PROMPT_FIELDS = ("n_selected", "n_kept", "n_above_any", "mean_coverage", "red_coverage", "blue_coverage")
-
-
-def threshold(value: float, dtype: torch.dtype, side: str) -> float:
-    """The ``dtype`` value that makes a comparison in ``dtype`` exact for the real threshold.
-
-    ``x > value`` for every ``x`` of ``dtype`` is ``x > threshold(value, dtype, "above")`` (the
-    largest ``dtype`` value <= ``value``); ``x < value`` is ``x < threshold(value, dtype, "below")``
-    (the smallest >= ``value``). Both paths (eager and fused) compare against these, so a
-    threshold that ``dtype`` cannot hold (3.1 in float16) means the same thing everywhere.
-    Pure Python: no tensor op, so nothing here can wait on a device.
-    """
-    down = side == "above"
-    if dtype == torch.float64:
-        return float(value)
-    if dtype == torch.bfloat16:  # float32 with the low 16 bits zero
-        f = threshold(value, torch.float32, side)
-        bits = struct.unpack("<I", struct.pack("<f", f))[0] & 0xFFFF0000
-        toward_zero = struct.unpack("<f", struct.pack("<I", bits))[0]
-        if toward_zero == f:
-            return toward_zero
-        away = struct.unpack("<f", struct.pack("<I", bits + 0x10000))[0]
-        lower, upper = sorted((toward_zero, away))
-        return lower if down else upper
-    kind = {torch.float16: np.float16, torch.float32: np.float32}[dtype]
-    t = kind(value)
-    if (down and float(t) > value) or (not down and float(t) < value):
-        t = np.nextafter(t, kind(-np.inf if down else np.inf))
-    return float(t)
-
-
-@functools.cache
-def thresholds(sel: Selection, dtype: torch.dtype) -> tuple[float, float, float]:
-    """(high, low, red) for comparisons in ``dtype``; see `threshold`. Cached: every layer asks."""
-    return threshold(sel.high, dtype, "above"), threshold(sel.low, dtype, "below"), threshold(sel.red, dtype, "above")
 
 
 def band_codes(act: torch.Tensor, sel: Selection) -> torch.Tensor:
@@ -98,11 +62,20 @@ def layer_stats(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection) -> di
     min_act, min_pos = lo.min(dim=1)
     n_below = (lo < low).sum(dim=1)
     del lo
-    return {"max_act": max_act.float(), "max_pos": max_pos, "min_act": min_act.float(), "min_pos": min_pos,
-            "n_above": n_above, "n_below": n_below, "n_red": n_red}
+    return {
+        "max_act": max_act.float(),
+        "max_pos": max_pos,
+        "min_act": min_act.float(),
+        "min_pos": min_pos,
+        "n_above": n_above,
+        "n_below": n_below,
+        "n_red": n_red,
+    }
 
 
-def reduce_layer(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, fused: bool = False) -> dict[str, torch.Tensor]:
+def reduce_layer(
+    act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, fused: bool = False
+) -> dict[str, torch.Tensor]:
     """Reduce one layer's activations to fixed-shape candidate rows.
 
     act:      [batch, pos, d_mlp] activations (any float dtype)
@@ -120,8 +93,6 @@ def reduce_layer(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, fuse
     """
     n = act.shape[2]
     if fused:  # the kernel also gives each neuron's rank
-        from workers.fused import layer_stats_fused, pick_fused
-
         stats = layer_stats_fused(act, n_tokens, sel)
         rank = stats["rank"]
     else:
@@ -135,8 +106,6 @@ def reduce_layer(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, fuse
     idx = neuron.clamp(max=n - 1)  # [batch, K]
 
     if fused:  # one kernel: the kept neurons' statistics and packed band codes
-        from workers.fused import kept_rows_fused
-
         picked = kept_rows_fused(act, idx, n_tokens, stats, sel)
     else:
         picked = kept_rows(act, idx, n_tokens, stats, sel)
@@ -159,7 +128,9 @@ def reduce_layer(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, fuse
     }
 
 
-def kept_rows(act: torch.Tensor, idx: torch.Tensor, n_tokens: torch.Tensor, stats: dict[str, torch.Tensor], sel: Selection) -> dict[str, torch.Tensor]:
+def kept_rows(
+    act: torch.Tensor, idx: torch.Tensor, n_tokens: torch.Tensor, stats: dict[str, torch.Tensor], sel: Selection
+) -> dict[str, torch.Tensor]:
     """The statistics and packed band codes of the neurons ``idx`` [batch, K]: the eager
     reference of `workers.fused.kept_rows_fused`. max_act/min_act float32, max_pos/min_pos/
     n_above/n_below int16, n_red int32 [batch, K]; bands [batch, K, ceil(pos / 4)] uint8."""
@@ -169,10 +140,6 @@ def kept_rows(act: torch.Tensor, idx: torch.Tensor, n_tokens: torch.Tensor, stat
     picked["n_red"] = stats["n_red"].gather(1, idx).to(torch.int32)
     picked["bands"] = packed_bands(act, idx, n_tokens, sel)
     return picked
-
-
-UNSELECTED = -0x7F800000 - 1
-"""The rank of a score of -inf, what unselected neurons get; every selected neuron ranks above."""
 
 
 def rank_scores(max_act: torch.Tensor, min_act: torch.Tensor, sel: Selection, dtype: torch.dtype) -> torch.Tensor:
@@ -220,7 +187,9 @@ def pick_neurons(rank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return out[:, :k], selected.sum(dim=1).to(torch.int32)
 
 
-def packed_bands(act: torch.Tensor, idx: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, chunk: int = 2048) -> torch.Tensor:
+def packed_bands(
+    act: torch.Tensor, idx: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, chunk: int = 2048
+) -> torch.Tensor:
     """Band codes of the neurons ``idx`` [batch, K], packed: [batch, K, ceil(pos / 4)] uint8,
     grey (0) past each prompt's ``n_tokens``.
 

@@ -3,9 +3,8 @@
 transformers rotates the first ``rotary_dim`` features of every head of the queries and keys
 out of place (stride-2 slices, a negation, a stack, two products and a sum, a dozen kernels
 for the queries and the keys) and then concatenates the rotated features with the rest of
-each head, a strided copy of the whole query and key tensors. On an H200 at GPT-J-6B's shape
-the two concatenations alone took 7 % of the forward pass's device time
-(bench/records/2026-11-26-h200-run6-profile.txt). Here the rotation is written back into the
+each head, a strided copy of the whole query and key tensors (a notable share of the forward
+pass's device time at GPT-J-6B's shape: bench/RESULTS.md). Here the rotation is written back into the
 projections' own outputs: on a GPU one Triton kernel reads and writes only the rotated
 features, of the queries and the keys together; elsewhere a few in-place tensor ops.
 
@@ -22,7 +21,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gptj.modeling_gptj import GPTJAttention, eager_attention_forward
 
 from workers.fused import _interpret, _jit, available, tl
-
 
 LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
 """The kernel's launch options. No floating-point contraction: each product is rounded, then
@@ -53,8 +51,14 @@ def rotary_kernel(q, k, sin, cos, n_pairs, stride_x, stride_head, stride_sc, pai
     tl.store(at + 1, new_odd.to(dtype), mask=ok)
 
 
-def rotate_(query: torch.Tensor, key: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, rotary_dim: int,
-            kernel: bool | None = None) -> None:
+def rotate_(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    sin: torch.Tensor,
+    cos: torch.Tensor,
+    rotary_dim: int,
+    kernel: bool | None = None,
+) -> None:
     """Rotate the first ``rotary_dim`` features of every head of ``query`` and ``key`` in place.
 
     query, key [batch, pos, heads, head_dim] (each token's heads contiguous, as a projection's
@@ -76,13 +80,28 @@ def rotate_(query: torch.Tensor, key: torch.Tensor, sin: torch.Tensor, cos: torc
     import triton
 
     b, t, h, _ = query.shape
-    if key.stride() != query.stride() or query.stride(3) != 1 or query.stride(1) != h * query.stride(2) or query.stride(0) != t * query.stride(1):
+    if (
+        key.stride() != query.stride()
+        or query.stride(3) != 1
+        or query.stride(1) != h * query.stride(2)
+        or query.stride(0) != t * query.stride(1)
+    ):
         raise ValueError("query and key must share a layout with each token's heads contiguous and tokens in order")
     sin, cos = sin.expand(b, t, -1).reshape(b * t, -1), cos.expand(b, t, -1).reshape(b * t, -1)
     pairs = rotary_dim // 2
     block = max(triton.next_power_of_2(h * pairs), 16)  # every (head, pair) of a token: 512 at GPT-J-6B's shape
     _jit(rotary_kernel, _interpret())[(b * t, 2)](
-        query, key, sin, cos, h * pairs, query.stride(1), query.stride(2), sin.stride(0), pairs, BLOCK=block, **LAUNCH,
+        query,
+        key,
+        sin,
+        cos,
+        h * pairs,
+        query.stride(1),
+        query.stride(2),
+        sin.stride(0),
+        pairs,
+        BLOCK=block,
+        **LAUNCH,
     )
 
 
@@ -103,8 +122,14 @@ class RotaryAttention(GPTJAttention):
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attend(
-            self, query, key, value, attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
         )
         out = self.out_proj(out.reshape(*input_shape, -1).contiguous())
         return self.resid_dropout(out), weights

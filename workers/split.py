@@ -14,9 +14,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from cluster.errors import UserError
-from prompts.batching import MicroBatch
-from workers.rows import Hidden, StageRows
+from neuroscan.errors import UserError
+from neuroscan.messages import Hidden, MicroBatch, StageRows
 
 Forward = Callable[[MicroBatch, Hidden | None], tuple[Hidden | None, StageRows]]
 
@@ -55,7 +54,9 @@ def forward_splitting(forward: Forward, batch: MicroBatch, hidden: Hidden | None
         halves = []
         for rows in (np.arange(n // 2), np.arange(n // 2, n)):
             part = batch.take(rows, trim=True)
-            part_hidden = None if hidden is None else Hidden(_take(hidden.data, rows, part.input_ids.shape[1]), hidden.dtype)
+            part_hidden = (
+                None if hidden is None else Hidden(_take(hidden.data, rows, part.input_ids.shape[1]), hidden.dtype)
+            )
             halves.append(forward_splitting(forward, part, part_hidden))
         return merge(*halves, offset=n // 2, width=batch.input_ids.shape[1])
 
@@ -77,7 +78,9 @@ def _pad(array, width: int):
     return np.pad(array, pad)
 
 
-def merge(a: tuple[Hidden | None, StageRows], b: tuple[Hidden | None, StageRows], offset: int, width: int) -> tuple[Hidden | None, StageRows]:
+def merge(
+    a: tuple[Hidden | None, StageRows], b: tuple[Hidden | None, StageRows], offset: int, width: int
+) -> tuple[Hidden | None, StageRows]:
     """Outputs of two halves -> the output of the whole micro-batch of ``width`` positions."""
     (ha, ra), (hb, rb) = a, b
     for r in (ra, rb):

@@ -32,16 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cluster.config import Selection
-from cluster.errors import UserError
-from cluster.memory import MemoryWatch, release_free_heap
-from prompts.batching import MicroBatch
+from neuroscan.config import Selection
+from neuroscan.errors import UserError
+from neuroscan.memory import MemoryWatch, release_free_heap
+from neuroscan.messages import Hidden, MicroBatch, StageRows
 from workers.checkpoint import load_config
 from workers.embedded import embedded_model_dir, embedded_model_path
 from workers.fused import available as fused_available
 from workers.handoff import Outbox
 from workers.reduce import compact, reduce_layer
-from workers.rows import Hidden, StageRows
 from workers.shard import ShardSpec, load_stage
 from workers.split import forward_splitting
 from workers.transfer import host_tensor, leaves, start_copy, to_device
@@ -83,8 +82,14 @@ class StageSpec:
 
 
 @contextmanager
-def reducing_hooks(blocks, n_tokens: torch.Tensor, sel: Selection, sink: list, fused: bool = False,
-                   stream: torch.cuda.Stream | None = None) -> Iterator[None]:
+def reducing_hooks(
+    blocks,
+    n_tokens: torch.Tensor,
+    sel: Selection,
+    sink: list,
+    fused: bool = False,
+    stream: torch.cuda.Stream | None = None,
+) -> Iterator[None]:
     """Reduce every block's ``mlp.act`` output into ``sink`` while the context is open.
 
     With ``stream`` (CUDA), each layer's reduction is queued on that side stream after the
@@ -147,8 +152,12 @@ class Stage:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.device.type != "meta")
         if self.device.type == "cuda":
             self._warm_up(config.n_embd)
-        return {"layers": (self.spec.shard.start, self.spec.shard.stop), "weight_bytes": weights, "device": str(self.device),
-                "reduction": "fused" if self.fused else "eager"}
+        return {
+            "layers": (self.spec.shard.start, self.spec.shard.stop),
+            "weight_bytes": weights,
+            "device": str(self.device),
+            "reduction": "fused" if self.fused else "eager",
+        }
 
     def _warm_up(self, d_model: int) -> None:  # with the lock held (or before any call)
         """Three small forwards, so that kernel compilation (Triton, cuBLAS handles) happens at
@@ -156,9 +165,19 @@ class Stage:
         integer argument that is or is not a multiple of 16: the rows kernel's band bytes a row,
         a quarter of the tokens (16 tokens make 4 bytes, 64 make 16, 17 make 5)."""
         for n in (16, 64, 17):
-            batch = MicroBatch(-1, np.zeros(1, np.int64), np.zeros((1, n), np.int32), np.array([n], np.int32),
-                               np.array([n], np.int32), np.zeros((1, 0), np.int32))
-            hidden = None if self.spec.shard.first else Hidden(np.zeros((1, n, d_model), _host_dtype(self.spec.dtype)), self.spec.dtype)
+            batch = MicroBatch(
+                -1,
+                np.zeros(1, np.int64),
+                np.zeros((1, n), np.int32),
+                np.array([n], np.int32),
+                np.array([n], np.int32),
+                np.zeros((1, 0), np.int32),
+            )
+            hidden = (
+                None
+                if self.spec.shard.first
+                else Hidden(np.zeros((1, n, d_model), _host_dtype(self.spec.dtype)), self.spec.dtype)
+            )
             self._collect(batch, self._launch(batch, hidden))
 
     def memory(self) -> dict[str, float]:
@@ -190,7 +209,12 @@ class Stage:
         return self.outbox.take(batch_id)
 
     def _forward(self, batch: MicroBatch, hidden: Hidden | None) -> tuple[Hidden | None, StageRows]:
-        if self.model is not None and self.device.type == "cuda" and hidden is not None and isinstance(hidden.data, np.ndarray):
+        if (
+            self.model is not None
+            and self.device.type == "cuda"
+            and hidden is not None
+            and isinstance(hidden.data, np.ndarray)
+        ):
             # The host copy into pinned memory (64 MB at GPT-J's 8,192 tokens) before taking the
             # lock, so the other call's launch does not wait for it.
             hidden = Hidden(host_tensor(hidden.data, pin=True), hidden.dtype)
@@ -299,4 +323,3 @@ def _from_host(hidden: Hidden, device: torch.device) -> torch.Tensor:
     or a tensor handed over directly (already on its device, in its own dtype)."""
     x = to_device(hidden.data, device)
     return x.view(torch.bfloat16) if hidden.dtype == "bfloat16" and x.dtype == torch.int16 else x
-

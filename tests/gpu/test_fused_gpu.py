@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import Selection
+from neuroscan.config import Selection
 from workers.reduce import layer_stats, pick_neurons, rank_scores, reduce_layer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -116,11 +116,20 @@ def test_a_gpu_stage_gives_the_cpu_stage_rows(tiny_model):
     compared = band_bytes = band_mismatches = 0
     for batch in batches:
         (_, a), (_, b) = gpu.forward(batch), cpu.forward(batch)
-        ka, kb = (set(zip(r.rows["layer_offset"].tolist(), r.rows["row"].tolist(), r.rows["neuron"].tolist())) for r in (a, b))
+        ka, kb = (
+            set(zip(r.rows["layer_offset"].tolist(), r.rows["row"].tolist(), r.rows["neuron"].tolist())) for r in (a, b)
+        )
         differ = ka ^ kb
         assert len(differ) <= 0.001 * len(kb), f"{len(differ)} of {len(kb)} rows differ"
-        index_a = {key: i for i, key in enumerate(zip(a.rows["layer_offset"].tolist(), a.rows["row"].tolist(), a.rows["neuron"].tolist()))}
-        for j, key in enumerate(zip(b.rows["layer_offset"].tolist(), b.rows["row"].tolist(), b.rows["neuron"].tolist())):
+        index_a = {
+            key: i
+            for i, key in enumerate(
+                zip(a.rows["layer_offset"].tolist(), a.rows["row"].tolist(), a.rows["neuron"].tolist())
+            )
+        }
+        for j, key in enumerate(
+            zip(b.rows["layer_offset"].tolist(), b.rows["row"].tolist(), b.rows["neuron"].tolist())
+        ):
             if key in index_a:
                 i = index_a[key]
                 assert abs(a.rows["max_act"][i] - b.rows["max_act"][j]) < 1e-3

@@ -10,8 +10,8 @@ import logging
 import pytest
 import torch
 
-from cluster.config import ScanConfig, Selection
 from cluster.driver import run_scan
+from neuroscan.config import ScanConfig, Selection
 from tests.same_output import assert_same_output, sequence_corpus
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -32,7 +32,11 @@ def test_the_next_stage_gets_the_same_hidden_state_from_the_host_or_the_device(t
     half = config.n_layer // 2
 
     def stage(start, stop, keep):
-        s = Stage(StageSpec(str(tiny_model), ShardSpec(start, stop, config.n_layer), "cuda", dtype, Selection(), keep_hidden=keep))
+        s = Stage(
+            StageSpec(
+                str(tiny_model), ShardSpec(start, stop, config.n_layer), "cuda", dtype, Selection(), keep_hidden=keep
+            )
+        )
         s.setup()
         return s
 
@@ -42,7 +46,9 @@ def test_the_next_stage_gets_the_same_hidden_state_from_the_host_or_the_device(t
         h_host, _ = first_host.forward(batch)
         h_kept, _ = first_kept.forward(batch)
         assert isinstance(h_host.data, np.ndarray) and h_kept.data.is_cuda
-        assert np.array_equal(h_host.data, h_kept.data.cpu().view(torch.int16 if dtype == "bfloat16" else torch.float16).numpy())
+        assert np.array_equal(
+            h_host.data, h_kept.data.cpu().view(torch.int16 if dtype == "bfloat16" else torch.float16).numpy()
+        )
         (_, want), (_, got) = second.forward(batch, h_host), second.forward(batch, h_kept)
         for name in want.rows:
             assert np.array_equal(got.rows[name], want.rows[name]), name
@@ -61,9 +67,19 @@ def test_two_stages_on_one_gpu_hand_over_by_cuda_ipc_with_the_same_tables(gpu_ra
     corpus = sequence_corpus(tmp_path / "prompts.jsonl", 300, seed=3)
 
     def scan(out, handoff):
-        cfg = ScanConfig(prompts=str(corpus), out=str(tmp_path / out), stages=2, device="cuda", gpus_per_stage=0.5,
-                         handoff=handoff, batch_tokens=1024, rows_per_part=3000, progress=False, selection=Selection(max_per_layer=5))
-        return run_scan(cfg)
+        cfg = ScanConfig(
+            prompts=str(corpus),
+            out=str(tmp_path / out),
+            stages=2,
+            device="cuda",
+            gpus_per_stage=0.5,
+            handoff=handoff,
+            batch_tokens=1024,
+            rows_per_part=3000,
+            quiet=True,
+            selection=Selection(max_per_layer=5),
+        )
+        return run_scan(cfg).to_dict()
 
     scan("store", "store")
     manifest = scan("direct", "direct")

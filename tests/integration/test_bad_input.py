@@ -40,13 +40,31 @@ def case_files(tmp_path, small_model):
     return {
         "empty corpus": ([jsonl(tmp_path, [])], "holds no prompts: add at least one"),
         "blank-only text file": ([str(tmp_path / "blank.txt")], "holds no prompts"),
-        "blank line in JSONL": ([jsonl(tmp_path, ['{"text": "a"}', "", '{"text": "b"}'])], ".jsonl:2: blank line in JSONL: remove it"),
-        "invalid JSON": ([jsonl(tmp_path, ['{"text": "a"}', '{"text": "b"', '{"text": "c"}'])], ".jsonl:2: invalid JSON"),
-        "row without text": ([jsonl(tmp_path, ['{"id": "q1", "prompt": "a"}'])], "prompt 'q1' has no \"text\" field: rename 'prompt' to \"text\""),
-        "non-UTF-8": ([str(tmp_path / "latin1.jsonl")], "latin1.jsonl:2: the line is not valid UTF-8: save the file as UTF-8"),
-        "duplicate ids": ([jsonl(tmp_path, ['{"id": "a", "text": "x"}', '{"id": "a", "text": "y"}'])], "id 'a' appears twice: give every prompt a unique id"),
+        "blank line in JSONL": (
+            [jsonl(tmp_path, ['{"text": "a"}', "", '{"text": "b"}'])],
+            ".jsonl:2: blank line in JSONL: remove it",
+        ),
+        "invalid JSON": (
+            [jsonl(tmp_path, ['{"text": "a"}', '{"text": "b"', '{"text": "c"}'])],
+            ".jsonl:2: invalid JSON",
+        ),
+        "row without text": (
+            [jsonl(tmp_path, ['{"id": "q1", "prompt": "a"}'])],
+            "prompt 'q1' has no \"text\" field: rename 'prompt' to \"text\"",
+        ),
+        "non-UTF-8": (
+            [str(tmp_path / "latin1.jsonl")],
+            "latin1.jsonl:2: the line is not valid UTF-8: save the file as UTF-8",
+        ),
+        "duplicate ids": (
+            [jsonl(tmp_path, ['{"id": "a", "text": "x"}', '{"id": "a", "text": "y"}'])],
+            "id 'a' appears twice: give every prompt a unique id",
+        ),
         "empty prompt": ([jsonl(tmp_path, ['{"id": "e", "text": "  "}'])], "prompt 'e' is empty or whitespace only"),
-        "longer than the context": ([jsonl(tmp_path, [json.dumps({"id": "big", "text": "x" * 100})]), "--model", str(small_model)], "prompt 'big' has 100 tokens (+0 answer tokens), more than the model's context of 64: shorten it or pass --truncate"),
+        "longer than the context": (
+            [jsonl(tmp_path, [json.dumps({"id": "big", "text": "x" * 100})]), "--model", str(small_model)],
+            "prompt 'big' has 100 tokens (+0 answer tokens), more than the model's context of 64: shorten it or pass --truncate",
+        ),
         "unknown file type": ([str(tmp_path / "c.docx")], "unknown type '.docx'"),
         "missing file": ([str(tmp_path / "nope.jsonl")], "does not exist"),
         "NaN threshold": ([good, "--high", "nan"], "--high nan is not a finite number"),
@@ -55,10 +73,16 @@ def case_files(tmp_path, small_model):
         "red < high": ([good, "--red", "2"], "--red 2.0 must be at least --high 3.0"),
         "zero stages": ([good, "--stages", "0"], "--stages 0 must be at least 1"),
         "stages not a number": ([good, "--stages", "two"], "argument --stages: invalid int value: 'two'"),
-        "too many stages": ([good, "--model", str(small_model), "--stages", "4"], "--stages 4 is not possible: the model has 3 layers"),
+        "too many stages": (
+            [good, "--model", str(small_model), "--stages", "4"],
+            "--stages 4 is not possible: the model has 3 layers",
+        ),
         "no tokenizer files": ([good, "--model", str(no_tok)], "has no tokenizer files"),
         "truncated safetensors": ([good, "--model", str(truncated)], "is truncated or corrupted"),
-        "missing model directory": ([good, "--model", str(tmp_path / "nomodel")], "does not exist: pass a checkpoint directory"),
+        "missing model directory": (
+            [good, "--model", str(tmp_path / "nomodel")],
+            "does not exist: pass a checkpoint directory",
+        ),
         "unknown device": ([good, "--device", "tpu"], "--device 'tpu' is not known: use one of cpu, cuda"),
         "unknown on-error": ([good, "--on-error", "ignore"], "--on-error 'ignore' is not known"),
         "out is a file": ([good, "--out", good], "is a file: give a directory"),
@@ -66,16 +90,43 @@ def case_files(tmp_path, small_model):
         "empty out": ([good, "--out", ""], "--out is empty: give an output directory"),
         "empty corpus name": (["", "--out", str(tmp_path / "o2")], "the prompt corpus is empty: give a"),
         "empty model": ([good, "--model", ""], "--model is empty: give a checkpoint directory, or leave --model out"),
-        "more than a GPU per stage": ([good, "--gpus-per-stage", "1.5"], "--gpus-per-stage 1.5 must be in (0, 1]: a stage runs on one GPU"),
+        "more than a GPU per stage": (
+            [good, "--gpus-per-stage", "1.5"],
+            "--gpus-per-stage 1.5 must be in (0, 1]: a stage runs on one GPU",
+        ),
     }
 
 
 CASES = [
-    "empty corpus", "blank-only text file", "blank line in JSONL", "invalid JSON", "row without text", "non-UTF-8",
-    "duplicate ids", "empty prompt", "longer than the context", "unknown file type", "missing file", "NaN threshold",
-    "infinite threshold", "high <= low", "red < high", "zero stages", "stages not a number", "too many stages", "no tokenizer files",
-    "truncated safetensors", "missing model directory", "unknown device", "unknown on-error", "out is a file", "more than a GPU per stage",
-    "overwrite and resume", "empty out", "empty corpus name", "empty model",
+    "empty corpus",
+    "blank-only text file",
+    "blank line in JSONL",
+    "invalid JSON",
+    "row without text",
+    "non-UTF-8",
+    "duplicate ids",
+    "empty prompt",
+    "longer than the context",
+    "unknown file type",
+    "missing file",
+    "NaN threshold",
+    "infinite threshold",
+    "high <= low",
+    "red < high",
+    "zero stages",
+    "stages not a number",
+    "too many stages",
+    "no tokenizer files",
+    "truncated safetensors",
+    "missing model directory",
+    "unknown device",
+    "unknown on-error",
+    "out is a file",
+    "more than a GPU per stage",
+    "overwrite and resume",
+    "empty out",
+    "empty corpus name",
+    "empty model",
 ]
 
 
@@ -92,8 +143,8 @@ def test_bad_input_is_one_line(case, tmp_path, small_model, capsys):
 
 
 def test_truncate_accepts_the_long_prompt(tmp_path, small_model):
+    from neuroscan.messages import Prompt
     from prompts.batching import tokenize
-    from prompts.readers import Prompt
     from workers.checkpoint import load_tokenizer
 
     [t] = tokenize([Prompt(0, "big", "x" * 100)], load_tokenizer(small_model), 64, truncate=True)
@@ -101,9 +152,9 @@ def test_truncate_accepts_the_long_prompt(tmp_path, small_model):
 
 
 def test_zero_token_prompt_is_named():
-    from cluster.errors import UserError
+    from neuroscan.errors import UserError
+    from neuroscan.messages import Prompt
     from prompts.batching import tokenize
-    from prompts.readers import Prompt
 
     def drops_everything(texts, add_special_tokens=False):  # a tokenizer that keeps nothing of the text
         return {"input_ids": [[] for _ in texts]}
@@ -131,7 +182,9 @@ def test_a_damaged_manifest_is_named_and_only_overwrite_replaces_it(ray_session,
             f"neuroscan: error: {out / 'manifest.json'} is not valid JSON (Expecting value): something other than "
             "neuroscan wrote it (neuroscan replaces it whole); restore it, or scan again with --overwrite\n"
         )
-        assert (out / "manifest.json").read_text() == '{"status": ' and (out / "prompts" / "part-00001.parquet").exists()
+        assert (out / "manifest.json").read_text() == '{"status": ' and (
+            out / "prompts" / "part-00001.parquet"
+        ).exists()
     assert main(["scan", "seed", "--out", str(out), "--quiet", "--overwrite"]) == 0
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
@@ -144,7 +197,10 @@ def test_overwrite_keeps_a_corpus_or_model_that_lives_inside_out(tmp_path, small
     corpus.write_text('{"text": "fine"}\n')
     model = out / "model"
     shutil.copytree(small_model, model)
-    for args, what in (([str(corpus)], f"the prompt corpus {corpus}"), ([jsonl(tmp_path, ['{"text": "a"}']), "--model", str(model)], f"the model {model}")):
+    for args, what in (
+        ([str(corpus)], f"the prompt corpus {corpus}"),
+        ([jsonl(tmp_path, ['{"text": "a"}']), "--model", str(model)], f"the model {model}"),
+    ):
         assert main(["scan", *args, "--out", str(out), "--overwrite", "--quiet"]) == 2
         assert capsys.readouterr().err == (
             f"neuroscan: error: --overwrite would delete {what}, which is inside --out {out}: move it out first, or choose another --out\n"
@@ -152,7 +208,9 @@ def test_overwrite_keeps_a_corpus_or_model_that_lives_inside_out(tmp_path, small
     assert corpus.read_text() == '{"text": "fine"}\n' and (model / "model.safetensors").exists()
 
 
-def test_a_checkpoint_without_safetensors_is_refused_with_the_command_that_converts_it(ray_session, tmp_path, small_model, capsys):
+def test_a_checkpoint_without_safetensors_is_refused_with_the_command_that_converts_it(
+    ray_session, tmp_path, small_model, capsys
+):
     """Older checkpoints on the Hub carry only ``pytorch_model.bin``: the one line gives a command
     that writes ``model.safetensors``, and after it the scan gives the original model's tables."""
     import subprocess
@@ -171,7 +229,9 @@ def test_a_checkpoint_without_safetensors_is_refused_with_the_command_that_conve
     scan = ["scan", corpus, "--max-per-layer", "5", "--quiet"]
     assert main([*scan, "--model", str(old), "--out", str(tmp_path / "refused")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"neuroscan: error: model directory {old} has no safetensors weights: convert them once with python -c ")
+    assert err.startswith(
+        f"neuroscan: error: model directory {old} has no safetensors weights: convert them once with python -c "
+    )
     assert err.count("\n") == 1 and not (tmp_path / "refused").exists()
     command = err.split(" with python -c ", 1)[1].strip()
     assert command[0] == command[-1] == '"'

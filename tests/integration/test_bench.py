@@ -6,17 +6,31 @@ import json
 
 import pytest
 
-from bench.run import MODES
-from cluster.cli import BENCH_MODES, main
+from cluster.cli import main
+from neuroscan.config import BENCH_MODES
 
 
 def test_bench_smoke(ray_session, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    args = ["bench", "--device", "cpu", "--preset", "tiny", "--prompts", "12", "--prompt-tokens", "40", "--batch-tokens", "256", "--out", str(out)]
+    args = [
+        "bench",
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--prompts",
+        "12",
+        "--prompt-tokens",
+        "40",
+        "--batch-tokens",
+        "256",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert list(report["results"]) == list(MODES) == list(BENCH_MODES)
+    assert list(report["results"]) == list(BENCH_MODES)
     for mode, r in report["results"].items():
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] and mode in printed
     assert report["results"]["bare"]["ratio_to_bare"] == 1.0 and report["complete"] is True
@@ -25,7 +39,9 @@ def test_bench_smoke(ray_session, tmp_path, capsys):
     assert f"noise: bare timed twice differs by {noise:.1%}" in printed
     assert report["workload"]["tokens"] == 12 * 40
     # The point of the on-device reduction: far fewer bytes leave the device than activations.
-    assert report["results"]["scan_local"]["d2h_bytes_per_token"] < report["results"]["naive"]["d2h_bytes_per_token"] / 4
+    assert (
+        report["results"]["scan_local"]["d2h_bytes_per_token"] < report["results"]["naive"]["d2h_bytes_per_token"] / 4
+    )
     assert report["results"]["scan"]["aggregator_lag_s"] >= 0
     assert report["versions"]["torch"] and report["matmul_flops"] > 0
     # The reduction each in-process mode used (CPU: the eager reference everywhere).
@@ -37,15 +53,21 @@ def test_bench_refuses_an_unknown_mode(capsys):
     assert "--modes: fast not known" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--device", "gpu"], "--device 'gpu' is not known: use one of cpu, cuda"),
-    (["--preset", "gptj"], "--preset 'gptj' is not known: use one of tiny, gptj-6b (or --model DIR)"),
-    (["--dtype", "half"], "--dtype 'half' is not known: use one of auto, float32, float16, bfloat16"),
-    (["--prompts", "0"], "--prompts 0 must be at least 1"),
-    (["--prompt-tokens", "0"], "--prompt-tokens 0 must be at least 1"),
-    (["--batch-tokens", "0"], "--batch-tokens 0 must be at least 1"),
-    (["--prompt-tokens", "5000"], "--prompt-tokens 5000 is more than the model's context of 2048: use at most 2048"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--device", "gpu"], "--device 'gpu' is not known: use one of cpu, cuda"),
+        (["--preset", "gptj"], "--preset 'gptj' is not known: use one of tiny, gptj-6b (or --model DIR)"),
+        (["--dtype", "half"], "--dtype 'half' is not known: use one of auto, float32, float16, bfloat16"),
+        (["--prompts", "0"], "--prompts 0 must be at least 1"),
+        (["--prompt-tokens", "0"], "--prompt-tokens 0 must be at least 1"),
+        (["--batch-tokens", "0"], "--batch-tokens 0 must be at least 1"),
+        (
+            ["--prompt-tokens", "5000"],
+            "--prompt-tokens 5000 is more than the model's context of 2048: use at most 2048",
+        ),
+    ],
+)
 def test_bench_refuses_bad_flags_in_one_line(tmp_path, capsys, flags, message):
     out = tmp_path / "runs" / "bench.json"
     assert main(["bench", *flags, "--out", str(out)]) == 2
@@ -55,7 +77,10 @@ def test_bench_refuses_bad_flags_in_one_line(tmp_path, capsys, flags, message):
 
 def test_bench_refuses_a_directory_as_its_out(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == f"neuroscan: error: --out {tmp_path} is a directory: name the file to write, e.g. {tmp_path / 'bench.json'}\n"
+    assert (
+        capsys.readouterr().err
+        == f"neuroscan: error: --out {tmp_path} is a directory: name the file to write, e.g. {tmp_path / 'bench.json'}\n"
+    )
 
 
 def test_a_bench_cut_short_keeps_the_modes_it_finished(tmp_path, monkeypatch):
@@ -69,8 +94,25 @@ def test_a_bench_cut_short_keeps_the_modes_it_finished(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench.run, "bench_ray", dies)
     out = tmp_path / "bench.json"
-    args = build_parser().parse_args(["bench", "--device", "cpu", "--preset", "tiny", "--prompts", "4", "--prompt-tokens", "20",
-                                      "--batch-tokens", "64", "--modes", "bare,scan_local,scan", "--out", str(out)])
+    args = build_parser().parse_args(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--prompts",
+            "4",
+            "--prompt-tokens",
+            "20",
+            "--batch-tokens",
+            "64",
+            "--modes",
+            "bare,scan_local,scan",
+            "--out",
+            str(out),
+        ]
+    )
     with pytest.raises(RuntimeError):
         bench.run.run_bench(args)
     report = json.loads(out.read_text())
@@ -84,14 +126,18 @@ def test_aggregator_pace_diagnostic_writes_a_complete_run(tmp_path, monkeypatch,
 
     import pyarrow.dataset as ds
 
-    from aggregator.manifest import read_manifest
     from bench import aggregate
+    from neuroscan.manifest import read_manifest
 
     out = tmp_path / "agg"
-    monkeypatch.setattr(sys, "argv", ["aggregate", str(out), "--batches", "3", "--prompts", "4", "--tokens", "16", "--layers", "2", "--kept", "5"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["aggregate", str(out), "--batches", "3", "--prompts", "4", "--tokens", "16", "--layers", "2", "--kept", "5"],
+    )
     aggregate.main()
     assert "3 micro-batches of 40 rows" in capsys.readouterr().out
-    manifest = read_manifest(out)
+    manifest = read_manifest(out).to_dict()
     assert manifest["status"] == "complete" and manifest["totals"]["activation_rows"] == 3 * 40
     assert ds.dataset(out / "activations", partitioning="hive").count_rows() == 3 * 40
 

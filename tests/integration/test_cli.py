@@ -13,9 +13,9 @@ import pytest
 
 from cluster import placement
 from cluster.cli import main
-from cluster.config import ScanConfig
 from cluster.driver import run_scan
-from cluster.errors import UserError
+from neuroscan.config import ScanConfig
+from neuroscan.errors import UserError
 from tests.same_output import files
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +23,9 @@ NEUROSCAN = [sys.executable, "-m", "cluster.cli"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*NEUROSCAN, *args], capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), timeout=600)
+    return subprocess.run(
+        [*NEUROSCAN, *args], capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,9 @@ def test_output_reads_the_same_in_pyarrow_duckdb_polars_pandas(cli_run):
     con = duckdb.connect()
     glob = str(out / "activations" / "*" / "*.parquet")
     assert con.execute(f"select count(*) from read_parquet('{glob}', hive_partitioning=true)").fetchone()[0] == n
-    layers_duck = con.execute(f"select count(distinct layer) from read_parquet('{glob}', hive_partitioning=true)").fetchone()[0]
+    layers_duck = con.execute(
+        f"select count(distinct layer) from read_parquet('{glob}', hive_partitioning=true)"
+    ).fetchone()[0]
     assert layers_duck == 28
     frame = pl.scan_parquet(str(out / "activations" / "**" / "*.parquet"), hive_partitioning=True).collect()
     assert frame.height == n and frame["layer"].n_unique() == 28
@@ -95,9 +99,16 @@ def test_a_directory_another_scan_is_writing_is_left_alone(cli_run, tmp_path, ca
     shutil.copytree(cli_run[0], out)
     before = files(out)
     holder = subprocess.Popen(  # another scan's driver: it claims --out for its run
-        [sys.executable, "-c", "import sys; from pathlib import Path; from cluster.output import claim\n"
-         f"with claim(Path({str(out)!r})):\n    print('held', flush=True); sys.stdin.read()"],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from cluster.output import claim\n"
+            f"with claim(Path({str(out)!r})):\n    print('held', flush=True); sys.stdin.read()",
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline() == "held\n"
@@ -119,22 +130,32 @@ def test_resume_says_what_it_found(cli_run, corpus, tmp_path, capsys):
     done = tmp_path / "done"
     shutil.copytree(cli_run[0], done)
     before = files(done)
-    assert main(["scan", str(corpus), "--out", str(done), "--stages", "3", "--batch-tokens", "600", "--quiet", "--resume"]) == 0
+    assert (
+        main(["scan", str(corpus), "--out", str(done), "--stages", "3", "--batch-tokens", "600", "--quiet", "--resume"])
+        == 0
+    )
     shown = capsys.readouterr()
     assert shown.err == f"{done} is already complete: nothing to scan (--overwrite scans it again)\n"
     assert shown.out.startswith(f"wrote {done}  (")
     assert files(done) == before
     typo = tmp_path / "typo"  # --resume in a directory that holds no run: the scan starts, and says so
     assert main(["scan", "seed", "--out", str(typo), "--quiet", "--resume"]) == 0
-    assert capsys.readouterr().err == f"nothing to resume in {typo} (no manifest.json): starting the scan from the beginning\n"
+    assert (
+        capsys.readouterr().err
+        == f"nothing to resume in {typo} (no manifest.json): starting the scan from the beginning\n"
+    )
     assert json.loads((typo / "manifest.json").read_text())["status"] == "complete"
 
 
 def test_answers_without_their_leading_space_are_pointed_out(tmp_path, capsys):
     """`correct` compares tokens: "mango" after "Next Word:" is not GPT-J's " mango"."""
     corpus = tmp_path / "c.jsonl"
-    rows = [{"text": "apple, banana, cherry Next Word:", "expected": "mango"}, {"text": "1, 2, 3,", "expected": " 4"},
-            {"text": "Say: ", "expected": "hi"}, {"text": "no answer"}]
+    rows = [
+        {"text": "apple, banana, cherry Next Word:", "expected": "mango"},
+        {"text": "1, 2, 3,", "expected": " 4"},
+        {"text": "Say: ", "expected": "hi"},
+        {"text": "no answer"},
+    ]
     corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert main(["scan", str(corpus), "--out", str(tmp_path / "o"), "--quiet"]) == 0
     assert capsys.readouterr().err == (
@@ -144,7 +165,7 @@ def test_answers_without_their_leading_space_are_pointed_out(tmp_path, capsys):
 
 
 def test_more_gpus_than_the_cluster_has(ray_session, tmp_path):
-    cfg = ScanConfig(prompts="seed", out=str(tmp_path / "o"), device="cuda", stages=3, replicas=2, progress=False)
+    cfg = ScanConfig(prompts="seed", out=str(tmp_path / "o"), device="cuda", stages=3, replicas=2, quiet=True)
     with pytest.raises(UserError, match=r"needs 6 GPU \(6 stage actors\) but the Ray cluster has 4"):
         run_scan(cfg)
 
@@ -194,12 +215,15 @@ def test_the_aggregator_runs_on_the_drivers_node(ray_session):
         ray.kill(probe)
 
 
-@pytest.mark.parametrize("command, name", [
-    (["scan", "seed"], "out"),
-    (["prompts", "generate", "--n", "3"], "p.jsonl"),
-    (["make-model", "--preset", "tiny"], "model"),
-    (["bench", "--prompts", "1"], "bench.json"),
-])
+@pytest.mark.parametrize(
+    "command, name",
+    [
+        (["scan", "seed"], "out"),
+        (["prompts", "generate", "--n", "3"], "p.jsonl"),
+        (["make-model", "--preset", "tiny"], "model"),
+        (["bench", "--prompts", "1"], "bench.json"),
+    ],
+)
 def test_an_out_that_cannot_be_created_is_one_line(capsys, tmp_path, command, name):
     """Under a file, no directory can be made: one line naming the flag, the path and why."""
     blocker = tmp_path / "a-file"
@@ -244,7 +268,9 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_nothing(c
     )
     assert list(out.iterdir()) == []
     monkeypatch.setenv("NEUROSCAN_CACHE", str(tmp_path / "cache"))  # the embedded model, written on first use
-    with pytest.raises(UserError, match=r"cache/models/\S+ failed \(No space left .*set NEUROSCAN_CACHE to a place with room"):
+    with pytest.raises(
+        UserError, match=r"cache/models/\S+ failed \(No space left .*set NEUROSCAN_CACHE to a place with room"
+    ):
         embedded.embedded_model_dir()
     assert list((tmp_path / "cache" / "models").iterdir()) == []  # no half model to load next time
 
@@ -274,7 +300,10 @@ def test_a_scan_that_keeps_nothing_says_so_and_its_tables_read_empty(ray_session
     assert main(["scan", "seed", "--out", str(out), "--high", "1000", "--low=-1000", "--red", "1000", "--quiet"]) == 0
     said = capsys.readouterr().out
     assert "0 activation rows" in said
-    assert "no neuron went above --high 1000 or below --low -1000 on any token: the tables are empty; lower --high or raise --low" in said
+    assert (
+        "no neuron went above --high 1000 or below --low -1000 on any token: the tables are empty; lower --high or raise --low"
+        in said
+    )
     assert sorted(p.name for p in (out / "activations").iterdir()) == [f"layer={i:02d}" for i in range(28)]
     assert len(pd.read_parquet(out / "activations")) == 0
     assert pl.scan_parquet(str(out / "activations" / "**" / "*.parquet"), hive_partitioning=True).collect().height == 0

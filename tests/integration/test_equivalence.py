@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from cluster.config import ScanConfig, Selection
 from cluster import driver
-from prompts import batching
 from cluster.driver import run_scan
+from neuroscan.config import ScanConfig, Selection
+from prompts import batching
 from tests.conftest import CORPUS
 from tests.reference import assert_scan_matches, reference_scan
 
@@ -33,15 +33,17 @@ def other_reference(other_model):
 
 
 def scan(tmp_path, corpus, **kwargs):
-    cfg = ScanConfig(prompts=str(corpus), out=str(tmp_path / "out"), progress=False, **kwargs)
-    return run_scan(cfg), tmp_path / "out"
+    cfg = ScanConfig(prompts=str(corpus), out=str(tmp_path / "out"), quiet=True, **kwargs)
+    return run_scan(cfg).to_dict(), tmp_path / "out"
 
 
 @pytest.mark.parametrize(
     "stages, replicas, batch_tokens, stream",
     [(1, 1, 8192, False), (2, 1, 300, False), (3, 1, 1000, True), (2, 2, 700, False)],
 )
-def test_embedded_model_matches_per_prompt_forward(ray_session, tmp_path, monkeypatch, corpus, tiny_reference, stages, replicas, batch_tokens, stream):
+def test_embedded_model_matches_per_prompt_forward(
+    ray_session, tmp_path, monkeypatch, corpus, tiny_reference, stages, replicas, batch_tokens, stream
+):
     if stream:  # as in a large corpus: the first chunks kept from the plan, the rest read again, ahead
         monkeypatch.setattr(batching, "CHUNK", 2)
         monkeypatch.setattr(driver, "KEEP_PROMPTS", 4)
@@ -54,12 +56,25 @@ def test_embedded_model_matches_per_prompt_forward(ray_session, tmp_path, monkey
     assert checked == manifest["totals"]["activation_rows"] > 0
 
 
-@pytest.mark.parametrize("stages, batch_tokens, selection", [
-    (1, 64, Selection(max_per_layer=0)),
-    (3, 4096, Selection(high=1.0, low=-0.1, red=2.0, max_per_layer=20)),
-])
-def test_other_shape_matches_per_prompt_forward(ray_session, tmp_path, corpus, other_model, other_reference, stages, batch_tokens, selection):
-    manifest, out = scan(tmp_path, corpus, model=str(other_model), stages=stages, batch_tokens=batch_tokens, selection=selection, format="arrow")
+@pytest.mark.parametrize(
+    "stages, batch_tokens, selection",
+    [
+        (1, 64, Selection(max_per_layer=0)),
+        (3, 4096, Selection(high=1.0, low=-0.1, red=2.0, max_per_layer=20)),
+    ],
+)
+def test_other_shape_matches_per_prompt_forward(
+    ray_session, tmp_path, corpus, other_model, other_reference, stages, batch_tokens, selection
+):
+    manifest, out = scan(
+        tmp_path,
+        corpus,
+        model=str(other_model),
+        stages=stages,
+        batch_tokens=batch_tokens,
+        selection=selection,
+        format="arrow",
+    )
     checked = assert_scan_matches(out, other_reference, selection)
     assert checked == manifest["totals"]["activation_rows"] > 0
     if selection.max_per_layer == 0:  # nothing capped: every selected neuron is a row
@@ -73,7 +88,7 @@ def test_a_directory_of_shards_matches_per_prompt_forward(ray_session, tmp_path,
     shards.mkdir()
     for i, (name, compression) in enumerate([("00.jsonl", None), ("01.jsonl.gz", "gzip"), ("02.jsonl.zst", "zstd")]):
         with pa.output_stream(str(shards / name), compression=compression) as f:
-            f.write("".join(json.dumps(row) + "\n" for row in CORPUS[i * 3:(i + 1) * 3]).encode())
+            f.write("".join(json.dumps(row) + "\n" for row in CORPUS[i * 3 : (i + 1) * 3]).encode())
     (shards / "README.md").write_text("# the dataset's card\n")
     manifest, out = scan(tmp_path, shards, stages=2, batch_tokens=500)
     assert manifest["totals"]["prompts"] == len(CORPUS)

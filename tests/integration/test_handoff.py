@@ -14,7 +14,7 @@ import pytest
 
 from cluster import placement
 from cluster.driver import run_scan
-from cluster.errors import UserError
+from neuroscan.errors import UserError
 from tests.integration.test_worker_faults import config, saboteur
 from tests.same_output import assert_same_output, sequence_corpus
 
@@ -34,9 +34,11 @@ def reference(ray_session, corpus, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("stages, replicas", [(2, 2), (3, 1)])
-def test_direct_hand_offs_write_the_tables_of_the_object_store(ray_session, corpus, reference, tmp_path, stages, replicas):
+def test_direct_hand_offs_write_the_tables_of_the_object_store(
+    ray_session, corpus, reference, tmp_path, stages, replicas
+):
     out = tmp_path / "out"
-    manifest = run_scan(config(corpus, out, stages=stages, replicas=replicas, handoff="direct"))
+    manifest = run_scan(config(corpus, out, stages=stages, replicas=replicas, handoff="direct")).to_dict()
     assert manifest["handoff"] == "direct" and len(manifest["parts"]) > 1
     assert manifest["timings"]["transports"] == [["GLOO"] * (stages - 1)] * replicas
     assert_same_output(out, reference)
@@ -49,7 +51,7 @@ def test_a_stage_that_dies_stops_a_direct_run_and_resume_finishes_it(ray_session
     thread = saboteur(out, [(1, "stage-0-1")], killed, stop)
     try:
         with pytest.raises(UserError, match="a pipeline actor died and could not be restarted .* --resume"):
-            run_scan(config(corpus, out, handoff="direct"))
+            run_scan(config(corpus, out, handoff="direct")).to_dict()
     finally:
         stop.set()
         thread.join()
@@ -57,8 +59,27 @@ def test_a_stage_that_dies_stops_a_direct_run_and_resume_finishes_it(ray_session
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "running" and manifest["parts"]
     # The user's next step: the same command with --resume, in a new driver process.
-    resume = [sys.executable, "-m", "cluster.cli", "scan", str(corpus), "--out", str(out), "--stages", "2", "--batch-tokens", "1024",
-              "--rows-per-part", "3000", "--max-per-layer", "5", "--handoff", "direct", "--resume", "--quiet"]
+    resume = [
+        sys.executable,
+        "-m",
+        "cluster.cli",
+        "scan",
+        str(corpus),
+        "--out",
+        str(out),
+        "--stages",
+        "2",
+        "--batch-tokens",
+        "1024",
+        "--rows-per-part",
+        "3000",
+        "--max-per-layer",
+        "5",
+        "--handoff",
+        "direct",
+        "--resume",
+        "--quiet",
+    ]
     result = subprocess.run(resume, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_output(out, reference)

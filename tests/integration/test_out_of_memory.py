@@ -33,7 +33,21 @@ def scan(corpus: Path, out: Path, limit: int | None, *flags: str) -> subprocess.
     env = os.environ.copy()
     if limit:
         env["NEUROSCAN_FAULT_OOM_TOKENS"] = str(limit)
-    cmd = [sys.executable, "-m", "cluster.cli", "scan", str(corpus), "--out", str(out), "--stages", "2", "--max-per-layer", "20", "--quiet", *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cluster.cli",
+        "scan",
+        str(corpus),
+        "--out",
+        str(out),
+        "--stages",
+        "2",
+        "--max-per-layer",
+        "20",
+        "--quiet",
+        *flags,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 

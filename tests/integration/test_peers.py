@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench import peers
-from cluster.config import Selection
+from neuroscan.config import Selection
 from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer
 from workers.shard import ShardSpec
@@ -20,7 +20,9 @@ from workers.stage import Stage, StageSpec
 @pytest.fixture(scope="module")
 def setup(tiny_model):
     config = load_config(tiny_model)
-    stage = Stage(StageSpec(str(tiny_model), ShardSpec(0, config.n_layer, config.n_layer), "cpu", "float32", Selection()))
+    stage = Stage(
+        StageSpec(str(tiny_model), ShardSpec(0, config.n_layer, config.n_layer), "cpu", "float32", Selection())
+    )
     stage.setup()
     tokenizer = load_tokenizer(tiny_model)
     batch = next(b for b, _ in micro_batches("seed", tokenizer, config.n_positions, 512, False))
@@ -36,7 +38,9 @@ def _inputs(batch):
 
 def _stage_activations(stage, batch) -> list[torch.Tensor]:
     acts = []
-    handles = [block.mlp.act.register_forward_hook(lambda m, i, o: acts.append(o.clone())) for block in stage.model.body.h]
+    handles = [
+        block.mlp.act.register_forward_hook(lambda m, i, o: acts.append(o.clone())) for block in stage.model.body.h
+    ]
     try:
         with torch.inference_mode():
             stage.model(*_inputs(batch))
@@ -82,7 +86,9 @@ def test_transformer_lens_caches_the_stage_activations_and_leaves_the_model_as_i
         assert dict(stage.model.named_modules()) != modules  # the bridge wraps the blocks while it runs
     assert stage.model.body.config._attn_implementation == attention  # TransformerLens's eager attention undone
     assert dict(stage.model.named_modules()) == modules  # and its wrappers taken out: the same modules, by identity
-    assert {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in modules.items()} == hooks  # and its hooks
+    assert {
+        name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in modules.items()
+    } == hooks  # and its hooks
     expected = _stage_activations(stage, batch)
     assert len(seen[0]) == len(expected)
     n = torch.as_tensor(batch.n_tokens)

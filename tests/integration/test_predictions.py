@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GPTJForCausalLM
 
-from cluster.config import ScanConfig
 from cluster.driver import run_scan
+from neuroscan.config import ScanConfig
 
 LETTERS = "abcde"
 
@@ -51,11 +51,24 @@ def test_correct_matches_greedy_loop(ray_session, tmp_path, letter_model):
         cont = tokenizer.decode(greedy(model, tokenizer, text, 3))
         assert set(cont) <= set(LETTERS)
         wrong = next(c for c in LETTERS if c != cont[1])
-        expected = [cont, cont[:1], cont[0] + wrong + cont[2], wrong + cont[1:]][i % 4]  # right, right (1 token), 2nd wrong, 1st wrong
-        rows.append({"id": f"p{i}", "text": text, "expected": expected, "family": "letters", "variant": ["a", "b"][i % 2]})
+        expected = [cont, cont[:1], cont[0] + wrong + cont[2], wrong + cont[1:]][
+            i % 4
+        ]  # right, right (1 token), 2nd wrong, 1st wrong
+        rows.append(
+            {"id": f"p{i}", "text": text, "expected": expected, "family": "letters", "variant": ["a", "b"][i % 2]}
+        )
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    manifest = run_scan(ScanConfig(prompts=str(corpus), out=str(tmp_path / "o"), model=str(letter_model), stages=2, batch_tokens=120, progress=False))
+    manifest = run_scan(
+        ScanConfig(
+            prompts=str(corpus),
+            out=str(tmp_path / "o"),
+            model=str(letter_model),
+            stages=2,
+            batch_tokens=120,
+            quiet=True,
+        )
+    ).to_dict()
     got = {r["id"]: r for r in ds.dataset(tmp_path / "o" / "prompts").to_table().to_pylist()}
     n_correct = 0
     for row, text in zip(rows, texts):

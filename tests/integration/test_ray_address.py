@@ -38,9 +38,21 @@ def head():
     env = {**os.environ, "RAY_TMPDIR": tmp}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
-        [str(RAY), "start", "--head", "--block", "--num-cpus", "1", "--include-dashboard=false", "--disable-usage-stats",
-         "--port", str(free_port())],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(RAY),
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus",
+            "1",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            "--port",
+            str(free_port()),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     marker = Path(tmp) / "ray" / "ray_current_cluster"
     deadline = time.monotonic() + 120
@@ -56,7 +68,11 @@ def head():
 def scan(env: dict, out: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "cluster.cli", "scan", "seed", "--out", str(out), "--quiet", *flags],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -65,7 +81,9 @@ def test_a_cluster_left_by_ray_start_is_joined_only_when_asked(head, tmp_path):
     assert alone.returncode == 0, alone.stderr[-2000:]
     asked = {**head, "RAY_ADDRESS": "auto"}
     too_big = scan(asked, tmp_path / "too-big", "--stages", "2")  # on the head: one CPU for two stages
-    assert too_big.returncode == 2 and "needs 2 CPU (2 stage actors) but the Ray cluster has 1 (CPU=1," in too_big.stderr
+    assert (
+        too_big.returncode == 2 and "needs 2 CPU (2 stage actors) but the Ray cluster has 1 (CPU=1," in too_big.stderr
+    )
     joined = scan(asked, tmp_path / "joined")
     assert joined.returncode == 0, joined.stderr[-2000:]
     assert '"status": "complete"' in (tmp_path / "joined" / "manifest.json").read_text()
@@ -82,7 +100,9 @@ def test_an_address_where_nothing_answers_is_one_line_at_once(tmp_path):
     assert time.monotonic() - started < 60  # Ray alone retries for minutes
 
 
-@pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "[::1]")], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize(
+    "family, host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "[::1]")], ids=["ipv4", "ipv6"]
+)
 def test_an_address_where_something_answers_passes_the_check(family, host):
     with socket.socket(family) as listening:
         listening.bind((host.strip("[]"), 0))

@@ -19,8 +19,8 @@ import pyarrow.dataset as ds
 import pytest
 
 from cluster.cli import main
-from cluster.config import ScanConfig
 from cluster.driver import run_scan
+from neuroscan.config import ReportConfig, ScanConfig
 from prompts.generate import generate, write_jsonl
 from report.site import build
 from tests.same_output import files
@@ -36,10 +36,12 @@ if not Path(CHROMIUM).exists():
 def scanned(ray_session, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("report")
     corpus = tmp / "corpus.jsonl"
-    write_jsonl(generate(48, families=["days", "arithmetic", "colors", "letters"], variants=["icl", "zero_shot"]), corpus)
+    write_jsonl(
+        generate(48, families=["days", "arithmetic", "colors", "letters"], variants=["icl", "zero_shot"]), corpus
+    )
     out = tmp / "out"
-    run_scan(ScanConfig(prompts=str(corpus), out=str(out), stages=2, batch_tokens=2048, progress=False))
-    build(out)
+    run_scan(ScanConfig(prompts=str(corpus), out=str(out), stages=2, batch_tokens=2048, quiet=True))
+    build(ReportConfig(dir=str(out)))
     return out
 
 
@@ -48,7 +50,9 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        chromium = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+        )
         yield chromium
         chromium.close()
 
@@ -99,7 +103,10 @@ def test_a_layer_page_shows_the_strips_of_the_tables_in_all_four_bands(scanned, 
     for layer in (0, 14, 27):
         open_page(page, scanned / "report" / "layers" / f"{layer:02d}.html", f"#p={pid}")
         assert page.get_attribute("#strips", "data-prompt") == str(pid)
-        shown = page.eval_on_selector_all(".strip", "rows => rows.map(r => [Number(r.dataset.neuron), [...r.querySelectorAll('.tok')].map(t => Number(t.dataset.band))])")
+        shown = page.eval_on_selector_all(
+            ".strip",
+            "rows => rows.map(r => [Number(r.dataset.neuron), [...r.querySelectorAll('.tok')].map(t => Number(t.dataset.band))])",
+        )
         rows = table(scanned, "activations", layer).to_pandas()
         rows = rows[rows.prompt_id == pid].set_index("neuron")
         assert 0 < len(shown) <= 32
@@ -133,11 +140,16 @@ def test_a_neuron_page_lists_its_top_prompts_as_in_the_neurons_table(scanned, pa
         layer, neuron = (int(x) for x in path.stem.split("-"))
         row = neurons[(neurons.layer == layer) & (neurons.neuron == neuron)].iloc[0]
         open_page(page, path)
-        listed = page.eval_on_selector_all("#top-prompts tbody tr", "rows => rows.map(r => [Number(r.dataset.prompt), Number(r.dataset.act)])")
+        listed = page.eval_on_selector_all(
+            "#top-prompts tbody tr", "rows => rows.map(r => [Number(r.dataset.prompt), Number(r.dataset.act)])"
+        )
         assert [p for p, _ in listed] == list(row.top_prompt_ids)
         acts = [a for _, a in listed]
         assert acts == sorted(acts, reverse=True) and np.allclose(acts, row.top_acts)
-        marked = page.eval_on_selector_all("#top-prompts tbody tr", "rows => rows.map(r => [...r.querySelectorAll('.tok')].findIndex(t => t.classList.contains('max')))")
+        marked = page.eval_on_selector_all(
+            "#top-prompts tbody tr",
+            "rows => rows.map(r => [...r.querySelectorAll('.tok')].findIndex(t => t.classList.contains('max')))",
+        )
         assert marked == list(row.top_pos)
         assert f"max here: {row.top_acts[0]:.3f}" in page.get_attribute("#top-prompts tbody tr .tok.max", "title")
         assert f"kept on {row.n_prompts} prompts, red on {row.n_red}" in page.inner_text(".stats")
@@ -165,7 +177,12 @@ def test_tokens_show_their_band_on_hover(scanned, page):
 
 
 def test_serve_prints_a_url_that_serves_the_site(scanned):
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "report", str(scanned), "--serve"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "report", str(scanned), "--serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         lines = [proc.stdout.readline(), proc.stdout.readline()]
         url = lines[1].split()[1]
@@ -232,13 +249,23 @@ def test_out_writes_the_same_site_elsewhere_and_only_reads_the_scan(scanned, tmp
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
     assert main(["report", str(scanned), "--out", str(busy)]) == 2
-    assert capsys.readouterr().err.endswith(f"--out {busy} is not empty and holds no report: choose a new directory, or an earlier report's\n")
+    assert capsys.readouterr().err.endswith(
+        f"--out {busy} is not empty and holds no report: choose a new directory, or an earlier report's\n"
+    )
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
 
 
 HOSTILE = [
-    {"id": '<img src=x onerror="window.pwned=1">', "family": "<b>fam</b>", "text": 'a <img src=x onerror="window.pwned=2"> b'},
-    {"id": "q2", "family": "</script><script>window.pwned=3</script>", "text": "</script><script>window.pwned=4</script> & &amp; done"},
+    {
+        "id": '<img src=x onerror="window.pwned=1">',
+        "family": "<b>fam</b>",
+        "text": 'a <img src=x onerror="window.pwned=2"> b',
+    },
+    {
+        "id": "q2",
+        "family": "</script><script>window.pwned=3</script>",
+        "text": "</script><script>window.pwned=4</script> & &amp; done",
+    },
 ]
 
 
@@ -249,13 +276,18 @@ def test_prompt_text_ids_and_families_show_as_text_never_as_markup(ray_session, 
     corpus = tmp_path / "hostile.jsonl"
     corpus.write_text("".join(json.dumps(row) + "\n" for row in HOSTILE))
     out = tmp_path / "out"
-    run_scan(ScanConfig(prompts=str(corpus), out=str(out), progress=False))
-    build(out)
+    run_scan(ScanConfig(prompts=str(corpus), out=str(out), quiet=True))
+    build(ReportConfig(dir=str(out)))
     prompts = table(out, "prompts").sort_by("prompt_id")
     site = out / "report"
     neuron_pages = sorted((site / "neurons").glob("*.html"))
     assert neuron_pages
-    for path, fragment in [(site / "index.html", ""), (site / "layers" / "27.html", "#p=0"), (site / "layers" / "27.html", "#p=1"), (neuron_pages[0], "")]:
+    for path, fragment in [
+        (site / "index.html", ""),
+        (site / "layers" / "27.html", "#p=0"),
+        (site / "layers" / "27.html", "#p=1"),
+        (neuron_pages[0], ""),
+    ]:
         open_page(page, path, fragment)
         assert page.evaluate("window.pwned") is None
         assert page.query_selector_all("img:not(figure img)") == []
@@ -264,4 +296,6 @@ def test_prompt_text_ids_and_families_show_as_text_never_as_markup(ray_session, 
     assert page.inner_text(".strip .tokens") == "".join(prompts["tokens"][1].as_py())
     assert HOSTILE[0]["id"] in page.inner_text("#prompt")  # the selector lists the ids as typed
     open_page(page, neuron_pages[0])
-    assert {HOSTILE[0]["family"], HOSTILE[1]["family"]} & set(page.eval_on_selector_all("#families tbody tr", "rows => rows.map(r => r.cells[0].innerText)"))
+    assert {HOSTILE[0]["family"], HOSTILE[1]["family"]} & set(
+        page.eval_on_selector_all("#families tbody tr", "rows => rows.map(r => r.cells[0].innerText)")
+    )

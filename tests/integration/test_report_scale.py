@@ -8,18 +8,20 @@ import numpy as np
 import pyarrow as pa
 
 from aggregator.aggregator import Aggregator
-from aggregator.schema import SCHEMA_VERSION
-from prompts.batching import Tokenized
-from prompts.readers import Prompt
+from neuroscan.config import ReportConfig, ScanConfig
+from neuroscan.manifest import ModelInfo, SelectionInfo
+from neuroscan.messages import Prompt, StageRows, Tokenized
 from report import data
-from report.site import Options, build
-from workers.rows import StageRows
+from report.site import build
+from tests.manifests import header
 
 N_PROMPTS, BATCH, LAYERS, ROWS, TOKENS = 10_000, 250, 2, 48, 96
-HEADER = {
-    "schema_version": SCHEMA_VERSION, "model": {"id": "synthetic", "dtype": "float16"}, "selection": {"high": 3.0, "low": 0.0, "max_per_layer": ROWS},
-    "bands": {"low": 0.0, "high": 3.0, "red": 3.5}, "stages": 1, "replicas": 1, "partition": [[0, LAYERS]], "device": "cpu", "format": "parquet",
-}
+HEADER = header(
+    model=ModelInfo(id="synthetic", path="", dtype="float16"),
+    selection=SelectionInfo(high=3.0, low=0.0, max_per_layer=ROWS),
+    stages=1,
+    partition=[[0, LAYERS]],
+)
 
 
 def micro_batch(batch_id: int, rng: np.random.Generator) -> tuple[list[Tokenized], StageRows]:
@@ -30,14 +32,24 @@ def micro_batch(batch_id: int, rng: np.random.Generator) -> tuple[list[Tokenized
         "layer_offset": np.repeat(np.arange(LAYERS), BATCH * ROWS).astype(np.int16),
         "row": np.tile(np.repeat(np.arange(BATCH), ROWS), LAYERS).astype(np.int32),
         "neuron": np.tile(np.sort(rng.choice(4096, ROWS, replace=False)), LAYERS * BATCH).astype(np.int32),
-        "max_act": rng.uniform(0, 8, m).astype(np.float32), "max_pos": rng.integers(0, TOKENS, m).astype(np.int16),
-        "min_act": rng.uniform(-1, 0, m).astype(np.float32), "min_pos": rng.integers(0, TOKENS, m).astype(np.int16),
-        "n_above": rng.integers(0, TOKENS, m).astype(np.int16), "n_below": rng.integers(0, TOKENS, m).astype(np.int16),
+        "max_act": rng.uniform(0, 8, m).astype(np.float32),
+        "max_pos": rng.integers(0, TOKENS, m).astype(np.int16),
+        "min_act": rng.uniform(-1, 0, m).astype(np.float32),
+        "min_pos": rng.integers(0, TOKENS, m).astype(np.int16),
+        "n_above": rng.integers(0, TOKENS, m).astype(np.int16),
+        "n_below": rng.integers(0, TOKENS, m).astype(np.int16),
         "bands": rng.integers(0, 256, (m, TOKENS // 4)).astype(np.uint8),
     }
     per_prompt = {k: np.full((LAYERS, BATCH), ROWS, np.int32) for k in ("n_selected", "n_kept", "n_above_any")}
-    per_prompt |= {k: rng.uniform(0, 1, (LAYERS, BATCH)).astype(np.float32) for k in ("mean_coverage", "red_coverage", "blue_coverage")}
-    predictions = {"top_ids": np.zeros((BATCH, 5), np.int32), "top_probs": np.full((BATCH, 5), 0.2, np.float32), "correct": np.full(BATCH, -1, np.int8)}
+    per_prompt |= {
+        k: rng.uniform(0, 1, (LAYERS, BATCH)).astype(np.float32)
+        for k in ("mean_coverage", "red_coverage", "blue_coverage")
+    }
+    predictions = {
+        "top_ids": np.zeros((BATCH, 5), np.int32),
+        "top_probs": np.full((BATCH, 5), 0.2, np.float32),
+        "correct": np.full(BATCH, -1, np.int8),
+    }
     return group, StageRows(batch_id, 0, rows, per_prompt, predictions)
 
 
@@ -47,8 +59,8 @@ def test_ten_thousand_prompts_make_a_bounded_report(tmp_path):
     for b in range(N_PROMPTS // BATCH):
         agg.add(*micro_batch(b, rng))
     agg.finish({"seconds": 1.0, "tokens_per_s": 1.0})
-    options = Options(strips=16, neurons_per_layer=20, chunk=200)
-    index = build(tmp_path, options)
+    options = ReportConfig(dir=str(tmp_path), strips=16, neurons_per_layer=20, chunk=200)
+    index = build(options)
 
     site = index.parent
     pages = sorted(site.rglob("*.html"))
@@ -63,11 +75,19 @@ def test_ten_thousand_prompts_make_a_bounded_report(tmp_path):
 
 
 def test_strips_pick_firing_neurons_first_then_the_widest():
-    rows = pa.table({"prompt_id": [1, 1, 1, 1, 2, 2, 2], "neuron": [5, 3, 9, 7, 1, 2, 3],
-                     "n_above": [0, 2, 1, 0, 0, 0, 4], "n_below": [10, 1, 0, 9, 8, 8, 0]})
+    rows = pa.table(
+        {
+            "prompt_id": [1, 1, 1, 1, 2, 2, 2],
+            "neuron": [5, 3, 9, 7, 1, 2, 3],
+            "n_above": [0, 2, 1, 0, 0, 0, 4],
+            "n_below": [10, 1, 0, 9, 8, 8, 0],
+        }
+    )
     picked = data.strips(rows, np.array([1, 2]), np.array([10, 10]), 2).to_pydict()
     assert list(zip(picked["prompt_id"], picked["neuron"])) == [(1, 5), (1, 3), (2, 1), (2, 3)]
-    assert picked["coverage"] == sorted(picked["coverage"][:2], reverse=True) + sorted(picked["coverage"][2:], reverse=True)
+    assert picked["coverage"] == sorted(picked["coverage"][:2], reverse=True) + sorted(
+        picked["coverage"][2:], reverse=True
+    )
 
 
 def _payload(path):
@@ -79,13 +99,13 @@ def _payload(path):
 
 def test_a_layer_that_kept_nothing_still_gets_its_page(tmp_path):
     rng = np.random.default_rng(1)
-    agg = Aggregator(str(tmp_path), HEADER, [chr(i) for i in range(256)])
+    agg = Aggregator(str(tmp_path), HEADER, [chr(i) for i in range(256)], rows_per_part=ScanConfig.rows_per_part)
     group, rows = micro_batch(0, rng)
     first = rows.rows["layer_offset"] == 0
     rows.rows = {name: array[first] for name, array in rows.rows.items()}  # layer 1 kept no neuron
     agg.add(group, rows)
     agg.finish({"seconds": 1.0, "tokens_per_s": 1.0})
-    site = build(tmp_path).parent
+    site = build(ReportConfig(dir=str(tmp_path))).parent
     assert (site / "layers" / "01.html").exists()
     assert _payload(site / "data" / "layer-01" / "0000.js") == {}
     assert _payload(site / "data" / "layer-00" / "0000.js")

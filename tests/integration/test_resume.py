@@ -34,7 +34,14 @@ def run(corpus: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def start(corpus: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen(command(corpus, out), cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command(corpus, out),
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_parts(out: Path, proc: subprocess.Popen, parts: int, timeout: float = 300) -> dict:
@@ -115,8 +122,28 @@ def test_ctrl_c_stops_quickly_and_resumes(corpus, reference, tmp_path):
 def test_resume_refuses_other_settings(corpus, reference, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(reference, out)
-    for flags, message in [(["--high", "2.5"], "--high differs"), (["--batch-tokens", "2048"], "--batch-tokens differs")]:
-        cmd = [sys.executable, "-m", "cluster.cli", "scan", str(corpus), "--out", str(out), "--max-per-layer", "5", "--rows-per-part", "3000", "--batch-tokens", "1024", "--quiet", "--resume", *flags]
+    for flags, message in [
+        (["--high", "2.5"], "--high differs"),
+        (["--batch-tokens", "2048"], "--batch-tokens differs"),
+    ]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "scan",
+            str(corpus),
+            "--out",
+            str(out),
+            "--max-per-layer",
+            "5",
+            "--rows-per-part",
+            "3000",
+            "--batch-tokens",
+            "1024",
+            "--quiet",
+            "--resume",
+            *flags,
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert result.returncode == 2 and message in result.stderr, result.stderr
     assert_same_output(out, reference)  # untouched
@@ -129,10 +156,27 @@ def test_a_corpus_edited_mid_run_stops_in_one_line_keeping_what_is_committed(tmp
     stages were killed with calls in flight; under pytest they did not show, so this test does
     not guard `Scheduler._landing`, which lets those calls land first.)"""
     corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"item {i} of the list,"}) + "\n" for i in range(24_000)))  # 6 chunks, 2 kept
+    corpus.write_text(
+        "".join(json.dumps({"text": f"item {i} of the list,"}) + "\n" for i in range(24_000))
+    )  # 6 chunks, 2 kept
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "cluster.cli", "scan", str(corpus), "--out", str(out), "--max-per-layer", "5", "--rows-per-part", "20000", "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "cluster.cli",
+        "scan",
+        str(corpus),
+        "--out",
+        str(out),
+        "--max-per-layer",
+        "5",
+        "--rows-per-part",
+        "20000",
+        "--quiet",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     wait_for_parts(out, proc, 1)  # the run is in the kept chunks; at most two more are read ahead
     with open(corpus, "a") as f:
         f.write(json.dumps({"text": "added while it ran"}) + "\n")

@@ -28,7 +28,20 @@ def scan_memory(tmp_path: Path, n: int) -> dict:
     # Same length for every prompt, so both runs see the same micro-batch shapes.
     corpus.write_text("".join(json.dumps({"text": f"n{i:05d} ok"}) + "\n" for i in range(n)))
     out = tmp_path / f"out{n}"
-    cmd = [sys.executable, "-m", "cluster.cli", "scan", str(corpus), "--out", str(out), "--max-per-layer", "5", "--rows-per-part", "50000", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cluster.cli",
+        "scan",
+        str(corpus),
+        "--out",
+        str(out),
+        "--max-per-layer",
+        "5",
+        "--rows-per-part",
+        "50000",
+        "--quiet",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())

@@ -10,15 +10,22 @@ from pathlib import Path
 import pytest
 import ray
 
-from cluster.config import ScanConfig, Selection
 from cluster.driver import run_scan
-from cluster.errors import UserError
+from neuroscan.config import ScanConfig, Selection
+from neuroscan.errors import UserError
 from tests.same_output import assert_same_output, sequence_corpus
 
 
 def config(corpus: Path, out: Path, **kw) -> ScanConfig:
     """Two stages, micro-batches of 1,024 tokens, parts of 3,000 rows: a run of many parts."""
-    kw = {"stages": 2, "batch_tokens": 1024, "rows_per_part": 3000, "progress": False, "selection": Selection(max_per_layer=5), **kw}
+    kw = {
+        "stages": 2,
+        "batch_tokens": 1024,
+        "rows_per_part": 3000,
+        "quiet": True,
+        "selection": Selection(max_per_layer=5),
+        **kw,
+    }
     return ScanConfig(prompts=str(corpus), out=str(out), **kw)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -11,17 +12,18 @@ import pyarrow.dataset as ds
 import pytest
 
 from aggregator.aggregator import Aggregator
-from aggregator.manifest import read_manifest, write_manifest
-from aggregator.schema import ACTIVATIONS, SCHEMA_VERSION, packed_bands
-from prompts.batching import Tokenized
-from prompts.readers import Prompt
-from workers.rows import StageRows
-
-HEADER = {"schema_version": SCHEMA_VERSION, "model": {"id": "m"}, "selection": {}, "bands": {"low": 0.0, "high": 3.0, "red": 3.5}, "partition": [[0, 2], [2, 3]]}
+from aggregator.convert import packed_bands
+from neuroscan.config import ScanConfig
+from neuroscan.manifest import PartFile, read_manifest, write_manifest
+from neuroscan.messages import Prompt, StageRows, Tokenized
+from neuroscan.schema import ACTIVATIONS, SCHEMA_VERSION
+from tests.manifests import HEADER
 
 
 def _group(ids, lengths):
-    return [Tokenized(Prompt(i, str(i), "t" * n, family="f", expected=" x"), [65] * n, [66]) for i, n in zip(ids, lengths)]
+    return [
+        Tokenized(Prompt(i, str(i), "t" * n, family="f", expected=" x"), [65] * n, [66]) for i, n in zip(ids, lengths)
+    ]
 
 
 def _stage_rows(batch_id, start, n_layers, lengths, rows_per_layer=2, last=True):
@@ -31,17 +33,29 @@ def _stage_rows(batch_id, start, n_layers, lengths, rows_per_layer=2, last=True)
     row = np.tile(np.repeat(np.arange(b), rows_per_layer), n_layers).astype(np.int32)
     width = (max(lengths) + 3) // 4
     rows = {
-        "layer_offset": layer_offset, "row": row,
+        "layer_offset": layer_offset,
+        "row": row,
         "neuron": np.tile(np.arange(rows_per_layer), n_layers * b).astype(np.int32),
-        "max_act": np.full(m, 4.0, np.float32), "max_pos": np.zeros(m, np.int16),
-        "min_act": np.full(m, -0.1, np.float32), "min_pos": np.zeros(m, np.int16),
-        "n_above": np.ones(m, np.int16), "n_below": np.ones(m, np.int16),
+        "max_act": np.full(m, 4.0, np.float32),
+        "max_pos": np.zeros(m, np.int16),
+        "min_act": np.full(m, -0.1, np.float32),
+        "min_pos": np.zeros(m, np.int16),
+        "n_above": np.ones(m, np.int16),
+        "n_below": np.ones(m, np.int16),
         "bands": np.full((m, width), 0b11100100, np.uint8),
     }
     per_prompt = {k: np.full((n_layers, b), rows_per_layer, np.int32) for k in ("n_selected", "n_kept", "n_above_any")}
     for name in ("mean_coverage", "red_coverage", "blue_coverage"):
         per_prompt[name] = np.full((n_layers, b), 0.5, np.float32)
-    predictions = {"top_ids": np.tile(np.arange(5, dtype=np.int32), (b, 1)), "top_probs": np.full((b, 5), 0.2, np.float32), "correct": np.array([1] + [0] * (b - 1), np.int8)} if last else None
+    predictions = (
+        {
+            "top_ids": np.tile(np.arange(5, dtype=np.int32), (b, 1)),
+            "top_probs": np.full((b, 5), 0.2, np.float32),
+            "correct": np.array([1] + [0] * (b - 1), np.int8),
+        }
+        if last
+        else None
+    )
     return StageRows(batch_id, start, rows, per_prompt, predictions)
 
 
@@ -54,11 +68,13 @@ def test_packed_bands_cuts_each_row_to_its_prompt():
 def test_parts_manifest_and_duplicates(tmp_path):
     tokens = [chr(i) for i in range(256)]
     agg = Aggregator(str(tmp_path), HEADER, tokens, rows_per_part=10)
-    assert read_manifest(tmp_path)["status"] == "running"
+    assert read_manifest(tmp_path).status == "running"
     lengths = [5, 3]
     for batch_id, ids in [(0, [0, 1]), (1, [2, 3]), (0, [0, 1])]:  # batch 0 delivered twice
-        agg.add(_group(ids, lengths), _stage_rows(batch_id, 0, 2, lengths, last=False), _stage_rows(batch_id, 2, 1, lengths))
-    _, manifest = agg.finish({"seconds": 1.0})
+        agg.add(
+            _group(ids, lengths), _stage_rows(batch_id, 0, 2, lengths, last=False), _stage_rows(batch_id, 2, 1, lengths)
+        )
+    manifest = agg.finish({"seconds": 1.0})[1].to_dict()
     assert manifest["status"] == "complete"
     assert manifest["totals"]["prompts"] == 4
     committed = [b for part in manifest["parts"] for b in part["batches"]]
@@ -84,7 +100,7 @@ def test_parts_manifest_and_duplicates(tmp_path):
 
 
 def test_bands_column_bytes_per_row(tmp_path):
-    agg = Aggregator(str(tmp_path), HEADER, [chr(i) for i in range(256)])
+    agg = Aggregator(str(tmp_path), HEADER, [chr(i) for i in range(256)], rows_per_part=ScanConfig.rows_per_part)
     agg.add(_group([0, 1], [9, 2]), _stage_rows(0, 0, 1, [9, 2]))
     agg.finish({})
     table = ds.dataset(tmp_path / "activations", partitioning="hive").to_table().to_pylist()
@@ -92,15 +108,27 @@ def test_bands_column_bytes_per_row(tmp_path):
     assert {len(r["bands"]) for r in table if r["prompt_id"] == 1} == {1}
 
 
-def test_manifest_replace_is_atomic(tmp_path):
-    write_manifest(tmp_path, {"a": 1})
-    write_manifest(tmp_path, {"a": 2})
-    assert json.loads((tmp_path / "manifest.json").read_text()) == {"a": 2}
+def test_manifest_replace_is_atomic_and_reads_back_as_written(tmp_path):
+    write_manifest(tmp_path, HEADER)
+    done = dataclasses.replace(HEADER, status="complete")
+    write_manifest(tmp_path, done)
+    assert json.loads((tmp_path / "manifest.json").read_text())["status"] == "complete"
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+    assert read_manifest(tmp_path) == done
 
 
 def test_activation_schema_matches_contract():
-    assert ACTIVATIONS.names == ["prompt_id", "neuron", "max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "bands"]
+    assert ACTIVATIONS.names == [
+        "prompt_id",
+        "neuron",
+        "max_act",
+        "max_pos",
+        "min_act",
+        "min_pos",
+        "n_above",
+        "n_below",
+        "bands",
+    ]
     assert "layer" not in ACTIVATIONS.names  # it comes from layer=NN
 
 
@@ -108,7 +136,7 @@ def test_disk_full_during_a_part_keeps_earlier_parts(tmp_path, monkeypatch):
     import errno
 
     import aggregator.writer as writer
-    from cluster.errors import UserError
+    from neuroscan.errors import UserError
 
     agg = Aggregator(str(tmp_path), HEADER, [chr(i) for i in range(256)], rows_per_part=1)
     agg.add(_group([0, 1], [5, 3]), _stage_rows(0, 0, 3, [5, 3]))
@@ -127,9 +155,11 @@ def test_disk_full_during_a_part_keeps_earlier_parts(tmp_path, monkeypatch):
 
     monkeypatch.setattr(writer.pq, "write_table", full_disk)
     agg.add(_group([2, 3], [5, 3]), _stage_rows(1, 0, 3, [5, 3]))  # part 2 is written in the background...
-    with pytest.raises(UserError, match=r"writing part 2 .* failed \(No space left on device\); parts 1-1 are intact: .*--resume"):
+    with pytest.raises(
+        UserError, match=r"writing part 2 .* failed \(No space left on device\); parts 1-1 are intact: .*--resume"
+    ):
         agg.add(_group([4, 5], [5, 3]), _stage_rows(2, 0, 3, [5, 3]))  # ... and its failure stops the next call
-    manifest = read_manifest(tmp_path)
+    manifest = read_manifest(tmp_path).to_dict()
     assert [p["part"] for p in manifest["parts"]] == [1]
     assert {p: p.read_bytes() for p in tmp_path.rglob("*.parquet")} == before  # part 1 intact, nothing of part 2
     assert not list(tmp_path.rglob("*.tmp"))
@@ -145,7 +175,7 @@ def test_restarted_aggregator_continues_the_manifest(tmp_path):
     assert not (tmp_path / "layers" / "part-00002.parquet").exists()
     assert second.add(_group([0, 1], [5, 3]), _stage_rows(0, 0, 3, [5, 3]))[:2] == (0, 0)  # already committed
     second.add(_group([2, 3], [5, 3]), _stage_rows(1, 0, 3, [5, 3]))
-    _, manifest = second.finish({})
+    manifest = second.finish({})[1].to_dict()
     assert [p["batches"] for p in manifest["parts"]] == [[0], [1]]
     assert manifest["totals"]["prompts"] == 4 and manifest["summary"]["layers"]["0"]["mean_kept"] == 2
 
@@ -154,7 +184,7 @@ def test_a_duplicate_of_a_committed_batch_is_reported_committed(tmp_path):
     """So that the driver forgets it instead of resending it after every aggregator restart."""
     agg = Aggregator(str(tmp_path), HEADER, [chr(i) for i in range(256)], rows_per_part=10**6)
     lengths = [5, 3]
-    rows = lambda b: (_group([2 * b, 2 * b + 1], lengths), _stage_rows(b, 0, 2, lengths))  # noqa: E731
+    rows = lambda b: (_group([2 * b, 2 * b + 1], lengths), _stage_rows(b, 0, 2, lengths))
     assert agg.add(*rows(0))[3] == []  # buffered, not committed
     assert agg.add(*rows(0))[:2] == (0, 0) and agg.add(*rows(0))[3] == []  # a duplicate, still only buffered
     agg.commit()
@@ -179,14 +209,17 @@ def test_parts_are_written_off_the_callers_path(tmp_path, monkeypatch):
     agg = Aggregator(str(tmp_path), HEADER, [chr(i) for i in range(256)], rows_per_part=1)
     lengths = [5, 3]
     assert agg.add(_group([0, 1], lengths), _stage_rows(0, 0, 2, lengths))[3] == []  # returned with the part unwritten
-    assert read_manifest(tmp_path)["parts"] == []
+    assert read_manifest(tmp_path).to_dict()["parts"] == []
     gate.set()
     agg.wait()
-    assert [p["batches"] for p in read_manifest(tmp_path)["parts"]] == [[0]]
+    assert [p["batches"] for p in read_manifest(tmp_path).to_dict()["parts"]] == [[0]]
     assert agg.add(_group([2, 3], lengths), _stage_rows(1, 0, 2, lengths))[3] == [0]  # reported by the next call
     agg.wait()
-    assert agg.add(_group([2, 3], lengths), _stage_rows(1, 0, 2, lengths))[2:] == (agg.incarnation, [1])  # a duplicate, now committed
-    _, manifest = agg.finish({})
+    assert agg.add(_group([2, 3], lengths), _stage_rows(1, 0, 2, lengths))[2:] == (
+        agg.incarnation,
+        [1],
+    )  # a duplicate, now committed
+    manifest = agg.finish({})[1].to_dict()
     assert [p["batches"] for p in manifest["parts"]] == [[0], [1]]
     assert manifest["totals"]["prompts"] == 4
 
@@ -206,7 +239,7 @@ def test_buffering_goes_on_while_a_part_is_written(tmp_path, monkeypatch):
         agg.add(_group([2 * b, 2 * b + 1], lengths), _stage_rows(b, 0, 2, lengths))
     agg.add(_group([4, 5], lengths), _stage_rows(2, 0, 2, lengths))  # buffered while part 1 is written
     gate.set()
-    _, manifest = agg.finish({})
+    manifest = agg.finish({})[1].to_dict()
     assert [p["batches"] for p in manifest["parts"]] == [[0, 1], [2]]
     table = ds.dataset(tmp_path / "activations", partitioning="hive").to_table()
     assert sorted(set(table["prompt_id"].to_pylist())) == [0, 1, 2, 3, 4, 5]
@@ -222,7 +255,9 @@ def _one_pass_neurons(out, k: int) -> pa.Table:
     for layer in sorted(set(acts["layer"].to_pylist())):
         rows = acts.filter(pa.compute.equal(acts["layer"], layer))
         state = LayerState(k)
-        state.add_rows(*(rows[c].to_numpy() for c in ("neuron", "max_act", "prompt_id", "max_pos")), red=HEADER["bands"]["red"])
+        state.add_rows(
+            *(rows[c].to_numpy() for c in ("neuron", "max_act", "prompt_id", "max_pos")), red=HEADER.bands.red
+        )
         tables.append(state.table(layer))
     return pa.concat_tables(tables)
 
@@ -244,7 +279,7 @@ def test_neurons_merged_in_memory_equal_one_pass_and_the_deltas_on_disk(tmp_path
     monkeypatch.setattr(neurons, "FOLD_ROWS", fold_rows)
     rng = np.random.default_rng(fold_rows)
     tokens, lengths = [chr(i) for i in range(256)], [6, 4, 5]
-    header = {**HEADER, "top_k": 3}
+    header = dataclasses.replace(HEADER, top_k=3)
     first = Aggregator(str(tmp_path), header, tokens, rows_per_part=20)
     for b in range(4):
         ids = [3 * b, 3 * b + 1, 3 * b + 2]
@@ -254,12 +289,19 @@ def test_neurons_merged_in_memory_equal_one_pass_and_the_deltas_on_disk(tmp_path
     for b in range(4, 9):
         ids = [3 * b, 3 * b + 1, 3 * b + 2]
         second.add(_group(ids, lengths), _random_acts(_stage_rows(b, 0, 2, lengths, rows_per_layer=4), rng))
-    _, manifest = second.finish({})
+    manifest = second.finish({})[1].to_dict()
     assert len(manifest["parts"]) >= 4
     written = ds.dataset(tmp_path / manifest["neurons"]["path"]).to_table().replace_schema_metadata(None)
     assert written.equals(_one_pass_neurons(tmp_path, k=3))
-    assert written.equals(neurons.neurons_table(tmp_path, manifest, k=3))
-    assert second.finish({})[1]["neurons"]["sha256"] == manifest["neurons"]["sha256"]  # a retried finish writes the same
+    assert written.equals(
+        neurons.neurons_table(
+            tmp_path,
+            [PartFile(**f) for p in manifest["parts"] for f in p["files"] if f["path"].startswith("neuron_parts/")],
+            "parquet",
+            k=3,
+        )
+    )
+    assert second.finish({})[1].neurons.sha256 == manifest["neurons"]["sha256"]  # a retried finish writes the same
 
 
 def test_every_layer_has_a_directory_and_a_run_that_keeps_nothing_reads_as_an_empty_table(tmp_path):
@@ -267,17 +309,32 @@ def test_every_layer_has_a_directory_and_a_run_that_keeps_nothing_reads_as_an_em
 
     lengths = [5, 3]
     (tmp_path / "some").mkdir(), (tmp_path / "none").mkdir()  # as prepare_output leaves them
-    agg = Aggregator(str(tmp_path / "some"), HEADER, [chr(i) for i in range(256)])
-    agg.add(_group([0, 1], lengths), _stage_rows(0, 0, 1, lengths, last=False), _stage_rows(0, 1, 2, lengths, rows_per_layer=0))
-    _, manifest = agg.finish({})
-    assert [f["path"] for f in manifest["empty_layers"]] == ["activations/layer=01/part-00000.parquet", "activations/layer=02/part-00000.parquet"]
+    agg = Aggregator(
+        str(tmp_path / "some"), HEADER, [chr(i) for i in range(256)], rows_per_part=ScanConfig.rows_per_part
+    )
+    agg.add(
+        _group([0, 1], lengths),
+        _stage_rows(0, 0, 1, lengths, last=False),
+        _stage_rows(0, 1, 2, lengths, rows_per_layer=0),
+    )
+    manifest = agg.finish({})[1].to_dict()
+    assert [f["path"] for f in manifest["empty_layers"]] == [
+        "activations/layer=01/part-00000.parquet",
+        "activations/layer=02/part-00000.parquet",
+    ]
     table = ds.dataset(tmp_path / "some" / "activations", partitioning="hive").to_table()
     assert table.num_rows == 2 * 2 and set(table["layer"].to_pylist()) == {0}
     assert ds.dataset(tmp_path / "some" / "activations" / "layer=02").to_table().num_rows == 0
 
-    agg = Aggregator(str(tmp_path / "none"), HEADER, [chr(i) for i in range(256)])
-    agg.add(_group([0, 1], lengths), _stage_rows(0, 0, 2, lengths, rows_per_layer=0, last=False), _stage_rows(0, 2, 1, lengths, rows_per_layer=0))
-    _, manifest = agg.finish({})
+    agg = Aggregator(
+        str(tmp_path / "none"), HEADER, [chr(i) for i in range(256)], rows_per_part=ScanConfig.rows_per_part
+    )
+    agg.add(
+        _group([0, 1], lengths),
+        _stage_rows(0, 0, 2, lengths, rows_per_layer=0, last=False),
+        _stage_rows(0, 2, 1, lengths, rows_per_layer=0),
+    )
+    manifest = agg.finish({})[1].to_dict()
     assert manifest["totals"]["activation_rows"] == 0 and len(manifest["empty_layers"]) == 3
     for f in manifest["empty_layers"]:
         data = (tmp_path / "none" / f["path"]).read_bytes()

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import workers.checkpoint as checkpoint
-from cluster.config import Selection
-from cluster.errors import UserError
+from neuroscan.config import MODEL_PRESETS, Selection
+from neuroscan.errors import UserError
 from tests.unit.test_stage import one_batch
-from workers.embedded import PRESETS, gptj_config, write_checkpoint
+from workers.embedded import gptj_config, write_checkpoint
 from workers.shard import ShardSpec, load_stage
 from workers.stage import Stage, StageSpec
 
@@ -103,29 +103,47 @@ def test_embedded_model_has_gptj_depth_and_all_four_bands(tiny_model):
     for h in hooks:
         h.remove()
     a = torch.cat(acts)
-    fractions = [(a > 3.5).float().mean(), ((a > 3) & (a <= 3.5)).float().mean(), ((a >= 0) & (a <= 3)).float().mean(), (a < 0).float().mean()]
+    fractions = [
+        (a > 3.5).float().mean(),
+        ((a > 3) & (a <= 3.5)).float().mean(),
+        ((a >= 0) & (a <= 3)).float().mean(),
+        (a < 0).float().mean(),
+    ]
     assert all(f > 0.005 for f in fractions), fractions
 
 
 def test_gptj_6b_preset_is_gptj_6b_shaped():
     config = gptj_config("gptj-6b")
-    assert (config.n_layer, config.n_embd, config.n_head, config.rotary_dim, config.vocab_size) == (28, 4096, 16, 64, 50400)
+    assert (config.n_layer, config.n_embd, config.n_head, config.rotary_dim, config.vocab_size) == (
+        28,
+        4096,
+        16,
+        64,
+        50400,
+    )
     assert (config.n_inner or 4 * config.n_embd) == 16384
-    assert PRESETS["gptj-6b"]["dtype"] == "float16"
+    assert MODEL_PRESETS["gptj-6b"]["dtype"] == "float16"
 
 
 def test_missing_and_broken_checkpoints_are_refused(other_model, tmp_path, monkeypatch):
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache, wherever this runs
+    monkeypatch.setattr(
+        "huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub")
+    )  # an empty cache, wherever this runs
     with pytest.raises(UserError, match="does not exist"):
         checkpoint.resolve_model(str(tmp_path / "nope"))
-    with pytest.raises(UserError, match=r"EleutherAI/gpt-j-6b is neither a local directory nor in the Hugging Face cache: download it first \(`hf download EleutherAI/gpt-j-6b`"):
+    with pytest.raises(
+        UserError,
+        match=r"EleutherAI/gpt-j-6b is neither a local directory nor in the Hugging Face cache: download it first \(`hf download EleutherAI/gpt-j-6b`",
+    ):
         checkpoint.resolve_model("EleutherAI/gpt-j-6b")  # the CLI of huggingface_hub >= 1.0 is `hf`
     no_tok = tmp_path / "no_tok"
     shutil.copytree(other_model, no_tok)
     (no_tok / "tokenizer.json").unlink()
     with pytest.raises(UserError, match="no tokenizer files"):
         checkpoint.resolve_model(str(no_tok))
-    single = write_checkpoint(gptj_config("tiny", n_layer=2, n_embd=32, n_head=2, rotary_dim=4, n_inner=64), tmp_path / "single")
+    single = write_checkpoint(
+        gptj_config("tiny", n_layer=2, n_embd=32, n_head=2, rotary_dim=4, n_inner=64), tmp_path / "single"
+    )
     data = (single / "model.safetensors").read_bytes()
     (single / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="truncated or corrupted"):
@@ -133,10 +151,14 @@ def test_missing_and_broken_checkpoints_are_refused(other_model, tmp_path, monke
 
 
 def test_truncated_weights_are_refused_before_loading(tmp_path):
-    path = write_checkpoint(gptj_config("tiny", n_layer=2, n_embd=32, n_head=2, rotary_dim=4, n_inner=64), tmp_path / "m")
+    path = write_checkpoint(
+        gptj_config("tiny", n_layer=2, n_embd=32, n_head=2, rotary_dim=4, n_inner=64), tmp_path / "m"
+    )
     data = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(data[:-100])
-    with pytest.raises(UserError, match=r"model\.safetensors \(Error while deserializing header.*truncated or corrupted"):
+    with pytest.raises(
+        UserError, match=r"model\.safetensors \(Error while deserializing header.*truncated or corrupted"
+    ):
         checkpoint.resolve_model(str(path))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import subprocess
 import sys
@@ -13,10 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from aggregator.compare import compare
-from aggregator.schema import ACTIVATIONS, PROMPTS
 from cluster.cli import main
-from cluster.errors import UserError
+from neuroscan.errors import UserError
+from neuroscan.manifest import Part, PartFile, write_manifest
+from neuroscan.schema import ACTIVATIONS, PROMPTS
+from results.compare import compare
+from tests.manifests import header
 
 
 @pytest.fixture
@@ -24,8 +26,20 @@ def run_dir(tmp_path):
     """20 'days' and 30 'months' prompts; neuron (3, 7) fires red on every days prompt only."""
     families = ["days"] * 20 + ["months"] * 30
     prompts = [
-        {"prompt_id": i, "id": str(i), "family": f, "variant": "icl", "text": "t", "token_ids": [1], "tokens": ["t"],
-         "n_tokens": 1, "expected": None, "top_tokens": [], "top_probs": [], "correct": None}
+        {
+            "prompt_id": i,
+            "id": str(i),
+            "family": f,
+            "variant": "icl",
+            "text": "t",
+            "token_ids": [1],
+            "tokens": ["t"],
+            "n_tokens": 1,
+            "expected": None,
+            "top_tokens": [],
+            "top_probs": [],
+            "correct": None,
+        }
         for i, f in enumerate(families)
     ]
     (tmp_path / "prompts").mkdir()
@@ -41,17 +55,31 @@ def run_dir(tmp_path):
             rows[3].append((pid, 7, 4.2))
     for layer, items in rows.items():
         table = pa.table(
-            {"prompt_id": [r[0] for r in items], "neuron": [r[1] for r in items], "max_act": [r[2] for r in items],
-             "max_pos": [0] * len(items), "min_act": [0.0] * len(items), "min_pos": [0] * len(items),
-             "n_above": [1] * len(items), "n_below": [0] * len(items), "bands": [b"\x03"] * len(items)},
+            {
+                "prompt_id": [r[0] for r in items],
+                "neuron": [r[1] for r in items],
+                "max_act": [r[2] for r in items],
+                "max_pos": [0] * len(items),
+                "min_act": [0.0] * len(items),
+                "min_pos": [0] * len(items),
+                "n_above": [1] * len(items),
+                "n_below": [0] * len(items),
+                "bands": [b"\x03"] * len(items),
+            },
             schema=ACTIVATIONS,
         )
         (tmp_path / "activations" / f"layer={layer:02d}").mkdir(parents=True)
         pq.write_table(table, tmp_path / "activations" / f"layer={layer:02d}" / "part-00001.parquet")
-    files = [{"path": str(f.relative_to(tmp_path))} for f in sorted(tmp_path.rglob("*.parquet"))]
-    manifest = {"format": "parquet", "bands": {"low": 0.0, "high": 3.0, "red": 3.5}, "partition": [[0, 4]],
-                "parts": [{"batches": [0], "files": files}]}
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    files = [
+        PartFile(
+            str(f.relative_to(tmp_path)),
+            pq.read_metadata(f).num_rows,
+            f.stat().st_size,
+            hashlib.sha256(f.read_bytes()).hexdigest(),
+        )
+        for f in sorted(tmp_path.rglob("*.parquet"))
+    ]
+    write_manifest(tmp_path, header(partition=[[0, 4]], parts=[Part(1, [0], files)]))
     return tmp_path
 
 
@@ -87,7 +115,9 @@ def test_separating_neuron_tops_the_list(run_dir):
 
 def test_groups_default_and_errors(run_dir, tmp_path, capsys):
     assert compare(run_dir, "family").schema.metadata[b"a"] == b"days"  # exactly two groups
-    with pytest.raises(UserError, match=r"this run has 1 variant value\(s\) \['icl'\], compare needs two: .*--variants icl,shuffled"):
+    with pytest.raises(
+        UserError, match=r"this run has 1 variant value\(s\) \['icl'\], compare needs two: .*--variants icl,shuffled"
+    ):
         compare(run_dir, "variant")
     assert compare(run_dir, "family", b="days").schema.metadata[b"a"] == b"months"  # the other of the two
     assert compare(run_dir, "family", a="months").schema.metadata[b"b"] == b"days"
@@ -104,7 +134,10 @@ def test_groups_default_and_errors(run_dir, tmp_path, capsys):
     blocker.write_text("mine")
     capsys.readouterr()
     assert main(["compare", str(run_dir), "--by", "family", "--out", str(blocker / "c.parquet")]) == 2
-    assert capsys.readouterr().err == f"neuroscan: error: --out {blocker / 'c.parquet'}: cannot create {blocker} (File exists): choose a writable place\n"
+    assert (
+        capsys.readouterr().err
+        == f"neuroscan: error: --out {blocker / 'c.parquet'}: cannot create {blocker} (File exists): choose a writable place\n"
+    )
 
 
 def test_a_reader_that_leaves_early_gets_no_traceback(run_dir, tmp_path):
@@ -112,8 +145,14 @@ def test_a_reader_that_leaves_early_gets_no_traceback(run_dir, tmp_path):
     read, write = os.pipe()
     os.close(read)  # the reader already left
     out = tmp_path / "cmp.parquet"
-    result = subprocess.run([sys.executable, "-m", "cluster.cli", "compare", str(run_dir), "--by", "family", "--out", str(out)],
-                            stdout=write, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "compare", str(run_dir), "--by", "family", "--out", str(out)],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=120,
+    )
     os.close(write)
     assert result.returncode == 141 and result.stderr == ""
     assert pq.read_table(out).num_rows > 1  # written before the summary was printed

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.config import Selection
+from neuroscan.config import Selection
 from tests.triton_cpu import needs_triton
 from workers.reduce import (
     UNSELECTED,
@@ -43,7 +43,7 @@ def test_same_statistics_as_eager(dtype, b, t, n):
     n_tokens = torch.randint(1, t + 1, (b,), generator=gen)
     n_tokens[0] = t
     for row in range(b):
-        act[row, n_tokens[row]:] = 50.0  # padding must never be read into a statistic
+        act[row, n_tokens[row] :] = 50.0  # padding must never be read into a statistic
     assert_same_stats(act, n_tokens, Selection(high=2.0, low=-0.5, red=3.0))
 
 
@@ -127,7 +127,9 @@ def test_a_scanning_stage_reduces_the_activations_its_blocks_use(other_model):
     from workers.stage import Stage, StageSpec, reducing_hooks
 
     config = load_config(other_model)
-    stage = Stage(StageSpec(str(other_model), ShardSpec(0, config.n_layer, config.n_layer), "cpu", "float32", Selection()))
+    stage = Stage(
+        StageSpec(str(other_model), ShardSpec(0, config.n_layer, config.n_layer), "cpu", "float32", Selection())
+    )
     stage.setup()
     blocks = stage.model.body.h
     gen = torch.Generator().manual_seed(0)
@@ -136,7 +138,9 @@ def test_a_scanning_stage_reduces_the_activations_its_blocks_use(other_model):
     positions = torch.arange(11)[None, :].expand(2, 11)
     sel = Selection(high=0.5, red=1.0, max_per_layer=7)
     read: list[torch.Tensor] = []
-    handles = [block.mlp.fc_out.register_forward_pre_hook(lambda m, args: read.append(args[0].clone())) for block in blocks]
+    handles = [
+        block.mlp.fc_out.register_forward_pre_hook(lambda m, args: read.append(args[0].clone())) for block in blocks
+    ]
     sink: list = []
     with torch.inference_mode():
         plain = stage.model(ids, None, positions)

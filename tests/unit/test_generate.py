@@ -8,7 +8,7 @@ import re
 import pytest
 
 from cluster.cli import main
-from cluster.errors import UserError
+from neuroscan.errors import UserError
 from prompts.generate import FAMILIES, NUMBER_INTRO, WORD_INTRO, generate
 from prompts.seed import SEED_PROMPTS
 
@@ -22,7 +22,10 @@ WORD_ORDER = {
     "colors": ("red orange yellow green blue indigo violet", False),
     "days": ("Monday Tuesday Wednesday Thursday Friday Saturday Sunday", True),
     "months": ("January February March April May June July August September October November December", True),
-    "number_words": ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty", False),
+    "number_words": (
+        "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty",
+        False,
+    ),
     "ordinals": ("first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth", False),
     "letters": ("A B C D E F G H I J K L M N O P Q R S T U V W X Y Z", False),
     "planets": ("Mercury Venus Earth Mars Jupiter Saturn Uranus Neptune", False),
@@ -44,7 +47,9 @@ def test_seed_prompts_match_the_format_patterns():
     lines = SEED_PROMPTS[0]["text"].split("\n")
     assert all(WORD_SHOT.match(line) for line in lines[:3]) and lines[3] == WORD_INTRO and WORD_QUERY.match(lines[4])
     lines = SEED_PROMPTS[1]["text"].split("\n")
-    assert all(NUMBER_SHOT.match(line) for line in lines[:3]) and lines[3] == NUMBER_INTRO and NUMBER_QUERY.match(lines[4])
+    assert (
+        all(NUMBER_SHOT.match(line) for line in lines[:3]) and lines[3] == NUMBER_INTRO and NUMBER_QUERY.match(lines[4])
+    )
 
 
 def test_deterministic_and_unique():
@@ -67,7 +72,9 @@ def test_expected_answer_and_format_per_family(family):
             assert lines[3] == WORD_INTRO
             shots = [WORD_SHOT.match(line) for line in lines[:3]]
             query = WORD_QUERY.match(lines[4])
-            for items, answer in [(m.group(1).split(", "), m.group(3)) for m in shots] + [(query.group(1).split(", "), row["expected"][2:-1])]:
+            for items, answer in [(m.group(1).split(", "), m.group(3)) for m in shots] + [
+                (query.group(1).split(", "), row["expected"][2:-1])
+            ]:
                 i = seq.index(items[0])
                 window = [seq[(i + j) % len(seq)] if cyclic else seq[i + j] for j in range(len(items) + 1)]
                 assert window == items + [answer], (items, answer)
@@ -77,7 +84,9 @@ def test_expected_answer_and_format_per_family(family):
             shots = [NUMBER_SHOT.match(line) for line in lines[:3]]
             assert [int(m.group(1)) for m in shots] == [1, 2, 3]
             query = NUMBER_QUERY.match(lines[4])
-            for values, answer in [([int(v) for v in m.group(2).split(", ")], int(m.group(4))) for m in shots] + [([int(v) for v in query.group(1).split(", ")], int(row["expected"]))]:
+            for values, answer in [([int(v) for v in m.group(2).split(", ")], int(m.group(4))) for m in shots] + [
+                ([int(v) for v in query.group(1).split(", ")], int(row["expected"]))
+            ]:
                 assert next_number(family, values) == answer, (values, answer)
                 assert all(next_number(family, values[:k]) == values[k] for k in range(2, len(values)))
             assert row["expected"] == f" {row['answer']}"
@@ -103,7 +112,9 @@ def test_errors():
         generate(500, families=["seasons"], variants=["zero_shot"])
     with pytest.raises(UserError, match=r"^--n 0 must be at least 1 prompt$"):
         generate(0)
-    with pytest.raises(UserError, match=r"^--shots 0 must be at least 1 \(for prompts without examples: --variants zero_shot\)$"):
+    with pytest.raises(
+        UserError, match=r"^--shots 0 must be at least 1 \(for prompts without examples: --variants zero_shot\)$"
+    ):
         generate(5, shots=0)
 
 
@@ -115,14 +126,19 @@ def test_a_family_shows_every_example_it_has_and_no_more(variant):
     for row in rows:
         shown = [line.split('"')[1] for line in row["text"].splitlines()[:6]]
         assert len({tuple(sorted(items.split(", "))) for items in shown}) == 6
-    with pytest.raises(UserError, match="--shots 7 is more than family colors can show .6 different examples besides the query.: "
-                                        "lower --shots or leave colors out with --families"):
+    with pytest.raises(
+        UserError,
+        match="--shots 7 is more than family colors can show .6 different examples besides the query.: "
+        "lower --shots or leave colors out with --families",
+    ):
         generate(20, shots=7, families=["colors"], variants=[variant])
 
 
 def test_cli_writes_jsonl_the_scan_reads(tmp_path, capsys):
     out = tmp_path / "p.jsonl"
-    assert main(["prompts", "generate", "--n", "40", "--out", str(out), "--shots", "2", "--variants", "icl,shuffled"]) == 0
+    assert (
+        main(["prompts", "generate", "--n", "40", "--out", str(out), "--shots", "2", "--variants", "icl,shuffled"]) == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 40 and all(r["text"].count("\n") in (3, 0) for r in rows)
     from prompts.readers import read_prompts
@@ -133,5 +149,8 @@ def test_cli_writes_jsonl_the_scan_reads(tmp_path, capsys):
     (tmp_path / "d.jsonl").mkdir()
     capsys.readouterr()
     assert main(["prompts", "generate", "--n", "4", "--out", str(tmp_path / "d.jsonl")]) == 2
-    assert capsys.readouterr().err == f"neuroscan: error: --out {tmp_path / 'd.jsonl'} is a directory: name the file to write, e.g. {tmp_path / 'd.jsonl' / 'prompts.jsonl'}\n"
+    assert (
+        capsys.readouterr().err
+        == f"neuroscan: error: --out {tmp_path / 'd.jsonl'} is a directory: name the file to write, e.g. {tmp_path / 'd.jsonl' / 'prompts.jsonl'}\n"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "p.jsonl"]  # no temporary file left

@@ -70,15 +70,15 @@ def test_the_scheduler_hands_each_stage_the_previous_stages_hand_off(monkeypatch
     the reference of a ``handoff`` call made with the hop's transport (not ``forward``, whose
     hidden state goes through the object store)."""
     import cluster.schedule as schedule
-    from cluster.config import ScanConfig
-    from cluster.memory import MemoryWatch
-    from prompts.batching import MicroBatch
+    from neuroscan.config import ScanConfig
+    from neuroscan.memory import MemoryWatch
+    from neuroscan.messages import MicroBatch
 
     monkeypatch.setattr(schedule.ray, "put", lambda value: "ref:batch")
     log: list = []
     pipe = [FakeStage(log, f"s{i}") for i in range(3)]
     aggregator = type("Agg", (), {"add": Call(log, "agg.add")})()
-    cfg = ScanConfig(prompts="seed", out="x", stages=3, progress=False)
+    cfg = ScanConfig(prompts="seed", out="x", stages=3, quiet=True)
     scheduler = schedule.Scheduler(cfg, [pipe], aggregator, 1, MemoryWatch(), handoffs=[["GLOO", "CUDA_IPC"]])
     scheduler.submit(MicroBatch(5, None, None, None, None, None), ["prompt"], pipe)
     names = [name for name, _, _ in log]
@@ -93,12 +93,14 @@ def test_the_scheduler_hands_each_stage_the_previous_stages_hand_off(monkeypatch
 def test_a_hand_off_that_times_out_ends_the_run_with_one_line(monkeypatch):
     """Ray Direct Transport gives up on a transfer after a while (its receiver raises
     TimeoutError, wrapped by Ray): the user gets one line that names it and the way on."""
-    import cluster.schedule as schedule
     from ray.exceptions import RayTaskError
 
-    from cluster.errors import UserError
+    import cluster.schedule as schedule
+    from neuroscan.errors import UserError
 
-    lost = TimeoutError("ObjectRef(ab12) not found in RDT object store after 60.0s, transfer may have failed.\nPlease report")
+    lost = TimeoutError(
+        "ObjectRef(ab12) not found in RDT object store after 60.0s, transfer may have failed.\nPlease report"
+    )
 
     def get(ref):
         raise RayTaskError("Stage.scan", "Traceback (most recent call last): ...", lost).as_instanceof_cause()

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from aggregator.neurons import LayerState, empty_state, layer_delta, merge_top_k
-from aggregator.schema import ACTIVATIONS
+from neuroscan.schema import ACTIVATIONS
 
 
 def brute_force(neuron, act, prompt_id, pos, k):
@@ -40,9 +40,17 @@ def test_merge_top_k_matches_brute_force(k, chunks):
 def test_merged_part_deltas_equal_one_pass_over_all_rows():
     rows = [(0, 1, 4.0, 2), (1, 1, 3.6, 0), (2, 1, 1.0, 5), (0, 2, -0.5, 1), (3, 1, 4.0, 7), (4, 2, 0.2, 3)]
     table = pa.table(
-        {"prompt_id": [r[0] for r in rows], "neuron": [r[1] for r in rows], "max_act": [r[2] for r in rows],
-         "max_pos": [r[3] for r in rows], "min_act": [0.0] * 6, "min_pos": [0] * 6, "n_above": [0] * 6,
-         "n_below": [0] * 6, "bands": [b""] * 6},
+        {
+            "prompt_id": [r[0] for r in rows],
+            "neuron": [r[1] for r in rows],
+            "max_act": [r[2] for r in rows],
+            "max_pos": [r[3] for r in rows],
+            "min_act": [0.0] * 6,
+            "min_pos": [0] * 6,
+            "n_above": [0] * 6,
+            "n_below": [0] * 6,
+            "bands": [b""] * 6,
+        },
         schema=ACTIVATIONS,
     )
     merged = LayerState(k=2)
@@ -55,7 +63,9 @@ def test_merged_part_deltas_equal_one_pass_over_all_rows():
     assert set(got) == {1, 2}
     assert got[1]["layer"] == 3 and got[1]["n_prompts"] == 4 and got[1]["n_red"] == 3 and got[1]["max_act"] == 4.0
     assert got[1]["top_prompt_ids"] == [0, 3] and got[1]["top_pos"] == [2, 7]  # tie at 4.0: lower prompt id first
-    assert got[2]["top_prompt_ids"] == [4, 0] and got[2]["top_acts"] == pytest.approx([0.2, -0.5]) and got[2]["n_red"] == 0
+    assert (
+        got[2]["top_prompt_ids"] == [4, 0] and got[2]["top_acts"] == pytest.approx([0.2, -0.5]) and got[2]["n_red"] == 0
+    )
 
 
 @pytest.mark.parametrize("fold_rows", [1, 7, 10**9])
@@ -75,15 +85,19 @@ def test_neurons_table_from_part_files_equals_one_pass_however_often_it_folds(tm
         acts = {}
         for layer in range(3):
             m = 40
-            acts[layer] = pa.table({
-                "prompt_id": rng.integers(0, 50, m) + 100 * part, "neuron": rng.integers(0, 12, m).astype(np.int32),
-                "max_act": rng.choice([1.0, 3.0, 3.75, 4.0], m).astype(np.float32),  # ties across parts
-                "max_pos": rng.integers(0, 9, m).astype(np.int16)})
+            acts[layer] = pa.table(
+                {
+                    "prompt_id": rng.integers(0, 50, m) + 100 * part,
+                    "neuron": rng.integers(0, 12, m).astype(np.int32),
+                    "max_act": rng.choice([1.0, 3.0, 3.75, 4.0], m).astype(np.float32),  # ties across parts
+                    "max_pos": rng.integers(0, 9, m).astype(np.int16),
+                }
+            )
             everything[layer].append(acts[layer])
         delta = pa.concat_tables([layer_delta(layer, rows, k=3, red=3.5) for layer, rows in acts.items()])
         f = write_table(delta, tmp_path, f"neuron_parts/part-{part:05d}", "parquet")
-        parts.append({"part": part + 1, "files": [f.to_dict()]})
-    table = neurons.neurons_table(tmp_path, {"parts": parts, "format": "parquet"}, k=3)
+        parts.append(f)
+    table = neurons.neurons_table(tmp_path, parts, "parquet", k=3)
     for layer in range(3):
         one_pass = LayerState(k=3)
         rows = pa.concat_tables(everything[layer])
@@ -102,7 +116,9 @@ def test_top_order_is_lexsorts_order(seed):
     m = 2000
     neuron = rng.integers(0, 30, m).astype(np.int32)
     special = np.array([0.0, -0.0, 1.5, -1.5, np.inf, -np.inf, np.nan, 1e-40, -1e-40], np.float32)
-    act = np.where(rng.random(m) < 0.5, rng.choice(special, m), rng.normal(size=m).astype(np.float16)).astype(np.float32)
+    act = np.where(rng.random(m) < 0.5, rng.choice(special, m), rng.normal(size=m).astype(np.float16)).astype(
+        np.float32
+    )
     prompt_id = rng.permutation(10 * m)[:m].astype(np.int64)
     assert (top_order(neuron, act, prompt_id) == np.lexsort((prompt_id, -act, neuron))).all()
 

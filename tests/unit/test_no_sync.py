@@ -14,15 +14,23 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cluster.config import Selection
-from prompts.batching import MicroBatch
+from neuroscan.config import Selection
+from neuroscan.messages import MicroBatch
 from tests.triton_cpu import needs_triton
 from workers.checkpoint import load_config
 from workers.reduce import reduce_layer
 from workers.shard import ShardSpec
 from workers.stage import Stage, StageSpec
 
-SYNCING = {"nonzero", "_local_scalar_dense", "masked_select", "_unique2", "unique_dim", "unique_consecutive", "boolean_index"}
+SYNCING = {
+    "nonzero",
+    "_local_scalar_dense",
+    "masked_select",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "boolean_index",
+}
 
 
 class OpCounter(TorchDispatchMode):
@@ -68,8 +76,14 @@ def test_a_stage_syncs_once_per_micro_batch_whatever_its_layer_count(other_model
     import numpy as np
 
     config = load_config(other_model)
-    batch = MicroBatch(0, np.arange(2), np.random.default_rng(0).integers(0, 256, (2, 12)).astype(np.int32),
-                       np.array([12, 5], np.int32), np.array([12, 5], np.int32), np.zeros((2, 0), np.int32))
+    batch = MicroBatch(
+        0,
+        np.arange(2),
+        np.random.default_rng(0).integers(0, 256, (2, 12)).astype(np.int32),
+        np.array([12, 5], np.int32),
+        np.array([12, 5], np.int32),
+        np.zeros((2, 0), np.int32),
+    )
     counts = []
     for stop in (1, config.n_layer):
         stage = Stage(StageSpec(str(other_model), ShardSpec(0, stop, config.n_layer), "cpu", "float32", Selection()))

@@ -31,7 +31,10 @@ def test_version_and_a_bare_command_are_one_line(capsys):
     assert capsys.readouterr().out == f"neuroscan {importlib.metadata.version('neuroscan')}\n"
     for argv, prog in (([], "neuroscan"), (["prompts"], "neuroscan prompts")):
         assert main(argv) == 2
-        assert capsys.readouterr().err == f"neuroscan: error: the following arguments are required: COMMAND (see `{prog} --help`)\n"
+        assert (
+            capsys.readouterr().err
+            == f"neuroscan: error: the following arguments are required: COMMAND (see `{prog} --help`)\n"
+        )
 
 
 def test_aggregator_does_not_need_torch():
@@ -39,5 +42,10 @@ def test_aggregator_does_not_need_torch():
     import subprocess
     import sys
 
-    code = "import sys, aggregator.aggregator, workers.rows, prompts.batching; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip() == "False"
+    code = "import sys, aggregator.aggregator, neuroscan.messages, prompts.batching; print('torch' in sys.modules)"
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+        ).stdout.strip()
+        == "False"
+    )

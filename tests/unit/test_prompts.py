@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster import driver
-from cluster.config import ScanConfig
-from cluster.errors import UserError
+from neuroscan.config import ScanConfig
+from neuroscan.errors import UserError
 from prompts import batching
 from prompts.batching import (
     ReadAhead,
@@ -42,10 +42,14 @@ def _write_rows(tmp_path, kind):
     if kind == "jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     elif kind == "csv":
-        lines = ["text,id,family,expected"] + [f"\"{r['text']}\",{r.get('id', '')},{r.get('family', '')},{r.get('expected', '')}" for r in ROWS]
+        lines = ["text,id,family,expected"] + [
+            f'"{r["text"]}",{r.get("id", "")},{r.get("family", "")},{r.get("expected", "")}' for r in ROWS
+        ]
         path.write_text("\n".join(lines) + "\n")
     else:
-        pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in ("text", "id", "family", "expected")} for r in ROWS]), path)
+        pq.write_table(
+            pa.Table.from_pylist([{k: r.get(k) for k in ("text", "id", "family", "expected")} for r in ROWS]), path
+        )
     return path
 
 
@@ -85,7 +89,9 @@ def test_compressed_corpus_errors_name_the_line_and_the_damage(tmp_path):
     whole = _compress(path, "gzip").read_bytes()
     cut = tmp_path / "cut.jsonl.gz"
     cut.write_bytes(whole[: len(whole) // 2])  # a download that stopped half-way
-    with pytest.raises(UserError, match=r"cut\.jsonl\.gz: cannot decompress it as gzip at line \d+ \(.*\): check the file is whole"):
+    with pytest.raises(
+        UserError, match=r"cut\.jsonl\.gz: cannot decompress it as gzip at line \d+ \(.*\): check the file is whole"
+    ):
         _all(cut)
     fake = tmp_path / "fake.txt.bz2"
     fake.write_text("plain text, not bz2\n")
@@ -119,12 +125,15 @@ def test_builtin_seed_prompts_are_verbatim():
         ('{"id": "q"}\n', "prompt 'q' has no \"text\" field"),
         ('{"text": "   ", "id": "blank"}\n', "prompt 'blank' is empty or whitespace only"),
         ('{"text": "a", "id": 1}\n{"text": "b", "id": "1"}\n', "id '1' appears twice"),
-        ('[1, 2]\n', "expected a JSON object"),
+        ("[1, 2]\n", "expected a JSON object"),
         ("", "holds no prompts"),
         ('{"id": "q", "prompt": "a"}\n', "prompt 'q' has no \"text\" field: rename 'prompt' to \"text\""),
         ('{"text": "a", "answer": 7}\n', "has 'answer' but no \"expected\" field, .*: rename 'answer' to \"expected\""),
         ('{"text": "a", "family": ["x"]}\n', "has a list for 'family': give one string"),
-        ('{"text": "cut \\ud83d"}\n', r"c\.jsonl:1: prompt '0' has half a surrogate pair \('\\ud83d'\) in 'text', which is no character"),
+        (
+            '{"text": "cut \\ud83d"}\n',
+            r"c\.jsonl:1: prompt '0' has half a surrogate pair \('\\ud83d'\) in 'text', which is no character",
+        ),
         ('{"text": "a", "expected": "\\udc00"}\n', r"has half a surrogate pair \('\\udc00'\) in 'expected'"),
     ],
 )
@@ -135,7 +144,10 @@ def test_jsonl_errors_name_the_line_or_id(tmp_path, content, match):
         _all(path)
 
 
-@pytest.mark.parametrize("name, content", [("c.csv", "text,id\r\nhello,1\r\n"), ("c.jsonl", '{"text": "hello", "id": "1"}\n'), ("c.txt", "hello\r\n")])
+@pytest.mark.parametrize(
+    "name, content",
+    [("c.csv", "text,id\r\nhello,1\r\n"), ("c.jsonl", '{"text": "hello", "id": "1"}\n'), ("c.txt", "hello\r\n")],
+)
 def test_a_byte_order_mark_is_not_part_of_the_first_field(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(b"\xef\xbb\xbf" + content.encode())  # Excel's "CSV UTF-8", Notepad
@@ -173,7 +185,7 @@ def _shards(directory, rows, names):
     README.md, a hidden file and a subdirectory that are not part of the corpus."""
     directory.mkdir()
     for i, name in enumerate(names):
-        part = rows[i * len(rows) // len(names):(i + 1) * len(rows) // len(names)]
+        part = rows[i * len(rows) // len(names) : (i + 1) * len(rows) // len(names)]
         plain = directory / name.split(".jsonl")[0]
         plain = plain.with_name(plain.name + ".jsonl")
         plain.write_text("".join(json.dumps(r) + "\n" for r in part))
@@ -190,7 +202,11 @@ def test_a_directory_of_shards_reads_as_one_corpus_in_name_order(tmp_path):
     rows = [{"text": f"prompt {i}", **({"id": f"p{i}"} if i % 3 else {})} for i in range(12)]
     whole = tmp_path / "whole.jsonl"
     whole.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    shards = _shards(tmp_path / "shards", rows, ["train-00000-of-00003.jsonl", "train-00001-of-00003.jsonl.gz", "train-00002-of-00003.jsonl.zst"])
+    shards = _shards(
+        tmp_path / "shards",
+        rows,
+        ["train-00000-of-00003.jsonl", "train-00001-of-00003.jsonl.gz", "train-00002-of-00003.jsonl.zst"],
+    )
     got = _all(shards, chunk=5)
     assert got == _all(whole)  # ids and prompt_ids run on across the shards
     assert [p.id for p in got][:4] == ["0", "p1", "p2", "3"]
@@ -211,7 +227,9 @@ def test_directory_corpus_errors(tmp_path):
     only_card.mkdir()
     (only_card / "README.md").write_text("x")
     (only_card / "data.parquet.gz").write_bytes(b"x")
-    with pytest.raises(UserError, match=r"card is a directory with no corpus file in it .*give the directory that holds the shards"):
+    with pytest.raises(
+        UserError, match=r"card is a directory with no corpus file in it .*give the directory that holds the shards"
+    ):
         _all(only_card)
 
 
@@ -221,7 +239,7 @@ def test_a_directory_corpus_fingerprint_covers_every_shard_and_nothing_else(tmp_
     rows = [{"text": f"prompt {i}"} for i in range(6)]
     shards = _shards(tmp_path / "d", rows, ["a.jsonl", "b.jsonl"])
     first = corpus_fingerprint(str(shards))
-    assert first["source"] == str(shards.resolve()) and first["sha256"]
+    assert first.source == str(shards.resolve()) and first.sha256
     (shards / "README.md").write_text("# edited\n")
     assert corpus_fingerprint(str(shards)) == first
     (shards / "b.jsonl").rename(shards / "0.jsonl")  # the same bytes, read first now
@@ -236,10 +254,16 @@ def test_a_directory_corpus_fingerprint_covers_every_shard_and_nothing_else(tmp_
 @pytest.mark.parametrize(
     "content, match",
     [
-        ("prompt,id\nhello,1\n", r"c\.csv: no \"text\" column in the CSV header \['prompt', 'id'\]: rename 'prompt' to \"text\""),
+        (
+            "prompt,id\nhello,1\n",
+            r"c\.csv: no \"text\" column in the CSV header \['prompt', 'id'\]: rename 'prompt' to \"text\"",
+        ),
         ("id,body\n1,hello\n", r"no \"text\" column .*: add \"text\""),
         ("", r"c\.csv is empty: give a header row"),
-        ('id,text\n1,ok\n2,"multi\nline"\n3,"bad"x"\n', r"c\.csv:5: not valid CSV \(',' expected after '\"'\): quote fields"),
+        (
+            'id,text\n1,ok\n2,"multi\nline"\n3,"bad"x"\n',
+            r"c\.csv:5: not valid CSV \(',' expected after '\"'\): quote fields",
+        ),
         ('id,text\n1,"never closed\n', r"c\.csv:2: not valid CSV \(unexpected end of data\)"),
         ("text,answer\nhi,yes\n", r"c\.csv:2: prompt '0' has 'answer' but no \"expected\" field"),
     ],
@@ -272,7 +296,9 @@ def _tok(text, pid=0, expected=None):
 
 def test_tokenize_context_and_truncate():
     tok = byte_tokenizer()
-    with pytest.raises(UserError, match="prompt '0' has 12 tokens \\(\\+2 answer tokens\\), more than the model's context of 10"):
+    with pytest.raises(
+        UserError, match="prompt '0' has 12 tokens \\(\\+2 answer tokens\\), more than the model's context of 10"
+    ):
         tokenize([_tok("abcdefghijkl", expected="xy")], tok, context=10, truncate=False)
     [t] = tokenize([_tok("abcdefghijkl", expected="xy")], tok, context=10, truncate=True)
     assert bytes(t.token_ids).decode() == "efghijkl" and t.n_input == 10  # keeps the last tokens
@@ -381,7 +407,9 @@ def test_a_corpus_edited_while_the_run_reads_it_stops_the_run(tiny_model, tmp_pa
         first = next(batches)
         with open(corpus, "a") as f:
             f.write(json.dumps({"text": "one more"}) + "\n")
-        with pytest.raises(UserError, match=r"c\.jsonl changed while neuroscan was reading it .*put it back and --resume"):
+        with pytest.raises(
+            UserError, match=r"c\.jsonl changed while neuroscan was reading it .*put it back and --resume"
+        ):
             list(batches)
     assert first[0].batch_id == 0
     header = driver.manifest_header

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import Selection
+from neuroscan.config import Selection
 from tests.reference import band_codes, expected_layer, unpack_bands
 from tests.triton_cpu import needs_triton
 from workers.reduce import compact, pack_codes, reduce_layer
@@ -66,7 +66,11 @@ def test_reduce_layer_matches_numpy(cap, fused):
             codes = unpack_bands(bytes(out["bands"][row, slot].tolist())[: (length + 3) // 4], length)
             assert codes.tolist() == band_codes(col, sel).tolist()
         if neurons:
-            for name, hit in (("mean_coverage", a > sel.high), ("red_coverage", a > sel.red), ("blue_coverage", a < sel.low)):
+            for name, hit in (
+                ("mean_coverage", a > sel.high),
+                ("red_coverage", a > sel.red),
+                ("blue_coverage", a < sel.low),
+            ):
                 cover = np.mean([hit[:, j].sum() / length for j in neurons])
                 assert out[name][row].item() == pytest.approx(cover, rel=1e-6), name
 

@@ -13,8 +13,8 @@ import torch
 from accelerate import init_empty_weights
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cluster.config import Selection
 from cluster.partition import partition_layers
+from neuroscan.config import Selection
 from workers.embedded import gptj_config
 from workers.reduce import reduce_layer
 from workers.shard import ShardSpec, StageModel

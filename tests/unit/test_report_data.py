@@ -18,7 +18,9 @@ def test_family_frequency_is_the_share_of_each_familys_prompts_that_kept_the_neu
     size = dict(Counter(family.tolist()))
     pick = rng.integers(0, len(ids), 300)
     rows = pa.table({"prompt_id": ids[pick], "neuron": rng.integers(0, 6, 300).astype(np.int32)})
-    rows = pa.Table.from_pylist(list({(r["prompt_id"], r["neuron"]): r for r in rows.to_pylist()}.values()))  # one row a (prompt, neuron)
+    rows = pa.Table.from_pylist(
+        list({(r["prompt_id"], r["neuron"]): r for r in rows.to_pylist()}.values())
+    )  # one row a (prompt, neuron)
     expected: dict[int, Counter] = {}
     for r in rows.to_pylist():
         expected.setdefault(r["neuron"], Counter())[family[np.searchsorted(ids, r["prompt_id"])]] += 1

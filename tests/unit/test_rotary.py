@@ -29,16 +29,23 @@ def tables(config: GPTJConfig, positions: torch.Tensor, dtype: torch.dtype):
 
 @pytest.mark.parametrize("kernel", KERNEL)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize(("b", "t", "heads", "head_dim", "rotary_dim"), [(2, 7, 3, 16, 8), (1, 33, 4, 8, 8), (3, 5, 16, 24, 16)])
+@pytest.mark.parametrize(
+    ("b", "t", "heads", "head_dim", "rotary_dim"), [(2, 7, 3, 16, 8), (1, 33, 4, 8, 8), (3, 5, 16, 24, 16)]
+)
 def test_rotation_in_place_is_transformers_bit_for_bit(kernel, dtype, b, t, heads, head_dim, rotary_dim):
     if kernel and dtype == torch.bfloat16 and not torch.cuda.is_available():
-        pytest.skip("Triton's interpreter truncates float32 -> bfloat16 (a GPU rounds to nearest): tests/gpu checks bfloat16")
+        pytest.skip(
+            "Triton's interpreter truncates float32 -> bfloat16 (a GPU rounds to nearest): tests/gpu checks bfloat16"
+        )
     config = GPTJConfig(n_embd=heads * head_dim, n_head=heads, rotary_dim=rotary_dim, n_positions=64)
     gen = torch.Generator().manual_seed(t * 100 + heads)
     query, key = (torch.randn(b, t, heads, head_dim, generator=gen).mul(4).to(dtype) for _ in range(2))
     positions = torch.randint(0, 64, (b, t), generator=gen)
     sin, cos = tables(config, positions, dtype)
-    want_q, want_k = transformers_rotation(query, sin, cos, rotary_dim), transformers_rotation(key, sin, cos, rotary_dim)
+    want_q, want_k = (
+        transformers_rotation(query, sin, cos, rotary_dim),
+        transformers_rotation(key, sin, cos, rotary_dim),
+    )
     rotate_(query, key, sin, cos, rotary_dim, kernel=kernel)
     assert torch.equal(query, want_q) and torch.equal(key, want_k)
 

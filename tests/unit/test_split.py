@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import workers.stage as stage_module
-from cluster.config import Selection
+from neuroscan.config import Selection
+from neuroscan.messages import Prompt
 from prompts.batching import make_batch, tokenize
-from prompts.readers import Prompt
 from workers.checkpoint import load_config, load_tokenizer
 from workers.shard import ShardSpec
 from workers.split import PromptTooLarge
@@ -23,7 +23,10 @@ def _batch(model):
 
 def _run(model, batch):
     n = load_config(model).n_layer
-    stages = [Stage(StageSpec(str(model), ShardSpec(a, b, n), "cpu", "float32", Selection(max_per_layer=7))) for a, b in [(0, 2), (2, n)]]
+    stages = [
+        Stage(StageSpec(str(model), ShardSpec(a, b, n), "cpu", "float32", Selection(max_per_layer=7)))
+        for a, b in [(0, 2), (2, n)]
+    ]
     hidden, outs = None, []
     for s in stages:
         hidden, rows = s.forward(batch, hidden)  # setup happens on first use
@@ -56,7 +59,11 @@ def test_split_halves_equal_the_whole_batch(other_model, monkeypatch):
 
 def test_a_prompt_that_never_fits_is_named(other_model, monkeypatch):
     batch = _batch(other_model)
-    monkeypatch.setattr(stage_module, "FAULT_OOM_TOKENS", batch.input_ids.shape[1] - 1)  # the longest row alone is too much
-    with pytest.raises(PromptTooLarge, match=r"prompt 'p1' \(\d+ tokens\) does not fit in device memory even alone") as err:
+    monkeypatch.setattr(
+        stage_module, "FAULT_OOM_TOKENS", batch.input_ids.shape[1] - 1
+    )  # the longest row alone is too much
+    with pytest.raises(
+        PromptTooLarge, match=r"prompt 'p1' \(\d+ tokens\) does not fit in device memory even alone"
+    ) as err:
         _run(other_model, batch)
     assert err.value.prompt_id == 1  # the one prompt longer than the limit; the others fit once split

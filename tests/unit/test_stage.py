@@ -9,12 +9,10 @@ import pytest
 import torch
 
 import workers.stage
-
-from cluster.config import Selection
-from cluster.errors import UserError
-from prompts.batching import MicroBatch
+from neuroscan.config import Selection
+from neuroscan.errors import UserError
+from neuroscan.messages import Hidden, MicroBatch
 from workers.checkpoint import load_config
-from workers.rows import Hidden
 from workers.shard import ShardSpec
 from workers.split import PromptTooLarge
 from workers.stage import Stage, StageSpec
@@ -64,7 +62,9 @@ def test_a_stage_on_a_node_without_the_model(tmp_path, monkeypatch, tiny_model):
     here = embedded_model_path()
     assert not here.exists()
     [stage] = _stages(here, [(0, 2)], 28)
-    assert stage.model.body.h[0].mlp.fc_in.weight.equal(_stages(tiny_model, [(0, 2)], 28)[0].model.body.h[0].mlp.fc_in.weight)
+    assert stage.model.body.h[0].mlp.fc_in.weight.equal(
+        _stages(tiny_model, [(0, 2)], 28)[0].model.body.h[0].mlp.fc_in.weight
+    )
 
 
 def test_hooks_are_removed_after_each_forward(other_model):
@@ -92,8 +92,14 @@ def test_rows_are_compacted_and_per_prompt_counts_agree(other_model):
 def test_the_one_host_buffer_layout_gives_back_every_tensor():
     from workers.transfer import layout, pack, unpack
 
-    tensors = [torch.arange(5, dtype=torch.int16), torch.randn(3, 4), torch.zeros(0, 7, dtype=torch.int32),
-               torch.tensor([True, False, True]), torch.randn(2, 3).to(torch.bfloat16), torch.randint(0, 255, (2, 3, 5), dtype=torch.uint8)]
+    tensors = [
+        torch.arange(5, dtype=torch.int16),
+        torch.randn(3, 4),
+        torch.zeros(0, 7, dtype=torch.int32),
+        torch.tensor([True, False, True]),
+        torch.randn(2, 3).to(torch.bfloat16),
+        torch.randint(0, 255, (2, 3, 5), dtype=torch.uint8),
+    ]
     offsets, total = layout(tensors)
     assert all(o % 16 == 0 for o in offsets) and total % 16 == 0
     arrays = unpack(pack(tensors, offsets, total), tensors, offsets)
@@ -135,7 +141,10 @@ def test_a_direct_hand_off_gives_the_next_stage_what_forward_gives_it(other_mode
     host = _stages(other_model, [(0, 2), (2, n)], n)
     h, _ = host[0].forward(batch)
     _, want = host[1].forward(batch, h)
-    kept = [Stage(StageSpec(str(other_model), ShardSpec(a, b, n), "cpu", "float32", Selection(), keep_hidden=True)) for a, b in [(0, 2), (2, n)]]
+    kept = [
+        Stage(StageSpec(str(other_model), ShardSpec(a, b, n), "cpu", "float32", Selection(), keep_hidden=True))
+        for a, b in [(0, 2), (2, n)]
+    ]
     for stage in kept:
         stage.setup()
     first_rows = kept[0].scan(batch)

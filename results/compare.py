@@ -14,16 +14,23 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from aggregator.manifest import Run, open_run
 from aggregator.writer import write_table
-from cluster.errors import UserError, file_out
+from neuroscan.errors import UserError, file_out
+from results.run import Run, open_run
 
 COMPARE = pa.schema(
     [
-        ("layer", pa.int32()), ("neuron", pa.int32()),
-        ("a_kept", pa.int64()), ("b_kept", pa.int64()),
-        ("a_frac", pa.float64()), ("b_frac", pa.float64()), ("diff", pa.float64()), ("z", pa.float64()),
-        ("a_red_frac", pa.float64()), ("b_red_frac", pa.float64()), ("red_diff", pa.float64()),
+        ("layer", pa.int32()),
+        ("neuron", pa.int32()),
+        ("a_kept", pa.int64()),
+        ("b_kept", pa.int64()),
+        ("a_frac", pa.float64()),
+        ("b_frac", pa.float64()),
+        ("diff", pa.float64()),
+        ("z", pa.float64()),
+        ("a_red_frac", pa.float64()),
+        ("b_red_frac", pa.float64()),
+        ("red_diff", pa.float64()),
     ]
 )
 
@@ -58,7 +65,9 @@ def _pick(by: str, present: list[str], a: str | None, b: str | None) -> tuple[st
     if a is None or b is None:
         if len(present) > 2:
             missing = " and ".join(flag for flag, value in (("--a", a), ("--b", b)) if value is None)
-            raise UserError(f"--by {by} has {len(present)} groups {present[:10]}: name {'the other with ' if a or b else 'two with '}{missing}")
+            raise UserError(
+                f"--by {by} has {len(present)} groups {present[:10]}: name {'the other with ' if a or b else 'two with '}{missing}"
+            )
         a = a or next(v for v in present if v != b)
         b = b or next(v for v in present if v != a)
     return a, b
@@ -67,13 +76,18 @@ def _pick(by: str, present: list[str], a: str | None, b: str | None) -> tuple[st
 def compare(out_dir: str | Path, by: str, a: str | None = None, b: str | None = None) -> pa.Table:
     run = open_run(out_dir)  # only committed parts: a running or killed scan's are read as far as they go
     code, a, b, n_a, n_b = groups(run, by, a, b)
-    red = run.bands["red"]
+    red = run.manifest.bands.red
     c = {name: np.zeros(0, dtype=np.int64) for name in ("a", "b", "a_red", "b_red")}
     for layer, batch in _activations(run):
         key = layer * (1 << 16) + batch["neuron"].to_numpy().astype(np.int64)  # neurons < 65,536
         group = code[batch["prompt_id"].to_numpy()]
         fired = batch["max_act"].to_numpy() > red
-        for name, mask in (("a", group == 0), ("b", group == 1), ("a_red", (group == 0) & fired), ("b_red", (group == 1) & fired)):
+        for name, mask in (
+            ("a", group == 0),
+            ("b", group == 1),
+            ("a_red", (group == 0) & fired),
+            ("b_red", (group == 1) & fired),
+        ):
             c[name] = _add(c[name], key[mask])
     size = max(len(v) for v in c.values())
     c = {name: np.pad(v, (0, size - len(v))) for name, v in c.items()}
@@ -87,8 +101,17 @@ def compare(out_dir: str | Path, by: str, a: str | None = None, b: str | None = 
     order = np.lexsort((keys, -np.abs(z), -np.abs(pa_ - pb_)))
     table = pa.table(
         [
-            (keys >> 16).astype(np.int32)[order], (keys & 0xFFFF).astype(np.int32)[order], ka[order], kb[order],
-            pa_[order], pb_[order], (pa_ - pb_)[order], z[order], ra[order], rb[order], (ra - rb)[order],
+            (keys >> 16).astype(np.int32)[order],
+            (keys & 0xFFFF).astype(np.int32)[order],
+            ka[order],
+            kb[order],
+            pa_[order],
+            pb_[order],
+            (pa_ - pb_)[order],
+            z[order],
+            ra[order],
+            rb[order],
+            (ra - rb)[order],
         ],
         schema=COMPARE.with_metadata({"by": by, "a": a, "b": b, "n_a": str(n_a), "n_b": str(n_b)}),
     )

@@ -33,7 +33,9 @@ def make_dir(directory: Path, out: Path | None = None) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"--out {out}: cannot create {directory} ({err.strerror or err}): choose a writable place") from None
+        raise UserError(
+            f"--out {out}: cannot create {directory} ({err.strerror or err}): choose a writable place"
+        ) from None
 
 
 def file_out(out: Path, example: str, suffix: str | None = None) -> None:

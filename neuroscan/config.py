@@ -1,0 +1,383 @@
+"""Every command's configuration: frozen dataclasses, one declaration per flag.
+
+A field declared with `option` is a command-line flag: its default, help text, choices and
+bounds live here, beside the field, and `cluster.cli` builds argparse from them (the flag is
+the field's name with dashes). `check` is the one check of a configuration, run before
+anything starts: the bounds and choices declared here, then the class's own cross-field
+rules (``checks``). Fields declared without `option` are settings for callers of the
+Python API only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neuroscan.errors import UserError, one_of
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+FORMATS = ("parquet", "arrow")
+ON_ERROR = ("stop", "skip")
+HANDOFFS = ("store", "direct")
+GROUP_BY = ("family", "variant")
+
+MODEL_PRESETS: dict[str, dict] = {
+    # GPT-J's 28 blocks at a tiny width: the embedded model.
+    "tiny": dict(
+        vocab_size=257,
+        n_positions=2048,
+        n_embd=128,
+        n_layer=28,
+        n_head=4,
+        rotary_dim=16,
+        n_inner=512,
+        bos_token_id=256,
+        eos_token_id=256,
+        dtype="float32",
+    ),
+    # GPT-J-6B's exact shapes (EleutherAI/gpt-j-6b config.json), random fp16 weights.
+    "gptj-6b": dict(
+        vocab_size=50400,
+        n_positions=2048,
+        n_embd=4096,
+        n_layer=28,
+        n_head=16,
+        rotary_dim=64,
+        n_inner=None,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        dtype="float16",
+    ),
+}
+"""The GPT-J shapes `neuroscan make-model --preset` and `neuroscan bench --preset` write."""
+
+BENCH_MODES = (
+    "bare",
+    "bare_hf_gelu",
+    "bare_hf_rotary",
+    "naive",
+    "scan_local_eager",
+    "scan_local_inline",
+    "scan_local",
+    "transformer_lens",
+    "nnsight",
+    "bare_again",
+    "scan",
+    "scan_2stage",
+    "scan_2stage_direct",
+)
+"""`bench.run` says what each mode measures; they run in this order."""
+
+
+def cache_dir() -> Path:
+    """Where the embedded model and the benchmark's presets are written once:
+    ``$NEUROSCAN_CACHE``, by default ``~/.cache/neuroscan``."""
+    return Path(os.environ.get("NEUROSCAN_CACHE") or Path.home() / ".cache" / "neuroscan")
+
+
+def resolve_dtype(dtype: str, device: str, stored: object = None) -> str:
+    """``--dtype auto``: float32 on the CPU (half precision is slow there), the checkpoint's
+    dtype (``stored``, as its config.json says it) on CUDA, float16 when it says none."""
+    if dtype != "auto":
+        return dtype
+    if device == "cpu":
+        return "float32"
+    stored = str(stored or "float16").removeprefix("torch.")
+    return stored if stored in ("float16", "bfloat16", "float32") else "float16"
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    choices: tuple = (),
+    minimum: float | None = None,
+    hint: str = "",
+    positional: bool = False,
+    group: str | None = None,
+    flag: str | None = None,
+    metavar: str | None = None,
+):
+    """A field that is a command-line flag: ``--name`` (``flag`` if given) with this help.
+
+    choices: allowed values (each one, for a comma-separated list); minimum: the smallest
+    allowed value, ``hint`` completing the error; positional: an argument, not a flag; group:
+    the ``--help`` section. A field without a default is a required flag."""
+    meta = {
+        "help": help,
+        "choices": tuple(choices),
+        "minimum": minimum,
+        "hint": hint,
+        "positional": positional,
+        "group": group,
+        "flag": flag,
+        "metavar": metavar,
+    }
+    return field(default=default, metadata={"option": meta})
+
+
+def options(cls) -> list[tuple[dataclasses.Field, dict, type]]:
+    """(field, its `option` metadata, its type) for every flag of a config class, nested ones
+    (such as `ScanConfig.selection`) included."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += options(hints[f.name])
+        elif "option" in f.metadata:
+            out.append((f, f.metadata["option"], hints[f.name]))
+    return out
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    meta = f.metadata["option"]
+    return meta["flag"] or f.name if meta["positional"] else meta["flag"] or "--" + f.name.replace("_", "-")
+
+
+def check(cfg) -> None:
+    """Stop with one line at the first value out of its declared bounds or choices, then run
+    the class's own ``checks`` (rules between fields); nested configs are checked first."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check(value)
+            continue
+        meta = f.metadata.get("option")
+        if meta is None or value is None:
+            continue
+        name = flag_name(f)
+        if isinstance(value, str) and not value.strip() and f.default is dataclasses.MISSING:
+            raise UserError(f"{name} is empty: give {meta['metavar'] or 'a value'}")
+        for item in value if isinstance(value, tuple) else (value,):
+            if meta["choices"]:
+                one_of(name, item, meta["choices"])
+        if meta["minimum"] is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not value >= meta["minimum"]:
+                raise UserError(f"{name} {value} must be at least {meta['minimum']:g}{meta['hint']}")
+    cfg.checks()
+
+
+class Config:
+    """What every configuration class can do: `validate` itself, by `check`."""
+
+    def validate(self) -> None:
+        check(self)
+
+    def checks(self) -> None:
+        """Rules between fields, beyond each field's declared bounds and choices."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Selection(Config):
+    """Which (prompt, neuron) pairs are kept, and how tokens are coloured."""
+
+    high: float = option(
+        3.0, "select a neuron when some token is above this (red or orange band)", group="what is kept"
+    )
+    low: float = option(
+        0.0,
+        "... or below this (blue band); GELU is negative for every negative input, so 0 selects a lot",
+        group="what is kept",
+    )
+    red: float = option(3.5, "band edge between orange (high < act <= red) and red (act > red)", group="what is kept")
+    max_per_layer: int = option(
+        500,
+        "keep at most this many selected neurons per (prompt, layer), the most extreme first by "
+        "max(max_act - high, low - min_act), ties to the lower neuron; 0 keeps all",
+        minimum=0,
+        hint=" (0 keeps all)",
+        group="what is kept",
+    )
+
+    def checks(self) -> None:
+        for name in ("high", "low", "red"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise UserError(f"--{name} {value} is not a finite number: give a real threshold")
+        if self.high <= self.low:
+            raise UserError(f"--high {self.high} must be greater than --low {self.low}: raise --high or lower --low")
+        if self.red < self.high:
+            raise UserError(f"--red {self.red} must be at least --high {self.high}: the red band sits above orange")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScanConfig(Config):
+    """Everything a scan needs; one tree, checked by `validate` before Ray starts."""
+
+    prompts: str = option(
+        help="a .jsonl/.csv/.txt corpus (or one of those compressed: .gz, .bz2, .zst), a .parquet one, a directory of "
+        "such files (a dataset's shards), or a built-in corpus name (seed)",
+        positional=True,
+        flag="the prompt corpus",
+        metavar="a .jsonl/.csv/.parquet/.txt file or seed",
+    )
+    out: str = option(
+        help="output directory (manifest.json, activations/, prompts/, layers/, neurons/)",
+        metavar="an output directory",
+    )
+    model: str | None = option(
+        None,
+        "checkpoint directory in Hugging Face layout, or a Hugging Face id in the local cache "
+        "(default: the embedded tiny GPT-J)",
+        metavar="a checkpoint directory",
+    )
+    truncate: bool = option(False, "keep the last tokens of prompts longer than the context instead of refusing them")
+    quiet: bool = option(False, "no progress bar")
+    selection: Selection = field(default_factory=Selection)
+    top_k: int = option(20, "max-activating prompts kept per neuron in neurons/", minimum=1, group="what is kept")
+    stages: int = option(
+        1, "pipeline stages per replica; each holds a contiguous range of blocks", minimum=1, group="how it runs"
+    )
+    replicas: int = option(
+        1, "independent copies of the pipeline; micro-batches are dealt round-robin", minimum=1, group="how it runs"
+    )
+    device: str = option("cpu", "where stages run (cuda: one GPU per stage)", choices=DEVICES, group="how it runs")
+    gpus_per_stage: float = option(
+        1.0,
+        "the share of a GPU each stage reserves, at most 1; 0.5 puts two stages on one GPU",
+        group="how it runs",
+    )
+    handoff: str = option(
+        "store",
+        "hidden state between stages: store (pinned host copy, Ray's object store) or direct (the tensor "
+        "itself: CUDA IPC on one GPU, NCCL between GPUs, Gloo on CPUs; a stage that dies then stops the run, "
+        "resumable, instead of being restarted)",
+        choices=HANDOFFS,
+        group="how it runs",
+    )
+    dtype: str = option(
+        "auto",
+        "weights and activations (auto: float32 on CPU, the checkpoint's dtype on CUDA)",
+        choices=DTYPES,
+        group="how it runs",
+    )
+    batch_tokens: int = option(
+        8192, "token budget of a micro-batch (rows x padded length)", minimum=1, group="how it runs"
+    )
+    in_flight: int = option(
+        0,
+        "micro-batches in flight per replica (0: 2 x stages + 1, so every stage has the next one queued)",
+        minimum=0,
+        hint=" (0: automatic)",
+        group="how it runs",
+    )
+    on_error: str = option(
+        "stop",
+        "a prompt too large for device memory even alone: stop the run or skip it",
+        choices=ON_ERROR,
+        group="how it runs",
+    )
+    format: str = option(
+        "parquet", "table files: Parquet (zstd) or Arrow IPC", choices=FORMATS, group="the output directory"
+    )
+    overwrite: bool = option(False, "replace a non-empty output directory", group="the output directory")
+    resume: bool = option(
+        False,
+        "continue an interrupted run in --out (same model, thresholds, corpus and "
+        "--batch-tokens): keep its committed parts, redo the rest",
+        group="the output directory",
+    )
+    rows_per_part: int = option(
+        500_000, "activation rows buffered before a part is committed", minimum=1, group="the output directory"
+    )
+
+    def checks(self) -> None:
+        if self.model is not None and not self.model.strip():
+            raise UserError(
+                "--model is empty: give a checkpoint directory, or leave --model out for the embedded tiny GPT-J"
+            )
+        if self.overwrite and self.resume:
+            raise UserError(
+                "--overwrite and --resume contradict: --resume continues the run in --out, --overwrite deletes it; pass one"
+            )
+        if not 0 < self.gpus_per_stage <= 1:
+            # A stage runs on one GPU (GPT-J-6B's 12 GB of fp16 weights fit one); more would sit idle.
+            raise UserError(
+                f"--gpus-per-stage {self.gpus_per_stage:g} must be in (0, 1]: a stage runs on one GPU, "
+                "so spread a model over more GPUs with --stages or --replicas"
+            )
+
+    @property
+    def window(self) -> int:
+        """Micro-batches in flight per replica."""
+        return self.in_flight or 2 * self.stages + 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig(Config):
+    """``neuroscan bench``: every mode on the same synthetic micro-batches, in one run."""
+
+    device: str = option("cpu", "where the model runs", choices=DEVICES)
+    preset: str = option(
+        "tiny", "random GPT-J weights of these shapes (written once under --cache)", choices=tuple(MODEL_PRESETS)
+    )
+    model: str | None = option(None, "a checkpoint directory instead of a preset", metavar="a checkpoint directory")
+    dtype: str = option("auto", "auto: float32 on CPU, the checkpoint's dtype on CUDA", choices=DTYPES)
+    prompts: int = option(64, "synthetic prompts, the same for every mode", minimum=1)
+    prompt_tokens: int = option(256, "tokens a prompt", minimum=1)
+    batch_tokens: int = option(8192, "token budget of a micro-batch", minimum=1)
+    modes: tuple[str, ...] = option(BENCH_MODES, "comma-separated modes to run", choices=BENCH_MODES)
+    cache: str | None = option(
+        None,
+        "where presets' weights are written once (default: $NEUROSCAN_CACHE/bench, "
+        "~/.cache/neuroscan/bench without it)",
+        metavar="a directory",
+    )
+    out: str | None = option(None, "write the report as JSON here", metavar="a .json file")
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache) if self.cache else cache_dir() / "bench"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig(Config):
+    """``neuroscan report``: a static site of a finished scan."""
+
+    dir: str = option(help="a finished scan's output directory", positional=True, metavar="a scan's output directory")
+    out: str | None = option(
+        None, "write the site here instead of DIR/report/ (DIR is only read)", metavar="a directory"
+    )
+    serve: bool = option(False, "also serve it on 127.0.0.1 and print the URL (Ctrl-C stops)")
+    port: int = option(0, "port for --serve (0: any free port)", minimum=0)
+    strips: int = option(
+        32,
+        "strips per (prompt, layer) on layer pages (0: one per kept neuron)",
+        minimum=0,
+        hint=" (0: every kept neuron)",
+    )
+    neurons_per_layer: int = option(20, "neurons per layer with their own page (the most often red)", minimum=1)
+    chunk: int = 200
+    """Prompts a data chunk of the site (a page fetches only the chunk of the prompt on screen)."""
+
+    def checks(self) -> None:
+        if self.port > 65535:
+            raise UserError(f"--port {self.port} is not a port number: use 1-65535, or 0 for any free port")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompareConfig(Config):
+    """``neuroscan compare``: neurons whose selection differs between two groups of prompts."""
+
+    dir: str = option(help="a scan's output directory", positional=True, metavar="a scan's output directory")
+    by: str = option(help="the prompts' field that names the groups", choices=GROUP_BY)
+    a: str | None = option(None, "group A (default: the first of exactly two groups, or the one --b is not)")
+    b: str | None = option(None, "group B (default: the second of exactly two groups, or the one --a is not)")
+    out: str = option(help="output .parquet file", metavar="a .parquet file")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MakeModelConfig(Config):
+    """``neuroscan make-model``: a random GPT-J checkpoint in Hugging Face layout."""
+
+    preset: str = option(
+        "tiny", "tiny (the embedded model's shapes) or gptj-6b (GPT-J-6B's shapes, fp16)", choices=tuple(MODEL_PRESETS)
+    )
+    out: str = option(help="directory to write", metavar="a new directory")
+    seed: int = option(0, "the weights' seed (0 with --preset tiny: the embedded model)")

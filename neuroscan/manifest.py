@@ -1,0 +1,242 @@
+"""``manifest.json``, typed: the run's identity and the list of committed parts.
+
+`Manifest` is the one definition of the file's keys: the aggregator writes it, the driver,
+``--resume``, the report and ``compare`` read it, all through these dataclasses (the JSON
+keys are their field names). A file under the output directory counts only once the
+manifest lists it. `write_manifest` writes a temporary file, fsyncs it, renames it over the
+old one and fsyncs the directory, so a crash leaves either the old manifest or the new one,
+never a torn one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neuroscan.errors import UserError
+
+NAME = "manifest.json"
+RUNNING, COMPLETE = "running", "complete"
+
+
+@dataclass(frozen=True)
+class PartFile:
+    """One table file, as `aggregator.writer.write_table` left it."""
+
+    path: str
+    """Relative to the output directory."""
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Part:
+    """A committed part: the micro-batches it holds and its files (every table's)."""
+
+    part: int
+    batches: list[int]
+    files: list[PartFile]
+
+
+@dataclass
+class ModelInfo:
+    id: str
+    """What ``--model`` named (the embedded model's name without it)."""
+    path: str
+    """The local directory actually loaded."""
+    dtype: str
+    revision: str | None = None
+
+
+@dataclass
+class SelectionInfo:
+    high: float
+    low: float
+    max_per_layer: int
+
+
+@dataclass
+class BandEdges:
+    low: float
+    high: float
+    red: float
+
+
+@dataclass
+class Corpus:
+    source: str
+    """The corpus's resolved path, or a built-in corpus's name."""
+    sha256: str | None
+    """Of the file's bytes (a directory: its files' names, sizes and bytes); None when built in."""
+
+
+@dataclass
+class Totals:
+    prompts: int = 0
+    tokens: int = 0
+    activation_rows: int = 0
+
+
+@dataclass
+class Counters:
+    """Sums over the committed parts, from which `Summary` is computed."""
+
+    layers: dict[str, list[int]] = field(default_factory=dict)
+    """Per layer: [prompts, selected, kept]."""
+    accuracy: dict[str, dict[str, list[int]]] = field(default_factory=lambda: {"family": {}, "variant": {}})
+    """Per ``family``/``variant`` value: [correct, answered]."""
+
+
+@dataclass
+class LayerSummary:
+    mean_selected: float
+    mean_kept: float
+
+
+@dataclass
+class Accuracy:
+    correct: int
+    total: int
+    accuracy: float
+
+
+@dataclass
+class Summary:
+    layers: dict[str, LayerSummary] = field(default_factory=dict)
+    accuracy: dict[str, dict[str, Accuracy]] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    """The whole of ``manifest.json``. The fields down to ``started_at`` are fixed when the
+    run starts (the header); the rest grows as parts are committed."""
+
+    schema_version: int
+    model: ModelInfo
+    selection: SelectionInfo
+    bands: BandEdges
+    stages: int
+    replicas: int
+    partition: list[list[int]]
+    """Per stage: [first layer, last layer + 1]."""
+    device: str
+    handoff: str
+    batch_tokens: int
+    top_k: int
+    format: str
+    truncate: bool
+    corpus: Corpus
+    versions: dict[str, str | None]
+    started_at: str
+    status: str = RUNNING
+    parts: list[Part] = field(default_factory=list)
+    totals: Totals = field(default_factory=Totals)
+    counters: Counters = field(default_factory=Counters)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    """Prompts left out by ``--on-error skip``: prompt_id, id, reason."""
+    resumed_at: list[str] = field(default_factory=list)
+    summary: Summary = field(default_factory=Summary)
+    neurons: PartFile | None = None
+    """``neurons/``, written when the run completes."""
+    empty_layers: list[PartFile] = field(default_factory=list)
+    timings: dict[str, Any] = field(default_factory=dict)
+    """seconds, tokens_per_s, memory per process, aggregator_lag_s, finished_at, transports."""
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.partition[-1][1])
+
+    @property
+    def complete(self) -> bool:
+        return self.status == COMPLETE
+
+    def committed_batches(self) -> set[int]:
+        return {b for part in self.parts for b in part.batches}
+
+    def files(self, prefix: str = "") -> list[PartFile]:
+        """The committed parts' files whose path starts with ``prefix``."""
+        return [f for part in self.parts for f in part.files if f.path.startswith(prefix)]
+
+    def run_metadata(self) -> dict:
+        """What every table file carries in its schema metadata (`neuroscan.schema`)."""
+        return {"model": asdict(self.model), "selection": asdict(self.selection), "bands": asdict(self.bands)}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        return _load(cls, data)
+
+
+def write_manifest(out_dir: Path, manifest: Manifest) -> None:
+    out_dir = Path(out_dir)
+    tmp = out_dir / f".{NAME}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest.to_dict(), f, indent=1, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_dir / NAME)
+    fsync_dir(out_dir)
+
+
+def read_manifest(out_dir: Path) -> Manifest | None:
+    """The manifest in ``out_dir``, None if it has none; one that is not neuroscan's stops with one line."""
+    path = Path(out_dir) / NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        problem = f"not valid JSON ({getattr(err, 'msg', None) or err.reason})"
+    else:
+        if not isinstance(data, dict):
+            problem = f"a JSON {type(data).__name__}, not an object"
+        elif "parts" not in data:
+            problem = 'a JSON object without "parts"'
+        else:
+            try:
+                return Manifest.from_dict(data)
+            except (TypeError, ValueError, KeyError) as err:
+                problem = f"not a neuroscan manifest ({err})"
+    raise UserError(
+        f"{path} is {problem}: something other than neuroscan wrote it (neuroscan replaces it whole); "
+        "restore it, or scan again with --overwrite"
+    )
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load(kind, data):
+    """``data`` (parsed JSON) as ``kind``: a dataclass, ``list[X]``, ``dict[str, X]``, ``X | None``
+    or a plain type; keys a dataclass does not declare are ignored, missing ones take the
+    field's default."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(data, dict):
+            raise TypeError(f"{kind.__name__} is {type(data).__name__}, not an object")
+        hints = typing.get_type_hints(kind)
+        return kind(**{f.name: _load(hints[f.name], data[f.name]) for f in dataclasses.fields(kind) if f.name in data})
+    if origin in (typing.Union, types.UnionType):
+        if data is None:
+            return None
+        return _load(next(a for a in args if a is not type(None)), data)
+    if origin is list:
+        return [_load(args[0], item) for item in data]
+    if origin is dict:
+        return {key: _load(args[1], value) for key, value in data.items()}
+    return data

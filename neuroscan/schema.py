@@ -1,0 +1,87 @@
+"""The Arrow schemas of every table neuroscan writes, and the conversions into them.
+
+This module is the one place the output contract lives in code; `aggregator.convert` fills
+these schemas from what the stages send, and `results.run` reads files written with them.
+Every file carries the schema version and the run's configuration in its schema metadata.
+``layer`` is not stored in activation files: it comes from the ``layer=NN`` directory, which
+readers infer as int32 (storing it too, with another type, makes ``pyarrow.dataset`` refuse
+to merge the two).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+ACTIVATIONS = pa.schema(
+    [
+        ("prompt_id", pa.int64()),
+        ("neuron", pa.int32()),
+        ("max_act", pa.float32()),
+        ("max_pos", pa.int16()),
+        ("min_act", pa.float32()),
+        ("min_pos", pa.int16()),
+        ("n_above", pa.int16()),
+        ("n_below", pa.int16()),
+        ("bands", pa.binary()),  # 2 bits a token: token t in byte t // 4, bits 2 * (t % 4)
+    ]
+)
+
+PROMPTS = pa.schema(
+    [
+        ("prompt_id", pa.int64()),
+        ("id", pa.string()),
+        ("family", pa.string()),
+        ("variant", pa.string()),
+        ("text", pa.string()),
+        ("token_ids", pa.list_(pa.int32())),
+        ("tokens", pa.list_(pa.string())),
+        ("n_tokens", pa.int32()),
+        ("expected", pa.string()),
+        ("top_tokens", pa.list_(pa.string())),
+        ("top_probs", pa.list_(pa.float32())),
+        ("correct", pa.bool_()),  # null when the prompt has no expected answer
+    ]
+)
+
+LAYERS = pa.schema(
+    [
+        ("prompt_id", pa.int64()),
+        ("layer", pa.int32()),
+        ("n_tokens", pa.int32()),
+        ("n_selected", pa.int32()),
+        ("n_kept", pa.int32()),
+        ("n_above_any", pa.int32()),
+        # Means over the kept neurons of the fraction of the prompt's tokens > high, > red, < low.
+        ("mean_coverage", pa.float32()),
+        ("red_coverage", pa.float32()),
+        ("blue_coverage", pa.float32()),
+    ]
+)
+
+NEURONS = pa.schema(
+    [
+        ("layer", pa.int32()),
+        ("neuron", pa.int32()),
+        ("n_prompts", pa.int64()),  # prompts on which the neuron was kept (selected and within the cap)
+        ("n_red", pa.int64()),  # ... and its max was above the red edge
+        ("max_act", pa.float32()),
+        ("top_prompt_ids", pa.list_(pa.int64())),
+        ("top_acts", pa.list_(pa.float32())),
+        ("top_pos", pa.list_(pa.int16())),
+    ]
+)
+
+TABLES = {"activations": ACTIVATIONS, "prompts": PROMPTS, "layers": LAYERS}
+OUTPUT_DIRS = (*TABLES, "neurons", "neuron_parts")
+"""Every directory of table files in an output directory: the per-part tables, ``neurons/``
+(written at the end) and ``neuron_parts/`` (each part's delta of it, `aggregator.neurons`)."""
+
+
+def with_run_metadata(schema: pa.Schema, run: dict) -> pa.Schema:
+    return schema.with_metadata(
+        {"neuroscan.schema_version": str(SCHEMA_VERSION), "neuroscan.run": json.dumps(run, sort_keys=True)}
+    )
