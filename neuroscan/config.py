@@ -107,7 +107,7 @@ def option(
     """A field that is a command-line flag: ``--name`` (``flag`` if given) with this help.
 
     choices: allowed values (each one, for a comma-separated list); minimum: the smallest
-    allowed value, ``hint`` completing the error; positional: an argument, not a flag; group:
+    allowed value; hint: what completes either error; positional: an argument, not a flag; group:
     the ``--help`` section. A field without a default is a required flag."""
     meta = {
         "help": help,
@@ -156,7 +156,7 @@ def check(cfg) -> None:
             raise UserError(f"{name} is empty: give {meta['metavar'] or 'a value'}")
         for item in value if isinstance(value, tuple) else (value,):
             if meta["choices"]:
-                one_of(name, item, meta["choices"])
+                one_of(name, item, meta["choices"], meta["hint"])
         if meta["minimum"] is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
             if not value >= meta["minimum"]:
                 raise UserError(f"{name} {value} must be at least {meta['minimum']:g}{meta['hint']}")
@@ -315,7 +315,10 @@ class BenchConfig(Config):
 
     device: str = option("cpu", "where the model runs", choices=DEVICES)
     preset: str = option(
-        "tiny", "random GPT-J weights of these shapes (written once under --cache)", choices=tuple(MODEL_PRESETS)
+        "tiny",
+        "random GPT-J weights of these shapes (written once under --cache)",
+        choices=tuple(MODEL_PRESETS),
+        hint=" (or --model DIR)",
     )
     model: str | None = option(None, "a checkpoint directory instead of a preset", metavar="a checkpoint directory")
     dtype: str = option("auto", "auto: float32 on CPU, the checkpoint's dtype on CUDA", choices=DTYPES)

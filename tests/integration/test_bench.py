@@ -50,7 +50,7 @@ def test_bench_smoke(ray_session, tmp_path, capsys):
 
 def test_bench_refuses_an_unknown_mode(capsys):
     assert main(["bench", "--device", "cpu", "--modes", "bare,fast"]) == 2
-    assert "--modes: fast not known" in capsys.readouterr().err
+    assert "--modes 'fast' is not known: use one of bare, " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

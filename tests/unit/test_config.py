@@ -63,9 +63,13 @@ def test_every_flag_is_declared_once_and_parsed_into_its_field(cls, argv):
     the class's own defaults (with the required values given)."""
     args = build_parser().parse_args(argv)
     built = config_from(cls, args)
-    for f, meta, _ in config.options(cls):
+    for f, _, _ in config.options(cls):
         if f.default is not dataclasses.MISSING:
-            owner = built.selection if f.name in {x.name for x in dataclasses.fields(Selection)} and cls is ScanConfig else built
+            owner = (
+                built.selection
+                if f.name in {x.name for x in dataclasses.fields(Selection)} and cls is ScanConfig
+                else built
+            )
             assert getattr(owner, f.name) == f.default, f.name
 
 
