@@ -108,7 +108,7 @@ class Aggregator:
         write_manifest(self.out, self.manifest)
 
     def add(self, group: list, *stages) -> tuple[int, int, str, list[int]]:
-        """Take one micro-batch: its prompts (`prompts.batching.Tokenized`) and every stage's `StageRows`.
+        """Take one micro-batch: its prompts (`neuroscan.messages.Tokenized`) and every stage's `StageRows`.
 
         Returns (prompts, prompt tokens) added ((0, 0) for a duplicate delivery), this
         aggregator's incarnation, and the micro-batches whose part was committed since the

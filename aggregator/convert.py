@@ -64,7 +64,7 @@ def layers_batch(
 
 
 def prompts_batch(group, predictions: dict[str, np.ndarray], token_strings: list[str]) -> pa.RecordBatch:
-    """One row per prompt of a micro-batch (``group`` is its list of `prompts.batching.Tokenized`)."""
+    """One row per prompt of a micro-batch (``group`` is its list of `neuroscan.messages.Tokenized`)."""
     correct = predictions["correct"]
     columns = {
         "prompt_id": [t.prompt.prompt_id for t in group],

@@ -195,7 +195,7 @@ def layer_stats_fused(
 
 PICK_WARPS = 16
 """A prompt's 16,384 ranks over 512 threads, 32 each: with fewer warps each thread holds more
-ranks than its registers and spills (`tests/unit/test_kernels_compile.py` checks the count on
+ranks than its registers and spills (`tests/unit/test_fused_compile.py` checks the count on
 sm_90; timings by warps in bench/RESULTS.md)."""
 
 

@@ -137,7 +137,7 @@ def ptxas_report(ptx: str) -> str:
 def compiled() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, "-c", "from tests.unit.test_kernels_compile import compile_all; compile_all()"],
+        [sys.executable, "-c", "from tests.unit.test_fused_compile import compile_all; compile_all()"],
         capture_output=True,
         text=True,
         cwd=ROOT,

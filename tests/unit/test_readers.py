@@ -1,4 +1,4 @@
-"""Corpus readers and micro-batch packing."""
+"""prompts.readers: every corpus format reads the same prompts, and bad rows stop in one line."""
 
 from __future__ import annotations
 
@@ -8,22 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster import driver
-from neuroscan.config import ScanConfig
 from neuroscan.errors import UserError
-from prompts import batching
-from prompts.batching import (
-    ReadAhead,
-    chunk_batches,
-    make_batch,
-    micro_batches,
-    pack,
-    tokenize,
-)
-from prompts.readers import Prompt, read_prompts
+from prompts.readers import read_prompts
 from prompts.seed import SEED_PROMPTS
-from workers.checkpoint import load_tokenizer
-from workers.tokenizer import byte_tokenizer
 
 ROWS = [{"text": "alpha", "id": "a", "family": "f"}, {"text": "beta gamma"}, {"text": "delta", "expected": " x"}]
 
@@ -233,24 +220,6 @@ def test_directory_corpus_errors(tmp_path):
         _all(only_card)
 
 
-def test_a_directory_corpus_fingerprint_covers_every_shard_and_nothing_else(tmp_path):
-    from cluster.output import corpus_fingerprint
-
-    rows = [{"text": f"prompt {i}"} for i in range(6)]
-    shards = _shards(tmp_path / "d", rows, ["a.jsonl", "b.jsonl"])
-    first = corpus_fingerprint(str(shards))
-    assert first.source == str(shards.resolve()) and first.sha256
-    (shards / "README.md").write_text("# edited\n")
-    assert corpus_fingerprint(str(shards)) == first
-    (shards / "b.jsonl").rename(shards / "0.jsonl")  # the same bytes, read first now
-    assert corpus_fingerprint(str(shards)) != first
-    (shards / "0.jsonl").rename(shards / "b.jsonl")
-    assert corpus_fingerprint(str(shards)) == first
-    with open(shards / "b.jsonl", "a") as f:
-        f.write('{"text": "one more"}\n')
-    assert corpus_fingerprint(str(shards)) != first
-
-
 @pytest.mark.parametrize(
     "content, match",
     [
@@ -288,139 +257,3 @@ def test_parquet_answer_column_is_refused_only_without_expected(tmp_path):
         _all(path)
     pq.write_table(pa.table({"text": ["a"], "answer": ["b"], "expected": ["c"]}), path)
     assert [p.expected for p in _all(path)] == ["c"]
-
-
-def _tok(text, pid=0, expected=None):
-    return Prompt(prompt_id=pid, id=str(pid), text=text, expected=expected)
-
-
-def test_tokenize_context_and_truncate():
-    tok = byte_tokenizer()
-    with pytest.raises(
-        UserError, match="prompt '0' has 12 tokens \\(\\+2 answer tokens\\), more than the model's context of 10"
-    ):
-        tokenize([_tok("abcdefghijkl", expected="xy")], tok, context=10, truncate=False)
-    [t] = tokenize([_tok("abcdefghijkl", expected="xy")], tok, context=10, truncate=True)
-    assert bytes(t.token_ids).decode() == "efghijkl" and t.n_input == 10  # keeps the last tokens
-
-
-def test_pack_respects_budget_and_length_order():
-    tok = byte_tokenizer()
-    items = tokenize([_tok("x" * n, pid=i) for i, n in enumerate([5, 50, 7, 48, 6, 200])], tok, 2048, False)
-    groups = pack(items, batch_tokens=100)
-    for g in groups:
-        assert len(g) == 1 or len(g) * max(t.n_input for t in g) <= 100
-    assert sorted(t.prompt.prompt_id for g in groups for t in g) == list(range(6))
-    assert [t.prompt.prompt_id for t in groups[0]] == [5]  # over budget: alone
-
-
-def test_make_batch_right_pads_prompt_then_answer():
-    tok = byte_tokenizer()
-    items = tokenize([_tok("abc", 0, expected="de"), _tok("a", 1)], tok, 2048, False)
-    batch = make_batch(3, items, pad_id=256)
-    assert batch.input_ids.tolist() == [[97, 98, 99, 100, 101], [97, 256, 256, 256, 256]]
-    assert batch.n_tokens.tolist() == [3, 1] and batch.n_input.tolist() == [5, 1]
-    assert batch.answer_ids.tolist() == [[100, 101], [-1, -1]]
-
-
-def test_micro_batch_ids_are_deterministic():
-    tok = byte_tokenizer()
-    first = [(b.batch_id, b.prompt_ids.tolist()) for b, _ in micro_batches("seed", tok, 2048, 500, False)]
-    again = [(b.batch_id, b.prompt_ids.tolist()) for b, _ in micro_batches("seed", tok, 2048, 500, False)]
-    assert first == again == [(0, [0]), (1, [1])]
-
-
-def pairs_rows(pairs):
-    return [(b.batch_id, b.input_ids.tolist(), b.n_tokens.tolist(), [t.prompt.id for t in group]) for b, group in pairs]
-
-
-def test_chunks_after_a_skip_continue_the_stream(tmp_path):
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"text": "x" * (i % 5 + 1), "id": f"p{i}"}) + "\n" for i in range(11)))
-    tok = byte_tokenizer()
-    chunks = list(chunk_batches(str(corpus), tok, 2048, 8, False, chunk=3))
-    assert len(chunks) == 4 and sum(len(c) for c in chunks) > 4
-    held = sum(len(c) for c in chunks[:2])
-    rest = list(chunk_batches(str(corpus), tok, 2048, 8, False, chunk=3, skip=2, first_id=held))
-    assert pairs_rows(p for c in rest for p in c) == pairs_rows(p for c in chunks[2:] for p in c)
-
-
-def test_read_ahead_keeps_order_raises_errors_where_they_happen_and_stops():
-    assert list(ReadAhead(iter([[1, 2], [], [3]]))) == [1, 2, 3]
-
-    def failing():
-        yield [1]
-        raise UserError("prompt 'x' is bad: fix it")
-
-    got = []
-    with pytest.raises(UserError, match="prompt 'x'"):
-        for item in ReadAhead(failing()):
-            got.append(item)
-    assert got == [1]
-    made = []
-
-    def endless():
-        while True:
-            made.append(1)
-            yield [len(made)]
-
-    with ReadAhead(endless(), depth=1) as ahead:
-        assert next(iter(ahead)) == 1
-    # Closed: the thread, blocked on a full queue, sees the stop and ends (it would wait forever).
-    ahead.thread.join(timeout=2)
-    assert not ahead.thread.is_alive() and len(made) <= 3
-
-
-def test_plan_keeps_the_first_chunks_and_the_run_streams_the_rest(tiny_model, tmp_path, monkeypatch):
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"text": "ab" * (i % 7 + 1)}) + "\n" for i in range(23)))
-    cfg = ScanConfig(prompts=str(corpus), out=str(tmp_path / "out"), model=str(tiny_model), batch_tokens=40)
-    monkeypatch.setattr(batching, "CHUNK", 5)  # 5 chunks
-    whole = list(micro_batches(str(corpus), load_tokenizer(str(tiny_model)), 2048, 40, False))
-    everything = driver.plan(cfg)
-    assert (everything.kept_chunks, everything.n_chunks) == (5, 5) and pairs_rows(everything.kept) == pairs_rows(whole)
-    monkeypatch.setattr(driver, "KEEP_PROMPTS", 12)  # the first two chunks fit, not three
-    p = driver.plan(cfg)
-    assert (p.kept_chunks, p.n_chunks) == (2, 5) and sum(len(b.prompt_ids) for b, _ in p.kept) == 10
-    with driver.corpus_batches(cfg, p) as batches:
-        assert pairs_rows(batches) == pairs_rows(whole)
-    monkeypatch.setattr(driver, "KEEP_TOKENS", 0)  # nothing fits
-    p = driver.plan(cfg)
-    assert p.kept_chunks == 0 and p.kept == []
-    with driver.corpus_batches(cfg, p) as batches:
-        assert pairs_rows(batches) == pairs_rows(whole)
-    assert not (tmp_path / "out").exists()  # planning writes nothing
-
-
-def test_a_corpus_edited_while_the_run_reads_it_stops_the_run(tiny_model, tmp_path, monkeypatch):
-    """The run reads a large corpus again after the plan: an edit in between would give other
-    micro-batches than those planned (and than a resumed run would plan), so it stops, in one
-    line, however far the read-ahead has got."""
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"text": "ab" * (i % 7 + 1)}) + "\n" for i in range(23)))
-    cfg = ScanConfig(prompts=str(corpus), out=str(tmp_path / "out"), model=str(tiny_model), batch_tokens=40)
-    monkeypatch.setattr(batching, "CHUNK", 5)
-    monkeypatch.setattr(driver, "KEEP_PROMPTS", 5)  # one chunk kept, four read again
-    p = driver.plan(cfg)
-    driver.check_unchanged(str(corpus), p, "fix")  # untouched: nothing to say
-    with driver.corpus_batches(cfg, p) as batches:
-        first = next(batches)
-        with open(corpus, "a") as f:
-            f.write(json.dumps({"text": "one more"}) + "\n")
-        with pytest.raises(
-            UserError, match=r"c\.jsonl changed while neuroscan was reading it .*put it back and --resume"
-        ):
-            list(batches)
-    assert first[0].batch_id == 0
-    header = driver.manifest_header
-
-    def edited_while_hashed(cfg, p):  # an edit between the plan's read and the checksum's
-        with open(corpus, "a") as f:
-            f.write(json.dumps({"text": "and another"}) + "\n")
-        return header(cfg, p)
-
-    monkeypatch.setattr(driver, "manifest_header", edited_while_hashed)
-    with pytest.raises(UserError, match=r"changed while neuroscan was reading it .*start the scan again"):
-        driver.run_scan(cfg)
-    assert not (tmp_path / "out").exists()  # stopped before anything was written
-    assert driver.plan(ScanConfig(prompts="seed", out=str(tmp_path / "o"), model=str(tiny_model))).stamp == ()

@@ -1,0 +1,100 @@
+"""prompts.batching: tokenising, packing, micro-batch ids and read-ahead."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from neuroscan.errors import UserError
+from prompts.batching import (
+    ReadAhead,
+    chunk_batches,
+    make_batch,
+    micro_batches,
+    pack,
+    tokenize,
+)
+from prompts.readers import Prompt
+from workers.tokenizer import byte_tokenizer
+
+
+def _tok(text, pid=0, expected=None):
+    return Prompt(prompt_id=pid, id=str(pid), text=text, expected=expected)
+
+
+def test_tokenize_context_and_truncate():
+    tok = byte_tokenizer()
+    with pytest.raises(
+        UserError, match="prompt '0' has 12 tokens \\(\\+2 answer tokens\\), more than the model's context of 10"
+    ):
+        tokenize([_tok("abcdefghijkl", expected="xy")], tok, context=10, truncate=False)
+    [t] = tokenize([_tok("abcdefghijkl", expected="xy")], tok, context=10, truncate=True)
+    assert bytes(t.token_ids).decode() == "efghijkl" and t.n_input == 10  # keeps the last tokens
+
+
+def test_pack_respects_budget_and_length_order():
+    tok = byte_tokenizer()
+    items = tokenize([_tok("x" * n, pid=i) for i, n in enumerate([5, 50, 7, 48, 6, 200])], tok, 2048, False)
+    groups = pack(items, batch_tokens=100)
+    for g in groups:
+        assert len(g) == 1 or len(g) * max(t.n_input for t in g) <= 100
+    assert sorted(t.prompt.prompt_id for g in groups for t in g) == list(range(6))
+    assert [t.prompt.prompt_id for t in groups[0]] == [5]  # over budget: alone
+
+
+def test_make_batch_right_pads_prompt_then_answer():
+    tok = byte_tokenizer()
+    items = tokenize([_tok("abc", 0, expected="de"), _tok("a", 1)], tok, 2048, False)
+    batch = make_batch(3, items, pad_id=256)
+    assert batch.input_ids.tolist() == [[97, 98, 99, 100, 101], [97, 256, 256, 256, 256]]
+    assert batch.n_tokens.tolist() == [3, 1] and batch.n_input.tolist() == [5, 1]
+    assert batch.answer_ids.tolist() == [[100, 101], [-1, -1]]
+
+
+def test_micro_batch_ids_are_deterministic():
+    tok = byte_tokenizer()
+    first = [(b.batch_id, b.prompt_ids.tolist()) for b, _ in micro_batches("seed", tok, 2048, 500, False)]
+    again = [(b.batch_id, b.prompt_ids.tolist()) for b, _ in micro_batches("seed", tok, 2048, 500, False)]
+    assert first == again == [(0, [0]), (1, [1])]
+
+
+def pairs_rows(pairs):
+    return [(b.batch_id, b.input_ids.tolist(), b.n_tokens.tolist(), [t.prompt.id for t in group]) for b, group in pairs]
+
+
+def test_chunks_after_a_skip_continue_the_stream(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "x" * (i % 5 + 1), "id": f"p{i}"}) + "\n" for i in range(11)))
+    tok = byte_tokenizer()
+    chunks = list(chunk_batches(str(corpus), tok, 2048, 8, False, chunk=3))
+    assert len(chunks) == 4 and sum(len(c) for c in chunks) > 4
+    held = sum(len(c) for c in chunks[:2])
+    rest = list(chunk_batches(str(corpus), tok, 2048, 8, False, chunk=3, skip=2, first_id=held))
+    assert pairs_rows(p for c in rest for p in c) == pairs_rows(p for c in chunks[2:] for p in c)
+
+
+def test_read_ahead_keeps_order_raises_errors_where_they_happen_and_stops():
+    assert list(ReadAhead(iter([[1, 2], [], [3]]))) == [1, 2, 3]
+
+    def failing():
+        yield [1]
+        raise UserError("prompt 'x' is bad: fix it")
+
+    got = []
+    with pytest.raises(UserError, match="prompt 'x'"):
+        for item in ReadAhead(failing()):
+            got.append(item)
+    assert got == [1]
+    made = []
+
+    def endless():
+        while True:
+            made.append(1)
+            yield [len(made)]
+
+    with ReadAhead(endless(), depth=1) as ahead:
+        assert next(iter(ahead)) == 1
+    # Closed: the thread, blocked on a full queue, sees the stop and ends (it would wait forever).
+    ahead.thread.join(timeout=2)
+    assert not ahead.thread.is_alive() and len(made) <= 3

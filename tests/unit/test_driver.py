@@ -1,0 +1,72 @@
+"""cluster.driver: the plan keeps the corpus's first chunks; the run streams the rest."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster import driver
+from neuroscan.config import ScanConfig
+from neuroscan.errors import UserError
+from prompts import batching
+from prompts.batching import (
+    micro_batches,
+)
+from tests.unit.test_batching import pairs_rows
+from workers.checkpoint import load_tokenizer
+
+
+def test_plan_keeps_the_first_chunks_and_the_run_streams_the_rest(tiny_model, tmp_path, monkeypatch):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "ab" * (i % 7 + 1)}) + "\n" for i in range(23)))
+    cfg = ScanConfig(prompts=str(corpus), out=str(tmp_path / "out"), model=str(tiny_model), batch_tokens=40)
+    monkeypatch.setattr(batching, "CHUNK", 5)  # 5 chunks
+    whole = list(micro_batches(str(corpus), load_tokenizer(str(tiny_model)), 2048, 40, False))
+    everything = driver.plan(cfg)
+    assert (everything.kept_chunks, everything.n_chunks) == (5, 5) and pairs_rows(everything.kept) == pairs_rows(whole)
+    monkeypatch.setattr(driver, "KEEP_PROMPTS", 12)  # the first two chunks fit, not three
+    p = driver.plan(cfg)
+    assert (p.kept_chunks, p.n_chunks) == (2, 5) and sum(len(b.prompt_ids) for b, _ in p.kept) == 10
+    with driver.corpus_batches(cfg, p) as batches:
+        assert pairs_rows(batches) == pairs_rows(whole)
+    monkeypatch.setattr(driver, "KEEP_TOKENS", 0)  # nothing fits
+    p = driver.plan(cfg)
+    assert p.kept_chunks == 0 and p.kept == []
+    with driver.corpus_batches(cfg, p) as batches:
+        assert pairs_rows(batches) == pairs_rows(whole)
+    assert not (tmp_path / "out").exists()  # planning writes nothing
+
+
+def test_a_corpus_edited_while_the_run_reads_it_stops_the_run(tiny_model, tmp_path, monkeypatch):
+    """The run reads a large corpus again after the plan: an edit in between would give other
+    micro-batches than those planned (and than a resumed run would plan), so it stops, in one
+    line, however far the read-ahead has got."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "ab" * (i % 7 + 1)}) + "\n" for i in range(23)))
+    cfg = ScanConfig(prompts=str(corpus), out=str(tmp_path / "out"), model=str(tiny_model), batch_tokens=40)
+    monkeypatch.setattr(batching, "CHUNK", 5)
+    monkeypatch.setattr(driver, "KEEP_PROMPTS", 5)  # one chunk kept, four read again
+    p = driver.plan(cfg)
+    driver.check_unchanged(str(corpus), p, "fix")  # untouched: nothing to say
+    with driver.corpus_batches(cfg, p) as batches:
+        first = next(batches)
+        with open(corpus, "a") as f:
+            f.write(json.dumps({"text": "one more"}) + "\n")
+        with pytest.raises(
+            UserError, match=r"c\.jsonl changed while neuroscan was reading it .*put it back and --resume"
+        ):
+            list(batches)
+    assert first[0].batch_id == 0
+    header = driver.manifest_header
+
+    def edited_while_hashed(cfg, p):  # an edit between the plan's read and the checksum's
+        with open(corpus, "a") as f:
+            f.write(json.dumps({"text": "and another"}) + "\n")
+        return header(cfg, p)
+
+    monkeypatch.setattr(driver, "manifest_header", edited_while_hashed)
+    with pytest.raises(UserError, match=r"changed while neuroscan was reading it .*start the scan again"):
+        driver.run_scan(cfg)
+    assert not (tmp_path / "out").exists()  # stopped before anything was written
+    assert driver.plan(ScanConfig(prompts="seed", out=str(tmp_path / "o"), model=str(tiny_model))).stamp == ()
