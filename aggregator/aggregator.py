@@ -261,8 +261,9 @@ class Aggregator:
             sums = counters.layers.setdefault(layer, [0, 0, 0])
             counters.layers[layer] = [sums[0] + n, sums[1] + selected, sums[2] + kept]
         for (by, value), (correct, total) in buf.accuracy.items():
-            c, n = counters.accuracy[by].get(value, [0, 0])
-            counters.accuracy[by][value] = [c + correct, n + total]
+            groups = counters.accuracy.setdefault(by, {})
+            c, n = groups.get(value, [0, 0])
+            groups[value] = [c + correct, n + total]
 
     def _table(self, table_schema: pa.Schema, batches: list[pa.RecordBatch]) -> pa.Table:
         return pa.Table.from_batches(batches, schema=table_schema).replace_schema_metadata(

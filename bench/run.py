@@ -290,6 +290,7 @@ def attention_implementation(path: str) -> str:
 
 
 def run_bench(cfg: BenchConfig) -> dict:
+    cfg.validate()
     if cfg.out:
         file_out(Path(cfg.out), "bench.json")
     device = torch.device(cfg.device)
@@ -320,9 +321,9 @@ def run_bench(cfg: BenchConfig) -> dict:
             )
         batches = [b for b, _ in micro_batches(str(corpus), tokenizer, config.n_positions, cfg.batch_tokens, False)]
         tokens = int(sum(b.n_tokens.sum() for b in batches))
-        modes = [m for m in BENCH_MODES if m in cfg.modes]
+        modes = [m for m in BENCH_MODES if m in (cfg.modes or BENCH_MODES)]
         missing = [m for m in modes if m in PEERS and not peers.available(m)]
-        if missing and cfg.modes != BENCH_MODES:
+        if missing and cfg.modes:
             raise UserError(
                 f"--modes {','.join(missing)}: not installed here: pip install 'neuroscan[bench]' (or leave them out)"
             )

@@ -14,7 +14,7 @@ import types
 import typing
 from pathlib import Path
 
-from neuroscan.config import BenchConfig, CompareConfig, MakeModelConfig, ReportConfig, ScanConfig, flag_name, options
+from neuroscan.config import BenchConfig, CompareConfig, MakeModelConfig, ReportConfig, ScanConfig, options
 from neuroscan.errors import UserError, make_dir
 
 EXIT_USAGE = 2
@@ -46,9 +46,9 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
     choices and section, all as declared there."""
     sections: dict[str | None, argparse._ActionsContainer] = {None: parser}
     for f, meta, kind in options(cls):
-        section = sections.get(meta["group"]) or sections.setdefault(
-            meta["group"], parser.add_argument_group(meta["group"])
-        )
+        if meta["group"] not in sections:
+            sections[meta["group"]] = parser.add_argument_group(meta["group"])
+        section, flag = sections[meta["group"]], "--" + f.name.replace("_", "-")
         optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
         base = next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind
         help_text, listed = meta["help"], typing.get_origin(kind) is tuple
@@ -57,7 +57,7 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
             help_text += f" ({', '.join(meta['choices'])})"
         default = f.default if f.default is not dataclasses.MISSING else None
         if base is bool:
-            section.add_argument(flag_name(f), dest=f.name, action="store_true", help=help_text)
+            section.add_argument(flag, dest=f.name, action="store_true", help=help_text)
             continue
         if default not in (None, ()) and not meta["positional"]:
             shown = ",".join(default) if isinstance(default, tuple) else default
@@ -68,7 +68,7 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         else:
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             section.add_argument(
-                flag_name(f),
+                flag,
                 dest=f.name,
                 type=kind_of,
                 default=default,

@@ -101,14 +101,18 @@ def option(
     hint: str = "",
     positional: bool = False,
     group: str | None = None,
-    flag: str | None = None,
-    metavar: str | None = None,
+    name: str | None = None,
+    what: str | None = None,
 ):
-    """A field that is a command-line flag: ``--name`` (``flag`` if given) with this help.
+    """A field that is a command-line flag: ``--field-name`` with this help.
 
     choices: allowed values (each one, for a comma-separated list); minimum: the smallest
-    allowed value; hint: what completes either error; positional: an argument, not a flag; group:
-    the ``--help`` section. A field without a default is a required flag."""
+    allowed value; hint: what completes either error; positional: an argument, not a flag;
+    group: the ``--help`` section; name: what errors call it (default: the flag); what: the
+    kind of value to give when it is empty. A field without a default is a required flag;
+    a bool field is a switch that is off unless given."""
+    if isinstance(default, bool) and default:
+        raise ValueError("a switch is off by default: name the field for what turning it on does")
     meta = {
         "help": help,
         "choices": tuple(choices),
@@ -116,8 +120,8 @@ def option(
         "hint": hint,
         "positional": positional,
         "group": group,
-        "flag": flag,
-        "metavar": metavar,
+        "name": name,
+        "what": what,
     }
     return field(default=default, metadata={"option": meta})
 
@@ -136,8 +140,9 @@ def options(cls) -> list[tuple[dataclasses.Field, dict, type]]:
 
 
 def flag_name(f: dataclasses.Field) -> str:
+    """The flag of an `option` field (``--batch-tokens``); a positional's name in messages."""
     meta = f.metadata["option"]
-    return meta["flag"] or f.name if meta["positional"] else meta["flag"] or "--" + f.name.replace("_", "-")
+    return meta["name"] or (f.name if meta["positional"] else "--" + f.name.replace("_", "-"))
 
 
 def check(cfg) -> None:
@@ -152,9 +157,9 @@ def check(cfg) -> None:
         if meta is None or value is None:
             continue
         name = flag_name(f)
-        if isinstance(value, str) and not value.strip() and f.default is dataclasses.MISSING:
-            raise UserError(f"{name} is empty: give {meta['metavar'] or 'a value'}")
-        for item in value if isinstance(value, tuple) else (value,):
+        if isinstance(value, str) and not value.strip():
+            raise UserError(f"{name} is empty: give {meta['what'] or 'a value'}")
+        for item in value if isinstance(value, (tuple, list)) else (value,):
             if meta["choices"]:
                 one_of(name, item, meta["choices"], meta["hint"])
         if meta["minimum"] is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -214,18 +219,18 @@ class ScanConfig(Config):
         help="a .jsonl/.csv/.txt corpus (or one of those compressed: .gz, .bz2, .zst), a .parquet one, a directory of "
         "such files (a dataset's shards), or a built-in corpus name (seed)",
         positional=True,
-        flag="the prompt corpus",
-        metavar="a .jsonl/.csv/.parquet/.txt file or seed",
+        name="the prompt corpus",
+        what="a .jsonl/.csv/.parquet/.txt file or seed",
     )
     out: str = option(
         help="output directory (manifest.json, activations/, prompts/, layers/, neurons/)",
-        metavar="an output directory",
+        what="an output directory",
     )
     model: str | None = option(
         None,
         "checkpoint directory in Hugging Face layout, or a Hugging Face id in the local cache "
         "(default: the embedded tiny GPT-J)",
-        metavar="a checkpoint directory",
+        what="a checkpoint directory, or leave --model out for the embedded tiny GPT-J",
     )
     truncate: bool = option(False, "keep the last tokens of prompts longer than the context instead of refusing them")
     quiet: bool = option(False, "no progress bar")
@@ -288,10 +293,6 @@ class ScanConfig(Config):
     )
 
     def checks(self) -> None:
-        if self.model is not None and not self.model.strip():
-            raise UserError(
-                "--model is empty: give a checkpoint directory, or leave --model out for the embedded tiny GPT-J"
-            )
         if self.overwrite and self.resume:
             raise UserError(
                 "--overwrite and --resume contradict: --resume continues the run in --out, --overwrite deletes it; pass one"
@@ -320,19 +321,19 @@ class BenchConfig(Config):
         choices=tuple(MODEL_PRESETS),
         hint=" (or --model DIR)",
     )
-    model: str | None = option(None, "a checkpoint directory instead of a preset", metavar="a checkpoint directory")
+    model: str | None = option(None, "a checkpoint directory instead of a preset", what="a checkpoint directory")
     dtype: str = option("auto", "auto: float32 on CPU, the checkpoint's dtype on CUDA", choices=DTYPES)
     prompts: int = option(64, "synthetic prompts, the same for every mode", minimum=1)
     prompt_tokens: int = option(256, "tokens a prompt", minimum=1)
     batch_tokens: int = option(8192, "token budget of a micro-batch", minimum=1)
-    modes: tuple[str, ...] = option(BENCH_MODES, "comma-separated modes to run", choices=BENCH_MODES)
+    modes: tuple[str, ...] = option((), "comma-separated modes to run (default: all)", choices=BENCH_MODES)
     cache: str | None = option(
         None,
         "where presets' weights are written once (default: $NEUROSCAN_CACHE/bench, "
         "~/.cache/neuroscan/bench without it)",
-        metavar="a directory",
+        what="a directory",
     )
-    out: str | None = option(None, "write the report as JSON here", metavar="a .json file")
+    out: str | None = option(None, "write the report as JSON here", what="a .json file")
 
     @property
     def cache_path(self) -> Path:
@@ -343,12 +344,10 @@ class BenchConfig(Config):
 class ReportConfig(Config):
     """``neuroscan report``: a static site of a finished scan."""
 
-    dir: str = option(help="a finished scan's output directory", positional=True, metavar="a scan's output directory")
-    out: str | None = option(
-        None, "write the site here instead of DIR/report/ (DIR is only read)", metavar="a directory"
-    )
+    dir: str = option(help="a finished scan's output directory", positional=True, what="a scan's output directory")
+    out: str | None = option(None, "write the site here instead of DIR/report/ (DIR is only read)", what="a directory")
     serve: bool = option(False, "also serve it on 127.0.0.1 and print the URL (Ctrl-C stops)")
-    port: int = option(0, "port for --serve (0: any free port)", minimum=0)
+    port: int = option(0, "port for --serve (0: any free port)")
     strips: int = option(
         32,
         "strips per (prompt, layer) on layer pages (0: one per kept neuron)",
@@ -360,7 +359,7 @@ class ReportConfig(Config):
     """Prompts a data chunk of the site (a page fetches only the chunk of the prompt on screen)."""
 
     def checks(self) -> None:
-        if self.port > 65535:
+        if not 0 <= self.port <= 65535:
             raise UserError(f"--port {self.port} is not a port number: use 1-65535, or 0 for any free port")
 
 
@@ -368,11 +367,11 @@ class ReportConfig(Config):
 class CompareConfig(Config):
     """``neuroscan compare``: neurons whose selection differs between two groups of prompts."""
 
-    dir: str = option(help="a scan's output directory", positional=True, metavar="a scan's output directory")
+    dir: str = option(help="a scan's output directory", positional=True, what="a scan's output directory")
     by: str = option(help="the prompts' field that names the groups", choices=GROUP_BY)
     a: str | None = option(None, "group A (default: the first of exactly two groups, or the one --b is not)")
     b: str | None = option(None, "group B (default: the second of exactly two groups, or the one --a is not)")
-    out: str = option(help="output .parquet file", metavar="a .parquet file")
+    out: str = option(help="output .parquet file", what="a .parquet file")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -382,5 +381,5 @@ class MakeModelConfig(Config):
     preset: str = option(
         "tiny", "tiny (the embedded model's shapes) or gptj-6b (GPT-J-6B's shapes, fp16)", choices=tuple(MODEL_PRESETS)
     )
-    out: str = option(help="directory to write", metavar="a new directory")
+    out: str = option(help="directory to write", what="a new directory")
     seed: int = option(0, "the weights' seed (0 with --preset tiny: the embedded model)")

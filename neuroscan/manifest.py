@@ -221,22 +221,27 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _load(kind, data):
+JSON_TYPES = {dict: dict, list: list, str: str, bool: bool, int: int, float: (int, float)}
+
+
+def _load(kind, data, where: str = "manifest"):
     """``data`` (parsed JSON) as ``kind``: a dataclass, ``list[X]``, ``dict[str, X]``, ``X | None``
-    or a plain type; keys a dataclass does not declare are ignored, missing ones take the
-    field's default."""
+    or a plain type, checked all the way down (a ``TypeError`` names the key that is wrong);
+    keys a dataclass does not declare are ignored, missing ones take the field's default."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if dataclasses.is_dataclass(kind):
-        if not isinstance(data, dict):
-            raise TypeError(f"{kind.__name__} is {type(data).__name__}, not an object")
-        hints = typing.get_type_hints(kind)
-        return kind(**{f.name: _load(hints[f.name], data[f.name]) for f in dataclasses.fields(kind) if f.name in data})
     if origin in (typing.Union, types.UnionType):
-        if data is None:
-            return None
-        return _load(next(a for a in args if a is not type(None)), data)
+        return None if data is None else _load(next(a for a in args if a is not type(None)), data, where)
+    if kind is Any:
+        return data
+    expected = JSON_TYPES[dict if dataclasses.is_dataclass(kind) else origin or kind]
+    if not isinstance(data, expected) or (kind in (int, float) and isinstance(data, bool)):
+        raise TypeError(f"{where} is {type(data).__name__}, not {getattr(origin or kind, '__name__', kind)}")
+    if dataclasses.is_dataclass(kind):
+        hints = typing.get_type_hints(kind)
+        fields = [f.name for f in dataclasses.fields(kind) if f.name in data]
+        return kind(**{name: _load(hints[name], data[name], f"{where}.{name}") for name in fields})
     if origin is list:
-        return [_load(args[0], item) for item in data]
+        return [_load(args[0], item, f"{where}[{i}]") for i, item in enumerate(data)]
     if origin is dict:
-        return {key: _load(args[1], value) for key, value in data.items()}
+        return {key: _load(args[1], value, f"{where}.{key}") for key, value in data.items()}
     return data

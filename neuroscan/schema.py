@@ -1,4 +1,4 @@
-"""The Arrow schemas of every table neuroscan writes, and the conversions into them.
+"""The Arrow schemas of every table neuroscan writes.
 
 This module is the one place the output contract lives in code; `aggregator.convert` fills
 these schemas from what the stages send, and `results.run` reads files written with them.

@@ -247,7 +247,7 @@ class GenerateConfig(Config):
     """``neuroscan prompts generate``: in-context sequence prompts as JSONL."""
 
     n: int = option(help="number of prompts", minimum=1, hint=" prompt")
-    out: str = option(help="output .jsonl file", metavar="a .jsonl file")
+    out: str = option(help="output .jsonl file", what="a .jsonl file")
     shots: int = option(
         3, "in-context examples per prompt", minimum=1, hint=" (for prompts without examples: --variants zero_shot)"
     )

@@ -35,6 +35,7 @@ def build(options: ReportConfig) -> Path:
     returns the path of its index.html.
 
     The scan's directory is only read, so a site elsewhere reports a scan on read-only storage."""
+    options.validate()
     run = open_run(options.dir)
     if not run.manifest.complete:
         raise UserError(

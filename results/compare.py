@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from aggregator.writer import write_table
-from neuroscan.errors import UserError, file_out
+from neuroscan.config import GROUP_BY
+from neuroscan.errors import UserError, file_out, one_of
 from results.run import Run, open_run
 
 COMPARE = pa.schema(
@@ -37,8 +38,7 @@ COMPARE = pa.schema(
 
 def groups(run: Run, by: str, a: str | None, b: str | None) -> tuple[np.ndarray, str, str, int, int]:
     """prompt_id -> 0 (group A), 1 (group B) or -1, plus the group names and sizes."""
-    if by not in ("family", "variant"):
-        raise UserError(f"--by {by!r} is not known: use family or variant")
+    one_of("--by", by, GROUP_BY)
     prompts = run.read("prompts", ["prompt_id", by])
     values = prompts[by].to_pylist()
     present = sorted({v for v in values if v is not None})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 from neuroscan.manifest import BandEdges, Corpus, Manifest, ModelInfo, SelectionInfo
@@ -28,5 +29,5 @@ HEADER = Manifest(
 
 
 def header(**changes) -> Manifest:
-    """`HEADER` with ``changes`` (a fresh copy: the aggregator appends to what it is given)."""
-    return dataclasses.replace(HEADER, **changes)
+    """`HEADER` with ``changes``, a deep copy (its lists are its own)."""
+    return dataclasses.replace(copy.deepcopy(HEADER), **changes)

@@ -138,7 +138,7 @@ def stats_kernel(
 
 
 @functools.cache
-def _jit(kernel, interpret: bool):
+def compiled(kernel, interpret: bool):
     """``kernel`` compiled by Triton on first use. ``interpret`` is part of the cache key:
     ``triton.jit`` reads the interpreter flag when it wraps the function."""
     import triton
@@ -146,7 +146,8 @@ def _jit(kernel, interpret: bool):
     return triton.jit(kernel)
 
 
-def _interpret() -> bool:
+def interpreted() -> bool:
+    """Whether Triton runs kernels under its interpreter (``TRITON_INTERPRET=1``, on a CPU)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -166,7 +167,7 @@ def layer_stats_fused(
         out[name] = torch.empty(b, n, dtype=torch.int32, device=dev)
     out["rank"] = torch.empty(b, n, dtype=torch.int32, device=dev)
     high, low, red = thresholds(sel, act.dtype)  # the same exact comparisons as the eager path
-    _jit(stats_kernel, _interpret())[(b, -(-n // tiling.block_n))](
+    compiled(stats_kernel, interpreted())[(b, -(-n // tiling.block_n))](
         act,
         n_tokens.to(torch.int32),
         out["max_act"],
@@ -240,7 +241,7 @@ def pick_fused(rank: torch.Tensor, k: int, num_warps: int = PICK_WARPS) -> tuple
     b, n = rank.shape
     neuron = torch.empty(b, k, dtype=torch.int64, device=rank.device)
     n_selected = torch.empty(b, dtype=torch.int32, device=rank.device)
-    _jit(pick_kernel, _interpret())[(b,)](
+    compiled(pick_kernel, interpreted())[(b,)](
         rank.contiguous(),
         neuron,
         n_selected,
@@ -338,7 +339,7 @@ def kept_rows_fused(
     out["n_red"] = torch.empty(b, k, dtype=torch.int32, device=dev)
     out["bands"] = torch.empty(b, k, width, dtype=torch.uint8, device=dev)
     high, low, red = thresholds(sel, act.dtype)
-    _jit(rows_kernel, _interpret())[(b, -(-k // ROWS_BLOCK_K))](
+    compiled(rows_kernel, interpreted())[(b, -(-k // ROWS_BLOCK_K))](
         act,
         n_tokens.to(torch.int32),
         idx.contiguous(),

@@ -20,7 +20,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gptj.modeling_gptj import GPTJAttention, eager_attention_forward
 
-from workers.fused import _interpret, _jit, available, tl
+from workers.fused import available, compiled, interpreted, tl
 
 LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
 """The kernel's launch options. No floating-point contraction: each product is rounded, then
@@ -90,7 +90,7 @@ def rotate_(
     sin, cos = sin.expand(b, t, -1).reshape(b * t, -1), cos.expand(b, t, -1).reshape(b * t, -1)
     pairs = rotary_dim // 2
     block = max(triton.next_power_of_2(h * pairs), 16)  # every (head, pair) of a token: 512 at GPT-J-6B's shape
-    _jit(rotary_kernel, _interpret())[(b * t, 2)](
+    compiled(rotary_kernel, interpreted())[(b * t, 2)](
         query,
         key,
         sin,

@@ -29,8 +29,14 @@ FLOORS = {
 }
 
 
+FACADE = "neuroscan"
+"""``neuroscan/__init__.py``: the Python API, on top, whose names load from `API` by name."""
+
+
 def floor(module: str) -> int:
-    """The floor of the longest prefix of ``module`` that FLOORS names."""
+    """The floor of the longest prefix of ``module`` that FLOORS names (the facade: the top)."""
+    if module == FACADE:
+        return max(FLOORS.values())
     parts = module.split(".")
     for n in range(len(parts), 0, -1):
         if ".".join(parts[:n]) in FLOORS:
@@ -65,8 +71,13 @@ def imports(path: Path, modules: dict[str, Path]) -> list[tuple[int, str]]:
 
 
 def graph() -> dict[str, list[tuple[int, str]]]:
+    """Every module's imports; the facade's lazily loaded names count as its imports."""
     modules = project_modules()
-    return {name: imports(path, modules) for name, path in modules.items()}
+    found = {name: imports(path, modules) for name, path in modules.items()}
+    from neuroscan import API
+
+    found[FACADE] += [(0, module) for module in sorted(set(API.values()))]
+    return found
 
 
 def test_every_import_points_down_or_stays_in_its_package():
@@ -112,6 +123,11 @@ def test_the_ground_floor_loads_nothing_else_of_the_project_nor_torch_or_ray(mod
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_facade_is_on_top_and_imports_nothing_when_imported():
+    assert floor(FACADE) > floor("cluster.cli") > floor("neuroscan.config")
+    assert [target for _, target in imports(ROOT / "neuroscan" / "__init__.py", project_modules())] == []
 
 
 def test_the_api_loads_its_names_on_first_use():
