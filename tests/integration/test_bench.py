@@ -87,7 +87,8 @@ def test_a_bench_cut_short_keeps_the_modes_it_finished(tmp_path, monkeypatch):
     """The JSON is rewritten after every mode: a run that dies in the Ray modes (or times out)
     still leaves the in-process modes' figures, marked incomplete."""
     import bench.run
-    from cluster.cli import build_parser
+    from cluster.cli import build_parser, config_from
+    from neuroscan.config import BenchConfig
 
     def dies(*args, **kwargs):
         raise RuntimeError("the machine went away")
@@ -114,7 +115,7 @@ def test_a_bench_cut_short_keeps_the_modes_it_finished(tmp_path, monkeypatch):
         ]
     )
     with pytest.raises(RuntimeError):
-        bench.run.run_bench(args)
+        bench.run.run_bench(config_from(BenchConfig, args))
     report = json.loads(out.read_text())
     assert report["complete"] is False and list(report["results"]) == ["bare", "scan_local"]
     assert report["results"]["scan_local"]["ratio_to_bare"] > 0
