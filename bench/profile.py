@@ -21,7 +21,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.run import bare_step, synthetic_corpus
 from cluster.placement import STAGE_CONCURRENCY
-from neuroscan.config import Selection
 from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer
 from workers.shard import ShardSpec
@@ -38,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.model)
     n = config.n_layer
-    stage = Stage(StageSpec(args.model, ShardSpec(0, n, n), "cuda", "float16", Selection()))
+    stage = Stage(StageSpec(args.model, ShardSpec(0, n, n), "cuda", "float16"))
     stage.setup()
     model, device = stage.model, torch.device("cuda")
     with tempfile.TemporaryDirectory() as tmp:

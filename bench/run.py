@@ -154,7 +154,7 @@ def bench_in_process(
     """The in-process modes, all on one loaded copy of the model (a stage holding every layer),
     added to ``results``; ``saved(results)`` after each."""
     n = load_config(path).n_layer
-    stage = Stage(StageSpec(path, ShardSpec(0, n, n), device.type, dtype, sel))
+    stage = Stage(StageSpec(path, ShardSpec(0, n, n), device.type, dtype))
     stage.setup()
     model = stage.model
     bare = bare_step(model, device)

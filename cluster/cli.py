@@ -14,7 +14,21 @@ import types
 import typing
 from pathlib import Path
 
-from neuroscan.config import BenchConfig, CompareConfig, MakeModelConfig, ReportConfig, ScanConfig, options
+from neuroscan.config import (
+    PIPELINE_OPTIONS,
+    SCAN_OPTIONS,
+    BenchConfig,
+    CancelConfig,
+    CompareConfig,
+    MakeModelConfig,
+    ReportConfig,
+    ScanConfig,
+    ServeConfig,
+    StatusConfig,
+    SubmitConfig,
+    WaitConfig,
+    options,
+)
 from neuroscan.errors import UserError, make_dir
 
 EXIT_USAGE = 2
@@ -41,11 +55,13 @@ def _items(kind):
     return lambda text: tuple(kind(v.strip()) for v in text.split(",") if v.strip())
 
 
-def add_options(parser: argparse.ArgumentParser, cls) -> None:
-    """One argument per `neuroscan.config.option` field of ``cls``: its flag, default, help,
-    choices and section, all as declared there."""
+def add_options(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = None) -> None:
+    """One argument per `neuroscan.config.option` field of ``cls`` (those named in ``only``, if
+    given): its flag, default, help, choices and section, all as declared there."""
     sections: dict[str | None, argparse._ActionsContainer] = {None: parser}
     for f, meta, kind in options(cls):
+        if only is not None and f.name not in only:
+            continue
         if meta["group"] not in sections:
             sections[meta["group"]] = parser.add_argument_group(meta["group"])
         section, flag = sections[meta["group"]], "--" + f.name.replace("_", "-")
@@ -64,7 +80,8 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
             help_text += " (default: all)" if default == meta["choices"] else f" (default {shown})"
         kind_of = _items(typing.get_args(base)[0]) if typing.get_origin(base) is tuple else base
         if meta["positional"]:
-            section.add_argument(f.name, type=kind_of, help=help_text, metavar=metavar)
+            optional_arg = {"nargs": "?", "default": default} if f.default is not dataclasses.MISSING else {}
+            section.add_argument(f.name, type=kind_of, help=help_text, metavar=metavar, **optional_arg)
         else:
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             section.add_argument(
@@ -119,7 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(
         sub.add_parser("make-model", help="write a random GPT-J checkpoint in Hugging Face layout"), MakeModelConfig
     )
+    serve = sub.add_parser("serve", help="load the model once and scan what is submitted to it (HTTP)")
+    add_options(serve, ServeConfig)
+    add_options(serve, ScanConfig, only=PIPELINE_OPTIONS)
+    submit = sub.add_parser("submit", help="queue a scan on a running service")
+    add_options(submit, SubmitConfig)
+    add_options(submit, ScanConfig, only=SCAN_OPTIONS)
+    add_options(
+        sub.add_parser("status", help="the service's scans: state, position, progress, tokens/s, ETA"), StatusConfig
+    )
+    add_options(sub.add_parser("wait", help="wait for a scan to end; exit 0 only when it completed"), WaitConfig)
+    add_options(sub.add_parser("cancel", help="stop a scan within one micro-batch"), CancelConfig)
     return parser
+
+
+def picked(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    return {name: getattr(args, name) for name in names}
 
 
 def cmd_scan(args) -> int:
@@ -210,6 +242,56 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from cluster.serve import serve
+
+    cfg = config_from(ServeConfig, args)
+    template = ScanConfig(prompts="seed", out=cfg.results, **picked(args, PIPELINE_OPTIONS))
+    template.validate()
+    return serve(cfg, template)
+
+
+def cmd_submit(args) -> int:
+    from cluster.client import Client
+
+    cfg = config_from(SubmitConfig, args)
+    scan_options = picked(args, SCAN_OPTIONS)
+    config_from(ScanConfig, argparse.Namespace(prompts=cfg.prompts, out=".", **scan_options))  # checked here first
+    job = Client(cfg.url).submit(cfg.prompts, name=cfg.name, **scan_options)
+    status = job.status()
+    where = f" (position {status['position']})" if status["position"] else ""
+    print(f"scan {job.id} {status['state']}{where}: {status['name']}, {status['prompts_total']} prompts")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from cluster.client import Client, status_lines
+
+    cfg = config_from(StatusConfig, args)
+    client = Client(cfg.url)
+    scans = [client.job(cfg.id).status()] if cfg.id else client.scans()
+    print("\n".join(status_lines(scans)))
+    return 0
+
+
+def cmd_wait(args) -> int:
+    from cluster.client import Client
+
+    cfg = config_from(WaitConfig, args)
+    status = Client(cfg.url).job(cfg.id).wait(progress=cfg.progress)
+    print(f"scan {status['id']} completed: {status['out']}")
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from cluster.client import Client
+
+    cfg = config_from(CancelConfig, args)
+    status = Client(cfg.url).job(cfg.id).cancel()
+    print(f"scan {status['id']} {status['state']}{' (cancelling)' if status['cancel_requested'] else ''}")
+    return 0
+
+
 COMMANDS = {
     "report": cmd_report,
     "bench": cmd_bench,
@@ -217,6 +299,11 @@ COMMANDS = {
     "make-model": cmd_make_model,
     "prompts": cmd_prompts,
     "compare": cmd_compare,
+    "serve": cmd_serve,
+    "submit": cmd_submit,
+    "status": cmd_status,
+    "wait": cmd_wait,
+    "cancel": cmd_cancel,
 }
 
 

@@ -14,21 +14,22 @@ from __future__ import annotations
 import importlib.metadata
 import itertools
 import math
-import os
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+from tqdm import tqdm
 
 from aggregator.aggregator import Aggregator
 from cluster import placement
+from cluster.job import Job
 from cluster.output import claim, corpus_fingerprint, prepare_output
 from cluster.partition import partition_layers
+from cluster.pipelines import Pipelines
 from cluster.schedule import Scheduler
 from neuroscan.config import ScanConfig, resolve_dtype
 from neuroscan.errors import UserError
@@ -38,8 +39,6 @@ from neuroscan.schema import SCHEMA_VERSION
 from prompts.batching import ReadAhead, chunk_batches
 from prompts.readers import corpus_stamp
 from workers.checkpoint import load_config, load_tokenizer, resolve_model
-from workers.shard import ShardSpec
-from workers.stage import Stage, StageSpec
 
 PACKAGES = ("neuroscan", "torch", "transformers", "accelerate", "ray", "pyarrow", "numpy")
 KEEP_TOKENS, KEEP_PROMPTS = 1 << 20, 1 << 13
@@ -229,69 +228,64 @@ def resume_notice(out: Path, existing: Manifest | None, committed: set[int]) -> 
 
 
 def _scan(cfg: ScanConfig, p: Plan, out: Path, header: Manifest, committed: set[int]) -> Manifest:
-    """The run itself, on a prepared and claimed ``out``."""
+    """The run itself, on a prepared and claimed ``out``: one job on pipelines of its own."""
     with corpus_batches(cfg, p) as batches:  # reading ahead while the actors load the model
-        n_stage_actors = cfg.stages * cfg.replicas
-        started_ray = placement.start_ray(n_stage_actors + 1)
-        group, actors, collectives = None, [], []
-        direct = cfg.handoff == "direct" and cfg.stages > 1
+        pipelines = Pipelines.open(
+            p.model_path, p.bounds, cfg.device, p.dtype, cfg.replicas, cfg.gpus_per_stage, cfg.handoff
+        )
+        aggregator = None
         try:
-            group = placement.reserve(cfg.device, n_stage_actors, cfg.gpus_per_stage)
-            run_id = uuid.uuid4().hex[:8]  # actor names: `ray list actors` shows which run they serve
-            threads = max(1, (os.cpu_count() or 1) // n_stage_actors) if cfg.device == "cpu" else 0
-            pipelines = []
-            for r in range(cfg.replicas):
-                pipe = []
-                for s, (start, stop) in enumerate(p.bounds):
-                    spec = StageSpec(
-                        p.model_path,
-                        ShardSpec(start, stop, p.n_layers),
-                        cfg.device,
-                        p.dtype,
-                        cfg.selection,
-                        threads,
-                        direct,
-                    )
-                    name = f"neuroscan-{run_id}-stage-{r}-{s}"
-                    actor = placement.stage_actor(
-                        Stage, group, r * cfg.stages + s, cfg.device, name, cfg.gpus_per_stage, direct
-                    )
-                    pipe.append(actor.remote(spec))
-                pipelines.append(pipe)
-            actors = [a for pipe in pipelines for a in pipe]
-            aggregator = (
-                ray.remote(Aggregator)
-                .options(name=f"neuroscan-{run_id}-aggregator", **placement.aggregator_options())
-                .remote(str(out.resolve()), header, token_strings(p.tokenizer, p.vocab_size), cfg.rows_per_part)
-            )
-            actors.append(aggregator)
-            ray.get([a.setup.remote() for a in actors[:-1]] + [aggregator.__ray_ready__.remote()])
-            handoffs = None
-            if direct:
-                handoffs, collectives = placement.connect(pipelines, cfg.device)
-            t0 = time.perf_counter()
+            aggregator = start_aggregator(cfg, p, header, f"neuroscan-{pipelines.run_id}-aggregator")
             watch = MemoryWatch()
-            scheduler = Scheduler(cfg, pipelines, aggregator, p.n_prompts, watch, handoffs)
-            n_prompts, n_tokens = scheduler.run(batches, committed)
-            seconds = time.perf_counter() - t0
-            *stages, aggregated = ray.get([a.memory.remote() for a in actors])
-            timings = {
-                "seconds": seconds,
-                "prompts_per_s": n_prompts / seconds,
-                "tokens_per_s": n_tokens / seconds,
-                "memory": {"driver": watch.report(), "aggregator": aggregated, "stages": stages},
-            }
-            if handoffs:
-                timings["transports"] = handoffs  # per replica, stage to stage: GLOO, CUDA_IPC or NCCL
-            return scheduler.finish(timings)
+            bar = tqdm(total=p.n_prompts, unit="prompt", file=sys.stderr, disable=cfg.quiet, dynamic_ncols=True)
+
+            def progress(job: Job) -> None:
+                watch.sample()
+                bar.n = job.prompts_done + job.prompts_resumed
+                bar.set_postfix_str(f"{job.tokens_done / max(job.seconds, 1e-9):,.0f} tok/s", refresh=False)
+                bar.update(0)
+
+            job = Job("scan", cfg, batches, committed, aggregator, p.n_prompts, progress)
+            try:
+                Scheduler(pipelines, cfg.window * cfg.replicas).run([job], lambda j: run_timings(j, pipelines, watch))
+            finally:
+                bar.close()
+            if job.error is not None:
+                raise job.error
+            return job.manifest
         finally:
-            for actor in actors:
-                ray.kill(actor)
-            placement.disconnect(collectives)
-            if group is not None:
-                placement.remove_placement_group(group)
-            if started_ray:
-                ray.shutdown()
+            if aggregator is not None:
+                ray.kill(aggregator)
+            pipelines.close()
+
+
+def start_aggregator(cfg: ScanConfig, p: Plan, header: Manifest, name: str):
+    """The job's aggregator actor, on this node (it writes ``cfg.out``), ready."""
+    aggregator = (
+        ray.remote(Aggregator)
+        .options(name=name, **placement.aggregator_options())
+        .remote(str(Path(cfg.out).resolve()), header, token_strings(p.tokenizer, p.vocab_size), cfg.rows_per_part)
+    )
+    ray.get(aggregator.__ray_ready__.remote())
+    return aggregator
+
+
+def run_timings(job: Job, pipelines: Pipelines, watch: MemoryWatch) -> dict:
+    """What the manifest records of a finished job: its rate and every process's memory."""
+    seconds = job.seconds
+    timings = {
+        "seconds": seconds,
+        "prompts_per_s": job.prompts_done / seconds,
+        "tokens_per_s": job.tokens_done / seconds,
+        "memory": {
+            "driver": watch.report(),
+            "aggregator": ray.get(job.aggregator.memory.remote()),
+            "stages": pipelines.memory(),
+        },
+    }
+    if pipelines.handoffs:
+        timings["transports"] = pipelines.handoffs  # per replica, stage to stage: GLOO, CUDA_IPC or NCCL
+    return timings
 
 
 def summary_lines(manifest: Manifest, out: str) -> list[str]:

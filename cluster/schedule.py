@@ -1,120 +1,103 @@
-"""Streaming micro-batches through the pipelines into the aggregator, surviving restarts.
+"""Streaming the micro-batches of every running scan through the pipelines into their aggregators.
 
 Per micro-batch the scheduler chains one call per stage (each returns the hidden state for
-the next stage and the stage's rows) and hands every stage's rows reference to the
+the next stage and the stage's rows) and hands every stage's rows reference to the scan's
 aggregator in one call, so rows never pass through the driver. At most ``window``
-micro-batches are in flight.
+micro-batches are in flight, taken from the running scans in turn (one from each, round
+robin): a small scan submitted behind a large one is not queued behind it, and many small
+scans keep the stages as busy as one large scan. Each micro-batch carries its scan's
+selection, so scans with other thresholds share the same stages.
 
 Faults: stage and aggregator actors are restarted by Ray (bounded) and their calls retried;
 the aggregator drops a micro-batch it already has. A restarted aggregator has lost what it
-had buffered but not committed, so the scheduler keeps each micro-batch's rows references
-until the aggregator reports it committed, and sends them again when the aggregator's
-incarnation changes. A prompt too large for device memory even alone stops the run or is
-skipped (``--on-error``); an actor that keeps dying, or a direct hand-off that times out, ends
-the run with a one-line error, the manifest listing what was committed, ready for ``--resume``.
+had buffered but not committed, so each job keeps its micro-batches' rows references until
+its aggregator reports them committed, and sends them again when the aggregator's
+incarnation changes. A prompt too large for device memory even alone fails its scan or is
+skipped (``--on-error``); an actor that keeps dying, a direct hand-off that times out or a
+corpus edited while it is read fails the scan with a one-line error once its calls in flight
+have landed, the manifest listing what was committed, ready for ``--resume``.
 """
 
 from __future__ import annotations
 
 import itertools
-import sys
-import time
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import ray
 from ray.exceptions import RayActorError
-from tqdm import tqdm
 
-from neuroscan.config import ScanConfig
+from cluster.job import CANCELLED, COMPLETED, FAILED, Job, Sent
+from cluster.pipelines import Pipelines
 from neuroscan.errors import UserError
-from neuroscan.manifest import Manifest
-from neuroscan.memory import MemoryWatch
 from workers.handoff import GROUP
 from workers.split import PromptTooLarge
 
 
-@dataclass
-class Sent:
-    """A micro-batch handed to a pipeline: what is needed to send its rows again."""
-
-    batch: object
-    group: list
-    pipe: list
-    rows: list  # one ObjectRef per stage
-
-
 class Scheduler:
-    def __init__(
-        self,
-        cfg: ScanConfig,
-        pipelines: list[list],
-        aggregator,
-        total_prompts: int,
-        watch: MemoryWatch,
-        handoffs: list[list[str]] | None = None,
-    ):
-        self.cfg, self.pipelines, self.aggregator, self.watch = cfg, pipelines, aggregator, watch
-        self.handoffs = handoffs
-        """Per pipeline, the Ray Direct Transport from each stage to the next; None: the object store."""
-        self.window = cfg.window * cfg.replicas
-        self.in_flight: deque = deque()  # (aggregator call, Sent)
-        self.uncommitted: dict[int, Sent] = {}  # acknowledged, not yet in a committed part
-        self.counted: set[int] = set()
-        self.incarnation: str | None = None
-        self.prompts_done = self.tokens_done = 0
-        self.bar = tqdm(total=total_prompts, unit="prompt", file=sys.stderr, disable=cfg.quiet, dynamic_ncols=True)
-        self.t0 = time.perf_counter()
+    def __init__(self, pipelines: Pipelines, window: int):
+        self.pipes, self.handoffs = pipelines.pipes, pipelines.handoffs
+        self.window = window
+        self.in_flight: deque[tuple[object, Sent]] = deque()  # (aggregator call, Sent), oldest first
+        self.jobs: list[Job] = []
+        self.turn = 0  # the job whose micro-batch goes next
+        self.next_pipe = itertools.cycle(range(len(self.pipes)))
 
-    def run(self, batches, committed: set[int]) -> tuple[int, int]:
-        """Scan every micro-batch not in ``committed``; returns the prompts and tokens it scanned."""
-        try:
-            for i, (batch, group) in enumerate(self._landing(batches)):
-                if batch.batch_id in committed:
-                    self.bar.update(len(group))
-                    continue
-                self.submit(batch, group, self.pipelines[i % len(self.pipelines)])
-                while len(self.in_flight) >= self.window:
-                    self.settle()
-            while self.in_flight:
+    def add(self, job: Job) -> None:
+        self.jobs.append(job)
+
+    def run(self, jobs: list[Job], timings) -> None:
+        """Scan ``jobs`` to their end (one-shot use); ``timings(job)`` is what each manifest records."""
+        for job in jobs:
+            self.add(job)
+        while self.jobs:
+            self.step(timings)
+
+    def step(self, timings, wait_s: float | None = None) -> list[Job]:
+        """One turn: fill the window, then land what answers first (the oldest call in flight or
+        a scan's last call to its aggregator). Returns the jobs that ended in it: completed
+        (``job.manifest``), failed (``job.error``) or cancelled. ``wait_s``: how long to wait
+        for an answer (None: until one comes)."""
+        self.fill()
+        for job in self.jobs:
+            if job.drained and job.finishing is None and job.state != FAILED:
+                # completed: commit the rest and mark the run complete; cancelled: commit the rest
+                job.finishing = (
+                    job.aggregator.commit.remote()
+                    if job.state == CANCELLED
+                    else job.aggregator.finish.remote(timings(job))
+                )
+        ended = [job for job in self.jobs if job.drained and job.state == FAILED]
+        finishing = {job.finishing: job for job in self.jobs if job.finishing is not None}
+        refs = ([self.in_flight[0][0]] if self.in_flight else []) + list(finishing)
+        if refs:
+            ready, _ = ray.wait(refs, num_returns=1, timeout=wait_s)
+            if ready and ready[0] in finishing:
+                job = finishing[ready[0]]
+                if self._finished(job):
+                    ended.append(job)
+            elif ready:
                 self.settle()
-        finally:
-            self.bar.close()
-        return self.prompts_done, self.tokens_done
+        ended += [job for job in self.jobs if job.drained and job.state == FAILED and job not in ended]
+        for job in ended:
+            self.jobs.remove(job)
+        return ended
 
-    def _landing(self, batches) -> Iterator:
-        """``batches``, but when reading them fails (the corpus changed under the run), the calls
-        in flight land first: killed with calls in flight, stages have Ray print each call's
-        retry above the error. Their own errors give way to the reading's (their micro-batches
-        are redone on --resume)."""
-        source = iter(batches)
-        while True:
-            try:
-                item = next(source)
-            except StopIteration:
-                return
-            except UserError:
-                while self.in_flight:
-                    try:
-                        self.settle()
-                    except Exception:
-                        pass
-                raise
-            yield item
+    def fill(self) -> None:
+        """Hand micro-batches to the pipelines until ``window`` are in flight, one from each
+        running job in turn."""
+        idle = 0
+        while len(self.in_flight) < self.window and self.jobs and idle < len(self.jobs):
+            job = self.jobs[self.turn % len(self.jobs)]
+            self.turn += 1
+            item = job.take()
+            if item is None:
+                idle += 1
+                continue
+            idle = 0
+            self.submit(job, *item, self.pipes[next(self.next_pipe)])
 
-    def finish(self, timings: dict) -> Manifest:
-        """Commit the rest and mark the run complete, resending first if the aggregator restarted."""
-        while True:
-            incarnation, manifest = self._call(self.aggregator.finish.remote(timings))
-            if incarnation == self.incarnation or not self.uncommitted:
-                return manifest
-            self._restarted(incarnation)
-            while self.in_flight:
-                self.settle()
-
-    def submit(self, batch, group, pipe) -> None:
+    def submit(self, job: Job, batch, group, pipe) -> None:
         batch_ref = ray.put(batch)
         hidden, rows = None, []
         if self.handoffs is None:
@@ -122,76 +105,102 @@ class Scheduler:
                 hidden, stage_rows = stage.forward.options(num_returns=2).remote(batch_ref, hidden)
                 rows.append(stage_rows)
         else:  # the rows through the object store, the hidden state handed over directly (workers.handoff)
-            hops = self.handoffs[self.pipelines.index(pipe)]
+            hops = self.handoffs[self.pipes.index(pipe)]
             for stage, hop in itertools.zip_longest(pipe, hops):
                 rows.append(stage.scan.remote(batch_ref, hidden))
                 if hop is not None:
-                    hidden = stage.handoff.options(concurrency_group=GROUP, tensor_transport=hop).remote(batch.batch_id)
-        self._send(Sent(batch, group, pipe, rows))
+                    key = (batch.job, batch.batch_id)
+                    hidden = stage.handoff.options(concurrency_group=GROUP, tensor_transport=hop).remote(key)
+        self._send(Sent(job, batch, group, pipe, rows))
 
     def _send(self, sent: Sent) -> None:
-        self.in_flight.append((self.aggregator.add.remote(sent.group, *sent.rows), sent))
+        sent.job.in_flight += 1
+        self.in_flight.append((sent.job.aggregator.add.remote(sent.group, *sent.rows), sent))
 
     def settle(self) -> None:
+        """Land the oldest call in flight."""
         ref, sent = self.in_flight.popleft()
+        job = sent.job
+        job.in_flight -= 1
         try:
-            n_prompts, n_tokens, incarnation, committed = self._call(ref)
+            n_prompts, n_tokens, incarnation, committed = call(ref)
         except PromptTooLarge as err:
-            if self.cfg.on_error == "stop":
-                raise
+            if job.state == FAILED:
+                return
+            if job.cfg.on_error == "stop":
+                job.fail(err)
+                return
             self._skip(err, sent)
             return
-        batch_id = sent.batch.batch_id
-        self.uncommitted[batch_id] = sent
+        except UserError as err:
+            job.fail(err)
+            return
+        if job.state == FAILED:
+            return
+        job.landed(sent, n_prompts, n_tokens)
         for done in committed:
-            self.uncommitted.pop(done, None)
-        if incarnation != self.incarnation:
-            self._restarted(incarnation)
-        if batch_id not in self.counted:
-            self.counted.add(batch_id)
-            self.prompts_done += n_prompts
-            self.tokens_done += n_tokens
-            self.bar.update(n_prompts)
-        self.watch.sample()
-        self.bar.set_postfix_str(
-            f"{self.tokens_done / max(time.perf_counter() - self.t0, 1e-9):,.0f} tok/s", refresh=False
-        )
+            job.uncommitted.pop(done, None)
+        if incarnation != job.incarnation:
+            self._restarted(job, incarnation)
 
-    def _restarted(self, incarnation: str) -> None:
-        """The aggregator is new (first contact or a restart): send what it may have lost."""
-        first = self.incarnation is None
-        self.incarnation = incarnation
+    def _finished(self, job: Job) -> bool:
+        """The job's last aggregator call answered: True when the job has ended; False when the
+        aggregator was restarted meanwhile, its lost micro-batches now sent again."""
+        ref, job.finishing = job.finishing, None
+        try:
+            answer = call(ref)
+        except UserError as err:
+            job.fail(err)
+            return True
+        if job.state == CANCELLED:
+            return True
+        incarnation, manifest = answer
+        if incarnation == job.incarnation or not job.uncommitted:
+            job.manifest, job.state = manifest, COMPLETED
+            return True
+        self._restarted(job, incarnation)
+        return False
+
+    def _restarted(self, job: Job, incarnation: str) -> None:
+        """The job's aggregator is new (first contact or a restart): send what it may have lost."""
+        first = job.incarnation is None
+        job.incarnation = incarnation
         if not first:
-            for sent in list(self.uncommitted.values()):
+            for sent in list(job.uncommitted.values()):
                 self._send(sent)
 
     def _skip(self, err: PromptTooLarge, sent: Sent) -> None:
         """--on-error skip: record the prompt as skipped and rerun the rest of its micro-batch."""
-        batch, group = sent.batch, sent.group
+        job, batch, group = sent.job, sent.batch, sent.group
         keep = np.flatnonzero(batch.prompt_ids != err.prompt_id)
         skipped = [
             {"prompt_id": err.prompt_id, "id": t.prompt.id, "reason": str(err)}
             for t in group
             if t.prompt.prompt_id == err.prompt_id
         ]
-        self._call(self.aggregator.skip.remote(batch.batch_id, skipped, batch_done=len(keep) == 0))
-        self.bar.update(1)
-        if len(keep):
-            self.submit(batch.take(keep, trim=True), [group[i] for i in keep], sent.pipe)
-
-    @staticmethod
-    def _call(ref):
         try:
-            return ray.get(ref)
-        except RayActorError as err:
-            reason = str(err).strip().splitlines()[0][:300]
-            raise UserError(
-                f"a pipeline actor died and could not be restarted ({reason}); committed parts are kept: "
-                "fix the cause, then rerun the same command with --resume"
-            ) from None
-        except TimeoutError as err:  # --handoff direct: a hidden state that never reached the next stage
-            reason = str(getattr(err, "cause", err)).strip().splitlines()[0][:300]
-            raise UserError(
-                f"a stage-to-stage hand-off timed out ({reason}); committed parts are kept: "
-                "rerun the same command with --resume (or with --handoff store)"
-            ) from None
+            call(job.aggregator.skip.remote(batch.batch_id, skipped, batch_done=len(keep) == 0))
+        except UserError as error:
+            job.fail(error)
+            return
+        job.prompts_done += 1
+        if len(keep):
+            self.submit(job, batch.take(keep, trim=True), [group[i] for i in keep], sent.pipe)
+
+
+def call(ref):
+    """``ray.get(ref)``, an actor that could not be restarted or a hand-off that timed out as one line."""
+    try:
+        return ray.get(ref)
+    except RayActorError as err:
+        reason = str(err).strip().splitlines()[0][:300]
+        raise UserError(
+            f"a pipeline actor died and could not be restarted ({reason}); committed parts are kept: "
+            "fix the cause, then rerun the same command with --resume"
+        ) from None
+    except TimeoutError as err:  # --handoff direct: a hidden state that never reached the next stage
+        reason = str(getattr(err, "cause", err)).strip().splitlines()[0][:300]
+        raise UserError(
+            f"a stage-to-stage hand-off timed out ({reason}); committed parts are kept: "
+            "rerun the same command with --resume (or with --handoff store)"
+        ) from None

@@ -9,6 +9,9 @@ neither Ray nor torch::
     manifest = neuroscan.run_scan(neuroscan.ScanConfig(prompts="seed", out="runs/a"))
     run = neuroscan.open_run("runs/a")
     run.read("activations", layer=27).to_pandas()
+
+    svc = neuroscan.Client("http://127.0.0.1:8470")      # a running `neuroscan serve`
+    job = svc.submit(["apple, banana, cherry,"], high=3.0)
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ API = {
     "open_run": "results.run",
     "Run": "results.run",
     "compare": "results.compare",
+    "Client": "cluster.client",
 }
 """Each public name and the module that defines it."""
 

@@ -75,6 +75,23 @@ BENCH_MODES = (
 """`bench.run` says what each mode measures; they run in this order."""
 
 
+PIPELINE_OPTIONS = ("model", "stages", "replicas", "device", "gpus_per_stage", "handoff", "dtype", "in_flight")
+"""`ScanConfig`'s flags that `neuroscan serve` fixes for every scan it runs: its pipelines."""
+SCAN_OPTIONS = (
+    "high",
+    "low",
+    "red",
+    "max_per_layer",
+    "top_k",
+    "batch_tokens",
+    "truncate",
+    "on_error",
+    "format",
+    "rows_per_part",
+)
+"""`ScanConfig`'s flags that each scan submitted to the service chooses for itself."""
+
+
 def cache_dir() -> Path:
     """Where the embedded model and the benchmark's presets are written once:
     ``$NEUROSCAN_CACHE``, by default ``~/.cache/neuroscan``."""
@@ -383,3 +400,82 @@ class MakeModelConfig(Config):
     )
     out: str = option(help="directory to write", what="a new directory")
     seed: int = option(0, "the weights' seed (0 with --preset tiny: the embedded model)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig(Config):
+    """``neuroscan serve``: the service's own flags (its pipelines take `PIPELINE_OPTIONS` of `ScanConfig`)."""
+
+    results: str = option(help="where each scan's output directory is made (DIR/NAME)", what="a directory")
+    host: str = option(
+        "127.0.0.1", "address to listen on; anything but loopback needs NEUROSCAN_TOKEN set", group="the service"
+    )
+    port: int = option(8470, "port to listen on (0: any free port)", group="the service")
+    state: str | None = option(
+        None,
+        "where the scans' table (SQLite) and submitted corpora are kept (default: RESULTS/.neuroscan-service)",
+        what="a directory",
+        group="the service",
+    )
+    corpus_root: str | None = option(
+        None,
+        "a directory whose files scans may name instead of sending their corpus",
+        what="a directory",
+        group="the service",
+    )
+    max_body_mb: int = option(
+        256, "the largest request body (a corpus) accepted, in MiB", minimum=1, group="the service"
+    )
+    max_running: int = option(
+        64,
+        "scans running at once (their micro-batches share the pipelines); the rest wait in the queue",
+        minimum=1,
+        group="the service",
+    )
+
+    def checks(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port {self.port} is not a port number: use 1-65535, or 0 for any free port")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientConfig(Config):
+    """Where the service is, for ``submit``, ``status``, ``wait`` and ``cancel``."""
+
+    url: str | None = option(
+        None,
+        "the service (default: $NEUROSCAN_URL, else http://127.0.0.1:8470); NEUROSCAN_TOKEN is sent if set",
+        what="a URL",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubmitConfig(ClientConfig):
+    """``neuroscan submit``: queue a scan on the service (its options: `SCAN_OPTIONS` of `ScanConfig`)."""
+
+    prompts: str = option(help="a .jsonl corpus to send", positional=True, what="a .jsonl file")
+    name: str | None = option(
+        None, "the scan's name: its output directory under the service's --results (default: its id)"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatusConfig(ClientConfig):
+    """``neuroscan status``: every scan of the service, or one."""
+
+    id: str | None = option(None, "a scan's id (or its first characters); default: every scan", positional=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WaitConfig(ClientConfig):
+    """``neuroscan wait``: until a scan ends; exit 0 only when it completed."""
+
+    id: str = option(help="a scan's id (or its first characters)", positional=True, what="a scan id")
+    progress: bool = option(False, "draw a progress bar on stderr")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CancelConfig(ClientConfig):
+    """``neuroscan cancel``: stop a scan within one micro-batch; what it committed stays valid."""
+
+    id: str = option(help="a scan's id (or its first characters)", positional=True, what="a scan id")

@@ -8,9 +8,11 @@ a stage that hands over directly), so the aggregator and the driver never need t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from neuroscan.config import Selection
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ class MicroBatch:
     answer_ids: np.ndarray  # [batch, answer] int32, -1 past each answer's end
     ids: tuple[str, ...] = ()
     """The users' prompt ids, for error messages."""
+    selection: Selection = field(default_factory=Selection)
+    """The scan's thresholds, cap and bands: stages serve scans with different ones."""
+    job: str = ""
+    """The scan it belongs to (batch ids count from 0 in every scan)."""
 
     def take(self, rows: np.ndarray, trim: bool = False) -> MicroBatch:
         """The same micro-batch (same id) restricted to ``rows``; ``trim`` drops padding columns."""
@@ -66,6 +72,8 @@ class MicroBatch:
             n_input=self.n_input[rows],
             answer_ids=self.answer_ids[rows],
             ids=tuple(self.ids[i] for i in rows) if self.ids else (),
+            selection=self.selection,
+            job=self.job,
         )
 
 

@@ -29,8 +29,9 @@ def tables(out: Path) -> dict:
         "layers": [("prompt_id", "ascending"), ("layer", "ascending")],
         "neurons": [("layer", "ascending"), ("neuron", "ascending")],
     }
+    fmt = json.loads((out / "manifest.json").read_text())["format"]
     return {
-        name: ds.dataset(out / name, partitioning="hive" if name == "activations" else None)
+        name: ds.dataset(out / name, format=fmt, partitioning="hive" if name == "activations" else None)
         .to_table()
         .sort_by(keys)
         .replace_schema_metadata(None)

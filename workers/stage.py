@@ -73,7 +73,6 @@ class StageSpec:
     """"cpu" or "cuda" (the GPU Ray assigned)."""
     dtype: str
     """A resolved torch dtype name: float32, float16 or bfloat16."""
-    selection: Selection
     threads: int = 0
     """torch intra-op threads on CPU; 0 leaves torch's default."""
     keep_hidden: bool = False
@@ -198,15 +197,16 @@ class Stage:
             out, rows = self.forward(batch, hidden)
         except BaseException as err:
             if not self.spec.shard.last:
-                self.outbox.put(batch.batch_id, err)
+                self.outbox.put((batch.job, batch.batch_id), err)
             raise
         if out is not None:
-            self.outbox.put(batch.batch_id, out.data)
+            self.outbox.put((batch.job, batch.batch_id), out.data)
         return rows
 
-    def handoff(self, batch_id: int):
-        """The hidden state `scan` left for ``batch_id`` (a tensor on this stage's device)."""
-        return self.outbox.take(batch_id)
+    def handoff(self, key: tuple[str, int]):
+        """The hidden state `scan` left for micro-batch ``key`` ((scan, batch id): a tensor on
+        this stage's device)."""
+        return self.outbox.take(key)
 
     def _forward(self, batch: MicroBatch, hidden: Hidden | None) -> tuple[Hidden | None, StageRows]:
         if (
@@ -237,7 +237,7 @@ class Stage:
 
         layers: list[dict[str, torch.Tensor]] = []
         side = self.reduce_stream
-        with reducing_hooks(self.model.body.h, n_tokens, self.spec.selection, layers, self.fused, side):
+        with reducing_hooks(self.model.body.h, n_tokens, batch.selection, layers, self.fused, side):
             # No attention mask: padding only ever follows a prompt's tokens (and its answer's),
             # so the causal mask alone keeps every real token from seeing it, and the rows never
             # read a padded position. (With a mask transformers checks it on the host, a sync,

@@ -108,9 +108,8 @@ def test_a_gpu_stage_gives_the_cpu_stage_rows(tiny_model):
     from workers.stage import Stage, StageSpec
 
     config = load_config(tiny_model)
-    sel = Selection()
     shard = ShardSpec(0, config.n_layer, config.n_layer)
-    gpu, cpu = (Stage(StageSpec(str(tiny_model), shard, d, "float32", sel)) for d in ("cuda", "cpu"))
+    gpu, cpu = (Stage(StageSpec(str(tiny_model), shard, d, "float32")) for d in ("cuda", "cpu"))
     assert gpu.setup()["reduction"] == "fused" and cpu.setup()["reduction"] == "eager"
     batches = [b for b, _ in micro_batches("seed", load_tokenizer(tiny_model), config.n_positions, 2048, False)]
     compared = band_bytes = band_mismatches = 0
@@ -145,7 +144,7 @@ def _gpu_stage(model_path, dtype="float16"):
     from workers.stage import Stage, StageSpec
 
     config = load_config(model_path)
-    stage = Stage(StageSpec(str(model_path), ShardSpec(0, config.n_layer, config.n_layer), "cuda", dtype, Selection()))
+    stage = Stage(StageSpec(str(model_path), ShardSpec(0, config.n_layer, config.n_layer), "cuda", dtype))
     stage.setup()
     return stage, config
 

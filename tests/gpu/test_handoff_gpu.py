@@ -32,11 +32,7 @@ def test_the_next_stage_gets_the_same_hidden_state_from_the_host_or_the_device(t
     half = config.n_layer // 2
 
     def stage(start, stop, keep):
-        s = Stage(
-            StageSpec(
-                str(tiny_model), ShardSpec(start, stop, config.n_layer), "cuda", dtype, Selection(), keep_hidden=keep
-            )
-        )
+        s = Stage(StageSpec(str(tiny_model), ShardSpec(start, stop, config.n_layer), "cuda", dtype, keep_hidden=keep))
         s.setup()
         return s
 

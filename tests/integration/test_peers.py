@@ -20,9 +20,7 @@ from workers.stage import Stage, StageSpec
 @pytest.fixture(scope="module")
 def setup(tiny_model):
     config = load_config(tiny_model)
-    stage = Stage(
-        StageSpec(str(tiny_model), ShardSpec(0, config.n_layer, config.n_layer), "cpu", "float32", Selection())
-    )
+    stage = Stage(StageSpec(str(tiny_model), ShardSpec(0, config.n_layer, config.n_layer), "cpu", "float32"))
     stage.setup()
     tokenizer = load_tokenizer(tiny_model)
     batch = next(b for b, _ in micro_batches("seed", tokenizer, config.n_positions, 512, False))

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import workers.checkpoint as checkpoint
-from neuroscan.config import MODEL_PRESETS, Selection
+from neuroscan.config import MODEL_PRESETS
 from neuroscan.errors import UserError
 from tests.unit.test_stage import one_batch
 from workers.embedded import gptj_config, write_checkpoint
@@ -70,10 +70,9 @@ def test_stage_ignores_other_layers_bytes(other_model, tmp_path):
             if name.startswith(("transformer.h.0.", "transformer.h.1.", "transformer.h.4.", "lm_head")):
                 tensors[name] = torch.full_like(tensors[name], float("nan"))
         save_file(tensors, broken / file, metadata={"format": "pt"})
-    sel = Selection()
     outs = []
     for path in (other_model, broken):
-        stage = Stage(StageSpec(str(path), ShardSpec(2, 4, config.n_layer), "cpu", "float32", sel))
+        stage = Stage(StageSpec(str(path), ShardSpec(2, 4, config.n_layer), "cpu", "float32"))
         stage.setup()
         batch, hidden = one_batch(config.n_embd)
         outs.append(stage.forward(batch, hidden))

@@ -127,9 +127,7 @@ def test_a_scanning_stage_reduces_the_activations_its_blocks_use(other_model):
     from workers.stage import Stage, StageSpec, reducing_hooks
 
     config = load_config(other_model)
-    stage = Stage(
-        StageSpec(str(other_model), ShardSpec(0, config.n_layer, config.n_layer), "cpu", "float32", Selection())
-    )
+    stage = Stage(StageSpec(str(other_model), ShardSpec(0, config.n_layer, config.n_layer), "cpu", "float32"))
     stage.setup()
     blocks = stage.model.body.h
     gen = torch.Generator().manual_seed(0)

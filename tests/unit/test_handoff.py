@@ -70,8 +70,9 @@ def test_the_scheduler_hands_each_stage_the_previous_stages_hand_off(monkeypatch
     the reference of a ``handoff`` call made with the hop's transport (not ``forward``, whose
     hidden state goes through the object store)."""
     import cluster.schedule as schedule
+    from cluster.job import Job
+    from cluster.pipelines import Pipelines
     from neuroscan.config import ScanConfig
-    from neuroscan.memory import MemoryWatch
     from neuroscan.messages import MicroBatch
 
     monkeypatch.setattr(schedule.ray, "put", lambda value: "ref:batch")
@@ -79,11 +80,13 @@ def test_the_scheduler_hands_each_stage_the_previous_stages_hand_off(monkeypatch
     pipe = [FakeStage(log, f"s{i}") for i in range(3)]
     aggregator = type("Agg", (), {"add": Call(log, "agg.add")})()
     cfg = ScanConfig(prompts="seed", out="x", stages=3, quiet=True)
-    scheduler = schedule.Scheduler(cfg, [pipe], aggregator, 1, MemoryWatch(), handoffs=[["GLOO", "CUDA_IPC"]])
-    scheduler.submit(MicroBatch(5, None, None, None, None, None), ["prompt"], pipe)
+    job = Job("scan-a", cfg, iter([]), set(), aggregator, 1)
+    scheduler = schedule.Scheduler(Pipelines("cpu", [pipe], handoffs=[["GLOO", "CUDA_IPC"]]), window=3)
+    scheduler.submit(job, MicroBatch(5, None, None, None, None, None, job="scan-a"), ["prompt"], pipe)
     names = [name for name, _, _ in log]
     assert names == ["s0.scan", "s0.handoff", "s1.scan", "s1.handoff", "s2.scan", "agg.add"]
-    assert log[1][1] == {"concurrency_group": GROUP, "tensor_transport": "GLOO"} and log[1][2] == (5,)
+    assert log[1][1] == {"concurrency_group": GROUP, "tensor_transport": "GLOO"} and log[1][2] == (("scan-a", 5),)
+    assert job.in_flight == 1
     assert log[3][1]["tensor_transport"] == "CUDA_IPC"
     assert log[0][2] == ("ref:batch", None) and log[2][2] == ("ref:batch", "ref:s0.handoff:2")
     assert log[4][2] == ("ref:batch", "ref:s1.handoff:4")
@@ -107,7 +110,7 @@ def test_a_hand_off_that_times_out_ends_the_run_with_one_line(monkeypatch):
 
     monkeypatch.setattr(schedule.ray, "get", get)
     with pytest.raises(UserError) as raised:
-        schedule.Scheduler._call("ref")
+        schedule.call("ref")
     assert str(raised.value) == (
         "a stage-to-stage hand-off timed out (ObjectRef(ab12) not found in RDT object store after 60.0s, transfer may have failed.); "
         "committed parts are kept: rerun the same command with --resume (or with --handoff store)"

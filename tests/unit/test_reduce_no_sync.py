@@ -86,7 +86,7 @@ def test_a_stage_syncs_once_per_micro_batch_whatever_its_layer_count(other_model
     )
     counts = []
     for stop in (1, config.n_layer):
-        stage = Stage(StageSpec(str(other_model), ShardSpec(0, stop, config.n_layer), "cpu", "float32", Selection()))
+        stage = Stage(StageSpec(str(other_model), ShardSpec(0, stop, config.n_layer), "cpu", "float32"))
         stage.setup()
         stage.fused = fused
         with OpCounter() as counter:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -18,15 +20,13 @@ from workers.stage import Stage, StageSpec
 def _batch(model):
     texts = ["alpha beta", "a much longer prompt than the others here", "x", "middle sized one", "yz", "last"]
     prompts = [Prompt(i, f"p{i}", t, expected=" q" if i % 2 else None) for i, t in enumerate(texts)]
-    return make_batch(5, tokenize(prompts, load_tokenizer(model), 512, False), pad_id=256)
+    batch = make_batch(5, tokenize(prompts, load_tokenizer(model), 512, False), pad_id=256)
+    return dataclasses.replace(batch, selection=Selection(max_per_layer=7))
 
 
 def _run(model, batch):
     n = load_config(model).n_layer
-    stages = [
-        Stage(StageSpec(str(model), ShardSpec(a, b, n), "cpu", "float32", Selection(max_per_layer=7)))
-        for a, b in [(0, 2), (2, n)]
-    ]
+    stages = [Stage(StageSpec(str(model), ShardSpec(a, b, n), "cpu", "float32")) for a, b in [(0, 2), (2, n)]]
     hidden, outs = None, []
     for s in stages:
         hidden, rows = s.forward(batch, hidden)  # setup happens on first use

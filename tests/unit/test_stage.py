@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import workers.stage
-from neuroscan.config import Selection
 from neuroscan.errors import UserError
 from neuroscan.messages import Hidden, MicroBatch
 from workers.checkpoint import load_config
@@ -28,7 +27,7 @@ def one_batch(d_model: int) -> tuple[MicroBatch, Hidden]:
 
 
 def _stages(path, bounds, n_layers):
-    stages = [Stage(StageSpec(str(path), ShardSpec(a, b, n_layers), "cpu", "float32", Selection())) for a, b in bounds]
+    stages = [Stage(StageSpec(str(path), ShardSpec(a, b, n_layers), "cpu", "float32")) for a, b in bounds]
     for s in stages:
         s.setup()
     return stages
@@ -142,13 +141,13 @@ def test_a_direct_hand_off_gives_the_next_stage_what_forward_gives_it(other_mode
     h, _ = host[0].forward(batch)
     _, want = host[1].forward(batch, h)
     kept = [
-        Stage(StageSpec(str(other_model), ShardSpec(a, b, n), "cpu", "float32", Selection(), keep_hidden=True))
+        Stage(StageSpec(str(other_model), ShardSpec(a, b, n), "cpu", "float32", keep_hidden=True))
         for a, b in [(0, 2), (2, n)]
     ]
     for stage in kept:
         stage.setup()
     first_rows = kept[0].scan(batch)
-    tensor = kept[0].handoff(batch.batch_id)
+    tensor = kept[0].handoff((batch.job, batch.batch_id))
     assert isinstance(tensor, torch.Tensor) and np.array_equal(tensor.numpy(), h.data)
     assert len(kept[0].outbox) == 0
     got = kept[1].scan(batch, tensor)
@@ -162,14 +161,14 @@ def test_a_direct_hand_off_gives_the_next_stage_what_forward_gives_it(other_mode
 def test_a_failed_scan_leaves_its_error_for_the_hand_off(other_model, monkeypatch):
     """The next stage then fails with the same error, as it does through the object store."""
     n = load_config(other_model).n_layer
-    stage = Stage(StageSpec(str(other_model), ShardSpec(0, 2, n), "cpu", "float32", Selection(), keep_hidden=True))
+    stage = Stage(StageSpec(str(other_model), ShardSpec(0, 2, n), "cpu", "float32", keep_hidden=True))
     stage.setup()
     batch, _ = one_batch(0)
     monkeypatch.setattr(workers.stage, "FAULT_OOM_TOKENS", 4)  # every prompt "runs out of memory"
     with pytest.raises(PromptTooLarge):
         stage.scan(batch)
     with pytest.raises(PromptTooLarge, match="does not fit in device memory even alone"):
-        stage.handoff(batch.batch_id)
+        stage.handoff((batch.job, batch.batch_id))
     assert len(stage.outbox) == 0
 
 

@@ -1,0 +1,156 @@
+"""The service's scans and their states, in SQLite (WAL) under the service's state directory.
+
+One row a scan: its id, name, options, corpus and output paths, state and progress. The
+scheduler's thread writes states and progress; the HTTP handlers read, insert and mark
+cancellation. Every call opens its own short transaction, so readers never wait behind a
+scan, and a service killed at any moment leaves the table as of its last commit: on restart
+queued scans stay queued and running ones are queued again, to resume from their manifests.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = "queued", "running", "completed", "failed", "cancelled"
+STATES = (QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED)
+ENDED = (COMPLETED, FAILED, CANCELLED)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS scans (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    options TEXT NOT NULL,
+    corpus TEXT NOT NULL,
+    out TEXT NOT NULL,
+    submitted_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    error TEXT,
+    cancel INTEGER NOT NULL DEFAULT 0,
+    prompts_total INTEGER NOT NULL DEFAULT 0,
+    prompts_done INTEGER NOT NULL DEFAULT 0,
+    tokens_done INTEGER NOT NULL DEFAULT 0,
+    seconds REAL NOT NULL DEFAULT 0
+)
+"""
+
+
+@dataclass
+class Scan:
+    """One row of the table."""
+
+    id: str
+    name: str
+    state: str
+    options: dict[str, Any]
+    """The scan's own options (thresholds, cap, top-k...), as submitted."""
+    corpus: str
+    out: str
+    submitted_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    cancel: bool = False
+    prompts_total: int = 0
+    prompts_done: int = 0
+    tokens_done: int = 0
+    seconds: float = 0.0
+    """Seconds spent running (all attempts), for the rate."""
+    seq: int = field(default=0, compare=False)
+
+
+class Store:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()  # one writer at a time within this process
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(SCHEMA)
+
+    @contextmanager
+    def _connect(self):
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            yield db
+        finally:
+            db.close()
+
+    def _write(self, sql: str, args: tuple) -> int:
+        with self.lock, self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            cursor = db.execute(sql, args)
+            db.execute("COMMIT")
+            return cursor.rowcount
+
+    def add(self, scan: Scan) -> None:
+        self._write(
+            "INSERT INTO scans (id, name, state, options, corpus, out, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (scan.id, scan.name, scan.state, json.dumps(scan.options), scan.corpus, scan.out, scan.submitted_at),
+        )
+
+    def get(self, scan_id: str) -> Scan | None:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM scans WHERE id = ?", (scan_id,)).fetchone()
+        return _scan(row) if row else None
+
+    def find(self, prefix: str) -> list[Scan]:
+        """The scans whose id starts with ``prefix`` (the CLI takes a short id)."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM scans WHERE id LIKE ? ORDER BY seq", (prefix + "%",)).fetchall()
+        return [_scan(r) for r in rows]
+
+    def all(self) -> list[Scan]:
+        with self._connect() as db:
+            return [_scan(r) for r in db.execute("SELECT * FROM scans ORDER BY seq").fetchall()]
+
+    def name_taken(self, name: str) -> bool:
+        with self._connect() as db:
+            return db.execute("SELECT 1 FROM scans WHERE name = ?", (name,)).fetchone() is not None
+
+    def set_state(self, scan_id: str, state: str, error: str | None = None) -> None:
+        now = time.time()
+        if state == RUNNING:
+            self._write(
+                "UPDATE scans SET state = ?, started_at = COALESCE(started_at, ?) WHERE id = ?", (state, now, scan_id)
+            )
+        elif state in ENDED:
+            self._write(
+                "UPDATE scans SET state = ?, finished_at = ?, error = ? WHERE id = ?", (state, now, error, scan_id)
+            )
+        else:
+            self._write("UPDATE scans SET state = ? WHERE id = ?", (state, scan_id))
+
+    def progress(self, scan_id: str, total: int, done: int, tokens: int, seconds: float) -> None:
+        self._write(
+            "UPDATE scans SET prompts_total = ?, prompts_done = ?, tokens_done = ?, seconds = ? WHERE id = ?",
+            (total, done, tokens, seconds, scan_id),
+        )
+
+    def request_cancel(self, scan_id: str) -> None:
+        self._write("UPDATE scans SET cancel = 1 WHERE id = ?", (scan_id,))
+
+    def requeue_running(self) -> list[str]:
+        """After a restart: scans that were running are queued again (they resume from their
+        manifests); returns their ids."""
+        with self._connect() as db:
+            ids = [r["id"] for r in db.execute("SELECT id FROM scans WHERE state = ?", (RUNNING,)).fetchall()]
+        self._write("UPDATE scans SET state = ? WHERE state = ?", (QUEUED, RUNNING))
+        return ids
+
+
+def _scan(row: sqlite3.Row) -> Scan:
+    values = dict(row)
+    values["options"] = json.loads(values["options"])
+    values["cancel"] = bool(values["cancel"])
+    return Scan(**values)

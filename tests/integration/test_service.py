@@ -1,0 +1,378 @@
+"""``neuroscan serve`` end to end: a real HTTP server on a loopback port, the real scheduler on
+resident pipelines (local Ray), a real SQLite file, the Python client and the CLI.
+
+Every scan submitted to the service is compared with the one-shot ``neuroscan scan`` of the
+same corpus and options (tables and manifest counts), and with a plain per-prompt forward pass.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cluster.client import Client
+from cluster.driver import run_scan
+from neuroscan.config import ScanConfig, Selection, ServeConfig
+from neuroscan.errors import UserError
+from neuroscan.manifest import read_manifest
+from prompts.generate import generate, write_jsonl
+from tests.conftest import CORPUS
+from tests.reference import assert_scan_matches, reference_scan
+from tests.same_output import assert_same_output
+
+TOKEN = "s3cret-token"
+TEXTS = [row["text"] for row in CORPUS]
+OPTION_SETS = [
+    {},
+    {"high": 1.0, "low": -0.05, "max_per_layer": 7},
+    {"high": 0.5, "low": -0.1, "red": 0.8, "max_per_layer": 0, "top_k": 3},
+    {"high": 2.0, "low": -0.02, "batch_tokens": 120, "format": "arrow"},
+]
+
+
+def selection(options: dict) -> Selection:
+    return Selection(**{k: v for k, v in options.items() if k in ("high", "low", "red", "max_per_layer")})
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, other_model, tmp_path_factory):
+    """A service on 2 stages x 2 replicas of the second tiny model, on a free loopback port,
+    with a token, a corpus root and a 1 MiB body limit; yields (client, service, root)."""
+    import uvicorn
+
+    from cluster.api import make_app
+    from cluster.serve import bind, url_of
+    from cluster.service import Service
+
+    root = tmp_path_factory.mktemp("service")
+    (root / "corpora").mkdir()
+    cfg = ServeConfig(results=str(root / "results"), port=0, corpus_root=str(root / "corpora"), max_body_mb=1)
+    template = ScanConfig(prompts="seed", out=str(root), model=str(other_model), stages=2, replicas=2)
+    service = Service(cfg, template)
+    service.start()
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(make_app(service, TOKEN), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield Client(url_of(sock), token=TOKEN), service, root
+    server.should_exit = True
+    thread.join(timeout=10)
+    service.close()
+
+
+@pytest.fixture(scope="module")
+def other_reference(other_model):
+    return reference_scan(other_model, TEXTS)
+
+
+def one_shot(corpus: Path, out: Path, model: Path, options: dict) -> Path:
+    rest = {k: v for k, v in options.items() if k not in ("high", "low", "red", "max_per_layer")}
+    run_scan(
+        ScanConfig(
+            prompts=str(corpus), out=str(out), model=str(model), quiet=True, selection=selection(options), **rest
+        )
+    )
+    return out
+
+
+def test_concurrent_scans_with_their_own_thresholds_equal_their_one_shot_scans(
+    served, corpus, other_model, other_reference, tmp_path
+):
+    client, service, _ = served
+    jobs = []
+    for i, options in enumerate(OPTION_SETS * 3):  # 12 scans in flight together, three per option set
+        prompts = [CORPUS, str(corpus), [row["text"] if "id" not in row else row for row in CORPUS]][i // 4]
+        jobs.append((client.submit(prompts if i // 4 != 0 else CORPUS, name=f"c{i}", **options), options))
+    assert client.health()["scans"]
+    for job, _ in jobs:
+        status = job.wait()
+        assert status["prompts_done"] == status["prompts_total"] == len(CORPUS)
+    references = {}
+    for k, options in enumerate(OPTION_SETS):
+        references[k] = one_shot(corpus, tmp_path / f"one-shot-{k}", other_model, options)
+        checked = assert_scan_matches(references[k], other_reference, selection(options))
+        assert checked > 0
+    for i, (job, options) in enumerate(jobs):
+        run = job.result()
+        if i // 4 != 2:  # the third round's prompts have no ids for some rows: other ids, same rows
+            assert_same_output(run.out, references[i % 4])
+        assert_scan_matches(run.out, other_reference, selection(options))
+
+
+def test_a_small_scan_finishes_before_a_large_earlier_one_which_cancels_and_resumes(served, other_model, tmp_path):
+    client, service, _ = served
+    big = tmp_path / "big.jsonl"
+    write_jsonl(generate(600, families=["arithmetic", "countdown"], variants=["zero_shot", "icl"], seed=3), big)
+    large = client.submit(str(big), name="large", batch_tokens=256, rows_per_part=2000)
+    while large.status()["state"] != "running":
+        time.sleep(0.1)
+    small = client.submit(["apple, banana, cherry,", "2, 4, 6, 8,"], name="small")
+    small.wait()
+    assert large.status()["state"] == "running" and large.status()["prompts_done"] < 600
+    assert large.cancel()["cancel_requested"]
+    with pytest.raises(UserError, match=f"scan {large.id} cancelled"):
+        large.wait()
+    out = Path(large.status()["out"])
+    manifest = read_manifest(out)
+    assert manifest.status == "running" and manifest.parts  # a valid partial run
+    options = {"batch_tokens": 256, "rows_per_part": 2000}
+    stored = large.status()["corpus"]  # the corpus as the service keeps it: what --resume checks
+    assert Path(stored).read_bytes() == big.read_bytes()
+    run_scan(ScanConfig(prompts=stored, out=str(out), model=str(other_model), quiet=True, resume=True, **options))
+    assert_same_output(out, one_shot(big, tmp_path / "one-shot", other_model, options))
+
+
+def _raw(client: Client, method: str, path: str, body: bytes | None = None, headers: dict | None = None, token=TOKEN):
+    request = urllib.request.Request(client.url + path, data=body, method=method, headers=headers or {})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.parametrize(
+    "method, path, body, headers, token, status, line",
+    [
+        ("POST", "/scans", b'{"text": "ok"}\n{"text": oops}\n', {}, TOKEN, 400, "the corpus:2: invalid JSON"),
+        (
+            "POST",
+            "/scans?speed=fast",
+            b'{"text": "a"}\n',
+            {},
+            TOKEN,
+            400,
+            "unknown option 'speed': use name or one of high",
+        ),
+        (
+            "POST",
+            "/scans?high=0&low=1",
+            b'{"text": "a"}\n',
+            {},
+            TOKEN,
+            400,
+            "--high 0.0 must be greater than --low 1.0",
+        ),
+        ("POST", "/scans?high=lots", b'{"text": "a"}\n', {}, TOKEN, 400, "option high='lots' is not a number"),
+        ("POST", "/scans?name=../up", b'{"text": "a"}\n', {}, TOKEN, 400, "name '../up' is not allowed"),
+        (
+            "POST",
+            "/scans",
+            b'{"path": "../secret.jsonl"}',
+            {"content-type": "application/json"},
+            TOKEN,
+            403,
+            "is outside the corpus root",
+        ),
+        (
+            "POST",
+            "/scans",
+            b'{"path": "/etc/passwd"}',
+            {"content-type": "application/json"},
+            TOKEN,
+            403,
+            "is outside the corpus root",
+        ),
+        (
+            "POST",
+            "/scans",
+            b'{"path": "escape.jsonl"}',
+            {"content-type": "application/json"},
+            TOKEN,
+            403,
+            "is outside the corpus root",
+        ),
+        ("POST", "/scans", b"x" * (1 << 20 | 1), {}, TOKEN, 413, "over the limit of 1,048,576"),
+        (
+            "POST",
+            "/scans",
+            gzip.compress(b'{"text": "a"}\n' * 200_000),
+            {"content-encoding": "gzip"},
+            TOKEN,
+            413,
+            "once unzipped",
+        ),
+        ("POST", "/scans", b"\x1f\x8b not gzip", {}, TOKEN, 400, "is not valid gzip"),
+        ("GET", "/scans/ffffffffffff", None, {}, TOKEN, 404, "matches no scan"),
+        ("POST", "/scans/ffffffffffff/cancel", None, {}, TOKEN, 404, "matches no scan"),
+        ("GET", "/scans", None, {}, None, 401, "no token: send the service's NEUROSCAN_TOKEN"),
+        ("GET", "/scans", None, {}, "wrong", 401, "a wrong token"),
+        ("GET", "/nowhere", None, {}, TOKEN, 404, "Not Found: see /docs"),
+    ],
+)
+def test_a_bad_request_is_one_line_and_the_service_keeps_serving(
+    served, tmp_path_factory, method, path, body, headers, token, status, line
+):
+    client, service, root = served
+    escape = root / "corpora" / "escape.jsonl"
+    if not escape.is_symlink():
+        (root / "secret.jsonl").write_text('{"text": "secret"}\n')
+        escape.symlink_to(root / "secret.jsonl")
+    before = len(service.store.all())
+    got, answer = _raw(client, method, path, body, headers, token)
+    assert (got, list(answer)) == (status, ["error"]) and line in answer["error"] and "\n" not in answer["error"]
+    assert len(service.store.all()) == before  # nothing queued
+    assert not [p for p in service.corpora.iterdir() if p.stat().st_mtime > time.time() - 2 and before == 0]
+    assert _raw(client, "GET", "/health")[1]["status"] == "ok"
+
+
+def test_a_corpus_named_under_the_root_and_a_gzipped_body_are_scanned(served, corpus, other_reference):
+    client, service, root = served
+    (root / "corpora" / "mine.jsonl").write_bytes(corpus.read_bytes())
+    status, answer = _raw(
+        client, "POST", "/scans?name=by-path", b'{"path": "mine.jsonl"}', {"content-type": "application/json"}
+    )
+    assert status == 202 and answer["name"] == "by-path"
+    body = gzip.compress(corpus.read_bytes())
+    status, zipped = _raw(
+        client,
+        "POST",
+        "/scans?name=zipped&max_per_layer=5",
+        body,
+        {"content-type": "application/x-ndjson", "content-encoding": "gzip"},
+    )
+    assert status == 202
+    for scan_id, sel in ((answer["id"], Selection()), (zipped["id"], Selection(max_per_layer=5))):
+        done = client.job(scan_id).wait()
+        assert_scan_matches(Path(done["out"]), other_reference, sel)
+    listing = client.request("GET", f"/scans/{zipped['id']}/files")["files"]
+    assert listing[0] == "manifest.json" and any(f.startswith("activations/layer=04/") for f in listing)
+    assert client.request("GET", f"/scans/{zipped['id']}/files/manifest.json")["status"] == "complete"
+    with pytest.raises(UserError, match="a scan named 'zipped' exists already: choose another --name"):
+        client.submit(["x"], name="zipped")
+    assert client.request("GET", "/openapi.json")["paths"]["/scans"]
+
+
+def test_the_cli_submits_follows_and_cancels(served, corpus, capsys, monkeypatch):
+    from cluster.cli import main
+
+    client, service, _ = served
+    monkeypatch.setenv("NEUROSCAN_TOKEN", TOKEN)
+    url = ["--url", client.url]
+    assert main(["submit", str(corpus), "--name", "from-cli", "--high", "2.5", *url]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("scan ") and "from-cli, 9 prompts" in line
+    scan_id = line.split()[1]
+    assert main(["wait", scan_id[:6], "--progress", *url]) == 0
+    assert f"scan {scan_id} completed: " in capsys.readouterr().out
+    assert main(["status", *url]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split()[:3] == ["id", "name", "state"] and "from-cli" in table
+    assert main(["cancel", scan_id, *url]) == 0  # an ended scan stays as it ended
+    assert "completed" in capsys.readouterr().out
+    assert main(["submit", str(corpus), "--high", "0", "--low", "1", *url]) == 2
+    assert (
+        capsys.readouterr().err
+        == "neuroscan: error: --high 0.0 must be greater than --low 1.0: raise --high or lower --low\n"
+    )
+    assert main(["status", "nope", *url]) == 2
+    assert "scan id 'nope' matches no scan" in capsys.readouterr().err
+    assert main(["status", "--url", "http://127.0.0.1:9"]) == 2
+    assert "cannot reach the neuroscan service at http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    """The service in a process (and session) of its own, with a local Ray of its own."""
+    ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "neuroscan", "serve", *args],
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    process.ray_tmp = ray_tmp
+    return process
+
+
+def _kill(process: subprocess.Popen) -> None:
+    """kill -9 of the service and everything it started (its local Ray, found by its temp dir)."""
+    import psutil
+
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+    for other in psutil.process_iter(["cmdline"]):
+        if any(process.ray_tmp in part for part in other.info["cmdline"] or ()):
+            other.kill()
+
+
+def _ready(client: Client, process: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        assert process.poll() is None, log.read_text()
+        try:
+            client.health()
+            return
+        except UserError:
+            time.sleep(0.5)
+    raise AssertionError(f"the service did not start: {log.read_text()}")
+
+
+def test_a_service_killed_mid_scan_resumes_every_scan_when_started_again(ray_session, other_model, tmp_path):
+    """kill -9 of the service (and its Ray) while one scan runs and one waits in the queue;
+    started again on the same results, both complete with the one-shot scans' tables."""
+    corpus = tmp_path / "icl.jsonl"
+    write_jsonl(generate(300, families=["days", "months", "arithmetic"], variants=["zero_shot"], seed=5), corpus)
+    port, log = _free_port(), tmp_path / "service.log"
+    args = [
+        "--model",
+        str(other_model),
+        "--stages",
+        "2",
+        "--results",
+        str(tmp_path / "results"),
+        "--port",
+        str(port),
+        "--max-running",
+        "1",
+    ]
+    client = Client(f"http://127.0.0.1:{port}")
+    process = _start(args, log)
+    try:
+        _ready(client, process, log)
+        running = client.submit(str(corpus), name="running", batch_tokens=200, rows_per_part=1500)
+        queued = client.submit(str(corpus), name="queued", high=2.0, batch_tokens=300)
+        out = Path(running.status()["out"])
+        while not ((m := read_manifest(out)) and m.parts):  # killed once a part is committed
+            assert running.status()["state"] in ("queued", "running"), running.status()["error"]
+            time.sleep(0.2)
+        _kill(process)
+        process = _start(args, log)
+        _ready(client, process, log)
+        states = {s["name"]: s["state"] for s in client.scans()}
+        assert states["running"] != "failed" and states["queued"] != "failed"
+        running.wait()
+        queued.wait()
+    finally:
+        _kill(process)
+    assert_same_output(out, one_shot(corpus, tmp_path / "a", other_model, {"batch_tokens": 200, "rows_per_part": 1500}))
+    assert_same_output(
+        tmp_path / "results" / "queued",
+        one_shot(corpus, tmp_path / "b", other_model, {"high": 2.0, "batch_tokens": 300}),
+    )

@@ -1,0 +1,69 @@
+"""cluster.store: the service's scans in a real SQLite file (WAL), as a restart finds them."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+from cluster.store import CANCELLED, COMPLETED, QUEUED, RUNNING, Scan, Store
+
+
+def _scan(i: int) -> Scan:
+    return Scan(
+        id=f"{i:012x}",
+        name=f"s{i}",
+        state=QUEUED,
+        options={"high": 2.0 + i},
+        corpus=f"c{i}.jsonl",
+        out=f"out/s{i}",
+        submitted_at=time.time(),
+    )
+
+
+def test_scans_round_trip_in_submission_order_and_survive_a_new_store(tmp_path):
+    store = Store(tmp_path / "scans.sqlite")
+    for i in range(3):
+        store.add(_scan(i))
+    store.set_state(_scan(1).id, RUNNING)
+    store.progress(_scan(1).id, 10, 4, 400, 2.0)
+    again = Store(tmp_path / "scans.sqlite")  # the service started again
+    scans = again.all()
+    assert [s.name for s in scans] == ["s0", "s1", "s2"] and scans[0].options == {"high": 2.0}
+    assert (scans[1].state, scans[1].prompts_done, scans[1].tokens_done) == (RUNNING, 4, 400)
+    assert scans[1].started_at is not None and scans[0].started_at is None
+    assert again.requeue_running() == [_scan(1).id]
+    assert again.get(_scan(1).id).state == QUEUED
+    assert sqlite3.connect(tmp_path / "scans.sqlite").execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_find_by_prefix_cancel_and_ends(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    store.add(_scan(0xABC))
+    store.add(_scan(0xABD))
+    assert len(store.find("000000000ab")) == 2 and [s.name for s in store.find("000000000abd")] == [f"s{0xABD}"]
+    store.request_cancel(_scan(0xABC).id)
+    assert store.get(_scan(0xABC).id).cancel
+    store.set_state(_scan(0xABC).id, CANCELLED, "cancelled")
+    store.set_state(_scan(0xABD).id, COMPLETED)
+    ended = {s.name: (s.state, s.error, s.finished_at is not None) for s in store.all()}
+    assert ended == {f"s{0xABC}": (CANCELLED, "cancelled", True), f"s{0xABD}": (COMPLETED, None, True)}
+    assert store.name_taken(f"s{0xABC}") and not store.name_taken("other")
+
+
+def test_writers_on_threads_do_not_lose_updates(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    ids = [_scan(i).id for i in range(8)]
+    for i in range(8):
+        store.add(_scan(i))
+
+    def work(scan_id):
+        for n in range(20):
+            store.progress(scan_id, 20, n + 1, 0, 0.0)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {s.prompts_done for s in store.all()} == {20}
