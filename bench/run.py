@@ -308,6 +308,11 @@ def run_bench(cfg: BenchConfig) -> dict:
         if not (cache / "config.json").exists():
             write_checkpoint(gptj_config(cfg.preset), cache, device=device.type)
         path = model_arg = str(cache)
+    if cfg.service:
+        from bench import service
+
+        dtype = resolve_dtype(cfg.dtype, device.type, getattr(load_config(path), "dtype", None))
+        return {**_head(cfg, device, path, dtype), "service": service.run_service_bench(cfg, model_arg, dtype)}
     sel = Selection()
     with tempfile.TemporaryDirectory() as tmp:
         corpus = synthetic_corpus(Path(tmp) / "bench.jsonl", cfg.prompts, cfg.prompt_tokens)
@@ -392,7 +397,23 @@ def finished(head: dict, results: dict, per_token: float, complete: bool) -> dic
     return {**head, "results": out, "complete": complete}
 
 
+def _head(cfg: BenchConfig, device: torch.device, path: str, dtype: str) -> dict:
+    """What a report says of its run: when, the command, the device, the versions, the model."""
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(["neuroscan", *sys.argv[1:]]),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+        "versions": {p: package_version(p) for p in ("torch", "transformers", "ray", "pyarrow", "fastapi", "uvicorn")},
+        "model": {"path": path, "dtype": dtype},
+        "complete": True,
+    }
+
+
 def table(report: dict) -> str:
+    if "service" in report:
+        from bench import service
+
+        return f"{report['device']}  {report['model']['dtype']}\n" + service.table(report["service"])
     lines = [
         (
             f"{report['device']}  {report['model']['n_layer']} layers x {report['model']['d_model']}  {report['model']['dtype']}  "

@@ -11,6 +11,9 @@ import ipaddress
 import os
 import socket
 import sys
+import threading
+import time
+from collections.abc import Callable
 
 from cluster.service import Service
 from neuroscan.config import ScanConfig, ServeConfig
@@ -42,6 +45,31 @@ def bind(host: str, port: int) -> socket.socket:
 def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def background(service: Service, host: str, port: int, token: str | None = None) -> tuple[str, Callable[[], None]]:
+    """The HTTP API of a started ``service`` on a thread of this process (the benchmark and the
+    tests use it): its URL, and a function that stops it."""
+    import uvicorn
+
+    from cluster.api import make_app
+
+    sock = bind(host, port)
+    config = uvicorn.Config(make_app(service, token), log_level="warning", access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="neuroscan-http", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the HTTP server stopped while starting")
+        time.sleep(0.02)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+    return url_of(sock), stop
 
 
 def serve(cfg: ServeConfig, template: ScanConfig) -> int:

@@ -56,6 +56,11 @@ class Service:
         self.active: dict[str, Active] = {}
         self.watch = MemoryWatch()
         self.wake = threading.Event()
+        self.admitting = threading.Event()
+        """Set when a scan may be admitted: one was queued, or one ended."""
+        self.cancels: set[str] = set()
+        """Scans whose cancellation the scheduler's thread has not yet seen."""
+        self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
         self.loaded_s = 0.0
@@ -81,6 +86,7 @@ class Service:
         self.scheduler = Scheduler(self.pipelines, self.template.window * self.template.replicas)
         self.loaded_s = time.perf_counter() - t0
         self.store.requeue_running()
+        self.admitting.set()
         self.thread = threading.Thread(target=self._loop, name="neuroscan-scheduler", daemon=True)
         self.thread.start()
 
@@ -112,8 +118,10 @@ class Service:
             submitted_at=time.time(),
             prompts_total=n_prompts,
         )
-        self.store.add(scan)
+        if not self.store.add(scan):
+            raise UserError(f"a scan named {name!r} exists already: choose another --name")
         self.store.progress(scan_id, n_prompts, 0, 0, 0.0)
+        self.admitting.set()
         self.wake.set()
         return self.store.get(scan_id)
 
@@ -139,6 +147,8 @@ class Service:
             self.store.set_state(scan.id, CANCELLED, "cancelled before it started")
         elif scan.state == RUNNING:
             self.store.request_cancel(scan.id)
+            with self.lock:
+                self.cancels.add(scan.id)
             self.wake.set()
         return self.store.get(scan.id)
 
@@ -168,7 +178,11 @@ class Service:
             raise
 
     def _admit(self) -> None:
-        """Start queued scans, oldest first, while fewer than ``--max-running`` run."""
+        """Start queued scans, oldest first, while fewer than ``--max-running`` run (looked up
+        only when one was queued or one ended)."""
+        if not self.admitting.is_set():
+            return
+        self.admitting.clear()
         for scan in self.store.all():
             if len(self.active) >= self.cfg.max_running or self.stopping.is_set():
                 return
@@ -204,9 +218,11 @@ class Service:
         self.scheduler.add(job)
 
     def _cancel_requested(self) -> None:
-        for scan_id, active in self.active.items():
-            if active.job.state == RUNNING and self.store.get(scan_id).cancel:
-                active.job.cancel()
+        with self.lock:
+            cancels, self.cancels = self.cancels, set()
+        for scan_id in cancels:
+            if scan_id in self.active:
+                self.active[scan_id].job.cancel()
 
     def _timings(self, job: Job) -> dict:
         return run_timings(job, self.pipelines, self.watch)
@@ -218,6 +234,7 @@ class Service:
         state = {"completed": COMPLETED, "failed": FAILED, "cancelled": CANCELLED}[job.state]
         self.store.set_state(job.key, state, error if state == FAILED else None)
         self._release(active)
+        self.admitting.set()
 
     def _release(self, active: Active) -> None:
         active.stack.close()

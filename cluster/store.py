@@ -26,7 +26,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS scans (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT UNIQUE NOT NULL,
-    name TEXT NOT NULL,
+    name TEXT UNIQUE NOT NULL,
     state TEXT NOT NULL,
     options TEXT NOT NULL,
     corpus TEXT NOT NULL,
@@ -93,11 +93,17 @@ class Store:
             db.execute("COMMIT")
             return cursor.rowcount
 
-    def add(self, scan: Scan) -> None:
-        self._write(
-            "INSERT INTO scans (id, name, state, options, corpus, out, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (scan.id, scan.name, scan.state, json.dumps(scan.options), scan.corpus, scan.out, scan.submitted_at),
-        )
+    def add(self, scan: Scan) -> bool:
+        """Insert ``scan``; False when its name is taken (checked by the table, so two requests
+        with one name cannot both get it)."""
+        try:
+            self._write(
+                "INSERT INTO scans (id, name, state, options, corpus, out, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (scan.id, scan.name, scan.state, json.dumps(scan.options), scan.corpus, scan.out, scan.submitted_at),
+            )
+        except sqlite3.IntegrityError:
+            return False
+        return True
 
     def get(self, scan_id: str) -> Scan | None:
         with self._connect() as db:

@@ -351,6 +351,11 @@ class BenchConfig(Config):
         what="a directory",
     )
     out: str | None = option(None, "write the report as JSON here", what="a .json file")
+    service: bool = option(
+        False,
+        "measure the scanning service instead (submit latency, warm against cold, many small scans "
+        "against one, a small scan behind a large one; bench/service.py)",
+    )
 
     @property
     def cache_path(self) -> Path:

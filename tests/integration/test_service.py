@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -50,10 +49,7 @@ def selection(options: dict) -> Selection:
 def served(ray_session, other_model, tmp_path_factory):
     """A service on 2 stages x 2 replicas of the second tiny model, on a free loopback port,
     with a token, a corpus root and a 1 MiB body limit; yields (client, service, root)."""
-    import uvicorn
-
-    from cluster.api import make_app
-    from cluster.serve import bind, url_of
+    from cluster.serve import background
     from cluster.service import Service
 
     root = tmp_path_factory.mktemp("service")
@@ -62,15 +58,9 @@ def served(ray_session, other_model, tmp_path_factory):
     template = ScanConfig(prompts="seed", out=str(root), model=str(other_model), stages=2, replicas=2)
     service = Service(cfg, template)
     service.start()
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(make_app(service, TOKEN), log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield Client(url_of(sock), token=TOKEN), service, root
-    server.should_exit = True
-    thread.join(timeout=10)
+    url, stop = background(service, "127.0.0.1", 0, TOKEN)
+    yield Client(url, token=TOKEN), service, root
+    stop()
     service.close()
 
 

@@ -67,3 +67,11 @@ def test_writers_on_threads_do_not_lose_updates(tmp_path):
     for t in threads:
         t.join()
     assert {s.prompts_done for s in store.all()} == {20}
+
+
+def test_a_name_is_taken_once_even_by_two_writers(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    assert store.add(_scan(1))
+    twin = _scan(2)
+    twin.name = _scan(1).name
+    assert not store.add(twin) and [s.id for s in store.all()] == [_scan(1).id]
