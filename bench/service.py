@@ -30,6 +30,9 @@ from neuroscan.config import BenchConfig, ScanConfig, ServeConfig
 from prompts.generate import generate
 
 TWO = ["apple, banana, cherry,", "2, 4, 6, 8,"]
+LARGE, SMALL = 2000, 40
+"""Prompts of the large scan, and of each of the many small scans that together make it."""
+SUBMISSIONS, CLIENTS = 200, 8
 
 
 def corpus(path: Path, n: int, seed: int) -> Path:
@@ -48,7 +51,7 @@ def run_service_bench(cfg: BenchConfig, model: str | None, dtype: str) -> dict:
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        big = corpus(tmp / "big.jsonl", 2000, seed=1)
+        big = corpus(tmp / "big.jsonl", LARGE, seed=1)
         template = ScanConfig(prompts="seed", out=str(tmp), model=model, device=cfg.device, dtype=dtype)
         t0 = time.perf_counter()
         cold = run_scan(
@@ -57,7 +60,7 @@ def run_service_bench(cfg: BenchConfig, model: str | None, dtype: str) -> dict:
             )
         )
         cold_s = time.perf_counter() - t0
-        service = Service(ServeConfig(results=str(tmp / "results"), port=0, max_running=64), template)
+        service = Service(ServeConfig(results=str(tmp / "results"), port=0), template)
         service.start()
         url, stop = background(service, "127.0.0.1", 0)
         try:
@@ -103,8 +106,8 @@ def _submit_latency(client: Client, big: Path) -> dict:
             times.append(time.perf_counter() - t0)
             ids.append(job.id)
 
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(submit, range(200)))
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        list(pool.map(submit, range(SUBMISSIONS)))
     for scan_id in ids:
         client.job(scan_id).cancel()
     large.cancel()
@@ -126,11 +129,11 @@ def _many_vs_one(client: Client, big: Path) -> dict:
     client.submit(str(big), name="one").wait(poll_s=0.1)
     one_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    jobs = [client.submit(rows[i : i + 40], name=f"many-{i // 40}") for i in range(0, len(rows), 40)]
+    jobs = [client.submit(rows[i : i + SMALL], name=f"many-{i // SMALL}") for i in range(0, len(rows), SMALL)]
     for job in jobs:
         job.wait(poll_s=0.1)
     many_s = time.perf_counter() - t0
-    return {"one_s": one_s, "many_s": many_s, "scans": len(jobs), "ratio": one_s / many_s}
+    return {"one_s": one_s, "many_s": many_s, "scans": len(jobs), "prompts": len(rows), "ratio": one_s / many_s}
 
 
 def _small_behind_large(client: Client, big: Path) -> dict:
@@ -149,8 +152,9 @@ def table(report: dict) -> str:
             f"submit latency ({s['n']} submissions, {s['clients']} clients, while scanning): "
             f"p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms",
             f"2-prompt scan: warm service {w['warm_s']:.2f} s, cold `neuroscan scan` {w['cold_s']:.2f} s",
-            f"{m['scans']} concurrent 40-prompt scans {m['many_s']:.1f} s vs one 2,000-prompt scan {m['one_s']:.1f} s: "
+            f"{m['scans']} concurrent scans of {m['prompts'] // m['scans']} prompts {m['many_s']:.1f} s vs one scan of "
+            f"{m['prompts']:,} {m['one_s']:.1f} s: "
             f"{m['ratio']:.2f}x its throughput",
-            f"2-prompt scan behind a 2,000-prompt scan: {b['small_s']:.2f} s (the large one: {b['large_s']:.1f} s)",
+            f"2-prompt scan behind a {m['prompts']:,}-prompt scan: {b['small_s']:.2f} s (the large one: {b['large_s']:.1f} s)",
         ]
     )

@@ -432,8 +432,9 @@ class ServeConfig(Config):
         256, "the largest request body (a corpus) accepted, in MiB", minimum=1, group="the service"
     )
     max_running: int = option(
-        64,
-        "scans running at once (their micro-batches share the pipelines); the rest wait in the queue",
+        8,
+        "scans running at once (their micro-batches share the pipelines; each has an aggregator process, "
+        "about 0.4 GB); the rest wait in the queue",
         minimum=1,
         group="the service",
     )

@@ -159,3 +159,25 @@ def test_transformers_modules_put_back_and_restored():
     assert all(type(b.attn) is RotaryAttention and type(b.mlp.act) is TanhGELU for b in model.body.h)
     with transformers_modules(model, ("attention",)):
         assert all(type(b.attn) is GPTJAttention and type(b.mlp.act) is TanhGELU for b in model.body.h)
+
+
+def test_the_service_bench_measures_what_it_says(ray_session, monkeypatch, tmp_path, capsys):
+    """``neuroscan bench --service`` at a small size (the sizes of record are bench/service.py's)."""
+    from bench import service
+
+    monkeypatch.setattr(service, "LARGE", 24)
+    monkeypatch.setattr(service, "SMALL", 8)
+    monkeypatch.setattr(service, "SUBMISSIONS", 6)
+    monkeypatch.setattr(service, "CLIENTS", 3)
+    out = tmp_path / "service.json"
+    assert main(["bench", "--service", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())["service"]
+    assert (
+        report["submit_latency"]["n"] == 6
+        and 0 < report["submit_latency"]["p50_ms"] <= report["submit_latency"]["p99_ms"]
+    )
+    assert report["many_vs_one"]["scans"] == 3 and report["many_vs_one"]["ratio"] > 0
+    assert report["warm_vs_cold"]["warm_s"] > 0 and report["warm_vs_cold"]["cold_scan_prompts"] == 2
+    assert report["small_behind_large"]["small_s"] > 0
+    printed = capsys.readouterr().out
+    assert "submit latency (6 submissions, 3 clients" in printed and "3 concurrent scans of 8 prompts" in printed
