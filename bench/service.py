@@ -116,7 +116,7 @@ def _submit_latency(client: Client, big: Path) -> dict:
             time.sleep(0.05)
     return {
         "n": len(times),
-        "clients": 8,
+        "clients": CLIENTS,
         "p50_ms": 1e3 * percentile(times, 0.5),
         "p99_ms": 1e3 * percentile(times, 0.99),
         "mean_ms": 1e3 * statistics.fmean(times),

@@ -144,7 +144,10 @@ def _jsonl(prompts) -> bytes:
         prompts = prompts.to_dicts()
     elif hasattr(prompts, "to_dict"):  # pandas
         prompts = prompts.to_dict(orient="records")
-    rows = [{"text": p} if isinstance(p, str) else p for p in prompts]
+    # A DataFrame's missing values (None, NaN) are fields left out.
+    rows = [
+        {"text": p} if isinstance(p, str) else {k: v for k, v in p.items() if v is not None and v == v} for p in prompts
+    ]
     if not rows:
         raise UserError("no prompts to submit: give at least one")
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()

@@ -79,14 +79,16 @@ def one_shot(corpus: Path, out: Path, model: Path, options: dict) -> Path:
     return out
 
 
-def test_concurrent_scans_with_their_own_thresholds_equal_their_one_shot_scans(
+def test_twenty_concurrent_scans_with_their_own_thresholds_equal_their_one_shot_scans(
     served, corpus, other_model, other_reference, tmp_path
 ):
+    import pandas as pd
+
     client, service, _ = served
+    kinds = [CORPUS, str(corpus), pd.DataFrame(CORPUS), [row["text"] if "id" not in row else row for row in CORPUS]]
     jobs = []
-    for i, options in enumerate(OPTION_SETS * 3):  # 12 scans in flight together, three per option set
-        prompts = [CORPUS, str(corpus), [row["text"] if "id" not in row else row for row in CORPUS]][i // 4]
-        jobs.append((client.submit(prompts if i // 4 != 0 else CORPUS, name=f"c{i}", **options), options))
+    for i, options in enumerate(OPTION_SETS * 5):  # 20 scans in flight together, five per option set
+        jobs.append((client.submit(kinds[i // 4 % 4], name=f"c{i}", **options), options))
     assert client.health()["scans"]
     for job, _ in jobs:
         status = job.wait()
@@ -98,7 +100,7 @@ def test_concurrent_scans_with_their_own_thresholds_equal_their_one_shot_scans(
         assert checked > 0
     for i, (job, options) in enumerate(jobs):
         run = job.result()
-        if i // 4 != 2:  # the third round's prompts have no ids for some rows: other ids, same rows
+        if i // 4 % 4 != 3:  # the fourth kind leaves some prompts without ids: other ids, the same rows
             assert_same_output(run.out, references[i % 4])
         assert_scan_matches(run.out, other_reference, selection(options))
 
@@ -366,3 +368,15 @@ def test_a_service_killed_mid_scan_resumes_every_scan_when_started_again(ray_ses
         tmp_path / "results" / "queued",
         one_shot(corpus, tmp_path / "b", other_model, {"high": 2.0, "batch_tokens": 300}),
     )
+
+
+def test_serving_beyond_loopback_needs_a_token(monkeypatch, capsys, tmp_path):
+    from cluster.cli import main
+
+    monkeypatch.delenv("NEUROSCAN_TOKEN", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--results", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == (
+        "neuroscan: error: --host 0.0.0.0 is reachable from other machines: set NEUROSCAN_TOKEN (clients send it "
+        "too), or serve on 127.0.0.1\n"
+    )
+    assert not (tmp_path / "r").exists()  # refused before anything is loaded or written
