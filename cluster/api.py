@@ -157,8 +157,8 @@ def make_app(service: Service, token: str | None = None) -> FastAPI:
         return {
             "status": "ok" if service.failure is None else "failed",
             "error": service.failure,
-            "model": service.model.model_id,
-            "dtype": service.model.dtype,
+            "model": service.plan.model_id,
+            "dtype": service.plan.dtype,
             "stages": service.template.stages,
             "replicas": service.template.replicas,
             "device": service.template.device,

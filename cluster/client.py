@@ -23,10 +23,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from cluster.store import ENDED
 from neuroscan.errors import UserError
 
 DEFAULT_URL = "http://127.0.0.1:8470"
-ENDED = ("completed", "failed", "cancelled")
 
 
 def service_url(url: str | None = None) -> str:

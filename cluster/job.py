@@ -11,11 +11,10 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator
 
+from cluster.store import CANCELLED, COMPLETED, FAILED, RUNNING  # noqa: F401 - a job's states are the table's
 from neuroscan.config import ScanConfig
 from neuroscan.errors import UserError
 from neuroscan.manifest import Manifest
-
-RUNNING, COMPLETED, FAILED, CANCELLED = "running", "completed", "failed", "cancelled"
 
 Progress = Callable[["Job"], None]
 """Called after every micro-batch a job gets back (and once when it ends)."""

@@ -72,7 +72,7 @@ class Service:
         when the service last stopped, and start the scheduler's thread."""
         t0 = time.perf_counter()
         probe = plan(dataclasses.replace(self.template, prompts="seed", out=str(self.results)))
-        self.model = probe
+        self.plan = probe
         self.pipelines = Pipelines.open(
             probe.model_path,
             probe.bounds,
@@ -106,7 +106,7 @@ class Service:
         """Queue a scan of ``corpus`` (already checked) with ``options`` (already checked)."""
         scan_id = uuid.uuid4().hex[:12]
         name = name or scan_id
-        if self.store.name_taken(name) or (self.results / name).exists():
+        if (self.results / name).exists():  # a name the table holds is refused by `Store.add`
             raise UserError(f"a scan named {name!r} exists already: choose another --name")
         scan = Scan(
             id=scan_id,
@@ -231,8 +231,7 @@ class Service:
         active = self.active.pop(job.key)
         self._progress(job)
         error = None if job.error is None else (str(job.error) or type(job.error).__name__)
-        state = {"completed": COMPLETED, "failed": FAILED, "cancelled": CANCELLED}[job.state]
-        self.store.set_state(job.key, state, error if state == FAILED else None)
+        self.store.set_state(job.key, job.state, error if job.state == FAILED else None)
         self._release(active)
         self.admitting.set()
 

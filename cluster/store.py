@@ -120,10 +120,6 @@ class Store:
         with self._connect() as db:
             return [_scan(r) for r in db.execute("SELECT * FROM scans ORDER BY seq").fetchall()]
 
-    def name_taken(self, name: str) -> bool:
-        with self._connect() as db:
-            return db.execute("SELECT 1 FROM scans WHERE name = ?", (name,)).fetchone() is not None
-
     def set_state(self, scan_id: str, state: str, error: str | None = None) -> None:
         now = time.time()
         if state == RUNNING:

@@ -48,7 +48,7 @@ def test_find_by_prefix_cancel_and_ends(tmp_path):
     store.set_state(_scan(0xABD).id, COMPLETED)
     ended = {s.name: (s.state, s.error, s.finished_at is not None) for s in store.all()}
     assert ended == {f"s{0xABC}": (CANCELLED, "cancelled", True), f"s{0xABD}": (COMPLETED, None, True)}
-    assert store.name_taken(f"s{0xABC}") and not store.name_taken("other")
+    assert not store.add(_scan(0xABC))  # its name is taken
 
 
 def test_writers_on_threads_do_not_lose_updates(tmp_path):
