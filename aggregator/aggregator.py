@@ -69,16 +69,24 @@ class Buffer:
 
 
 class Aggregator:
-    def __init__(self, out_dir: str, header: Manifest, token_strings: list[str], rows_per_part: int):
+    def __init__(
+        self,
+        out_dir: str,
+        header: Manifest,
+        token_strings: list[str],
+        rows_per_part: int,
+        pool: ThreadPoolExecutor | None = None,
+    ):
         """``header`` is the new run's manifest: its fixed part (model, selection, bands, stages,
-        format, versions...) and no part yet.
+        format, versions...) and no part yet. ``pool``: the threads that encode and write a
+        part's files (shared by the aggregators of one process; default: its own).
 
         When ``out_dir`` already has a manifest (a resumed run, or this actor restarted by Ray)
         the aggregator continues it: committed parts stay, files no part lists are removed,
         and micro-batches already committed are dropped if they arrive again.
         """
         self.out = Path(out_dir)
-        self.pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="neuroscan-write")
+        self.pool = pool or write_pool()
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuroscan-commit")
         self.writing: Future | None = None  # the part being written, if any
         self.rows_per_part = rows_per_part
@@ -315,6 +323,15 @@ class Aggregator:
             for layer in range(self.manifest.n_layers)
             if f"layer={layer:02d}" not in kept
         ]
+
+    def close(self) -> None:
+        """Wait for the part being written, if any, and stop the committer thread (an error of
+        that part was already reported, or is left to a resumed run)."""
+        self.committer.shutdown(wait=True)
+
+
+def write_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="neuroscan-write")
 
 
 def _now() -> str:

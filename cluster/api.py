@@ -5,6 +5,7 @@
     GET  /scans                  every scan
     GET  /scans/{id}             one scan: state, queue position, progress, tokens/s, ETA, error
     POST /scans/{id}/cancel      stop it within one micro-batch (what is committed stays valid)
+    POST /scans/{id}/resume      queue a cancelled or failed scan again, to continue where it stopped
     GET  /scans/{id}/files       the finished scan's files; /files/{path} one of them
     GET  /health                 the service and its pipelines
 
@@ -29,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from cluster.service import Service
-from cluster.store import ENDED, QUEUED, Scan
+from cluster.store import CANCELLED, ENDED, FAILED, QUEUED, Scan
 from neuroscan.config import SCAN_OPTIONS, ScanConfig, options
 from neuroscan.errors import UserError
 from neuroscan.manifest import NAME as MANIFEST_NAME
@@ -124,6 +125,14 @@ def make_app(service: Service, token: str | None = None) -> FastAPI:
     def cancel(scan_id: str) -> dict:
         """Stop a scan within one micro-batch; what it committed stays valid (and resumable)."""
         return describe(service.cancel(scan_id), service)
+
+    @app.post("/scans/{scan_id}/resume", status_code=202)
+    def resume(scan_id: str) -> dict:
+        """Queue a cancelled or failed scan again; it keeps its committed parts and scans the rest."""
+        found = service.find(scan_id)
+        if found.state not in (CANCELLED, FAILED):
+            raise Refused(409, f"scan {found.id} is {found.state}: only a cancelled or failed scan can be resumed")
+        return describe(service.resume(found.id), service)
 
     @app.get("/scans/{scan_id}/files")
     def files(scan_id: str) -> dict:

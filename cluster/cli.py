@@ -22,6 +22,7 @@ from neuroscan.config import (
     CompareConfig,
     MakeModelConfig,
     ReportConfig,
+    ResumeConfig,
     ScanConfig,
     ServeConfig,
     StatusConfig,
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_options(sub.add_parser("wait", help="wait for a scan to end; exit 0 only when it completed"), WaitConfig)
     add_options(sub.add_parser("cancel", help="stop a scan within one micro-batch"), CancelConfig)
+    add_options(sub.add_parser("resume", help="queue a cancelled or failed scan again"), ResumeConfig)
     return parser
 
 
@@ -292,6 +294,15 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+def cmd_resume(args) -> int:
+    from cluster.client import Client
+
+    cfg = config_from(ResumeConfig, args)
+    status = Client(cfg.url).job(cfg.id).resume()
+    print(f"scan {status['id']} {status['state']}: it continues from its committed parts")
+    return 0
+
+
 COMMANDS = {
     "report": cmd_report,
     "bench": cmd_bench,
@@ -304,6 +315,7 @@ COMMANDS = {
     "status": cmd_status,
     "wait": cmd_wait,
     "cancel": cmd_cancel,
+    "resume": cmd_resume,
 }
 
 

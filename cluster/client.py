@@ -96,6 +96,10 @@ class Job:
     def cancel(self) -> dict:
         return self.client.request("POST", f"/scans/{self.id}/cancel")
 
+    def resume(self) -> dict:
+        """Queue this cancelled or failed scan again; it continues from what it committed."""
+        return self.client.request("POST", f"/scans/{self.id}/resume")
+
     def wait(self, progress: bool = False, poll_s: float = 0.5) -> dict:
         """The scan's status once it has ended; raises its line unless it completed."""
         bar = None

@@ -24,8 +24,7 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
-from aggregator.aggregator import Aggregator
-from cluster import placement
+from cluster.aggregators import Aggregators
 from cluster.job import Job
 from cluster.output import claim, corpus_fingerprint, prepare_output
 from cluster.partition import partition_layers
@@ -233,9 +232,12 @@ def _scan(cfg: ScanConfig, p: Plan, out: Path, header: Manifest, committed: set[
         pipelines = Pipelines.open(
             p.model_path, p.bounds, cfg.device, p.dtype, cfg.replicas, cfg.gpus_per_stage, cfg.handoff
         )
-        aggregator = None
+        aggregators = None
         try:
-            aggregator = start_aggregator(cfg, p, header, f"neuroscan-{pipelines.run_id}-aggregator")
+            aggregators = Aggregators(
+                1, token_strings(p.tokenizer, p.vocab_size), f"neuroscan-{pipelines.run_id}-aggregator"
+            )
+            sink = aggregators.open("scan", str(out.resolve()), header, cfg.rows_per_part)
             watch = MemoryWatch()
             bar = tqdm(total=p.n_prompts, unit="prompt", file=sys.stderr, disable=cfg.quiet, dynamic_ncols=True)
 
@@ -245,7 +247,7 @@ def _scan(cfg: ScanConfig, p: Plan, out: Path, header: Manifest, committed: set[
                 bar.set_postfix_str(f"{job.tokens_done / max(job.seconds, 1e-9):,.0f} tok/s", refresh=False)
                 bar.update(0)
 
-            job = Job("scan", cfg, batches, committed, aggregator, p.n_prompts, progress)
+            job = Job("scan", cfg, batches, committed, sink, p.n_prompts, progress)
             try:
                 Scheduler(pipelines, cfg.window * cfg.replicas).run([job], lambda j: run_timings(j, pipelines, watch))
             finally:
@@ -254,20 +256,9 @@ def _scan(cfg: ScanConfig, p: Plan, out: Path, header: Manifest, committed: set[
                 raise job.error
             return job.manifest
         finally:
-            if aggregator is not None:
-                ray.kill(aggregator)
+            if aggregators is not None:
+                aggregators.close()
             pipelines.close()
-
-
-def start_aggregator(cfg: ScanConfig, p: Plan, header: Manifest, name: str):
-    """The job's aggregator actor, on this node (it writes ``cfg.out``), ready."""
-    aggregator = (
-        ray.remote(Aggregator)
-        .options(name=name, **placement.aggregator_options())
-        .remote(str(Path(cfg.out).resolve()), header, token_strings(p.tokenizer, p.vocab_size), cfg.rows_per_part)
-    )
-    ray.get(aggregator.__ray_ready__.remote())
-    return aggregator
 
 
 def run_timings(job: Job, pipelines: Pipelines, watch: MemoryWatch) -> dict:
@@ -279,7 +270,7 @@ def run_timings(job: Job, pipelines: Pipelines, watch: MemoryWatch) -> dict:
         "tokens_per_s": job.tokens_done / seconds,
         "memory": {
             "driver": watch.report(),
-            "aggregator": ray.get(job.aggregator.memory.remote()),
+            "aggregator": ray.get(job.sink.memory()),
             "stages": pipelines.memory(),
         },
     }

@@ -38,11 +38,12 @@ class Job:
         cfg: ScanConfig,
         batches: Iterator,
         committed: set[int],
-        aggregator,
+        sink,
         total_prompts: int,
         on_progress: Progress | None = None,
     ):
-        self.key, self.cfg, self.aggregator = key, cfg, aggregator
+        self.key, self.cfg, self.sink = key, cfg, sink
+        """The scan's aggregator (`cluster.aggregators.Sink`)."""
         self.batches = iter(batches)
         self.committed = committed
         """Micro-batches a resumed run already holds: counted, not scanned again."""

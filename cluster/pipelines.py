@@ -77,7 +77,7 @@ class Pipelines:
         return [a for pipe in self.pipes for a in pipe]
 
     def memory(self) -> list[dict]:
-        return ray.get([a.memory.remote() for a in self.actors])
+        return ray.get([a.memory.options(concurrency_group=placement.INFO).remote() for a in self.actors])
 
     def close(self) -> None:
         for actor in self.actors:

@@ -111,6 +111,10 @@ def reserve(device: str, n_stage_actors: int, gpus: float = 1.0):
     return group
 
 
+INFO = "info"
+"""A concurrency group of its own for the actors' ``memory`` call: it answers at once, instead
+of waiting behind the micro-batches queued on the actor."""
+
 STAGE_CONCURRENCY = 2
 """Calls a GPU stage actor runs at once: one launching a micro-batch on the device while the
 other waits for its copy and hands its result to Ray (`workers.stage`). A CPU stage computes
@@ -125,8 +129,8 @@ def stage_actor(cls, group, bundle: int, device: str, name: str, gpus: float = 1
     a restarted actor is no longer in its pipeline's collective group and has lost the hidden
     states it held, so its death stops the run (resumable) instead."""
     concurrency = STAGE_CONCURRENCY if device == "cuda" else 1
-    remote = ray.remote(enable_tensor_transport=True, concurrency_groups={GROUP: 2}) if direct else ray.remote
-    return remote(cls).options(
+    groups = {GROUP: 2, INFO: 1} if direct else {INFO: 1}
+    return ray.remote(enable_tensor_transport=direct, concurrency_groups=groups)(cls).options(
         name=name,
         num_cpus=1,
         max_concurrency=concurrency,
@@ -142,6 +146,11 @@ def aggregator_options() -> dict:
     node, and the tables would land on that node's disk); restarted and retried on a crash."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return {"num_cpus": 0, "scheduling_strategy": here, **RESTARTS}
+
+
+def aggregator_actor(cls, name: str):
+    """``ray.remote(cls)`` with `aggregator_options`, answering ``memory`` in its own group."""
+    return ray.remote(concurrency_groups={INFO: 1})(cls).options(name=name, **aggregator_options())
 
 
 def connect(pipelines: list[list], device: str) -> tuple[list[list[str]], list]:

@@ -62,11 +62,7 @@ class Scheduler:
         for job in self.jobs:
             if job.drained and job.finishing is None and job.state != FAILED:
                 # completed: commit the rest and mark the run complete; cancelled: commit the rest
-                job.finishing = (
-                    job.aggregator.commit.remote()
-                    if job.state == CANCELLED
-                    else job.aggregator.finish.remote(timings(job))
-                )
+                job.finishing = job.sink.commit() if job.state == CANCELLED else job.sink.finish(timings(job))
         ended = [job for job in self.jobs if job.drained and job.state == FAILED]
         finishing = {job.finishing: job for job in self.jobs if job.finishing is not None}
         refs = ([self.in_flight[0][0]] if self.in_flight else []) + list(finishing)
@@ -115,7 +111,7 @@ class Scheduler:
 
     def _send(self, sent: Sent) -> None:
         sent.job.in_flight += 1
-        self.in_flight.append((sent.job.aggregator.add.remote(sent.group, *sent.rows), sent))
+        self.in_flight.append((sent.job.sink.add(sent.group, *sent.rows), sent))
 
     def settle(self) -> None:
         """Land the oldest call in flight."""
@@ -179,7 +175,7 @@ class Scheduler:
             if t.prompt.prompt_id == err.prompt_id
         ]
         try:
-            call(job.aggregator.skip.remote(batch.batch_id, skipped, batch_done=len(keep) == 0))
+            call(job.sink.skip(batch.batch_id, skipped, batch_done=len(keep) == 0))
         except UserError as error:
             job.fail(error)
             return

@@ -2,11 +2,16 @@
 
 The pipelines are placed once (model, dtype, stages, replicas: the service's); each scan
 brings its own corpus and options (thresholds, cap, top-k, micro-batch budget, format) and
-gets its own aggregator and output directory under ``--results``. A thread runs the
-scheduler: it admits queued scans in submission order, interleaves their micro-batches
-(`cluster.schedule`), and records states and progress in SQLite (`cluster.store`), so that
-a service killed at any moment and started again resumes its running scans from their
-manifests and keeps its queue. HTTP is `cluster.api`'s.
+gets its own aggregator (held by one of a few long-lived aggregator processes,
+`cluster.aggregators`) and output directory under ``--results``.
+
+Two threads do the work. The admission thread starts queued scans in submission order, up
+to ``--max-running``: it reads and tokenises the corpus, claims the output directory and
+opens the scan's aggregator. The scheduler's thread interleaves the micro-batches of the
+running scans (`cluster.schedule`), so preparing a large corpus never leaves the stages
+idle. States and progress live in SQLite (`cluster.store`): a service killed at any moment
+and started again resumes its running scans from their manifests and keeps its queue.
+HTTP is `cluster.api`'s.
 """
 
 from __future__ import annotations
@@ -18,14 +23,13 @@ import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
-import ray
-
-from cluster.driver import corpus_batches, manifest_header, plan, run_timings, start_aggregator
+from cluster.aggregators import Aggregators
+from cluster.driver import corpus_batches, manifest_header, plan, run_timings, token_strings
 from cluster.job import Job
 from cluster.output import claim, prepare_output
 from cluster.pipelines import Pipelines
 from cluster.schedule import Scheduler
-from cluster.store import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, Scan, Store
+from cluster.store import COMPLETED, FAILED, QUEUED, RUNNING, Scan, Store
 from neuroscan.config import ScanConfig, Selection, ServeConfig
 from neuroscan.errors import UserError
 from neuroscan.memory import MemoryWatch
@@ -52,24 +56,31 @@ class Service:
         self.corpora.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.state_dir / "scans.sqlite")
         self.pipelines: Pipelines | None = None
+        self.aggregators: Aggregators | None = None
         self.scheduler: Scheduler | None = None
         self.active: dict[str, Active] = {}
+        """Scans the scheduler runs (touched by its thread alone)."""
+        self.ready: list[Active] = []
+        """Scans the admission thread prepared, for the scheduler's thread to take."""
+        self.held = 0
+        """Scans running, ready or being prepared: at most ``--max-running``."""
         self.watch = MemoryWatch()
         self.wake = threading.Event()
         self.admitting = threading.Event()
         """Set when a scan may be admitted: one was queued, or one ended."""
+        self.threads: list[threading.Thread] = []
         self.cancels: set[str] = set()
         """Scans whose cancellation the scheduler's thread has not yet seen."""
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.thread: threading.Thread | None = None
         self.loaded_s = 0.0
         self.failure: str | None = None
         """Why the scheduler's thread stopped, if it did."""
 
     def start(self) -> None:
-        """Place the pipelines (the model's weights load once), queue again what was running
-        when the service last stopped, and start the scheduler's thread."""
+        """Place the pipelines (the model's weights load once) and start the aggregator
+        processes, queue again what was running when the service last stopped, and start the
+        admission and scheduler threads."""
         t0 = time.perf_counter()
         probe = plan(dataclasses.replace(self.template, prompts="seed", out=str(self.results)))
         self.plan = probe
@@ -81,22 +92,32 @@ class Service:
             self.template.replicas,
             self.template.gpus_per_stage,
             self.template.handoff,
-            extra_actors=self.cfg.max_running,
+            extra_actors=self.cfg.aggregators,
+        )
+        self.aggregators = Aggregators(
+            self.cfg.aggregators,
+            token_strings(probe.tokenizer, probe.vocab_size),
+            f"neuroscan-{self.pipelines.run_id}-aggregator",
         )
         self.scheduler = Scheduler(self.pipelines, self.template.window * self.template.replicas)
         self.loaded_s = time.perf_counter() - t0
         self.store.requeue_running()
         self.admitting.set()
-        self.thread = threading.Thread(target=self._loop, name="neuroscan-scheduler", daemon=True)
-        self.thread.start()
+        for target, name in ((self._admit_loop, "neuroscan-admit"), (self._loop, "neuroscan-scheduler")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self.threads.append(thread)
 
     def close(self) -> None:
         self.stopping.set()
         self.wake.set()
-        if self.thread is not None:
-            self.thread.join(timeout=60)
-        for active in list(self.active.values()):
+        self.admitting.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+        for active in [*self.active.values(), *self._take_ready()]:
             self._release(active)
+        if self.aggregators is not None:
+            self.aggregators.close()
         if self.pipelines is not None:
             self.pipelines.close()
 
@@ -120,7 +141,6 @@ class Service:
         )
         if not self.store.add(scan):
             raise UserError(f"a scan named {name!r} exists already: choose another --name")
-        self.store.progress(scan_id, n_prompts, 0, 0, 0.0)
         self.admitting.set()
         self.wake.set()
         return self.store.get(scan_id)
@@ -143,13 +163,21 @@ class Service:
 
     def cancel(self, scan_id: str) -> Scan:
         scan = self.find(scan_id)
-        if scan.state == QUEUED:
-            self.store.set_state(scan.id, CANCELLED, "cancelled before it started")
-        elif scan.state == RUNNING:
-            self.store.request_cancel(scan.id)
+        if not self.store.cancel_queued(scan.id) and self.store.get(scan.id).state == RUNNING:
+            self.store.request_cancel(scan.id)  # seen by the scheduler's thread, now or once the scan is ready
             with self.lock:
                 self.cancels.add(scan.id)
             self.wake.set()
+        return self.store.get(scan.id)
+
+    def resume(self, scan_id: str) -> Scan:
+        """Queue a cancelled or failed scan again: it continues from what it committed."""
+        scan = self.find(scan_id)
+        if not self.store.requeue(scan.id):
+            raise UserError(
+                f"scan {scan.id} is {self.store.get(scan.id).state}: only a cancelled or failed scan can be resumed"
+            )
+        self.admitting.set()
         return self.store.get(scan.id)
 
     def positions(self) -> dict[str, int]:
@@ -157,12 +185,81 @@ class Service:
         queued = [s.id for s in self.store.all() if s.state == QUEUED]
         return {scan_id: i + 1 for i, scan_id in enumerate(queued)}
 
+    # The admission thread: a scan is prepared (its corpus read and tokenised, its output
+    # directory claimed, its aggregator opened) off the scheduler's thread, which keeps
+    # the stages fed meanwhile.
+
+    def _admit_loop(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                if self.admitting.wait(0.5):
+                    self.admitting.clear()
+                    self._admit()
+        except BaseException as err:
+            self.failure = f"the admission of scans stopped: {err}"
+            raise
+
+    def _admit(self) -> None:
+        """Start queued scans, oldest first, while fewer than ``--max-running`` are held."""
+        for scan in self.store.all():
+            with self.lock:
+                if self.held >= self.cfg.max_running or self.stopping.is_set():
+                    return
+            if scan.state != QUEUED or not self.store.start(scan.id):
+                continue
+            with self.lock:
+                self.held += 1
+            try:
+                active = self._prepare(scan)
+            except Exception as err:  # a UserError names the problem; anything else fails this scan only
+                self._let_go()
+                self.store.set_state(scan.id, FAILED, str(err) if isinstance(err, UserError) else repr(err))
+                continue
+            if active is None:  # its run was complete already
+                self._let_go()
+                self.store.set_state(scan.id, COMPLETED)
+                continue
+            with self.lock:
+                self.ready.append(active)
+            self.wake.set()
+
+    def _prepare(self, scan: Scan) -> Active | None:
+        cfg = self.job_config(scan.options, scan.corpus, scan.out)
+        p = plan(cfg)
+        header = manifest_header(cfg, p)
+        stack = ExitStack()
+        try:
+            stack.enter_context(claim(Path(cfg.out)))
+            existing = prepare_output(Path(cfg.out), overwrite=False, resume=True, header=header)
+            if existing is not None and existing.complete:
+                stack.close()
+                return None
+            batches = stack.enter_context(corpus_batches(cfg, p))
+            sink = self.aggregators.open(scan.id, str(Path(cfg.out).resolve()), header, cfg.rows_per_part)
+            stack.callback(self.aggregators.release, scan.id)
+            committed = existing.committed_batches() if existing else set()
+            return Active(Job(scan.id, cfg, batches, committed, sink, p.n_prompts), stack)
+        except BaseException:
+            stack.close()
+            raise
+
+    def _let_go(self) -> None:
+        """A held scan ended (or never ran): another may be admitted."""
+        with self.lock:
+            self.held -= 1
+        self.admitting.set()
+
+    def _take_ready(self) -> list[Active]:
+        with self.lock:
+            ready, self.ready = self.ready, []
+        return ready
+
     # The scheduler's thread.
 
     def _loop(self) -> None:
         try:
             while not self.stopping.is_set():
-                self._admit()
+                self._add_ready()
                 self._cancel_requested()
                 if self.scheduler.jobs:
                     for job in self.scheduler.step(self._timings, wait_s=0.2):
@@ -177,45 +274,14 @@ class Service:
                 self.store.set_state(scan_id, FAILED, self.failure)
             raise
 
-    def _admit(self) -> None:
-        """Start queued scans, oldest first, while fewer than ``--max-running`` run (looked up
-        only when one was queued or one ended)."""
-        if not self.admitting.is_set():
-            return
-        self.admitting.clear()
-        for scan in self.store.all():
-            if len(self.active) >= self.cfg.max_running or self.stopping.is_set():
-                return
-            if scan.state != QUEUED:
-                continue
-            try:
-                self._start_job(scan)
-            except UserError as err:
-                self.store.set_state(scan.id, FAILED, str(err))
-
-    def _start_job(self, scan: Scan) -> None:
-        cfg = self.job_config(scan.options, scan.corpus, scan.out)
-        p = plan(cfg)
-        header = manifest_header(cfg, p)
-        stack = ExitStack()
-        try:
-            stack.enter_context(claim(Path(cfg.out)))
-            existing = prepare_output(Path(cfg.out), overwrite=False, resume=True, header=header)
-            if existing is not None and existing.complete:
-                stack.close()
-                self.store.set_state(scan.id, COMPLETED)
-                return
-            batches = stack.enter_context(corpus_batches(cfg, p))
-            aggregator = start_aggregator(cfg, p, header, f"neuroscan-{self.pipelines.run_id}-aggregator-{scan.id}")
-            stack.callback(ray.kill, aggregator)
-            committed = existing.committed_batches() if existing else set()
-            job = Job(scan.id, cfg, batches, committed, aggregator, p.n_prompts)
-        except BaseException:
-            stack.close()
-            raise
-        self.store.set_state(scan.id, RUNNING)
-        self.active[scan.id] = Active(job, stack)
-        self.scheduler.add(job)
+    def _add_ready(self) -> None:
+        """Hand the prepared scans to the scheduler; one cancelled while it was prepared stops at once."""
+        for active in self._take_ready():
+            job = active.job
+            self.active[job.key] = active
+            self.scheduler.add(job)
+            if self.store.get(job.key).cancel:
+                job.cancel()
 
     def _cancel_requested(self) -> None:
         with self.lock:
@@ -233,7 +299,7 @@ class Service:
         error = None if job.error is None else (str(job.error) or type(job.error).__name__)
         self.store.set_state(job.key, job.state, error if job.state == FAILED else None)
         self._release(active)
-        self.admitting.set()
+        self._let_go()
 
     def _release(self, active: Active) -> None:
         active.stack.close()

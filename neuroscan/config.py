@@ -432,9 +432,15 @@ class ServeConfig(Config):
         256, "the largest request body (a corpus) accepted, in MiB", minimum=1, group="the service"
     )
     max_running: int = option(
-        8,
-        "scans running at once (their micro-batches share the pipelines; each has an aggregator process, "
-        "about 0.4 GB); the rest wait in the queue",
+        16,
+        "scans running at once (their micro-batches share the pipelines); the rest wait in the queue",
+        minimum=1,
+        group="the service",
+    )
+    aggregators: int = option(
+        2,
+        "aggregator processes on this node, each writing the tables of several running scans "
+        "(about 0.4 GB and up to one CPU core each)",
         minimum=1,
         group="the service",
     )
@@ -483,5 +489,12 @@ class WaitConfig(ClientConfig):
 @dataclass(frozen=True, kw_only=True)
 class CancelConfig(ClientConfig):
     """``neuroscan cancel``: stop a scan within one micro-batch; what it committed stays valid."""
+
+    id: str = option(help="a scan's id (or its first characters)", positional=True, what="a scan id")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumeConfig(ClientConfig):
+    """``neuroscan resume``: queue a cancelled or failed scan again; it keeps what it committed."""
 
     id: str = option(help="a scan's id (or its first characters)", positional=True, what="a scan id")

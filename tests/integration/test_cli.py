@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,44 @@ def test_the_aggregator_runs_on_the_drivers_node(ray_session):
         assert ray.get(probe.node.remote()) == strategy.node_id
     finally:
         ray.kill(probe)
+
+
+class Busy:
+    """An actor whose work waits until a file appears: a stage or aggregator with calls queued."""
+
+    def work(self, flag: str) -> bool:
+        while not Path(flag).exists():
+            time.sleep(0.01)
+        return True
+
+    def memory(self) -> str:
+        return "answered"
+
+
+@pytest.mark.parametrize("kind", ["stage", "aggregator"])
+def test_memory_is_answered_while_an_actor_works_through_its_queue(ray_session, tmp_path, kind):
+    """A scan's manifest records every actor's memory when it ends; in a service other scans'
+    micro-batches are queued on those actors then, and the answer must not wait for them."""
+    import ray
+
+    if kind == "stage":
+        group = placement.reserve("cpu", 1)
+        actor = placement.stage_actor(Busy, group, 0, "cpu", f"busy-{kind}").remote()
+    else:
+        group, actor = None, placement.aggregator_actor(Busy, f"busy-{kind}").remote()
+    try:
+        flag = tmp_path / "go"
+        queued = [actor.work.remote(str(flag)) for _ in range(3)]
+        answer = actor.memory.options(concurrency_group=placement.INFO).remote()
+        ready, _ = ray.wait([answer], timeout=60)
+        assert ready and ray.get(answer) == "answered"
+        assert not ray.wait(queued, timeout=0)[0]  # still held up, behind the flag
+        flag.touch()
+        assert ray.get(queued) == [True] * 3
+    finally:
+        ray.kill(actor)
+        if group is not None:
+            placement.remove_placement_group(group)
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from neuroscan.manifest import read_manifest
 from prompts.generate import generate, write_jsonl
 from tests.conftest import CORPUS
 from tests.reference import assert_scan_matches, reference_scan
-from tests.same_output import assert_same_output
+from tests.same_output import assert_same_output, sequence_corpus
 
 TOKEN = "s3cret-token"
 TEXTS = [row["text"] for row in CORPUS]
@@ -121,11 +121,41 @@ def test_a_small_scan_finishes_before_a_large_earlier_one_which_cancels_and_resu
     out = Path(large.status()["out"])
     manifest = read_manifest(out)
     assert manifest.status == "running" and manifest.parts  # a valid partial run
-    options = {"batch_tokens": 256, "rows_per_part": 2000}
-    stored = large.status()["corpus"]  # the corpus as the service keeps it: what --resume checks
+    stored = large.status()["corpus"]  # the corpus as the service keeps it, for `scan --resume` too
     assert Path(stored).read_bytes() == big.read_bytes()
-    run_scan(ScanConfig(prompts=stored, out=str(out), model=str(other_model), quiet=True, resume=True, **options))
-    assert_same_output(out, one_shot(big, tmp_path / "one-shot", other_model, options))
+    assert large.resume()["state"] in ("queued", "running")  # through the service: from its parts on
+    large.wait()
+    resumed = read_manifest(out)
+    assert resumed.parts[: len(manifest.parts)] == manifest.parts and resumed.resumed_at
+    assert_same_output(
+        out, one_shot(big, tmp_path / "one-shot", other_model, {"batch_tokens": 256, "rows_per_part": 2000})
+    )
+
+
+def test_an_aggregator_process_and_a_stage_killed_mid_scan_leave_every_scan_complete(served, other_model, tmp_path):
+    """Ray restarts a killed aggregator process (holding two scans) and a killed stage; every
+    scan resends what its aggregator had not committed and ends with its one-shot tables."""
+    import ray
+
+    client, service, _ = served
+    corpus = sequence_corpus(tmp_path / "faults.jsonl", 240, seed=9)
+    options = {"batch_tokens": 256, "rows_per_part": 1500, "max_per_layer": 5}
+    jobs = [client.submit(str(corpus), name=f"fault-{i}", **options) for i in range(3)]
+    while not all(job.id in service.aggregators.held for job in jobs):  # admitted, each on a host
+        time.sleep(0.05)
+    held = {key: host for key, (host, _) in service.aggregators.held.items()}
+    first = next(job for job in jobs if held.get(job.id) is service.aggregators.hosts[0])
+    out = Path(first.status()["out"])
+    while len(read_manifest(out).parts if (out / "manifest.json").exists() else []) < 2:
+        time.sleep(0.05)
+    names = ray.util.list_named_actors()
+    for suffix in ("aggregator-0", "stage-1-0"):
+        ray.kill(ray.get_actor(next(n for n in names if n.endswith(suffix))), no_restart=False)
+    reference = one_shot(corpus, tmp_path / "one-shot", other_model, options)
+    for job in jobs:
+        job.wait()
+        assert_same_output(Path(job.status()["out"]), reference)
+    assert read_manifest(out).resumed_at  # its aggregator was opened again from the manifest
 
 
 def _raw(client: Client, method: str, path: str, body: bytes | None = None, headers: dict | None = None, token=TOKEN):
@@ -203,6 +233,7 @@ def _raw(client: Client, method: str, path: str, body: bytes | None = None, head
         ("POST", "/scans", b"\x1f\x8b not gzip", {}, TOKEN, 400, "is not valid gzip"),
         ("GET", "/scans/ffffffffffff", None, {}, TOKEN, 404, "matches no scan"),
         ("POST", "/scans/ffffffffffff/cancel", None, {}, TOKEN, 404, "matches no scan"),
+        ("POST", "/scans/ffffffffffff/resume", None, {}, TOKEN, 404, "matches no scan"),
         ("GET", "/scans", None, {}, None, 401, "no token: send the service's NEUROSCAN_TOKEN"),
         ("GET", "/scans", None, {}, "wrong", 401, "a wrong token"),
         ("GET", "/nowhere", None, {}, TOKEN, 404, "Not Found: see /docs"),
@@ -268,6 +299,10 @@ def test_the_cli_submits_follows_and_cancels(served, corpus, capsys, monkeypatch
     assert table.splitlines()[0].split()[:3] == ["id", "name", "state"] and "from-cli" in table
     assert main(["cancel", scan_id, *url]) == 0  # an ended scan stays as it ended
     assert "completed" in capsys.readouterr().out
+    assert main(["resume", scan_id, *url]) == 2  # only a cancelled or failed scan resumes
+    assert capsys.readouterr().err == (
+        f"neuroscan: error: scan {scan_id} is completed: only a cancelled or failed scan can be resumed\n"
+    )
     assert main(["submit", str(corpus), "--high", "0", "--low", "1", *url]) == 2
     assert (
         capsys.readouterr().err

@@ -74,13 +74,13 @@ def saboteur(out: Path, plan: list[tuple[int, str]], killed: list, stop: threadi
 
 def test_stage_and_aggregator_crashes_leave_the_same_tables(ray_session, corpus, reference, tmp_path):
     out, killed, stop = tmp_path / "out", [], threading.Event()
-    thread = saboteur(out, [(1, "stage-0-1"), (2, "stage-0-0"), (4, "aggregator")], killed, stop)
+    thread = saboteur(out, [(1, "stage-0-1"), (2, "stage-0-0"), (4, "aggregator-0")], killed, stop)
     try:
         run_scan(config(corpus, out))
     finally:
         stop.set()
         thread.join()
-    assert killed == ["stage-0-1", "stage-0-0", "aggregator"]
+    assert killed == ["stage-0-1", "stage-0-0", "aggregator-0"]
     assert json.loads((out / "manifest.json").read_text())["resumed_at"]  # the aggregator did restart
     assert_same_output(out, reference)
 

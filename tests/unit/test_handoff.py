@@ -78,9 +78,9 @@ def test_the_scheduler_hands_each_stage_the_previous_stages_hand_off(monkeypatch
     monkeypatch.setattr(schedule.ray, "put", lambda value: "ref:batch")
     log: list = []
     pipe = [FakeStage(log, f"s{i}") for i in range(3)]
-    aggregator = type("Agg", (), {"add": Call(log, "agg.add")})()
+    sink = type("Sink", (), {"add": staticmethod(Call(log, "agg.add").remote)})()
     cfg = ScanConfig(prompts="seed", out="x", stages=3, quiet=True)
-    job = Job("scan-a", cfg, iter([]), set(), aggregator, 1)
+    job = Job("scan-a", cfg, iter([]), set(), sink, 1)
     scheduler = schedule.Scheduler(Pipelines("cpu", [pipe], handoffs=[["GLOO", "CUDA_IPC"]]), window=3)
     scheduler.submit(job, MicroBatch(5, None, None, None, None, None, job="scan-a"), ["prompt"], pipe)
     names = [name for name, _, _ in log]

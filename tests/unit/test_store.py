@@ -75,3 +75,15 @@ def test_a_name_is_taken_once_even_by_two_writers(tmp_path):
     twin = _scan(2)
     twin.name = _scan(1).name
     assert not store.add(twin) and [s.id for s in store.all()] == [_scan(1).id]
+
+
+def test_a_scan_starts_or_is_cancelled_before_it_starts_never_both(tmp_path):
+    """The admission thread's start and a user's cancel race for a queued scan: one wins."""
+    store = Store(tmp_path / "s.sqlite")
+    for i in range(2):
+        store.add(_scan(i))
+    assert store.start(_scan(0).id) and not store.cancel_queued(_scan(0).id)
+    assert store.get(_scan(0).id).state == RUNNING
+    assert store.cancel_queued(_scan(1).id) and not store.start(_scan(1).id)
+    cancelled = store.get(_scan(1).id)
+    assert (cancelled.state, cancelled.error, cancelled.started_at) == (CANCELLED, "cancelled before it started", None)
