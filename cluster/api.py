@@ -276,7 +276,10 @@ def count_prompts(corpus: Path) -> int:
 
 def describe(scan: Scan, service: Service, positions: dict[str, int] | None = None) -> dict:
     """What a client sees of a scan."""
-    positions = service.positions() if positions is None else positions
+    if scan.state != QUEUED:
+        position = None
+    else:  # one scan: counted in the table, not by listing every scan
+        position = service.store.position(scan.id) if positions is None else positions.get(scan.id)
     rate = scan.tokens_done / scan.seconds if scan.seconds > 0 else None
     prompt_rate = scan.prompts_done / scan.seconds if scan.seconds > 0 else None
     left = scan.prompts_total - scan.prompts_done
@@ -285,7 +288,7 @@ def describe(scan: Scan, service: Service, positions: dict[str, int] | None = No
         "id": scan.id,
         "name": scan.name,
         "state": scan.state,
-        "position": positions.get(scan.id) if scan.state == QUEUED else None,
+        "position": position,
         "prompts_done": scan.prompts_done,
         "prompts_total": scan.prompts_total,
         "tokens_per_s": rate,

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from cluster.aggregators import Aggregators
 from cluster.job import Job
-from cluster.output import claim, corpus_fingerprint, prepare_output
+from cluster.output import claim, corpus_fingerprint, prepare_output, run_packing
 from cluster.partition import partition_layers
 from cluster.pipelines import Pipelines
 from cluster.schedule import Scheduler
@@ -35,7 +35,7 @@ from neuroscan.errors import UserError
 from neuroscan.manifest import BandEdges, Manifest, ModelInfo, SelectionInfo
 from neuroscan.memory import MemoryWatch
 from neuroscan.schema import SCHEMA_VERSION
-from prompts.batching import ReadAhead, chunk_batches
+from prompts.batching import PACKINGS, ReadAhead, chunk_batches
 from prompts.readers import corpus_stamp
 from workers.checkpoint import load_config, load_tokenizer, resolve_model
 
@@ -73,6 +73,8 @@ class Plan:
     """... of which the answer starts without whitespace after a prompt that ends without it."""
     stamp: tuple | None = ()
     """The corpus's `prompts.readers.corpus_stamp` from before the plan read it."""
+    packing: str = PACKINGS[0]
+    """How the corpus is cut into micro-batches: a resumed run's own way (`run_packing`)."""
 
 
 def plan(cfg: ScanConfig) -> Plan:
@@ -83,9 +85,12 @@ def plan(cfg: ScanConfig) -> Plan:
     bounds = partition_layers(config.n_layer, cfg.stages)
     tokenizer = load_tokenizer(source.path)
     stamp = corpus_stamp(cfg.prompts)  # before reading: an edit from here on is seen
+    packing = run_packing(Path(cfg.out)) if cfg.resume else PACKINGS[0]
     n_prompts = n_tokens = n_input = n_chunks = n_expected = n_unspaced = 0
     kept, kept_chunks = [], 0
-    for pairs in chunk_batches(cfg.prompts, tokenizer, config.n_positions, cfg.batch_tokens, cfg.truncate):
+    for pairs in chunk_batches(
+        cfg.prompts, tokenizer, config.n_positions, cfg.batch_tokens, cfg.truncate, packing=packing
+    ):
         for batch, group in pairs:
             n_prompts += len(batch.prompt_ids)
             n_tokens += int(batch.n_tokens.sum())
@@ -115,6 +120,7 @@ def plan(cfg: ScanConfig) -> Plan:
         n_expected=n_expected,
         n_unspaced=n_unspaced,
         stamp=stamp,
+        packing=packing,
     )
 
 
@@ -157,7 +163,14 @@ def corpus_batches(cfg: ScanConfig, p: Plan) -> Iterator[Iterator]:
         yield iter(p.kept)
         return
     rest = chunk_batches(
-        cfg.prompts, p.tokenizer, p.context, cfg.batch_tokens, cfg.truncate, skip=p.kept_chunks, first_id=len(p.kept)
+        cfg.prompts,
+        p.tokenizer,
+        p.context,
+        cfg.batch_tokens,
+        cfg.truncate,
+        skip=p.kept_chunks,
+        first_id=len(p.kept),
+        packing=p.packing,
     )
     with ReadAhead(_unchanged(rest, cfg.prompts, p)) as ahead:
         yield itertools.chain(p.kept, ahead)
@@ -189,6 +202,7 @@ def manifest_header(cfg: ScanConfig, p: Plan) -> Manifest:
         corpus=corpus_fingerprint(cfg.prompts),
         versions={name: package_version(name) for name in PACKAGES},
         started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        packing=p.packing,
     )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from neuroscan.errors import UserError, make_dir
 from neuroscan.manifest import NAME as MANIFEST_NAME
 from neuroscan.manifest import Corpus, Manifest, read_manifest
+from prompts.batching import PACKINGS
 from prompts.readers import corpus_paths
 
 IDENTITY = {
@@ -35,6 +36,7 @@ IDENTITY = {
     "corpus.sha256": "PROMPTS (its contents changed)",
     "truncate": "--truncate",
     "top_k": "--top-k",
+    "packing": "the micro-batch packing",
 }
 
 
@@ -107,6 +109,16 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, header: Manifest) -
     if not os.access(out, os.W_OK):
         raise UserError(f"--out {out} is not writable: choose a writable directory")
     return None
+
+
+def run_packing(out: Path) -> str:
+    """How the run in ``out`` cut its corpus into micro-batches, so that a resume cuts it the
+    same way (the default when ``out`` holds no readable manifest)."""
+    try:
+        existing = read_manifest(out) if out.is_dir() else None
+    except UserError:  # damaged: `prepare_output` says so
+        existing = None
+    return existing.packing if existing is not None else PACKINGS[0]
 
 
 def _keep_inputs(out: Path, header: Manifest) -> None:

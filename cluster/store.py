@@ -133,6 +133,15 @@ class Store:
         with self._connect() as db:
             return [_scan(r) for r in db.execute("SELECT * FROM scans ORDER BY seq").fetchall()]
 
+    def position(self, scan_id: str) -> int:
+        """A queued scan's place in the queue (1: next to start)."""
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT COUNT(*) FROM scans WHERE state = ? AND seq <= (SELECT seq FROM scans WHERE id = ?)",
+                (QUEUED, scan_id),
+            ).fetchone()
+        return row[0]
+
     def set_state(self, scan_id: str, state: str, error: str | None = None) -> None:
         now = time.time()
         if state == RUNNING:

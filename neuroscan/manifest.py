@@ -115,7 +115,7 @@ class Summary:
 
 @dataclass
 class Manifest:
-    """The whole of ``manifest.json``. The fields down to ``started_at`` are fixed when the
+    """The whole of ``manifest.json``. The fields down to ``packing`` are fixed when the
     run starts (the header); the rest grows as parts are committed."""
 
     schema_version: int
@@ -135,6 +135,9 @@ class Manifest:
     corpus: Corpus
     versions: dict[str, str | None]
     started_at: str
+    packing: str = "longest-first"
+    """How the corpus was cut into micro-batches (`prompts.batching.PACKINGS`); a manifest
+    from before the key was written says nothing, and was packed longest first."""
     status: str = RUNNING
     parts: list[Part] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)

@@ -98,3 +98,40 @@ def test_read_ahead_keeps_order_raises_errors_where_they_happen_and_stops():
     # Closed: the thread, blocked on a full queue, sees the stop and ends (it would wait forever).
     ahead.thread.join(timeout=2)
     assert not ahead.thread.is_alive() and len(made) <= 3
+
+
+def test_balanced_packing_wastes_less_padding_than_filling_each_group(tmp_path):
+    """Forty prompts of mixed lengths (a small scan): the balanced cuts keep the budget and every
+    prompt once, longest first, and waste less (padded tokens, and with a micro-batch's cost)."""
+    import numpy as np
+
+    from prompts.batching import BATCH_COST
+
+    tok = byte_tokenizer()
+    lengths = np.random.default_rng(0).integers(100, 600, 40)
+    items = tokenize([_tok("x" * int(n), pid=i) for i, n in enumerate(lengths)], tok, 2048, False)
+    padded = {}
+    for packing in ("balanced", "longest-first"):
+        groups = pack(items, 8192, packing)
+        assert all(len(g) * g[0].n_input <= 8192 for g in groups)
+        flat = [t for g in groups for t in g]
+        assert sorted(t.prompt.prompt_id for t in flat) == list(range(40))
+        assert [t.n_input for t in flat] == sorted(lengths.tolist(), reverse=True)
+        padded[packing] = (sum(len(g) * g[0].n_input for g in groups), len(groups))
+    cost = {k: tokens + n * 8192 * BATCH_COST for k, (tokens, n) in padded.items()}
+    assert padded["balanced"][0] < padded["longest-first"][0] and cost["balanced"] < cost["longest-first"]
+
+
+def test_a_run_resumes_with_the_packing_it_was_written_with(tmp_path):
+    """A run written before balanced packing existed (its manifest has no ``packing``) is
+    resumed longest first: the same batch ids hold the same prompts."""
+    from cluster.output import run_packing
+    from neuroscan.manifest import Manifest, write_manifest
+    from tests.manifests import header
+
+    old = header().to_dict()
+    del old["packing"]
+    (tmp_path / "old").mkdir()
+    write_manifest(tmp_path / "old", Manifest.from_dict(old))
+    assert run_packing(tmp_path / "old") == "longest-first"
+    assert run_packing(tmp_path / "new") == "balanced"  # nothing there yet

@@ -87,3 +87,12 @@ def test_a_scan_starts_or_is_cancelled_before_it_starts_never_both(tmp_path):
     assert store.cancel_queued(_scan(1).id) and not store.start(_scan(1).id)
     cancelled = store.get(_scan(1).id)
     assert (cancelled.state, cancelled.error, cancelled.started_at) == (CANCELLED, "cancelled before it started", None)
+
+
+def test_a_queued_scans_position_counts_the_queued_scans_before_it(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    for i in range(4):
+        store.add(_scan(i))
+    store.start(_scan(0).id)
+    store.cancel_queued(_scan(2).id)
+    assert [store.position(_scan(i).id) for i in (1, 3)] == [1, 2]
