@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import types
 import typing
 from pathlib import Path
@@ -19,6 +21,7 @@ from neuroscan.config import (
     SCAN_OPTIONS,
     BenchConfig,
     CancelConfig,
+    CheckConfig,
     CompareConfig,
     MakeModelConfig,
     ReportConfig,
@@ -33,7 +36,9 @@ from neuroscan.config import (
 from neuroscan.errors import UserError, make_dir
 
 EXIT_USAGE = 2
+EXIT_DAMAGED = 1  # `neuroscan check`: files that do not match the manifest
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell tool killed by the closed pipe returns
 
 
@@ -135,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("report", help="write DIR/report/, a static site of the scan (opens from file://)"), ReportConfig
     )
     add_options(
+        sub.add_parser("check", help="check every file of a scan against its manifest (size and sha256)"), CheckConfig
+    )
+    add_options(
         sub.add_parser("make-model", help="write a random GPT-J checkpoint in Hugging Face layout"), MakeModelConfig
     )
     serve = sub.add_parser("serve", help="load the model once and scan what is submitted to it (HTTP)")
@@ -215,6 +223,29 @@ def cmd_bench(args) -> int:
     if cfg.out:
         Path(cfg.out).write_text(json.dumps(report, indent=1))
         print(f"wrote {cfg.out}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from neuroscan.manifest import NAME, damaged_files, read_manifest
+
+    cfg = config_from(CheckConfig, args)
+    out = Path(cfg.dir)
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise UserError(f"{out} has no {NAME}: give the output directory of a neuroscan scan")
+    problems = damaged_files(out, manifest, hashes=True)
+    for line in problems:
+        print(line)
+    listed = f"{len(manifest.listed())} files of {len(manifest.parts)} parts"
+    if problems:
+        print(
+            f"{out}: {len(problems)} of {listed} do not match the manifest: restore them from a copy, "
+            "or scan the corpus again into a new --out"
+        )
+        return EXIT_DAMAGED
+    state = "a finished scan" if manifest.complete else "not finished: `neuroscan scan ... --resume` goes on from here"
+    print(f"{out}: {listed} match the manifest (size and sha256); {state}")
     return 0
 
 
@@ -305,6 +336,7 @@ def cmd_resume(args) -> int:
 
 COMMANDS = {
     "report": cmd_report,
+    "check": cmd_check,
     "bench": cmd_bench,
     "scan": cmd_scan,
     "make-model": cmd_make_model,
@@ -319,7 +351,17 @@ COMMANDS = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch scheduler ending the job): stops a command as Ctrl-C does."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if on_main_thread else None
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
@@ -327,15 +369,19 @@ def main(argv: list[str] | None = None) -> int:
         cause = getattr(err, "cause", None)  # raised in an actor: Ray wraps it with the remote traceback
         print(f"neuroscan: error: {cause if isinstance(cause, UserError) else err}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        what = "terminated" if isinstance(err, Terminated) else "interrupted"
         print(
-            "neuroscan: interrupted: committed parts are kept; continue with the same command and --resume",
+            f"neuroscan: {what}: committed parts are kept; continue with the same command and --resume",
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
     except BrokenPipeError:  # `neuroscan ... | head`: the reader left; what was written stays written
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so Python's flush at exit finds no pipe
         return EXIT_BROKEN_PIPE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

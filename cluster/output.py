@@ -18,7 +18,7 @@ from pathlib import Path
 
 from neuroscan.errors import UserError, make_dir
 from neuroscan.manifest import NAME as MANIFEST_NAME
-from neuroscan.manifest import Corpus, Manifest, read_manifest
+from neuroscan.manifest import Corpus, Manifest, damage_line, damaged_files, read_manifest
 from prompts.batching import PACKINGS
 from prompts.readers import corpus_paths
 
@@ -93,6 +93,9 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, header: Manifest) -
         existing, damaged = None, True
     if resume and existing is not None:
         _check_same_run(out, existing, header)
+        problems = damaged_files(out, existing, hashes=True)  # every committed byte, as written
+        if problems:
+            raise UserError(damage_line(out, problems, "restore the files from a copy, or scan again with --overwrite"))
         return existing
     if any(out.iterdir()):
         if existing is None and not damaged:

@@ -10,7 +10,11 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import signal
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 from ray.exceptions import RayActorError
@@ -41,6 +45,24 @@ def start_ray(n_actors: int) -> bool:
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     if ray.is_initialized():
         return False
+    with _keeping_sigterm():
+        return _init(n_actors)
+
+
+@contextmanager
+def _keeping_sigterm() -> Iterator[None]:
+    """``ray.init`` replaces the SIGTERM handler of the main thread with ``sys.exit(15)``; the
+    one before it (the CLI's: stop like Ctrl-C, one line, exit 143) is put back."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if on_main_thread else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _init(n_actors: int) -> bool:
     common = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     address = os.environ.get("RAY_ADDRESS")
     if not address:

@@ -363,6 +363,13 @@ class BenchConfig(Config):
 
 
 @dataclass(frozen=True, kw_only=True)
+class CheckConfig(Config):
+    """``neuroscan check``: every file a scan's manifest lists, against its size and sha256."""
+
+    dir: str = option(help="a scan's output directory", positional=True, what="a scan's output directory")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ReportConfig(Config):
     """``neuroscan report``: a static site of a finished scan."""
 

@@ -11,10 +11,12 @@ never a torn one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import types
 import typing
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +169,10 @@ class Manifest:
         """The committed parts' files whose path starts with ``prefix``."""
         return [f for part in self.parts for f in part.files if f.path.startswith(prefix)]
 
+    def listed(self) -> list[PartFile]:
+        """Every table file the manifest lists: the parts', the empty layers', ``neurons/``."""
+        return [*self.files(), *self.empty_layers, *([self.neurons] if self.neurons else [])]
+
     def run_metadata(self) -> dict:
         """What every table file carries in its schema metadata (`neuroscan.schema`)."""
         return {"model": asdict(self.model), "selection": asdict(self.selection), "bands": asdict(self.bands)}
@@ -180,15 +186,60 @@ class Manifest:
 
 
 def write_manifest(out_dir: Path, manifest: Manifest) -> None:
+    """Replace ``out_dir``'s manifest whole; on a full disk (or any write error) the one before
+    stays, the temporary file is removed, and the error is one line."""
     out_dir = Path(out_dir)
     tmp = out_dir / f".{NAME}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest.to_dict(), f, indent=1, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_dir / NAME)
-    fsync_dir(out_dir)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(manifest.to_dict(), f, indent=1, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_dir / NAME)
+        fsync_dir(out_dir)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(
+            f"writing {out_dir / NAME} failed ({err.strerror or err}); the manifest before it is intact: "
+            "fix the disk (space, permissions), then rerun the same command with --resume"
+        ) from None
+
+
+def damaged_files(out_dir: Path, manifest: Manifest, hashes: bool = False) -> list[str]:
+    """One line for each file the manifest lists that is not as it was written: missing,
+    another size, or (with ``hashes``, reading every file) other bytes than its sha256."""
+    out_dir = Path(out_dir)
+
+    def problem(f: PartFile) -> str | None:
+        path = out_dir / f.path
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return f"{f.path} is missing"
+        if size != f.bytes:
+            return f"{f.path} is {size:,} bytes, not the {f.bytes:,} written"
+        if hashes and _sha256(path) != f.sha256:
+            return f"{f.path} holds other bytes than were written (its sha256 differs)"
+        return None
+
+    listed = manifest.listed()
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashing releases the GIL
+        return [line for line in pool.map(problem, listed) if line]
+
+
+def damage_line(out_dir: Path, problems: list[str], fix: str) -> str:
+    """The one line for a run whose files do not match its manifest."""
+    more = f" (and {len(problems) - 1} more: `neuroscan check {out_dir}` lists them)" if len(problems) > 1 else ""
+    return f"{out_dir} is damaged: {problems[0]}{more}: {fix}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_manifest(out_dir: Path) -> Manifest | None:

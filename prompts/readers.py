@@ -16,6 +16,7 @@ import csv
 import io
 import itertools
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -69,8 +70,21 @@ def _rows(source: str) -> Iterable[tuple[str, dict]]:
 def corpus_files(directory: Path) -> list[Path]:
     """A directory corpus's files, in name order: every file of a corpus type (of one type
     only); other files (``README.md``, ``dataset_info.json``), hidden ones and subdirectories
-    are left alone."""
-    files = sorted(f for f in directory.iterdir() if not f.name.startswith(".") and f.is_file() and _kind(f))
+    are left alone. A corpus file that cannot be opened (a link to a missing file, as a
+    git-annex or hub-cache shard not yet fetched is, or a link loop) is an error, never skipped."""
+    entries = sorted(f for f in directory.iterdir() if not f.name.startswith(".") and _kind(f))
+    for f in entries:
+        if f.is_symlink() and not f.exists():
+            try:
+                f.stat()
+            except OSError as err:
+                reason = err.strerror or str(err)
+            raise UserError(
+                f"shard {f.name} of prompt corpus {directory} cannot be read ({reason}; it is a link to "
+                f"{os.readlink(f)!r}): fetch the file it points to (a git-annex or hub-cache shard not yet "
+                "downloaded is such a link), or move the link out of the directory"
+            )
+    files = [f for f in entries if f.is_file()]
     if not files:
         raise UserError(
             f"prompt corpus {directory} is a directory with no corpus file in it ({', '.join(sorted(SUFFIXES))}; "

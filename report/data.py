@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 
 from aggregator.neurons import rank_within
 from results.run import Run
@@ -39,7 +38,7 @@ def layer_spread(run: Run, columns: list[str]) -> dict[str, np.ndarray]:
 
 def top_neurons(run: Run, per_layer: int) -> pa.Table:
     """Each layer's ``per_layer`` most often red neurons (then highest corpus max, lower index)."""
-    neurons = ds.dataset(str(run.out / run.manifest.neurons.path), format=run.fmt).to_table()
+    neurons = run.neurons()
     order = np.lexsort(
         (
             neurons["neuron"].to_numpy(),

@@ -36,7 +36,7 @@ def build(options: ReportConfig) -> Path:
 
     The scan's directory is only read, so a site elsewhere reports a scan on read-only storage."""
     options.validate()
-    run = open_run(options.dir)
+    run = open_run(options.dir, verify=True)
     if not run.manifest.complete:
         raise UserError(
             f"{run.out} is not a finished scan (neurons/ is written at the end): finish it with `neuroscan scan ... --resume`, then report"
@@ -146,7 +146,11 @@ def _write_chunk(path: Path, name: str, payload) -> None:
 
 
 def _json(payload) -> str:
-    return json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
+    """JSON safe inside a ``<script>`` element: ``<``, ``>`` and ``&`` (which can only occur in
+    strings) as ``\\u`` escapes, so no text (``</script>``, ``<!--<script``) can end the
+    element or switch the HTML parser into the state where it swallows the page's scripts."""
+    text = json.dumps(payload, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _b64(raw: bytes) -> str:

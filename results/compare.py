@@ -74,7 +74,7 @@ def _pick(by: str, present: list[str], a: str | None, b: str | None) -> tuple[st
 
 
 def compare(out_dir: str | Path, by: str, a: str | None = None, b: str | None = None) -> pa.Table:
-    run = open_run(out_dir)  # only committed parts: a running or killed scan's are read as far as they go
+    run = open_run(out_dir, verify=True)  # committed parts only, each as written: a killed scan reads as far as it went
     code, a, b, n_a, n_b = groups(run, by, a, b)
     red = run.manifest.bands.red
     c = {name: np.zeros(0, dtype=np.int64) for name in ("a", "b", "a_red", "b_red")}
@@ -121,7 +121,7 @@ def compare(out_dir: str | Path, by: str, a: str | None = None, b: str | None = 
 def _activations(run: Run):
     """(layer, record batch) over every committed activation row, a batch at a time."""
     for layer in range(run.n_layers):
-        for batch in run.dataset("activations", layer).to_batches(columns=["neuron", "prompt_id", "max_act"]):
+        for batch in run.batches("activations", ["neuron", "prompt_id", "max_act"], layer):
             yield layer, batch
 
 

@@ -104,16 +104,17 @@ def test_killed_during_the_final_summary(corpus, reference, tmp_path):
     assert_same_output(out, reference)
 
 
-def test_ctrl_c_stops_quickly_and_resumes(corpus, reference, tmp_path):
+@pytest.mark.parametrize("sent, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_stops_quickly_and_resumes(corpus, reference, tmp_path, sent, code, word):
     out = tmp_path / "out"
     proc = start(corpus, out)
     wait_for_parts(out, proc, 2)
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
+    at = time.monotonic()
+    proc.send_signal(sent)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert time.monotonic() - sent < 15
-    assert "Traceback" not in stderr and "--resume" in stderr
+    assert proc.returncode == code
+    assert time.monotonic() - at < 15
+    assert "Traceback" not in stderr and f"neuroscan: {word}: committed parts are kept" in stderr
     assert json.loads((out / "manifest.json").read_text())["status"] == "running"
     run(corpus, out, "--resume")
     assert_same_output(out, reference)

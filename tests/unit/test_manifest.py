@@ -55,3 +55,48 @@ def test_a_manifest_that_is_not_neuroscans_is_one_line(tmp_path, edit):
         UserError, match=r"manifest\.json is not a neuroscan manifest \(.*\): something other than neuroscan wrote it"
     ):
         read_manifest(tmp_path)
+
+
+def _flip_a_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_files_names_each_missing_resized_or_altered_file(tmp_path):
+    from neuroscan.manifest import damaged_files
+    from tests.runs import finished_run
+
+    out = finished_run(tmp_path / "run")
+    manifest = read_manifest(out)
+    assert len(manifest.parts) > 1 and damaged_files(out, manifest, hashes=True) == []
+    altered, shortened, missing = (manifest.parts[i].files[0].path for i in (0, 1, -1))
+    _flip_a_byte(out / altered)  # same size: only its sha256 tells
+    (out / shortened).write_bytes((out / shortened).read_bytes()[:-7])
+    (out / missing).unlink()
+    written = {f.path: f.bytes for f in manifest.listed()}
+    assert damaged_files(out, manifest) == [
+        f"{shortened} is {written[shortened] - 7:,} bytes, not the {written[shortened]:,} written",
+        f"{missing} is missing",
+    ]
+    assert damaged_files(out, manifest, hashes=True)[0] == (
+        f"{altered} holds other bytes than were written (its sha256 differs)"
+    )
+
+
+def test_a_full_disk_while_the_manifest_is_replaced_keeps_the_old_one_in_one_line(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    write_manifest(tmp_path, HEADER)
+    before = (tmp_path / "manifest.json").read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    changed = dataclasses.replace(HEADER, status="complete")
+    with pytest.raises(UserError, match="No space left on device.*the manifest before it is intact.*--resume"):
+        write_manifest(tmp_path, changed)
+    assert (tmp_path / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]  # no .manifest.json.tmp left

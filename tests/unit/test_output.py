@@ -21,3 +21,24 @@ def test_a_directory_corpus_fingerprint_covers_every_shard_and_nothing_else(tmp_
     with open(shards / "b.jsonl", "a") as f:
         f.write('{"text": "one more"}\n')
     assert corpus_fingerprint(str(shards)) != first
+
+
+def test_resume_refuses_a_run_whose_committed_part_was_rewritten(tmp_path):
+    """A part rewritten as valid data of the same size is found by its sha256 before anything
+    is scanned (resuming over it completed with the altered rows)."""
+    import pytest
+
+    from cluster.output import prepare_output
+    from neuroscan.errors import UserError
+    from neuroscan.manifest import read_manifest
+    from tests.manifests import HEADER
+    from tests.runs import finished_run
+    from tests.unit.test_manifest import _flip_a_byte
+
+    out = finished_run(tmp_path / "run")
+    manifest = read_manifest(out)
+    assert prepare_output(out, overwrite=False, resume=True, header=HEADER) == manifest
+    layer = manifest.files("activations/")[0].path
+    _flip_a_byte(out / layer)
+    with pytest.raises(UserError, match=f"is damaged: {layer} holds other bytes.*scan again with --overwrite"):
+        prepare_output(out, overwrite=False, resume=True, header=HEADER)

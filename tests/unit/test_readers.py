@@ -257,3 +257,22 @@ def test_parquet_answer_column_is_refused_only_without_expected(tmp_path):
         _all(path)
     pq.write_table(pa.table({"text": ["a"], "answer": ["b"], "expected": ["c"]}), path)
     assert [p.expected for p in _all(path)] == ["c"]
+
+
+@pytest.mark.parametrize("link", ["dangling", "loop"])
+def test_a_shard_that_cannot_be_opened_is_an_error_not_skipped(tmp_path, link):
+    """A git-annex or hub-cache shard not yet fetched is a dangling link: scanning the rest
+    would leave its prompts out without a word."""
+    from prompts.readers import corpus_paths
+
+    shards = _shards(tmp_path / "shards", [{"text": f"p{i}"} for i in range(4)], ["a.jsonl", "b.jsonl"])
+    target = "../annex/objects/c.jsonl" if link == "dangling" else "c.jsonl"
+    (shards / "c.jsonl").symlink_to(target)
+    reason = "No such file or directory" if link == "dangling" else "Too many levels of symbolic links"
+    with pytest.raises(
+        UserError, match=f"shard c.jsonl of prompt corpus {shards} cannot be read \\({reason}; it is a link"
+    ):
+        corpus_paths(str(shards))
+    (shards / "c.jsonl").unlink()
+    (shards / "c.jsonl").symlink_to(shards / "a.jsonl")  # a link that resolves is read like a file
+    assert [p.name for p in corpus_paths(str(shards))] == ["a.jsonl", "b.jsonl", "c.jsonl"]
