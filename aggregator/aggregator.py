@@ -303,8 +303,15 @@ class Aggregator:
         self.commit()
         table = self.neurons.table(self.pool)
         table = table.replace_schema_metadata(schema.with_run_metadata(table.schema, self.run_meta).metadata)
-        self.manifest.neurons = write_table(table, self.out, "neurons/part-00001", self.fmt)
-        self.manifest.empty_layers = self._write_empty_layers()
+        try:
+            self.manifest.neurons = write_table(table, self.out, "neurons/part-00001", self.fmt)
+            self.manifest.empty_layers = self._write_empty_layers()
+        except OSError as err:  # the files are not listed: a resumed run removes and writes them again
+            self.manifest.neurons, self.manifest.empty_layers = None, []
+            raise UserError(
+                f"writing neurons/ to {self.out} failed ({err.strerror or err}); every part is committed: "
+                "fix the disk (space, permissions), then rerun the same command with --resume"
+            ) from None
         timings = {**timings, "aggregator_lag_s": time.perf_counter() - t0}
         self.manifest.summary = self.summary()
         self.manifest.timings = {**timings, "finished_at": _now()}

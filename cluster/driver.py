@@ -24,6 +24,7 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
+from cluster import placement
 from cluster.aggregators import Aggregators
 from cluster.job import Job
 from cluster.output import claim, corpus_fingerprint, prepare_output, run_packing
@@ -37,7 +38,7 @@ from neuroscan.memory import MemoryWatch
 from neuroscan.schema import SCHEMA_VERSION
 from prompts.batching import PACKINGS, ReadAhead, chunk_batches
 from prompts.readers import corpus_stamp
-from workers.checkpoint import load_config, load_tokenizer, resolve_model
+from workers.checkpoint import fingerprint, load_config, load_tokenizer, resolve_model
 
 PACKAGES = ("neuroscan", "torch", "transformers", "accelerate", "ray", "pyarrow", "numpy")
 KEEP_TOKENS, KEEP_PROMPTS = 1 << 20, 1 << 13
@@ -75,11 +76,14 @@ class Plan:
     """The corpus's `prompts.readers.corpus_stamp` from before the plan read it."""
     packing: str = PACKINGS[0]
     """How the corpus is cut into micro-batches: a resumed run's own way (`run_packing`)."""
+    fingerprint: str | None = None
+    """The weights' digest (`workers.checkpoint.fingerprint`), which ``--resume`` compares."""
 
 
 def plan(cfg: ScanConfig) -> Plan:
     """Validate the config, the model and the whole corpus; nothing is started or written."""
     cfg.validate()
+    placement.check_local_capacity(cfg.stages * cfg.replicas + 1)  # the stages and an aggregator process
     source = resolve_model(cfg.model)
     config = load_config(source.path)
     bounds = partition_layers(config.n_layer, cfg.stages)
@@ -121,6 +125,7 @@ def plan(cfg: ScanConfig) -> Plan:
         n_unspaced=n_unspaced,
         stamp=stamp,
         packing=packing,
+        fingerprint=fingerprint(source.path),
     )
 
 
@@ -187,7 +192,9 @@ def manifest_header(cfg: ScanConfig, p: Plan) -> Manifest:
     sel = cfg.selection
     return Manifest(
         schema_version=SCHEMA_VERSION,
-        model=ModelInfo(id=p.model_id, path=p.model_path, dtype=p.dtype, revision=p.revision),
+        model=ModelInfo(
+            id=p.model_id, path=p.model_path, dtype=p.dtype, revision=p.revision, fingerprint=p.fingerprint
+        ),
         selection=SelectionInfo(high=sel.high, low=sel.low, max_per_layer=sel.max_per_layer),
         bands=BandEdges(low=sel.low, high=sel.high, red=sel.red),
         stages=cfg.stages,

@@ -26,6 +26,7 @@ IDENTITY = {
     "model.id": "--model",
     "model.path": "--model",
     "model.dtype": "--dtype",
+    "model.fingerprint": "--model's weights",
     "selection.high": "--high",
     "selection.low": "--low",
     "selection.max_per_layer": "--max-per-layer",
@@ -138,6 +139,14 @@ def _keep_inputs(out: Path, header: Manifest) -> None:
 def _check_same_run(out: Path, existing: Manifest, header: Manifest) -> None:
     for key, flag in IDENTITY.items():
         before, now = _get(existing, key), _get(header, key)
+        if before is None and key == "model.fingerprint":  # a run written before weights had one
+            continue
+        if before != now and key == "model.fingerprint":
+            raise UserError(
+                f"cannot resume {out}: the weights at --model {header.model.path} are not the ones the run was "
+                "scanned with (config.json or the safetensors files changed): put those back, or --overwrite "
+                "to scan again with these"
+            )
         if before != now:
             raise UserError(
                 f"cannot resume {out}: {flag} differs (the run has {key}={before!r}, now {now!r}): "

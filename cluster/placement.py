@@ -25,6 +25,10 @@ from neuroscan.errors import UserError
 from workers.handoff import GROUP, group_backend, transport, where
 
 PLACEMENT_TIMEOUT_S = 120
+ACTORS_PER_CORE = 4
+"""A local Ray gets a logical CPU per actor, up to this many actors a core (a 2-core machine
+runs 3 stages x 2 replicas); past it the processes only thrash (224 actors on 2 cores made no
+progress for minutes), so the scan is refused before Ray starts."""
 RESTARTS = {"max_restarts": 3, "max_task_retries": 3}
 """A crashed actor is restarted (and its calls retried) this many times before the run stops."""
 
@@ -66,6 +70,7 @@ def _init(n_actors: int) -> bool:
     common = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     address = os.environ.get("RAY_ADDRESS")
     if not address:
+        check_local_capacity(n_actors)
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, n_actors), **common)
         return True
     _check_reachable(address)
@@ -77,6 +82,22 @@ def _init(n_actors: int) -> bool:
             "(`ray status`), or unset RAY_ADDRESS to start a local Ray"
         ) from None
     return True
+
+
+def check_local_capacity(n_actors: int) -> None:
+    """Refuse, before anything starts, more actors than a local Ray on this machine can run
+    (`ACTORS_PER_CORE`); a Ray this process already runs, or one at RAY_ADDRESS, is judged by
+    its own resources when the stages are placed (`check_resources`)."""
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return
+    cores = os.cpu_count() or 1
+    if n_actors > ACTORS_PER_CORE * cores:
+        raise UserError(
+            f"the scan needs {n_actors} actor processes (stages x replicas, and the aggregators) but this "
+            f"machine has {cores} CPU core{'s' if cores > 1 else ''}: more than {ACTORS_PER_CORE * cores} "
+            "only take turns loading weights and computing, and the scan makes no progress; "
+            "lower --stages or --replicas, or set RAY_ADDRESS to a larger Ray cluster"
+        )
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

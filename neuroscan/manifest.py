@@ -55,6 +55,8 @@ class ModelInfo:
     """The local directory actually loaded."""
     dtype: str
     revision: str | None = None
+    fingerprint: str | None = None
+    """A digest of the weights (`workers.checkpoint.fingerprint`); None in runs written before it."""
 
 
 @dataclass

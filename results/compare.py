@@ -134,4 +134,9 @@ def _add(total: np.ndarray, keys: np.ndarray) -> np.ndarray:
 
 def write_compare(table: pa.Table, out: Path) -> None:
     file_out(out, "compare.parquet", ".parquet")
-    write_table(table, out.parent, out.stem, "parquet")
+    try:
+        write_table(table, out.parent, out.stem, "parquet")
+    except OSError as err:  # nothing half-written stays: the file is renamed into place once whole
+        raise UserError(
+            f"writing {out} failed ({err.strerror or err}): fix the disk (space, permissions), or give another --out"
+        ) from None

@@ -8,6 +8,7 @@ touches the bytes of any other block.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, GPTJConfig
 
 from neuroscan.errors import UserError
+from workers.consistency import check_consistent
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
@@ -83,6 +85,32 @@ def check_checkpoint(path: Path) -> None:
             raise UserError(f"weights file {path / name} listed in the index is missing: write or download it again")
         with _open(path / name):
             pass
+    check_consistent(path, files)  # the config, the tokenizer's JSON and the tensors' shapes agree
+
+
+FINGERPRINT_SAMPLES, FINGERPRINT_SAMPLE_BYTES = 16, 1 << 16
+
+
+def fingerprint(path: str | Path) -> str:
+    """A digest of the checkpoint's weights that ``--resume`` compares, cheap for any size:
+    ``config.json`` whole, and per weight file its name, size, safetensors header (every
+    tensor's name, dtype, shape and offsets) and 16 samples of 64 KiB spread evenly over its
+    bytes (about 1 MB read per file). New weights of the same shapes (another training step, a
+    fine-tune, another seed) change nearly every sample; what it cannot see is a change that
+    leaves the size, the header and all 16 samples as they were (a few values edited by hand)."""
+    path = Path(path)
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for name in sorted(set(tensor_files(path).values())):
+        file = path / name
+        size = file.stat().st_size
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            header = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(min(header, size)))
+            for i in range(FINGERPRINT_SAMPLES):
+                f.seek(i * max(0, size - FINGERPRINT_SAMPLE_BYTES) // max(1, FINGERPRINT_SAMPLES - 1))
+                digest.update(f.read(FINGERPRINT_SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 def load_config(path: str | Path) -> GPTJConfig:

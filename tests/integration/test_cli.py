@@ -347,3 +347,20 @@ def test_a_scan_that_keeps_nothing_says_so_and_its_tables_read_empty(ray_session
     assert len(pd.read_parquet(out / "activations")) == 0
     assert pl.scan_parquet(str(out / "activations" / "**" / "*.parquet"), hive_partitioning=True).collect().height == 0
     assert main(["report", str(out)]) == 0 and (out / "report" / "index.html").exists()
+
+
+def test_more_actors_than_the_machine_can_run_is_refused_before_anything_starts(tmp_path):
+    """224 stage processes on a few cores made no progress for minutes; now one line, nothing written."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [*NEUROSCAN, "scan", "seed", "--out", str(out), "--stages", "28", "--replicas", "8"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "the scan needs 225 actor processes (stages x replicas, and the aggregators)" in result.stderr
+    assert "lower --stages or --replicas" in result.stderr and not out.exists()

@@ -157,9 +157,10 @@ def test_a_corpus_edited_mid_run_stops_in_one_line_keeping_what_is_committed(tmp
     stages were killed with calls in flight; under pytest they did not show, so this test does
     not guard `Scheduler._landing`, which lets those calls land first.)"""
     corpus = tmp_path / "c.jsonl"
-    corpus.write_text(
-        "".join(json.dumps({"text": f"item {i} of the list,"}) + "\n" for i in range(24_000))
-    )  # 6 chunks, 2 kept
+    # 5 chunks of 4,096 (the last one short): 2 kept; the third and fourth are read ahead at
+    # once (one waiting to be taken), the fifth once the third is taken, after the edit.
+    # Prompts of a few tokens keep the scan short.
+    corpus.write_text("".join(json.dumps({"text": f"{i},"}) + "\n" for i in range(16_500)))
     out = tmp_path / "out"
     cmd = [
         sys.executable,
@@ -178,10 +179,14 @@ def test_a_corpus_edited_mid_run_stops_in_one_line_keeping_what_is_committed(tmp
     proc = subprocess.Popen(
         cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    wait_for_parts(out, proc, 1)  # the run is in the kept chunks; at most two more are read ahead
-    with open(corpus, "a") as f:
-        f.write(json.dumps({"text": "added while it ran"}) + "\n")
-    _, stderr = proc.communicate(timeout=600)
+    try:
+        wait_for_parts(out, proc, 1, timeout=1200)  # in the kept chunks; at most one more read ahead
+        with open(corpus, "a") as f:
+            f.write(json.dumps({"text": "added while it ran"}) + "\n")
+        _, stderr = proc.communicate(timeout=1800)  # a loaded machine is slow, not wrong
+    finally:
+        if proc.poll() is None:  # given up: the scan and its Ray go too
+            kill_group(proc)
     assert proc.returncode == 2, stderr
     assert stderr.startswith("neuroscan: error: prompt corpus ") and stderr.count("\n") == 1, stderr
     assert "changed while neuroscan was reading it" in stderr and "--resume" in stderr

@@ -312,3 +312,32 @@ def test_every_layer_has_a_directory_and_a_run_that_keeps_nothing_reads_as_an_em
     assert table.schema.names == [*ACTIVATIONS.names, "layer"]
     query = f"SELECT count(*) FROM read_parquet('{tmp_path / 'none'}/activations/*/*.parquet', hive_partitioning = true) WHERE layer = 2"
     assert duckdb.sql(query).fetchall() == [(0,)]
+
+
+def test_a_full_disk_while_neurons_is_written_is_one_line_and_resume_finishes(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from aggregator import aggregator as module
+    from neuroscan.errors import UserError
+
+    tokens = [chr(i) for i in range(256)]
+    agg = Aggregator(str(tmp_path), HEADER, tokens, rows_per_part=10**6)
+    agg.add(_group([0, 1], [5, 3]), _stage_rows(0, 0, 3, [5, 3]))
+    real = module.write_table
+
+    def full(table, out, rel, fmt):
+        if rel.startswith("neurons/"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(table, out, rel, fmt)
+
+    monkeypatch.setattr(module, "write_table", full)
+    with pytest.raises(
+        UserError, match="writing neurons/ to .* failed \\(No space left on device\\); every part is committed"
+    ):
+        agg.finish({})
+    on_disk = read_manifest(tmp_path)
+    assert on_disk.status == "running" and on_disk.neurons is None and len(on_disk.parts) == 1
+    monkeypatch.setattr(module, "write_table", real)
+    resumed = Aggregator(str(tmp_path), HEADER, tokens, rows_per_part=10**6).finish({})[1]
+    assert resumed.status == "complete" and resumed.neurons is not None and resumed.totals.prompts == 2

@@ -181,3 +181,25 @@ def test_a_hub_id_resolves_to_its_snapshot_in_the_local_cache(other_model, tmp_p
     assert (source.id, source.revision) == ("org/tiny-gptj", revision)
     assert source.path == str((repo / "snapshots" / revision).resolve())
     assert checkpoint.load_config(source.path).n_layer == checkpoint.load_config(other_model).n_layer
+
+
+def test_the_fingerprint_changes_with_the_weights_or_the_config_not_with_a_copy(tiny_model, other_model, tmp_path):
+    """What --resume compares: new weights of the same shapes and size at the same path (the
+    case that mixed two models in one run) change it; a copy of the same files does not."""
+    copy = shutil.copytree(tiny_model, tmp_path / "copy")
+    assert checkpoint.fingerprint(copy) == checkpoint.fingerprint(tiny_model)
+    assert checkpoint.fingerprint(other_model) != checkpoint.fingerprint(tiny_model)  # shards and an index
+    before = checkpoint.fingerprint(copy)
+    tensors = load_file(copy / "model.safetensors")
+    size = (copy / "model.safetensors").stat().st_size
+    with checkpoint.safe_open(copy / "model.safetensors", "pt") as f:
+        metadata = f.metadata()
+    retrained = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(retrained, copy / "model.safetensors", metadata=metadata)
+    assert (copy / "model.safetensors").stat().st_size == size
+    assert checkpoint.fingerprint(copy) != before
+    config = json.loads((tiny_model / "config.json").read_text())
+    shutil.copy(tiny_model / "model.safetensors", copy / "model.safetensors")
+    assert checkpoint.fingerprint(copy) == before
+    (copy / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": 1e-6}))
+    assert checkpoint.fingerprint(copy) != before

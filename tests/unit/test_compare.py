@@ -156,3 +156,23 @@ def test_a_reader_that_leaves_early_gets_no_traceback(run_dir, tmp_path):
     os.close(write)
     assert result.returncode == 141 and result.stderr == ""
     assert pq.read_table(out).num_rows > 1  # written before the summary was printed
+
+
+def test_a_full_disk_while_compare_writes_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import pyarrow as pa
+    import pytest
+
+    from neuroscan.errors import UserError
+    from results import compare
+
+    def full(table, out_dir, rel_stem, fmt):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(compare, "write_table", full)
+    out = tmp_path / "c.parquet"
+    with pytest.raises(UserError, match=f"writing {out} failed \\(No space left on device\\): fix the disk"):
+        compare.write_compare(pa.table({"x": [1]}), out)
+    assert list(tmp_path.iterdir()) == []

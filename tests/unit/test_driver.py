@@ -70,3 +70,11 @@ def test_a_corpus_edited_while_the_run_reads_it_stops_the_run(tiny_model, tmp_pa
         driver.run_scan(cfg)
     assert not (tmp_path / "out").exists()  # stopped before anything was written
     assert driver.plan(ScanConfig(prompts="seed", out=str(tmp_path / "o"), model=str(tiny_model))).stamp == ()
+
+
+def test_the_header_records_the_weights_fingerprint_and_the_packing(tiny_model, tmp_path):
+    from workers.checkpoint import fingerprint
+
+    cfg = ScanConfig(prompts="seed", out=str(tmp_path / "o"), model=str(tiny_model))
+    header = driver.manifest_header(cfg, driver.plan(cfg))
+    assert header.model.fingerprint == fingerprint(tiny_model) and header.packing == "balanced"

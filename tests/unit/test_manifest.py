@@ -35,7 +35,7 @@ def test_the_json_keys_are_the_fields_and_round_trip(tmp_path):
     write_manifest(tmp_path, HEADER)
     data = json.loads((tmp_path / "manifest.json").read_text())
     assert list(data) == [f.name for f in dataclasses.fields(Manifest)]
-    assert data["model"] == {"id": "m", "path": "", "dtype": "float32", "revision": None}
+    assert data["model"] == {"id": "m", "path": "", "dtype": "float32", "revision": None, "fingerprint": None}
     assert Manifest.from_dict(data) == HEADER
 
 

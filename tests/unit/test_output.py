@@ -42,3 +42,26 @@ def test_resume_refuses_a_run_whose_committed_part_was_rewritten(tmp_path):
     _flip_a_byte(out / layer)
     with pytest.raises(UserError, match=f"is damaged: {layer} holds other bytes.*scan again with --overwrite"):
         prepare_output(out, overwrite=False, resume=True, header=HEADER)
+
+
+def test_resume_refuses_other_weights_at_the_same_path_but_not_a_run_written_before_fingerprints(tmp_path):
+    import dataclasses
+
+    import pytest
+
+    from cluster.output import prepare_output
+    from neuroscan.errors import UserError
+    from neuroscan.manifest import write_manifest
+    from tests.manifests import header
+
+    def model(fp):
+        return dataclasses.replace(header().model, path="/models/m", fingerprint=fp)
+
+    out = tmp_path / "run"
+    out.mkdir()
+    write_manifest(out, header(model=model("aaaa")))
+    with pytest.raises(UserError, match="the weights at --model /models/m are not the ones the run was scanned with"):
+        prepare_output(out, overwrite=False, resume=True, header=header(model=model("bbbb")))
+    assert prepare_output(out, overwrite=False, resume=True, header=header(model=model("aaaa")))
+    write_manifest(out, header(model=model(None)))  # written before runs recorded one
+    assert prepare_output(out, overwrite=False, resume=True, header=header(model=model("bbbb")))
