@@ -89,6 +89,7 @@ class Aggregator:
         self.pool = pool or write_pool()
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuroscan-commit")
         self.writing: Future | None = None  # the part being written, if any
+        self.failed: UserError | None = None  # why a part could not be written
         self.rows_per_part = rows_per_part
         self.token_strings = token_strings
         self.run_meta = header.run_metadata()
@@ -160,6 +161,7 @@ class Aggregator:
 
     def skip(self, batch_id: int, skipped: list[dict], batch_done: bool) -> None:
         """Record prompts left out (--on-error skip); ``batch_done`` when nothing of the batch remains."""
+        self._collect(wait=False)
         self.buf.skipped.extend(skipped)
         if batch_done and batch_id not in self.seen:
             self.seen.add(batch_id)
@@ -199,11 +201,19 @@ class Aggregator:
         self.writing = self.committer.submit(self._write_part, buf)
 
     def _collect(self, wait: bool) -> None:
-        """Take the result of the part being written, if it is done (or ``wait`` for it)."""
+        """Take the result of the part being written, if it is done (or ``wait`` for it). Once a
+        part failed to be written every later call raises its error: no other part is started
+        (a scan stopping on a full disk would be killed in the middle of writing it)."""
+        if self.failed is not None:
+            raise self.failed
         if self.writing is None or not (wait or self.writing.done()):
             return
         writing, self.writing = self.writing, None
-        batches = writing.result()  # raises the write's UserError
+        try:
+            batches = writing.result()
+        except UserError as err:
+            self.failed = err
+            raise
         self.committed.update(batches)
         self.just_committed.extend(batches)
 
@@ -245,7 +255,8 @@ class Aggregator:
             for f in files:  # never listed: remove so that the directory holds committed parts only
                 (self.out / f.path).unlink(missing_ok=True)
             raise UserError(
-                f"writing part {part} to {self.out} failed ({err.strerror or err}); parts 1-{part - 1} are intact: "
+                f"writing part {part} to {self.out} failed ({err.strerror or err}); "
+                f"{f'parts 1-{part - 1} are intact' if part > 1 else 'no part was committed yet'}: "
                 "fix the disk (space, permissions), then rerun the same command with --resume"
             ) from None
         self.manifest.parts.append(Part(part, sorted(buf.batches), files))

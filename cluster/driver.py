@@ -227,7 +227,9 @@ def run_scan(cfg: ScanConfig) -> Manifest:
     header = manifest_header(cfg, p)  # its checksum reads the corpus once more
     check_unchanged(cfg.prompts, p, "leave it as it is while a scan runs, and start the scan again")
     with claim(out):  # no second scan into `out` while this one runs
-        existing = prepare_output(out, cfg.overwrite, cfg.resume, header)
+        existing = prepare_output(
+            out, cfg.overwrite, cfg.resume, header, notice=lambda line: print(line, file=sys.stderr, flush=True)
+        )
         committed = existing.committed_batches() if existing else set()
         done = existing is not None and existing.complete
         notices = [resume_notice(out, existing, committed) if cfg.resume else None, None if done else answer_notice(p)]

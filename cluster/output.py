@@ -12,13 +12,14 @@ import fcntl
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from neuroscan.errors import UserError, make_dir
 from neuroscan.manifest import NAME as MANIFEST_NAME
 from neuroscan.manifest import Corpus, Manifest, damage_line, damaged_files, read_manifest
+from neuroscan.schema import OUTPUT_DIRS
 from prompts.batching import PACKINGS
 from prompts.readers import corpus_paths
 
@@ -83,9 +84,16 @@ def claim(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def prepare_output(out: Path, overwrite: bool, resume: bool, header: Manifest) -> Manifest | None:
+WRITTEN = frozenset({MANIFEST_NAME, f".{MANIFEST_NAME}.tmp", *OUTPUT_DIRS, "report", ".report.tmp"})
+"""What a scan (and ``neuroscan report`` into the scan's directory) writes in ``--out``: all
+that ``--overwrite`` deletes. Anything else there (notes, a notebook, the corpus) is kept."""
+
+
+def prepare_output(
+    out: Path, overwrite: bool, resume: bool, header: Manifest, notice: Callable[[str], None] | None = None
+) -> Manifest | None:
     """Make ``out`` (claimed, so it exists) ready; returns the manifest of the run to resume,
-    None when the scan starts from the beginning."""
+    None when the scan starts from the beginning. ``notice`` is told what ``--overwrite`` kept."""
     try:
         existing, damaged = read_manifest(out), False
     except UserError:  # a damaged manifest.json: the directory is still a scan's, which --overwrite replaces
@@ -108,8 +116,16 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, header: Manifest) -
                 f"--out {out} is not empty: pass --resume to continue that run, --overwrite to replace it, or choose another directory"
             )
         _keep_inputs(out, header)
-        for child in out.iterdir():  # the directory itself stays: it carries the claim
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        kept = []
+        for child in sorted(out.iterdir()):  # the directory itself stays: it carries the claim
+            if child.name not in WRITTEN:
+                kept.append(child.name)
+            elif child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        if kept and notice is not None:
+            notice(f"--overwrite kept what no scan wrote in {out}: {', '.join(kept)}")
     if not os.access(out, os.W_OK):
         raise UserError(f"--out {out} is not writable: choose a writable directory")
     return None
@@ -126,11 +142,13 @@ def run_packing(out: Path) -> str:
 
 
 def _keep_inputs(out: Path, header: Manifest) -> None:
-    """--overwrite empties ``out``: refuse when the corpus or the model lives under it."""
+    """--overwrite deletes what a scan wrote in ``out``: refuse when the corpus or the model
+    lives there."""
     corpus = header.corpus.source if header.corpus.sha256 else None
     inputs = [("the prompt corpus", corpus), ("the model", header.model.path)]
+    written = [out.resolve() / name for name in WRITTEN]
     for what, path in inputs:
-        if path and Path(path).resolve().is_relative_to(out.resolve()):
+        if path and any(Path(path).resolve().is_relative_to(place) for place in written):
             raise UserError(
                 f"--overwrite would delete {what} {path}, which is inside --out {out}: move it out first, or choose another --out"
             )

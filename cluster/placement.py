@@ -15,6 +15,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import ray
 from ray.exceptions import RayActorError
@@ -50,7 +51,36 @@ def start_ray(n_actors: int) -> bool:
     if ray.is_initialized():
         return False
     with _keeping_sigterm():
-        return _init(n_actors)
+        started = _init(n_actors)
+    _log_cluster_errors()
+    return started
+
+
+def _log_cluster_errors() -> None:
+    """Ray's driver prints every error the cluster publishes (a worker died, a task will be
+    retried) on stdout, with colour codes, above neuroscan's own line; neuroscan says what
+    matters in one line (an actor that could not be restarted, a hand-off that timed out), so
+    those lines go to ``neuroscan-cluster-errors.log`` in the Ray session's log directory.
+    (Ray has no switch for it: its listener prints through ``print_to_stdstream``, which is
+    wrapped here; with another Ray that has no such function the lines print as before.)"""
+    from ray._private import worker
+
+    printing = getattr(worker, "print_to_stdstream", None)
+    if printing is None or getattr(printing, "neuroscan", False):
+        return
+    try:
+        log = Path(worker.global_worker.node.get_logs_dir_path()) / "neuroscan-cluster-errors.log"
+    except AttributeError:  # a Ray Client connection (ray://): its driver runs on the cluster
+        return
+
+    def to_log(data, ignore_prefix):
+        if data.get("pid") != "raylet":
+            return printing(data, ignore_prefix)
+        with open(log, "a") as f:
+            f.writelines(line + "\n" for line in data.get("lines", ()))
+
+    to_log.neuroscan = True
+    worker.print_to_stdstream = to_log
 
 
 @contextmanager

@@ -24,9 +24,11 @@ CHUNK = 4096
 
 
 def tokenize(prompts: list[Prompt], tokenizer, context: int, truncate: bool) -> list[Tokenized]:
-    ids = tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]
+    # verbose=False: transformers' "longer than the specified maximum" warning would print above
+    # neuroscan's own line; the context is checked here, against the model's.
+    ids = tokenizer([p.text for p in prompts], add_special_tokens=False, verbose=False)["input_ids"]
     with_answer = [p.expected for p in prompts if p.expected is not None]
-    answers = iter(tokenizer(with_answer, add_special_tokens=False)["input_ids"] if with_answer else [])
+    answers = iter(tokenizer(with_answer, add_special_tokens=False, verbose=False)["input_ids"] if with_answer else [])
     out = []
     for prompt, token_ids in zip(prompts, ids):
         answer = next(answers) if prompt.expected is not None else []

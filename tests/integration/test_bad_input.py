@@ -156,7 +156,7 @@ def test_zero_token_prompt_is_named():
     from neuroscan.messages import Prompt
     from prompts.batching import tokenize
 
-    def drops_everything(texts, add_special_tokens=False):  # a tokenizer that keeps nothing of the text
+    def drops_everything(texts, add_special_tokens=False, verbose=True):  # a tokenizer that keeps nothing
         return {"input_ids": [[] for _ in texts]}
 
     with pytest.raises(UserError, match="prompt 'z' tokenises to zero tokens"):
@@ -189,23 +189,29 @@ def test_a_damaged_manifest_is_named_and_only_overwrite_replaces_it(ray_session,
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
 
-def test_overwrite_keeps_a_corpus_or_model_that_lives_inside_out(tmp_path, small_model, capsys):
+def test_overwrite_deletes_only_what_a_scan_wrote_and_names_what_it_keeps(ray_session, tmp_path, small_model, capsys):
+    """A user's own files in the run directory (the corpus, a model, notes) outlive --overwrite;
+    a corpus or model inside a directory a scan writes (``prompts/``) is refused, not deleted."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "manifest.json").write_text(json.dumps({"status": "complete", "parts": []}))
-    corpus = out / "mine.jsonl"
-    corpus.write_text('{"text": "fine"}\n')
-    model = out / "model"
+    (out / "prompts").mkdir()
+    inside = out / "prompts" / "mine.jsonl"
+    inside.write_text('{"text": "fine"}\n')
+    assert main(["scan", str(inside), "--out", str(out), "--overwrite", "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"neuroscan: error: --overwrite would delete the prompt corpus {inside}, which is inside --out {out}: "
+        "move it out first, or choose another --out\n"
+    )
+    corpus, model, notes = out / "mine.jsonl", out / "model", out / "notes.md"
+    inside.rename(corpus)
     shutil.copytree(small_model, model)
-    for args, what in (
-        ([str(corpus)], f"the prompt corpus {corpus}"),
-        ([jsonl(tmp_path, ['{"text": "a"}']), "--model", str(model)], f"the model {model}"),
-    ):
-        assert main(["scan", *args, "--out", str(out), "--overwrite", "--quiet"]) == 2
-        assert capsys.readouterr().err == (
-            f"neuroscan: error: --overwrite would delete {what}, which is inside --out {out}: move it out first, or choose another --out\n"
-        )
-    assert corpus.read_text() == '{"text": "fine"}\n' and (model / "model.safetensors").exists()
+    notes.write_text("# what I saw\n")
+    assert main(["scan", str(corpus), "--model", str(model), "--out", str(out), "--overwrite", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"--overwrite kept what no scan wrote in {out}: mine.jsonl, model, notes.md" in err
+    assert corpus.read_text() == '{"text": "fine"}\n' and (model / "model.safetensors").exists() and notes.exists()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
 
 def test_a_checkpoint_without_safetensors_is_refused_with_the_command_that_converts_it(

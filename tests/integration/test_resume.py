@@ -192,3 +192,32 @@ def test_a_corpus_edited_mid_run_stops_in_one_line_keeping_what_is_committed(tmp
     assert "changed while neuroscan was reading it" in stderr and "--resume" in stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "running" and manifest["parts"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real tmpfs of 512 KiB (skipped where this process may not mount one); unmounted after."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip() or mounted.returncode})")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_full_disk_stops_the_scan_in_one_line_and_resume_finishes_once_there_is_room(corpus, reference, small_disk):
+    """On a disk too small for the run, whatever write fills it (a part, the manifest,
+    ``neurons/``) stops the scan in one line; nothing half-written stays; with room again,
+    ``--resume`` ends with the tables of a scan that never ran out."""
+    assert sum(f.stat().st_size for f in reference.rglob("*") if f.is_file()) > 2 * (512 << 10)
+    out = small_disk / "out"
+    result = subprocess.run(command(corpus, out), capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
+    assert "No space left on device" in result.stderr and "--resume" in result.stderr, result.stderr
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    assert not [p for p in out.rglob("*.tmp")]  # no half-written file left behind
+    remount = ["mount", "-o", "remount,size=64m", str(small_disk)]
+    assert subprocess.run(remount, capture_output=True).returncode == 0
+    run(corpus, out, "--resume")
+    assert_same_output(out, reference)

@@ -98,3 +98,48 @@ def test_a_fault_that_keeps_recurring_stops_the_run_resumably(ray_session, corpu
     assert manifest["status"] == "running" and manifest["parts"]
     run_scan(config(corpus, out, resume=True))
     assert_same_output(out, reference)
+
+
+def test_the_clusters_error_lines_go_to_a_log_not_into_the_scans_output(corpus, reference, tmp_path):
+    """A stage's process killed (SIGKILL) in a scan run from the command line: Ray restarts it,
+    and the lines Ray publishes about it ("a worker died", "will be retried") go to the Ray
+    session's neuroscan-cluster-errors.log, not above neuroscan's own output."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    import psutil
+
+    ray_tmp = tempfile.mkdtemp(prefix="rf", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    out = tmp_path / "out"
+    flags = ["--stages", "2", "--batch-tokens", "1024", "--rows-per-part", "3000", "--max-per-layer", "5", "--quiet"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "neuroscan", "scan", str(corpus), "--out", str(out), *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while parts(out) < 1:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.05)
+        stage = next(p for p in psutil.Process(proc.pid).children(recursive=True) if "ray::Stage" in p.name())
+        stage.kill()
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    log_text = "".join(p.read_text() for p in Path(ray_tmp).glob("ray/session_2*/logs/neuroscan-cluster-errors.log"))
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, stderr
+    assert "(raylet)" not in stdout + stderr and "\x1b[" not in stdout + stderr, stdout + stderr
+    assert stdout.startswith(f"wrote {out}")
+    assert "died" in log_text or "retried" in log_text  # what Ray said, kept
+    assert_same_output(out, reference)

@@ -341,3 +341,32 @@ def test_a_full_disk_while_neurons_is_written_is_one_line_and_resume_finishes(tm
     monkeypatch.setattr(module, "write_table", real)
     resumed = Aggregator(str(tmp_path), HEADER, tokens, rows_per_part=10**6).finish({})[1]
     assert resumed.status == "complete" and resumed.neurons is not None and resumed.totals.prompts == 2
+
+
+def test_after_a_part_fails_to_be_written_no_other_part_is_started(tmp_path, monkeypatch):
+    """A scan stopping on a full disk is killed once its calls in flight have landed; a part
+    started by one of those calls would be cut in the middle (half-written files left)."""
+    import errno
+    import os
+
+    from aggregator import aggregator as module
+    from neuroscan.errors import UserError
+
+    writes = []
+
+    def full(table, out, rel, fmt):
+        writes.append(rel)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(module, "write_table", full)
+    agg = Aggregator(str(tmp_path), HEADER, [chr(i) for i in range(256)], rows_per_part=1)
+    agg.add(_group([0, 1], [5, 3]), _stage_rows(0, 0, 3, [5, 3]))  # its part is written in the background
+    with pytest.raises(UserError, match="writing part 1 .*No space left on device"):
+        agg.wait()
+    tried = len(writes)
+    for batch in (1, 2):
+        with pytest.raises(UserError, match="writing part 1 .*No space left on device"):
+            agg.add(_group([2 * batch, 2 * batch + 1], [5, 3]), _stage_rows(batch, 0, 3, [5, 3]))
+    with pytest.raises(UserError, match="writing part 1"):
+        agg.finish({})
+    assert len(writes) == tried and read_manifest(tmp_path).parts == []

@@ -135,3 +135,20 @@ def test_a_run_resumes_with_the_packing_it_was_written_with(tmp_path):
     write_manifest(tmp_path / "old", Manifest.from_dict(old))
     assert run_packing(tmp_path / "old") == "longest-first"
     assert run_packing(tmp_path / "new") == "balanced"  # nothing there yet
+
+
+def test_a_prompt_past_the_tokenizers_limit_prints_no_transformers_warning():
+    """transformers warned "Token indices sequence length is longer than ..." above neuroscan's
+    line. (In a process of its own: transformers binds its log handler to the stderr of the
+    moment it is first imported, which under pytest is the collection's.)"""
+    import subprocess
+    import sys
+
+    code = (
+        "from prompts.batching import tokenize; from prompts.readers import Prompt; "
+        "from workers.tokenizer import byte_tokenizer; "
+        "[t] = tokenize([Prompt(0, '0', 'x' * 3000)], byte_tokenizer(), 2048, truncate=True); "
+        "print(len(t.token_ids))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (result.stdout, result.stderr) == ("2048\n", "")
