@@ -82,23 +82,18 @@ def _sizes(file: Path, config: dict) -> dict[str, int]:
         _positive(file, key, config.get(key))
     n_embd, n_head = config["n_embd"], config["n_head"]
     if n_embd % n_head:
-        raise UserError(
-            f"{file}: n_embd {n_embd} is not a multiple of n_head {n_head} (a head is n_embd / n_head wide): "
-            "restore the checkpoint's config.json"
-        )
+        raise _bad(file, f"n_embd {n_embd} is not a multiple of n_head {n_head} (a head is n_embd / n_head wide)")
     if config["n_positions"] > MAX_POSITIONS:
-        raise UserError(
-            f"{file}: n_positions {config['n_positions']:,} is over {MAX_POSITIONS:,} (GPT-J's context is 2,048; "
-            "the rotary table alone would not fit in memory): restore the checkpoint's config.json"
+        raise _bad(
+            file,
+            f"n_positions {config['n_positions']:,} is over {MAX_POSITIONS:,} (GPT-J's context is 2,048; "
+            "the rotary table alone would not fit in memory)",
         )
     rotary = config.get("rotary_dim")
     if rotary is not None:
         _positive(file, "rotary_dim", rotary)
         if rotary > n_embd // n_head:
-            raise UserError(
-                f"{file}: rotary_dim {rotary} is wider than a head ({n_embd} / {n_head} = {n_embd // n_head}): "
-                "restore the checkpoint's config.json"
-            )
+            raise _bad(file, f"rotary_dim {rotary} is wider than a head ({n_embd} / {n_head} = {n_embd // n_head})")
     n_inner = config.get("n_inner")
     if n_inner is not None:
         _positive(file, "n_inner", n_inner)
@@ -112,9 +107,12 @@ def _sizes(file: Path, config: dict) -> dict[str, int]:
 
 def _positive(file: Path, key: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UserError(
-            f"{file}: {key} is {value!r}, not a positive whole number: restore the checkpoint's config.json"
-        )
+        raise _bad(file, f"{key} is {value!r}, not a positive whole number")
+
+
+def _bad(file: Path, problem: str) -> UserError:
+    """A config.json problem, as the one line."""
+    return UserError(f"{file}: {problem}: restore the checkpoint's config.json")
 
 
 def _json_object(file: Path, fix: str) -> dict:
