@@ -237,7 +237,8 @@ def cmd_check(args) -> int:
     problems = damaged_files(out, manifest, hashes=True)
     for line in problems:
         print(line)
-    listed = f"{len(manifest.listed())} files of {len(manifest.parts)} parts"
+    n_files, n_parts = len(manifest.listed()), len(manifest.parts)
+    listed = f"{n_files} file{'s' * (n_files != 1)} of {n_parts} part{'s' * (n_parts != 1)}"
     if problems:
         print(
             f"{out}: {len(problems)} of {listed} do not match the manifest: restore them from a copy, "
