@@ -78,10 +78,6 @@ class AggregatorHost:
         reports = [self.watch.report(), *(found.memory() for found in list(self.open_scans.values()))]
         return max(reports, key=lambda report: report["peak_anon_mb"])
 
-    def scans(self) -> list[str]:
-        """The keys of the scans this host holds."""
-        return sorted(self.open_scans)
-
     def close(self, target: Target) -> None:
         """Forget the scan (ended, or its service is stopping); its output directory stays."""
         found = self.open_scans.pop(target.key, None)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from neuroscan.manifest import PartFile, fsync_dir
+from neuroscan.manifest import PartFile, file_sha256, fsync_dir
 
 SUFFIX = {"parquet": ".parquet", "arrow": ".arrow"}
 
@@ -32,10 +31,8 @@ def write_table(table: pa.Table, out_dir: Path, rel_stem: str, fmt: str) -> Part
         else:
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
-        digest = hashlib.sha256()
+        sha256 = file_sha256(tmp)
         with open(tmp, "rb+") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
             os.fsync(f.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -43,4 +40,4 @@ def write_table(table: pa.Table, out_dir: Path, rel_stem: str, fmt: str) -> Part
     size = tmp.stat().st_size
     os.replace(tmp, final)
     fsync_dir(final.parent)
-    return PartFile(path=rel, rows=table.num_rows, bytes=size, sha256=digest.hexdigest())
+    return PartFile(path=rel, rows=table.num_rows, bytes=size, sha256=sha256)

@@ -28,7 +28,7 @@ from cluster.driver import plan, run_scan
 from cluster.serve import background
 from cluster.service import Service
 from neuroscan.config import BenchConfig, ScanConfig, ServeConfig
-from prompts.batching import micro_batches
+from prompts.batching import PACKINGS, micro_batches
 from prompts.generate import generate
 
 TWO = ["apple, banana, cherry,", "2, 4, 6, 8,"]
@@ -153,11 +153,12 @@ def _many_vs_one(client: Client, big: Path, model: str | None) -> dict:
     }
 
 
-def padded_tokens(path: Path, model: str | None) -> int:
-    """Tokens the stages compute for a scan of ``path`` (its micro-batches' rows x width)."""
+def padded_tokens(path: Path, model: str | None, packing: str = PACKINGS[0]) -> int:
+    """Tokens the stages compute for a scan of ``path`` (its micro-batches' rows x width) when
+    its prompts are packed by ``packing``."""
     cfg = ScanConfig(prompts=str(path), out=str(path.with_suffix(".out")), model=model)
     p = plan(cfg)
-    batches = micro_batches(cfg.prompts, p.tokenizer, p.context, cfg.batch_tokens, cfg.truncate)
+    batches = micro_batches(cfg.prompts, p.tokenizer, p.context, cfg.batch_tokens, cfg.truncate, packing=packing)
     return sum(batch.input_ids.size for batch, _ in batches)
 
 

@@ -29,8 +29,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from cluster.service import Service
-from cluster.store import CANCELLED, ENDED, FAILED, QUEUED, Scan
+from cluster.service import Conflict, Service
+from cluster.store import ENDED, QUEUED, Scan
 from neuroscan.config import SCAN_OPTIONS, ScanConfig, options
 from neuroscan.errors import UserError
 from neuroscan.manifest import NAME as MANIFEST_NAME
@@ -64,6 +64,10 @@ def make_app(service: Service, token: str | None = None) -> FastAPI:
     @app.exception_handler(Refused)
     async def refused(request: Request, err: Refused):
         return _error(err.status, str(err))
+
+    @app.exception_handler(Conflict)
+    async def conflict(request: Request, err: Conflict):
+        return _error(409, str(err))
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, err: UserError):
@@ -129,10 +133,7 @@ def make_app(service: Service, token: str | None = None) -> FastAPI:
     @app.post("/scans/{scan_id}/resume", status_code=202)
     def resume(scan_id: str) -> dict:
         """Queue a cancelled or failed scan again; it keeps its committed parts and scans the rest."""
-        found = service.find(scan_id)
-        if found.state not in (CANCELLED, FAILED):
-            raise Refused(409, f"scan {found.id} is {found.state}: only a cancelled or failed scan can be resumed")
-        return describe(service.resume(found.id), service)
+        return describe(service.resume(scan_id), service)
 
     @app.get("/scans/{scan_id}/files")
     def files(scan_id: str) -> dict:

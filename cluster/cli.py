@@ -227,23 +227,19 @@ def cmd_bench(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from neuroscan.manifest import NAME, damaged_files, read_manifest
+    from neuroscan.manifest import damaged_files
+    from results.run import FIX, scan_manifest
 
     cfg = config_from(CheckConfig, args)
     out = Path(cfg.dir)
-    manifest = read_manifest(out)
-    if manifest is None:
-        raise UserError(f"{out} has no {NAME}: give the output directory of a neuroscan scan")
+    manifest = scan_manifest(out)
     problems = damaged_files(out, manifest, hashes=True)
     for line in problems:
         print(line)
     n_files, n_parts = len(manifest.listed()), len(manifest.parts)
     listed = f"{n_files} file{'s' * (n_files != 1)} of {n_parts} part{'s' * (n_parts != 1)}"
     if problems:
-        print(
-            f"{out}: {len(problems)} of {listed} do not match the manifest: restore them from a copy, "
-            "or scan the corpus again into a new --out"
-        )
+        print(f"{out}: {len(problems)} of {listed} do not match the manifest: {FIX}")
         return EXIT_DAMAGED
     state = "a finished scan" if manifest.complete else "not finished: `neuroscan scan ... --resume` goes on from here"
     print(f"{out}: {listed} match the manifest (size and sha256); {state}")

@@ -80,8 +80,10 @@ class Plan:
     """The weights' digest (`workers.checkpoint.fingerprint`), which ``--resume`` compares."""
 
 
-def plan(cfg: ScanConfig) -> Plan:
-    """Validate the config, the model and the whole corpus; nothing is started or written."""
+def plan(cfg: ScanConfig, loaded: str | None = None) -> Plan:
+    """Validate the config, the model and the whole corpus; nothing is started or written.
+    ``loaded``: the fingerprint of weights already loaded (a service's, taken when its stages
+    loaded them), recorded instead of that of the files on disk now."""
     cfg.validate()
     placement.check_local_capacity(cfg.stages * cfg.replicas + 1)  # the stages and an aggregator process
     source = resolve_model(cfg.model)
@@ -125,7 +127,7 @@ def plan(cfg: ScanConfig) -> Plan:
         n_unspaced=n_unspaced,
         stamp=stamp,
         packing=packing,
-        fingerprint=fingerprint(source.path),
+        fingerprint=loaded or fingerprint(source.path),
     )
 
 

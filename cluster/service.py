@@ -34,6 +34,11 @@ from neuroscan.config import ScanConfig, Selection, ServeConfig
 from neuroscan.errors import UserError
 from neuroscan.memory import MemoryWatch
 
+
+class Conflict(UserError):
+    """A request the scan's state does not allow (resuming a scan that is running or complete)."""
+
+
 PROGRESS_EVERY_S = 0.5
 """How often a running scan's progress is written to the table."""
 
@@ -174,7 +179,7 @@ class Service:
         """Queue a cancelled or failed scan again: it continues from what it committed."""
         scan = self.find(scan_id)
         if not self.store.requeue(scan.id):
-            raise UserError(
+            raise Conflict(
                 f"scan {scan.id} is {self.store.get(scan.id).state}: only a cancelled or failed scan can be resumed"
             )
         self.admitting.set()
@@ -213,11 +218,11 @@ class Service:
                 active = self._prepare(scan)
             except Exception as err:  # a UserError names the problem; anything else fails this scan only
                 self._let_go()
-                self.store.set_state(scan.id, FAILED, str(err) if isinstance(err, UserError) else repr(err))
+                self.store.end(scan.id, FAILED, str(err) if isinstance(err, UserError) else repr(err))
                 continue
             if active is None:  # its run was complete already
                 self._let_go()
-                self.store.set_state(scan.id, COMPLETED)
+                self.store.end(scan.id, COMPLETED)
                 continue
             with self.lock:
                 self.ready.append(active)
@@ -225,7 +230,7 @@ class Service:
 
     def _prepare(self, scan: Scan) -> Active | None:
         cfg = self.job_config(scan.options, scan.corpus, scan.out)
-        p = plan(cfg)
+        p = plan(cfg, loaded=self.plan.fingerprint)  # the weights the stages hold
         header = manifest_header(cfg, p)
         stack = ExitStack()
         try:
@@ -271,7 +276,7 @@ class Service:
         except BaseException as err:
             self.failure = f"the scheduler stopped: {err}"
             for scan_id in list(self.active):
-                self.store.set_state(scan_id, FAILED, self.failure)
+                self.store.end(scan_id, FAILED, self.failure)
             raise
 
     def _add_ready(self) -> None:
@@ -297,7 +302,7 @@ class Service:
         active = self.active.pop(job.key)
         self._progress(job)
         error = None if job.error is None else (str(job.error) or type(job.error).__name__)
-        self.store.set_state(job.key, job.state, error if job.state == FAILED else None)
+        self.store.end(job.key, job.state, error if job.state == FAILED else None)
         self._release(active)
         self._let_go()
 

@@ -142,18 +142,14 @@ class Store:
             ).fetchone()
         return row[0]
 
-    def set_state(self, scan_id: str, state: str, error: str | None = None) -> None:
-        now = time.time()
-        if state == RUNNING:
-            self._write(
-                "UPDATE scans SET state = ?, started_at = COALESCE(started_at, ?) WHERE id = ?", (state, now, scan_id)
-            )
-        elif state in ENDED:
-            self._write(
-                "UPDATE scans SET state = ?, finished_at = ?, error = ? WHERE id = ?", (state, now, error, scan_id)
-            )
-        else:
-            self._write("UPDATE scans SET state = ? WHERE id = ?", (state, scan_id))
+    def end(self, scan_id: str, state: str, error: str | None = None) -> None:
+        """Mark a scan ended: completed, failed (with its ``error`` line) or cancelled. (A scan
+        is queued by `add` or `requeue` and runs from `start`.)"""
+        if state not in ENDED:
+            raise ValueError(f"{state!r} is not an end state: {ENDED}")
+        self._write(
+            "UPDATE scans SET state = ?, finished_at = ?, error = ? WHERE id = ?", (state, time.time(), error, scan_id)
+        )
 
     def start(self, scan_id: str) -> bool:
         """Mark a queued scan running; False when it is no longer queued (cancelled meanwhile)."""

@@ -221,7 +221,7 @@ def damaged_files(out_dir: Path, manifest: Manifest, hashes: bool = False) -> li
             return f"{f.path} is missing"
         if size != f.bytes:
             return f"{f.path} is {size:,} bytes, not the {f.bytes:,} written"
-        if hashes and _sha256(path) != f.sha256:
+        if hashes and file_sha256(path) != f.sha256:
             return f"{f.path} holds other bytes than were written (its sha256 differs)"
         return None
 
@@ -236,7 +236,8 @@ def damage_line(out_dir: Path, problems: list[str], fix: str) -> str:
     return f"{out_dir} is damaged: {problems[0]}{more}: {fix}"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes (what `PartFile.sha256` records)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -75,6 +75,7 @@ def corpus_files(directory: Path) -> list[Path]:
     entries = sorted(f for f in directory.iterdir() if not f.name.startswith(".") and _kind(f))
     for f in entries:
         if f.is_symlink() and not f.exists():
+            reason = "missing"
             try:
                 f.stat()
             except OSError as err:

@@ -75,14 +75,20 @@ class Run:
         return ds.dataset(files, format=self.fmt)
 
 
+def scan_manifest(out: Path) -> Manifest:
+    """The manifest of the scan in ``out``, or one line saying it is not a scan's directory."""
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise UserError(f"{out} has no {NAME}: give the output directory of a neuroscan scan")
+    return manifest
+
+
 def open_run(out_dir: str | Path, verify: bool = False) -> Run:
     """The scan in ``out_dir``, with at least one committed part; or one line saying what is
     missing. ``verify``: read every listed file once to check its sha256 (what ``report`` and
     ``compare`` do before they read the tables)."""
     out = Path(out_dir)
-    manifest = read_manifest(out)
-    if manifest is None:
-        raise UserError(f"{out} has no {NAME}: give the output directory of a neuroscan scan")
+    manifest = scan_manifest(out)
     if not manifest.parts:
         raise UserError(
             f"{out} has no committed rows yet: wait for the scan to commit a part (or rerun it with --resume)"

@@ -158,6 +158,17 @@ def test_an_aggregator_process_and_a_stage_killed_mid_scan_leave_every_scan_comp
     assert read_manifest(out).resumed_at  # its aggregator was opened again from the manifest
 
 
+def test_a_scan_records_the_weights_the_service_loaded_not_the_files_read_again(served, monkeypatch):
+    """The stages hold the weights loaded when the service started; a scan's manifest records
+    their fingerprint, not that of whatever is at --model when the scan starts."""
+    import cluster.driver as driver
+
+    client, service, _ = served
+    monkeypatch.setattr(driver, "fingerprint", lambda path: "the files read again")
+    done = client.submit(["apple, banana, cherry,"], name="weights").wait()
+    assert read_manifest(Path(done["out"])).model.fingerprint == service.plan.fingerprint != "the files read again"
+
+
 def _raw(client: Client, method: str, path: str, body: bytes | None = None, headers: dict | None = None, token=TOKEN):
     request = urllib.request.Request(client.url + path, data=body, method=method, headers=headers or {})
     if token:

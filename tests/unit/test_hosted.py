@@ -29,7 +29,7 @@ def test_two_scans_in_one_host_write_what_their_own_aggregators_write(tmp_path):
     for target in scans.values():
         (tmp_path / target.key).mkdir()
         host.open(target, HEADER)
-    assert host.scans() == ["a", "b"]
+    assert sorted(host.open_scans) == ["a", "b"]
     for batch_id in range(3):  # interleaved, as the scheduler sends them
         for target in scans.values():
             assert host.add(target, *_batch(batch_id))[:2] == (2, 8)
@@ -44,7 +44,7 @@ def test_two_scans_in_one_host_write_what_their_own_aggregators_write(tmp_path):
         assert len(manifest.parts) == (3 if name == "a" else 1)  # each scan keeps its own part size
         assert _rows(tmp_path / name) == _rows(tmp_path / f"{name}-alone")
         host.close(target)
-    assert host.scans() == [] and host.memory()["peak_rss_mb"] > 0
+    assert host.open_scans == {} and host.memory()["peak_rss_mb"] > 0
 
 
 def test_a_restarted_host_opens_a_scan_again_from_its_manifest(tmp_path):

@@ -25,7 +25,7 @@ def test_scans_round_trip_in_submission_order_and_survive_a_new_store(tmp_path):
     store = Store(tmp_path / "scans.sqlite")
     for i in range(3):
         store.add(_scan(i))
-    store.set_state(_scan(1).id, RUNNING)
+    assert store.start(_scan(1).id)
     store.progress(_scan(1).id, 10, 4, 400, 2.0)
     again = Store(tmp_path / "scans.sqlite")  # the service started again
     scans = again.all()
@@ -44,8 +44,8 @@ def test_find_by_prefix_cancel_and_ends(tmp_path):
     assert len(store.find("000000000ab")) == 2 and [s.name for s in store.find("000000000abd")] == [f"s{0xABD}"]
     store.request_cancel(_scan(0xABC).id)
     assert store.get(_scan(0xABC).id).cancel
-    store.set_state(_scan(0xABC).id, CANCELLED, "cancelled")
-    store.set_state(_scan(0xABD).id, COMPLETED)
+    store.end(_scan(0xABC).id, CANCELLED, "cancelled")
+    store.end(_scan(0xABD).id, COMPLETED)
     ended = {s.name: (s.state, s.error, s.finished_at is not None) for s in store.all()}
     assert ended == {f"s{0xABC}": (CANCELLED, "cancelled", True), f"s{0xABD}": (COMPLETED, None, True)}
     assert not store.add(_scan(0xABC))  # its name is taken
