@@ -217,19 +217,38 @@ def _kind_name(kind) -> str:
     return {int: "a whole number", float: "a number", bool: "true or false"}.get(kind, "a string")
 
 
+DRAIN_FACTOR = 16  # a refused body up to this many times the limit is still read, so its sender gets the 413
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, gunzipped, refused past ``limit`` bytes (before or after gunzip)."""
+    """The request body, gunzipped, refused past ``limit`` bytes (before or after gunzip).
+
+    A body over the limit is read to its end (up to ``DRAIN_FACTOR`` times the limit) before
+    the 413 goes back: closing on unread bytes resets the connection, and the sender would see
+    a broken pipe instead of the line that says what to do.
+    """
     declared = request.headers.get("content-length")
+    refused = None
     if declared and declared.isdigit() and int(declared) > limit:
-        raise Refused(
+        refused = Refused(
             413,
             f"the body is {int(declared):,} bytes, over the limit of {limit:,}: split the corpus into several scans",
         )
-    body = bytearray()
+        if int(declared) > DRAIN_FACTOR * limit:
+            raise refused
+    body, seen = bytearray(), 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise Refused(413, f"the body is over the limit of {limit:,} bytes: split the corpus into several scans")
+        seen += len(chunk)
+        if refused is None and seen > limit:
+            refused = Refused(
+                413, f"the body is over the limit of {limit:,} bytes: split the corpus into several scans"
+            )
+        if refused is None:
+            body += chunk
+        elif seen > DRAIN_FACTOR * limit:
+            break
+    if refused is not None:
+        raise refused
     if request.headers.get("content-encoding") == "gzip" or body[:2] == b"\x1f\x8b":
         try:
             inflate = zlib.decompressobj(wbits=31)

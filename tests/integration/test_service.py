@@ -232,6 +232,7 @@ def _raw(client: Client, method: str, path: str, body: bytes | None = None, head
             "is outside the corpus root",
         ),
         ("POST", "/scans", b"x" * (1 << 20 | 1), {}, TOKEN, 413, "over the limit of 1,048,576"),
+        ("POST", "/scans", b"x" * (8 << 20), {}, TOKEN, 413, "the body is 8,388,608 bytes, over the limit"),
         (
             "POST",
             "/scans",
