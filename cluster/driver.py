@@ -274,7 +274,10 @@ def _scan(cfg: ScanConfig, p: Plan, out: Path, header: Manifest, committed: set[
 
             job = Job("scan", cfg, batches, committed, sink, p.n_prompts, progress)
             try:
-                Scheduler(pipelines, cfg.window * cfg.replicas).run([job], lambda j: run_timings(j, pipelines, watch))
+                notice = lambda line: tqdm.write(line, file=sys.stderr)
+                Scheduler(pipelines, cfg.window * cfg.replicas, notice).run(
+                    [job], lambda j: run_timings(j, pipelines, watch)
+                )
             finally:
                 bar.close()
             if job.error is not None:

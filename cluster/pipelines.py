@@ -14,8 +14,13 @@ from dataclasses import dataclass, field
 import ray
 
 from cluster import placement
+from neuroscan.errors import UserError
 from workers.shard import ShardSpec
 from workers.stage import Stage, StageSpec
+
+NODE_CHECK_S = 2.0
+"""While waiting on the stages, how often to ask Ray which nodes are alive: an actor on a node
+that left is not failed by Ray while its placement group waits for room to restart it."""
 
 
 @dataclass
@@ -29,8 +34,15 @@ class Pipelines:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     """In every actor's name: `ray list actors` shows what they serve."""
     started_ray: bool = False
-    group: object = None
+    reserved: placement.Reserved | None = None
     collectives: list = field(default_factory=list)
+    live: list[int] = field(default_factory=list)
+    """The replicas still in use: a replica on a node that left the cluster is dropped (`lost`)."""
+    dropped: dict[int, list[str]] = field(default_factory=dict)
+    """Each dropped replica, with the ids of its nodes that left."""
+
+    def __post_init__(self):
+        self.live = self.live or list(range(len(self.pipes)))
 
     @classmethod
     def open(
@@ -52,7 +64,8 @@ class Pipelines:
         self.started_ray = placement.start_ray(n_actors + extra_actors)
         direct = handoff == "direct" and stages > 1
         try:
-            self.group = placement.reserve(device, n_actors, gpus_per_stage)
+            self.reserved = placement.reserve(device, stages, replicas, gpus_per_stage)
+            placement.check_nodes(self.reserved, model_path)
             threads = max(1, (os.cpu_count() or 1) // n_actors) if device == "cpu" else 0
             for r in range(replicas):
                 pipe = []
@@ -60,11 +73,12 @@ class Pipelines:
                     spec = StageSpec(model_path, ShardSpec(start, stop, n_layers), device, dtype, threads, direct)
                     name = f"neuroscan-{self.run_id}-stage-{r}-{s}"
                     actor = placement.stage_actor(
-                        Stage, self.group, r * stages + s, device, name, gpus_per_stage, direct
+                        Stage, self.reserved.group, self.reserved.bundle(r, s), device, name, gpus_per_stage, direct
                     )
                     pipe.append(actor.remote(spec))
                 self.pipes.append(pipe)
-            ray.get([a.setup.remote() for a in self.actors])
+            self.live = list(range(replicas))
+            self._load([a.setup.remote() for a in self.actors])
             if direct:
                 self.handoffs, self.collectives = placement.connect(self.pipes, device)
         except BaseException:
@@ -72,21 +86,57 @@ class Pipelines:
             raise
         return self
 
+    def _load(self, calls: list) -> None:
+        """Wait for every stage to load its weights; a node that leaves the cluster meanwhile
+        stops the start in one line (nothing is scanned yet: run it again on what is left)."""
+        pending = calls
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=NODE_CHECK_S)
+            if pending and self.lost():
+                raise UserError(
+                    f"a node left the Ray cluster while the stages were loading the model ({self.lost_line()}): "
+                    "nothing was scanned; run the command again on the nodes that remain (see `ray status`)"
+                )
+        ray.get(calls)
+
+    def lost(self) -> list[int]:
+        """Drop (and kill) the live replicas with a stage on a node that is no longer alive;
+        returns them. Their calls in flight then fail at once, instead of waiting for a restart
+        that has no node to run on."""
+        alive = placement.alive_nodes()
+        gone = [r for r in self.live if not self.reserved.nodes[r] <= alive]
+        for r in gone:
+            self.live.remove(r)
+            self.dropped[r] = sorted(self.reserved.nodes[r] - alive)
+            for actor in self.pipes[r]:
+                ray.kill(actor, no_restart=True)
+        return gone
+
+    def lost_line(self) -> str:
+        """Which replicas were dropped, and the nodes that took them."""
+        nodes = sorted({n[:8] for ids in self.dropped.values() for n in ids})
+        return (
+            f"replica{'s' if len(self.dropped) > 1 else ''} {', '.join(map(str, sorted(self.dropped)))} lost "
+            f"with node{'s' if len(nodes) > 1 else ''} {', '.join(nodes)}"
+        )
+
     @property
     def actors(self) -> list:
         return [a for pipe in self.pipes for a in pipe]
 
     def memory(self) -> list[dict]:
-        return ray.get([a.memory.options(concurrency_group=placement.INFO).remote() for a in self.actors])
+        """What each stage of the live replicas holds."""
+        live = [a for r in self.live for a in self.pipes[r]]
+        return ray.get([a.memory.options(concurrency_group=placement.INFO).remote() for a in live])
 
     def close(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
         self.pipes = []
         placement.disconnect(self.collectives)
-        if self.group is not None:
-            placement.remove_placement_group(self.group)
-            self.group = None
+        if self.reserved is not None:
+            placement.remove_placement_group(self.reserved.group)
+            self.reserved = None
         if self.started_ray:
-            ray.shutdown()
+            placement.stop_ray()
             self.started_ray = False

@@ -1,7 +1,7 @@
 """Ray start-up, the placement group for S stages x R replicas, and the actors in it.
 
-Stages of one replica sit in consecutive bundles of one placement group packed onto as few
-nodes as possible (a node first, then across nodes). Actors are thin: `ray.remote` around
+Each replica is one bundle of a placement group: its stages run on one node, and the
+replicas are spread across the nodes (`reserve`). Actors are thin: `ray.remote` around
 the plain `workers.stage.Stage` and `aggregator.aggregator.Aggregator` classes.
 """
 
@@ -12,14 +12,16 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 from ray.exceptions import RayActorError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from neuroscan.errors import UserError
@@ -53,7 +55,50 @@ def start_ray(n_actors: int) -> bool:
     with _keeping_sigterm():
         started = _init(n_actors)
     _log_cluster_errors()
+    _native_stderr_to_log()
     return started
+
+
+_native = None  # (the saved fd 2, the sys.stderr it had) while Ray's native lines go to a log
+
+
+def _native_stderr_to_log() -> None:
+    """Ray's C++ core worker in this process writes its error lines (objects it recovers
+    after a node is lost, a connection retried) to fd 2, past any Python handler, and to its
+    own log file as well. While Ray runs, fd 2 goes to ``neuroscan-driver-stderr.log`` in the
+    session's log directory and Python's ``sys.stderr`` (neuroscan's lines, the progress bar,
+    a traceback) to the terminal's stderr; `stop_ray` puts both back. Left as it is where
+    ``sys.stderr`` is not fd 2 (a test capturing it)."""
+    global _native
+    from ray._private import worker
+
+    try:
+        if _native is not None or sys.stderr.fileno() != 2:
+            return
+        log = Path(worker.global_worker.node.get_logs_dir_path()) / "neuroscan-driver-stderr.log"
+    except (AttributeError, OSError, ValueError):  # no fileno, or a Ray Client connection
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    _native = (saved, sys.stderr)
+    sys.stderr = open(os.dup(saved), "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    target = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(target, 2)
+    os.close(target)
+
+
+def stop_ray() -> None:
+    """``ray.shutdown()``, and fd 2 back where it was (`_native_stderr_to_log`)."""
+    global _native
+    ray.shutdown()
+    if _native is not None:
+        saved, stderr = _native
+        _native = None
+        sys.stderr.flush()
+        sys.stderr.close()
+        os.dup2(saved, 2)
+        os.close(saved)
+        sys.stderr = stderr
 
 
 def _log_cluster_errors() -> None:
@@ -170,18 +215,116 @@ def check_resources(device: str, n_stage_actors: int, gpus: float = 1.0) -> None
             )
 
 
-def reserve(device: str, n_stage_actors: int, gpus: float = 1.0):
-    """A ready placement group with one bundle per stage actor."""
-    check_resources(device, n_stage_actors, gpus)
-    group = placement_group([stage_bundle(device, gpus)] * n_stage_actors, strategy="PACK")
+@dataclass
+class Reserved:
+    """A ready placement group for S stages x R replicas, and where its bundles landed."""
+
+    group: object
+    stages: int
+    per_replica: bool
+    """One bundle per replica, holding all its stages (on one node), or one bundle per stage."""
+    nodes: list[set[str]]
+    """Per replica, the Ray node ids its stages run on."""
+    bundle_nodes: dict[int, str]
+    """The Ray node id of each bundle."""
+
+    def bundle(self, replica: int, stage: int) -> int:
+        return replica if self.per_replica else replica * self.stages + stage
+
+
+def replica_bundle(device: str, stages: int, gpus: float = 1.0) -> dict[str, float]:
+    """One replica's resources: its S stages together."""
+    return {k: v * stages for k, v in stage_bundle(device, gpus).items()}
+
+
+def fits(bundle: dict[str, float], count: int, nodes: list[dict[str, float]]) -> bool:
+    """Whether ``count`` copies of ``bundle`` fit on nodes of these total resources, each copy
+    on one node (first fit)."""
+    free = [dict(node) for node in nodes]
+    for _ in range(count):
+        node = next((n for n in free if all(n.get(k, 0) >= v for k, v in bundle.items())), None)
+        if node is None:
+            return False
+        for k, v in bundle.items():
+            node[k] -= v
+    return True
+
+
+def reserve(device: str, stages: int, replicas: int, gpus: float = 1.0) -> Reserved:
+    """A ready placement group for S stages x R replicas.
+
+    Each replica is one bundle of its S stages, so a replica lives on one node and its hidden
+    state goes stage to stage through that node's shared memory (or its GPUs' NVLink), never
+    the network; the bundles are spread across nodes (``SPREAD``), so losing a node loses the
+    fewest replicas and the replicas share the nodes' network links to the aggregator. Where no
+    node can hold a whole replica (more stages than a node has GPUs), each stage is a bundle of
+    its own and the group packs them onto as few nodes as it can (``PACK``).
+    """
+    n_actors = stages * replicas
+    check_resources(device, n_actors, gpus)
+    whole = replica_bundle(device, stages, gpus)
+    per_replica = fits(whole, replicas, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+    if per_replica:
+        group = placement_group([whole] * replicas, strategy="SPREAD")
+    else:
+        group = placement_group([stage_bundle(device, gpus)] * n_actors, strategy="PACK")
     ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:
         remove_placement_group(group)
         raise UserError(
-            f"cannot place {n_stage_actors} bundles of {stage_bundle(device, gpus)} within {PLACEMENT_TIMEOUT_S} s "
+            f"cannot place {n_actors} stage actors of {stage_bundle(device, gpus)} within {PLACEMENT_TIMEOUT_S} s "
             f"(cluster: {_describe(ray.cluster_resources())}); see `ray status`"
         )
-    return group
+    placed = placement_group_table(group)["bundles_to_node_id"]
+    reserved = Reserved(group, stages, per_replica, [], placed)
+    reserved.nodes = [{placed[reserved.bundle(r, s)] for s in range(stages)} for r in range(replicas)]
+    return reserved
+
+
+def check_nodes(reserved: Reserved, model_path: str) -> None:
+    """On every node the stages were placed on, other than the driver's, check before loading
+    anything that neuroscan's code imports and the model is at the driver's path: one line
+    naming the node instead of an import traceback in a worker's log, or a load that fails
+    after the other nodes have loaded theirs."""
+
+    def probe(model_path: str) -> str | None:
+        """What stops a stage on this node, or None. A local function: Ray pickles it by value,
+        so it runs on a node where neuroscan is missing."""
+        try:
+            from workers.stage import model_here
+        except ImportError as err:
+            return (
+                f"cannot import neuroscan ({err}): install it on every node of the Ray cluster, the same version "
+                "at the same path (`pip install -e .` of the same checkout, or the same wheel)"
+            )
+        from neuroscan.errors import UserError
+
+        try:
+            model_here(model_path)
+        except UserError as err:
+            return str(err)
+        return None
+
+    here = ray.get_runtime_context().get_node_id()
+    nodes = sorted(set(reserved.bundle_nodes.values()) - {here})
+    calls = [
+        ray.remote(probe)
+        .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+        .remote(model_path)
+        for node in nodes
+    ]
+    for node, ref in zip(nodes, calls):
+        try:
+            problem = ray.get(ref, timeout=PLACEMENT_TIMEOUT_S)
+        except (ray.exceptions.RayError, TimeoutError) as err:
+            problem = f"cannot run a task there ({str(err).strip().splitlines()[0][:200]})"
+        if problem:
+            raise UserError(problem if problem.startswith("the model") else f"node {node[:8]} {problem}")
+
+
+def alive_nodes() -> set[str]:
+    """The ids of the Ray nodes alive now."""
+    return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
 
 
 INFO = "info"

@@ -8,7 +8,9 @@ robin): a small scan submitted behind a large one is not queued behind it, and m
 scans keep the stages as busy as one large scan. Each micro-batch carries its scan's
 selection, so scans with other thresholds share the same stages.
 
-Faults: stage and aggregator actors are restarted by Ray (bounded) and their calls retried;
+Faults: a node that leaves the cluster takes its replicas with it; their micro-batches in
+flight go to the replicas left, and the scans go on (with none left they fail, resumable).
+Stage and aggregator actors are restarted by Ray (bounded) and their calls retried;
 the aggregator drops a micro-batch it already has. A restarted aggregator has lost what it
 had buffered but not committed, so each job keeps its micro-batches' rows references until
 its aggregator reports them committed, and sends them again when the aggregator's
@@ -21,6 +23,7 @@ have landed, the manifest listing what was committed, ready for ``--resume``.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 
 import numpy as np
@@ -28,23 +31,28 @@ import ray
 from ray.exceptions import RayActorError
 
 from cluster.job import CANCELLED, COMPLETED, FAILED, Job, Sent
-from cluster.pipelines import Pipelines
+from cluster.pipelines import NODE_CHECK_S, Pipelines
 from neuroscan.errors import UserError
 from workers.handoff import GROUP
 from workers.split import PromptTooLarge
 
 
 class Scheduler:
-    def __init__(self, pipelines: Pipelines, window: int):
+    def __init__(self, pipelines: Pipelines, window: int, notice=None):
+        self.pipelines = pipelines
         self.pipes, self.handoffs = pipelines.pipes, pipelines.handoffs
         self.window = window
+        self.notice = notice or (lambda line: None)
+        """Called with a line when replicas are lost (a node left) and the scans go on without them."""
         self.in_flight: deque[tuple[object, Sent]] = deque()  # (aggregator call, Sent), oldest first
         self.jobs: list[Job] = []
         self.turn = 0  # the job whose micro-batch goes next
-        self.next_pipe = itertools.cycle(range(len(self.pipes)))
+        self.sent = 0  # micro-batches handed out, to deal them round robin over the live replicas
 
     def add(self, job: Job) -> None:
         self.jobs.append(job)
+        if not self.pipelines.live:
+            job.fail(self.all_lost())
 
     def run(self, jobs: list[Job], timings) -> None:
         """Scan ``jobs`` to their end (one-shot use); ``timings(job)`` is what each manifest records."""
@@ -67,7 +75,7 @@ class Scheduler:
         finishing = {job.finishing: job for job in self.jobs if job.finishing is not None}
         refs = ([self.in_flight[0][0]] if self.in_flight else []) + list(finishing)
         if refs:
-            ready, _ = ray.wait(refs, num_returns=1, timeout=wait_s)
+            ready = self._wait(refs, wait_s)
             if ready and ready[0] in finishing:
                 job = finishing[ready[0]]
                 if self._finished(job):
@@ -79,11 +87,42 @@ class Scheduler:
             self.jobs.remove(job)
         return ended
 
+    def _wait(self, refs: list, wait_s: float | None) -> list:
+        """The first of ``refs`` to answer within ``wait_s`` (None: however long it takes),
+        checking meanwhile that the replicas' nodes are alive (`check_nodes`)."""
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        while True:
+            left = NODE_CHECK_S if deadline is None else min(NODE_CHECK_S, max(0.0, deadline - time.monotonic()))
+            ready, _ = ray.wait(refs, num_returns=1, timeout=left)
+            if ready or (deadline is not None and time.monotonic() >= deadline):
+                return ready
+            self.check_nodes()
+
+    def check_nodes(self) -> None:
+        """Drop the replicas on nodes that left the cluster; their micro-batches in flight fail
+        and are sent again to the replicas left (`settle`). With none left, every scan fails."""
+        if not self.pipelines.lost():
+            return
+        live = len(self.pipelines.live)
+        if live:
+            self.notice(
+                f"{self.pipelines.lost_line()}: the scan goes on with the {live} replica{'s' if live > 1 else ''} left"
+            )
+            return
+        for job in self.jobs:
+            job.fail(self.all_lost())
+
+    def all_lost(self) -> UserError:
+        return UserError(
+            f"every replica is lost ({self.pipelines.lost_line()}); committed parts are kept: "
+            "rerun the same command with --resume on the nodes that remain (see `ray status`)"
+        )
+
     def fill(self) -> None:
         """Hand micro-batches to the pipelines until ``window`` are in flight, one from each
         running job in turn."""
         idle = 0
-        while len(self.in_flight) < self.window and self.jobs and idle < len(self.jobs):
+        while len(self.in_flight) < self.window and self.jobs and idle < len(self.jobs) and self.pipelines.live:
             job = self.jobs[self.turn % len(self.jobs)]
             self.turn += 1
             item = job.take()
@@ -91,7 +130,12 @@ class Scheduler:
                 idle += 1
                 continue
             idle = 0
-            self.submit(job, *item, self.pipes[next(self.next_pipe)])
+            self.submit(job, *item, self.next_pipe())
+
+    def next_pipe(self) -> list:
+        live = self.pipelines.live
+        self.sent += 1
+        return self.pipes[live[self.sent % len(live)]]
 
     def submit(self, job: Job, batch, group, pipe) -> None:
         batch_ref = ray.put(batch)
@@ -129,6 +173,8 @@ class Scheduler:
             self._skip(err, sent)
             return
         except UserError as err:
+            if self._resent(sent):
+                return
             job.fail(err)
             return
         if job.state == FAILED:
@@ -138,6 +184,18 @@ class Scheduler:
             job.uncommitted.pop(done, None)
         if incarnation != job.incarnation:
             self._restarted(job, incarnation)
+
+    def _resent(self, sent: Sent) -> bool:
+        """A micro-batch whose call failed because its replica was lost (a node left the
+        cluster) goes to a replica that is left, if any; True when it was sent again.
+        Nothing of it reached the aggregator, so nothing is committed twice."""
+        self.check_nodes()
+        if self.pipes.index(sent.pipe) in self.pipelines.live or sent.job.state == FAILED:
+            return False
+        if not self.pipelines.live:
+            return False
+        self.submit(sent.job, sent.batch, sent.group, self.next_pipe())
+        return True
 
     def _finished(self, job: Job) -> bool:
         """The job's last aggregator call answered: True when the job has ended; False when the

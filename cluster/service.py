@@ -17,6 +17,7 @@ HTTP is `cluster.api`'s.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 import time
 import uuid
@@ -104,7 +105,11 @@ class Service:
             token_strings(probe.tokenizer, probe.vocab_size),
             f"neuroscan-{self.pipelines.run_id}-aggregator",
         )
-        self.scheduler = Scheduler(self.pipelines, self.template.window * self.template.replicas)
+        self.scheduler = Scheduler(
+            self.pipelines,
+            self.template.window * self.template.replicas,
+            lambda line: print(line, file=sys.stderr, flush=True),
+        )
         self.loaded_s = time.perf_counter() - t0
         self.store.requeue_running()
         self.admitting.set()
@@ -184,6 +189,11 @@ class Service:
             )
         self.admitting.set()
         return self.store.get(scan.id)
+
+    def nodes(self) -> list[str]:
+        """The Ray node ids the live replicas run on."""
+        reserved = self.pipelines.reserved
+        return sorted({n for r in self.pipelines.live for n in reserved.nodes[r]}) if reserved else []
 
     def positions(self) -> dict[str, int]:
         """Queue position of every queued scan (1: next to start)."""

@@ -50,17 +50,29 @@ FAULT_OOM_TOKENS = int(os.environ.get("NEUROSCAN_FAULT_OOM_TOKENS", "0"))
 """Testing hook: act as if a micro-batch of more padded tokens than this ran out of memory."""
 
 
+def node_name() -> str:
+    """This machine's host name, with its Ray node's id in a Ray worker (one machine can run
+    several Ray nodes)."""
+    import ray
+
+    if not ray.is_initialized():
+        return socket.gethostname()
+    return f"{socket.gethostname()} (Ray node {ray.get_runtime_context().get_node_id()[:8]})"
+
+
 def model_here(path: str) -> None:
     """The driver resolved the model's path on its own machine; a stage on another node of a
     cluster reads the same path there. The embedded model is built where it is missing (the
-    same bytes from the same seed); any other model must already be there."""
-    if Path(path).is_dir():
+    same bytes from the same seed); any other model must already be there. A directory without
+    its config.json counts as missing: a shared file system not mounted on that node leaves
+    the empty mount point."""
+    if (Path(path) / "config.json").is_file():
         return
     if Path(path) == embedded_model_path():
         embedded_model_dir()
         return
     raise UserError(
-        f"the model is not at {path} on node {socket.gethostname()}: every node of the Ray cluster reads it from the "
+        f"the model is not at {path} on node {node_name()}: every node of the Ray cluster reads it from the "
         "path it has on the driver's machine; put it there on each node (the same `hf download`, or a shared file system)"
     )
 

@@ -181,18 +181,19 @@ def test_a_cluster_without_gpus_points_at_the_cpu(monkeypatch):
     )
 
 
-def test_placement_group_packs_stages_on_logical_gpus(ray_session):
+def test_each_replica_is_one_bundle_of_its_stages_on_logical_gpus(ray_session):
     import ray
     from ray.util.placement_group import placement_group_table
 
-    group = placement.reserve("cuda", 4)
+    reserved = placement.reserve("cuda", 2, 2)
     try:
-        table = placement_group_table(group)
-        assert table["state"] == "CREATED"
-        assert [b for b in table["bundles"].values()] == [{"CPU": 1.0, "GPU": 1.0}] * 4
-        assert len(set(table["bundles_to_node_id"].values())) == 1  # one node first
+        table = placement_group_table(reserved.group)
+        assert table["state"] == "CREATED" and table["strategy"] == "SPREAD"
+        assert [b for b in table["bundles"].values()] == [{"CPU": 2.0, "GPU": 2.0}] * 2
+        assert reserved.per_replica and [reserved.bundle(1, s) for s in range(2)] == [1, 1]
+        assert reserved.nodes == [{ray.get_runtime_context().get_node_id()}] * 2
     finally:
-        ray.util.remove_placement_group(group)
+        ray.util.remove_placement_group(reserved.group)
 
 
 def test_the_aggregator_runs_on_the_drivers_node(ray_session):
@@ -235,7 +236,7 @@ def test_memory_is_answered_while_an_actor_works_through_its_queue(ray_session, 
     import ray
 
     if kind == "stage":
-        group = placement.reserve("cpu", 1)
+        group = placement.reserve("cpu", 1, 1).group
         actor = placement.stage_actor(Busy, group, 0, "cpu", f"busy-{kind}").remote()
     else:
         group, actor = None, placement.aggregator_actor(Busy, f"busy-{kind}").remote()

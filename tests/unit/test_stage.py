@@ -55,7 +55,7 @@ def test_a_stage_on_a_node_without_the_model(tmp_path, monkeypatch, tiny_model):
     from workers.embedded import embedded_model_path
 
     missing = tmp_path / "models" / "gpt-j-6b"
-    with pytest.raises(UserError, match=rf"the model is not at {missing} on node \S+: every node of the Ray cluster"):
+    with pytest.raises(UserError, match=rf"the model is not at {missing} on node [^:]+: every node of the Ray cluster"):
         _stages(missing, [(0, 2)], 28)
     monkeypatch.setenv("NEUROSCAN_CACHE", str(tmp_path / "node-cache"))  # this node has no embedded model yet
     here = embedded_model_path()

@@ -1,0 +1,340 @@
+"""Multi-node: a real Ray cluster on this machine, a head and worker nodes each with its own
+raylet, object store and logical GPUs, started by `ray.cluster_utils.Cluster`.
+
+Every worker node has 2 logical CPUs and 2 logical GPUs, so it holds exactly one replica of a
+2-stage pipeline (`--device cpu` stages take a CPU each, placed by the same code as GPU
+stages); the head has 1 CPU and holds none. Scans run as a user runs them, `neuroscan scan`
+with RAY_ADDRESS set to the cluster, and where every actor ran is read from Ray's own state
+API. Nodes are removed as a lost machine goes: every process of the node killed at once.
+Nodes where the model or neuroscan is missing are real too: `ray start` in a mount namespace
+of its own (`unshare`) where that directory is an empty tmpfs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.same_output import assert_same_output, sequence_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY = Path(sys.executable).with_name("ray")
+WORKERS = ("a", "b", "c")
+NODE = {"num_cpus": 2, "num_gpus": 2, "object_store_memory": 200 << 20}
+LABEL = "neuroscan-node"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _env(**values):
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class MultiNode:
+    """The cluster, its worker nodes by label, and what the tests ask of it."""
+
+    def __init__(self, tmp: str):
+        from ray.cluster_utils import Cluster
+
+        self.tmp = tmp
+        with _env(RAY_TMPDIR=tmp):
+            self.cluster = Cluster(
+                initialize_head=True,
+                head_node_args={
+                    "num_cpus": 1,
+                    "labels": {LABEL: "head"},
+                    "include_dashboard": True,  # Ray's state API and job server
+                    "dashboard_port": _free_port(),
+                    "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4},
+                },
+            )
+        self.nodes = {}
+        for label in WORKERS:
+            self.add(label)
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://{self.cluster.webui_url}"
+
+    def add(self, label: str):
+        with _env(RAY_TMPDIR=self.tmp):
+            self.nodes[label] = self.cluster.add_node(**NODE, labels={LABEL: label})
+        return self.nodes[label]
+
+    def lose(self, label: str) -> None:
+        """Every process of the node killed at once, as when its machine goes."""
+        self.cluster.remove_node(self.nodes.pop(label), allow_graceful=False)
+
+    def env(self) -> dict:
+        return {**os.environ, "RAY_ADDRESS": self.address}
+
+    def labels(self) -> dict[str, str]:
+        """Ray node id -> label, of every node alive."""
+        from ray.util.state import list_nodes
+
+        return {n.node_id: n.labels.get(LABEL) for n in list_nodes(address=self.address) if n.state == "ALIVE"}
+
+    def actors(self, known: set[str] = frozenset()) -> dict[str, str]:
+        """neuroscan's actors (name -> label of the node it ran on), from Ray's state API,
+        leaving out those of names in ``known``."""
+        from ray.util.state import list_actors, list_nodes
+
+        labels = {n.node_id: n.labels.get(LABEL) for n in list_nodes(address=self.address, limit=1000)}
+        found = list_actors(address=self.address, limit=10_000, detail=True)
+        return {
+            a.name: labels.get(a.node_id)
+            for a in found
+            if a.name and a.name.startswith("neuroscan-") and a.name not in known
+        }
+
+
+@pytest.fixture(scope="module")
+def multinode():
+    tmp = tempfile.mkdtemp(prefix="rm", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    nodes = MultiNode(tmp)
+    yield nodes
+    nodes.cluster.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    return sequence_corpus(tmp_path_factory.mktemp("multinode") / "prompts.jsonl", 240, seed=5)
+
+
+SCAN = ("--stages", "2", "--batch-tokens", "256", "--rows-per-part", "200", "--quiet")
+
+
+def scan(env: dict, prompts: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "scan", str(prompts), "--out", str(out), *SCAN, *flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def start_scan(env: dict, prompts: Path, out: Path, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "scan", str(prompts), "--out", str(out), *SCAN, *flags],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def one_node(prompts, tmp_path_factory) -> Path:
+    """The same scan on a local Ray of one node: what every multi-node scan must equal."""
+    out = tmp_path_factory.mktemp("one-node") / "out"
+    ray_tmp = tempfile.mkdtemp(prefix="r1", dir="/tmp")
+    done = scan({**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp}, prompts, out, "--replicas", "2")
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def _committed(out: Path) -> int:
+    try:
+        return len(json.loads((out / "manifest.json").read_text())["parts"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _wait_for(condition, timeout_s: float = 120, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_each_replica_on_a_node_of_its_own_and_the_tables_of_one_node(multinode, prompts, one_node, tmp_path):
+    before = set(multinode.actors())
+    done = scan(multinode.env(), prompts, tmp_path / "out", "--replicas", "3")
+    assert done.returncode == 0, done.stderr
+    assert_same_output(tmp_path / "out", one_node)
+
+    ran = multinode.actors(before)
+    stages = {name: label for name, label in ran.items() if "-stage-" in name}
+    assert len(stages) == 6 and [label for name, label in ran.items() if "-aggregator" in name] == ["head"]
+    per_replica = {r: {stages[n] for n in stages if n.rsplit("-", 2)[1] == str(r)} for r in range(3)}
+    assert all(len(nodes) == 1 for nodes in per_replica.values())  # both stages of a replica on one node
+    assert sorted(nodes.pop() for nodes in per_replica.values()) == sorted(WORKERS)  # one replica a node
+
+
+def test_gpu_stages_are_placed_by_the_same_code_on_logical_gpus(multinode):
+    """Placement alone (no GPU to load a model on): 2 stages x 3 replicas take one 2-GPU node
+    each; 3 stages, more than any node's GPUs, get a bundle each, packed on two nodes."""
+    probe = """
+import json, ray
+from cluster import placement
+ray.init()
+labels = {n["NodeID"]: n["Labels"]["neuroscan-node"] for n in ray.nodes() if n["Alive"]}
+found = {}
+for stages, replicas in ((2, 3), (3, 1)):
+    reserved = placement.reserve("cuda", stages, replicas)
+    found[f"{stages}x{replicas}"] = [reserved.per_replica, [sorted(labels[n] for n in nodes) for nodes in reserved.nodes]]
+    placement.remove_placement_group(reserved.group)
+print(json.dumps(found))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, env=multinode.env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    per_replica, nodes = found["2x3"]
+    assert per_replica and sorted(n for [n] in nodes) == sorted(WORKERS)
+    per_replica, [nodes] = found["3x1"]
+    assert not per_replica and len(nodes) == 2  # a replica across two nodes, as few as hold it
+
+
+def test_a_node_lost_mid_scan_leaves_the_scan_to_the_replicas_left(multinode, prompts, one_node, tmp_path):
+    out = tmp_path / "out"
+    before = set(multinode.actors())
+    running = start_scan(multinode.env(), prompts, out, "--replicas", "3")
+    _wait_for(lambda: _committed(out) >= 1 or running.poll() is not None, what="a committed part")
+    assert running.poll() is None, "the scan ended before a node could be lost: give it a larger corpus"
+    multinode.lose("b")
+    stdout, stderr = running.communicate(timeout=600)
+    try:
+        assert running.returncode == 0, stderr
+        lost = [line for line in stderr.splitlines() if "lost with node" in line]
+        assert lost and lost[0].endswith("the scan goes on with the 2 replicas left"), stderr
+        assert "Traceback" not in stderr
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["status"] == "complete"
+        assert_same_output(out, one_node)  # every micro-batch once: none lost, none twice
+        assert "b" in set(multinode.actors(before).values())  # b held a replica before it went
+    finally:
+        multinode.add("b")
+
+
+def test_with_no_replica_left_the_scan_stops_and_resume_finishes_on_a_node_that_joined(
+    multinode, prompts, one_node, tmp_path
+):
+    out = tmp_path / "out"
+    before = set(multinode.actors())
+    running = start_scan(multinode.env(), prompts, out, "--replicas", "1")
+    _wait_for(lambda: _committed(out) >= 1 or running.poll() is not None, what="a committed part")
+    assert running.poll() is None, "the scan ended before its node could be lost: give it a larger corpus"
+    [label] = {label for name, label in multinode.actors(before).items() if "-stage-" in name}
+    multinode.lose(label)
+    stdout, stderr = running.communicate(timeout=600)
+    assert running.returncode == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("neuroscan: error: every replica is lost (replica 0 lost with node ")
+    assert lines[0].endswith("rerun the same command with --resume on the nodes that remain (see `ray status`)")
+    committed = _committed(out)
+    assert committed >= 1
+
+    multinode.add("d")  # a node that joins after the loss: the next scan uses it
+    before = set(multinode.actors())
+    resumed = scan(multinode.env(), prompts, out, "--replicas", "3", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{committed} micro-batches already committed" in resumed.stderr or "already committed" in resumed.stderr
+    assert_same_output(out, one_node)
+    assert "d" in set(multinode.actors(before).values())
+    multinode.lose("d")
+    multinode.add(label)
+
+
+def _namespaced_node(multinode: MultiNode, label: str, hide: list[Path]) -> subprocess.Popen:
+    """A node started by `ray start` in a mount namespace of its own, where each of ``hide``
+    is an empty tmpfs: a machine without that directory."""
+    mounts = " && ".join(f"mount -t tmpfs none {shlex.quote(str(p))}" for p in hide)
+    start = (
+        f"exec {RAY} start --address={multinode.address} --num-cpus 2 --num-gpus 2 --labels {LABEL}={label} "
+        "--block --disable-usage-stats"
+    )
+    process = subprocess.Popen(
+        ["unshare", "-Urm", "sh", "-c", f"{mounts} && {start}"],
+        env={**os.environ, "RAY_TMPDIR": multinode.tmp},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    _wait_for(lambda: label in multinode.labels().values() or process.poll() is not None, what=f"node {label}")
+    assert process.poll() is None, "ray start in a mount namespace did not come up"
+    return process
+
+
+def _stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+
+
+def _unshare_works() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(["unshare", "-Urm", "true"]).returncode == 0
+
+
+needs_unshare = pytest.mark.skipif(
+    not _unshare_works(), reason="needs unprivileged user and mount namespaces (`unshare -Urm`)"
+)
+
+
+@needs_unshare
+def test_a_node_without_the_model_is_named_before_any_stage_loads(multinode, prompts, other_model, tmp_path):
+    process = _namespaced_node(multinode, "no-model", [other_model])
+    try:
+        [node] = [n for n, label in multinode.labels().items() if label == "no-model"]
+        done = scan(multinode.env(), prompts, tmp_path / "out", "--replicas", "4", "--model", str(other_model))
+    finally:
+        _stop(process)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"neuroscan: error: the model is not at {other_model} on node {socket.gethostname()} (Ray node {node[:8]}): "
+        "every node of the Ray cluster reads it from the path it has on the driver's machine; put it there on each "
+        "node (the same `hf download`, or a shared file system)"
+    ]
+
+
+@needs_unshare
+def test_a_node_without_neuroscan_is_named_with_the_fix(multinode, prompts, tmp_path):
+    hide = [ROOT / package for package in ("neuroscan", "workers", "cluster", "aggregator", "prompts")]
+    process = _namespaced_node(multinode, "no-project", hide)
+    try:
+        [node] = [n for n, label in multinode.labels().items() if label == "no-project"]
+        done = scan(multinode.env(), prompts, tmp_path / "out", "--replicas", "4")
+    finally:
+        _stop(process)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"neuroscan: error: node {node[:8]} cannot import neuroscan (No module named ")
+    assert line.endswith(
+        "the same version at the same path (`pip install -e .` of the same checkout, or the same wheel)"
+    )
+    assert not (tmp_path / "out" / "manifest.json").exists() or _committed(tmp_path / "out") == 0
