@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -338,3 +339,68 @@ def test_a_node_without_neuroscan_is_named_with_the_fix(multinode, prompts, tmp_
         "the same version at the same path (`pip install -e .` of the same checkout, or the same wheel)"
     )
     assert not (tmp_path / "out" / "manifest.json").exists() or _committed(tmp_path / "out") == 0
+
+
+def test_ray_job_submit_runs_a_scan_on_the_cluster(multinode, prompts, one_node, tmp_path):
+    """The job's driver runs on the head with RAY_ADDRESS set, so the scan joins the cluster."""
+    before = set(multinode.actors())
+    neuroscan = Path(sys.executable).with_name("neuroscan")
+    command = [str(neuroscan), "scan", str(prompts), "--out", str(tmp_path / "out"), *SCAN, "--replicas", "3"]
+    done = subprocess.run(
+        [str(RAY), "job", "submit", "--address", multinode.dashboard, "--", *command],
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "succeeded" in done.stdout
+    assert_same_output(tmp_path / "out", one_node)
+    ran = multinode.actors(before)
+    assert sorted(label for name, label in ran.items() if "-stage-" in name) == sorted(WORKERS * 2)
+
+
+def test_the_service_on_the_cluster_answers_a_client_on_a_worker_node(multinode, prompts, one_node, tmp_path):
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    results = tmp_path / "results"
+    service = subprocess.Popen(
+        [sys.executable, "-m", "neuroscan", "serve", "--results", str(results), "--port", str(port)]
+        + ["--stages", "2", "--replicas", "3"],
+        cwd=ROOT,
+        env=multinode.env(),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    client = f"""
+import json, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init()
+[node] = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Labels"].get("{LABEL}") == "a"]
+
+@ray.remote(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+def submit():
+    from cluster.client import Client
+    job = Client("http://127.0.0.1:{port}").submit({str(prompts)!r}, name="from-a", batch_tokens=256, rows_per_part=200)
+    return job.wait(), ray.get_runtime_context().get_node_id() == node
+
+print(json.dumps(ray.get(submit.remote())))
+"""
+    try:
+        _wait_for(lambda: "serving on" in log.read_text() or service.poll() is not None, 300, "the service")
+        assert service.poll() is None, log.read_text()
+        done = subprocess.run(
+            [sys.executable, "-c", client], cwd=ROOT, env=multinode.env(), capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stderr
+        status, on_a = json.loads(done.stdout.strip().splitlines()[-1])
+        assert on_a and status["state"] == "completed"
+        assert_same_output(results / "from-a", one_node)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as answer:
+            health = json.load(answer)
+        labels = multinode.labels()
+        assert health["replicas_live"] == 3 and sorted(labels[n] for n in health["nodes"]) == sorted(WORKERS)
+    finally:
+        os.killpg(service.pid, signal.SIGINT)
+        service.wait(timeout=120)
