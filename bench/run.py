@@ -293,6 +293,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     cfg.validate()
     if cfg.out:
         file_out(Path(cfg.out), "bench.json")
+    if cfg.nodes and cfg.service:
+        raise UserError("--nodes and --service are two benchmarks: run one, then the other")
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but torch sees no CUDA device: use --device cpu or run on a GPU machine")
@@ -313,6 +315,13 @@ def run_bench(cfg: BenchConfig) -> dict:
 
         dtype = resolve_dtype(cfg.dtype, device.type, getattr(load_config(path), "dtype", None))
         return {**_head(cfg, device, path, dtype), "service": service.run_service_bench(cfg, model_arg, dtype)}
+    if cfg.nodes:
+        from bench import nodes
+
+        dtype = resolve_dtype(cfg.dtype, device.type, getattr(load_config(path), "dtype", None))
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus = synthetic_corpus(Path(tmp) / "bench.jsonl", cfg.prompts, cfg.prompt_tokens)
+            return {**_head(cfg, device, path, dtype), "nodes": nodes.run_nodes_bench(cfg, model_arg, corpus)}
     sel = Selection()
     with tempfile.TemporaryDirectory() as tmp:
         corpus = synthetic_corpus(Path(tmp) / "bench.jsonl", cfg.prompts, cfg.prompt_tokens)
@@ -414,6 +423,10 @@ def table(report: dict) -> str:
         from bench import service
 
         return f"{report['device']}  {report['model']['dtype']}\n" + service.table(report["service"])
+    if "nodes" in report:
+        from bench import nodes
+
+        return f"{report['device']}  {report['model']['dtype']}\n" + nodes.table(report["nodes"])
     lines = [
         (
             f"{report['device']}  {report['model']['n_layer']} layers x {report['model']['d_model']}  {report['model']['dtype']}  "

@@ -356,6 +356,12 @@ class BenchConfig(Config):
         "measure the scanning service instead (submit latency, warm against cold, many small scans "
         "against one, a small scan behind a large one; bench/service.py)",
     )
+    nodes: int = option(
+        0,
+        "measure instead the same scan on Ray clusters of 1 to this many nodes started on this machine, "
+        "one 2-stage replica a node: start-up and tokens/s against one node (bench/nodes.py)",
+        minimum=0,
+    )
 
     @property
     def cache_path(self) -> Path:
