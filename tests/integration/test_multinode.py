@@ -8,6 +8,10 @@ with RAY_ADDRESS set to the cluster, and where every actor ran is read from Ray'
 API. Nodes are removed as a lost machine goes: every process of the node killed at once.
 Nodes where the model or neuroscan is missing are real too: `ray start` in a mount namespace
 of its own (`unshare`) where that directory is an empty tmpfs.
+
+`make test` runs this module in a pytest process of its own: shutting a
+`ray.cluster_utils.Cluster` down resets the process's Ray state (its internal key-value
+client, its cluster address), which would break the session's local Ray that other modules use.
 """
 
 from __future__ import annotations
@@ -404,3 +408,26 @@ print(json.dumps(ray.get(submit.remote())))
     finally:
         os.killpg(service.pid, signal.SIGINT)
         service.wait(timeout=120)
+
+
+def test_a_cluster_with_fewer_gpus_than_asked_is_one_line(multinode, prompts, tmp_path):
+    """8 GPU stages asked of three 2-GPU nodes: refused before anything is placed or loaded."""
+    done = scan(multinode.env(), prompts, tmp_path / "out", "--device", "cuda", "--replicas", "4")
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("neuroscan: error: the scan needs 8 GPU (8 stage actors) but the Ray cluster has 6 (")
+    assert line.endswith("lower --stages/--replicas or add nodes (see `ray status`)")
+
+
+def test_the_nodes_bench_scans_on_clusters_of_one_and_two_nodes(tmp_path, capsys):
+    """``neuroscan bench --nodes 2``: real 1- and 2-node Ray clusters on this machine, the scan's
+    own tokens/s from each run's manifest."""
+    out = tmp_path / "nodes.json"
+    from cluster.cli import main
+
+    assert main(["bench", "--nodes", "2", "--prompts", "16", "--prompt-tokens", "32", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["nodes"]["rows"]
+    assert [(r["nodes"], r["replicas"]) for r in rows] == [(1, 1), (2, 2)]
+    assert all(r["startup_s"] > 0 and r["scan_s"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["ratio_to_one_node"] == 1.0
+    assert "nodes  start-up s  scan s  tokens/s  vs 1 node" in capsys.readouterr().out
