@@ -410,12 +410,15 @@ print(json.dumps(ray.get(submit.remote())))
         service.wait(timeout=120)
 
 
-def test_a_cluster_with_fewer_gpus_than_asked_is_one_line(multinode, prompts, tmp_path):
-    """8 GPU stages asked of three 2-GPU nodes: refused before anything is placed or loaded."""
+def test_a_cluster_with_fewer_nodes_than_asked_is_one_line(multinode, prompts, tmp_path):
+    """8 GPU stages asked of three 2-CPU, 2-GPU nodes and a 1-CPU head: refused before anything
+    is placed or loaded (CPUs, one a stage, are the first resource short)."""
     done = scan(multinode.env(), prompts, tmp_path / "out", "--device", "cuda", "--replicas", "4")
     assert done.returncode == 2
     [line] = done.stderr.strip().splitlines()
-    assert line.startswith("neuroscan: error: the scan needs 8 GPU (8 stage actors) but the Ray cluster has 6 (")
+    assert line.startswith(
+        "neuroscan: error: the scan needs 8 CPU (8 stage actors) but the Ray cluster has 7 (CPU=7, GPU=6,"
+    )
     assert line.endswith("lower --stages/--replicas or add nodes (see `ray status`)")
 
 
