@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 from neuroscan.config import BenchConfig
 from neuroscan.errors import UserError
@@ -34,31 +36,37 @@ def run_nodes_bench(cfg: BenchConfig, model: str | None, corpus: Path) -> dict:
             "--nodes starts its Ray nodes on this machine, where they would share its GPUs: use --device cpu "
             "(on GPU nodes, compare `neuroscan scan --replicas R` runs on the real cluster)"
         )
-    rows = []
-    for nodes in range(1, cfg.nodes + 1):
-        rows.append(_one(cfg, model, corpus, nodes))
+    rows = [_one(cfg, model, corpus, nodes) for nodes in range(1, cfg.nodes + 1)]
     for row in rows:
         row["ratio_to_one_node"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
     return {"stages": STAGES, "prompts": cfg.prompts, "prompt_tokens": cfg.prompt_tokens, "rows": rows}
 
 
-def _one(cfg: BenchConfig, model: str | None, corpus: Path, nodes: int) -> dict:
+def start_cluster(tmp: str, **head_args):
+    """A `ray.cluster_utils.Cluster` head on this machine, its sessions and its address file
+    under ``tmp`` (not the machine's /tmp/ray, which `ray status` and ``RAY_ADDRESS=auto``
+    read); add nodes with `add_node`. Its ``shutdown()`` resets the calling process's Ray state
+    as well (its internal key-value client, its cluster address): call it where this process
+    is connected to no other Ray."""
     from ray.cluster_utils import Cluster
 
+    with patch.dict(os.environ, RAY_TMPDIR=tmp):
+        cluster = Cluster(initialize_head=True, head_node_args=head_args)
+    cluster.tmp = tmp
+    return cluster
+
+
+def add_node(cluster, **node_args):
+    with patch.dict(os.environ, RAY_TMPDIR=cluster.tmp):
+        return cluster.add_node(**node_args)
+
+
+def _one(cfg: BenchConfig, model: str | None, corpus: Path, nodes: int) -> dict:
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    saved = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = ray_tmp
+    cluster = start_cluster(ray_tmp, num_cpus=1, include_dashboard=False)
     try:
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
         for _ in range(nodes):
-            cluster.add_node(num_cpus=STAGES, object_store_memory=256 << 20)
-    finally:
-        if saved is None:
-            os.environ.pop("RAY_TMPDIR")
-        else:
-            os.environ["RAY_TMPDIR"] = saved
-    try:
+            add_node(cluster, num_cpus=STAGES, object_store_memory=256 << 20)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out"
             command = [sys.executable, "-m", "cluster.cli", "scan", str(corpus), "--out", str(out), "--quiet"]
@@ -66,7 +74,11 @@ def _one(cfg: BenchConfig, model: str | None, corpus: Path, nodes: int) -> dict:
             command += ["--model", model] if model else []
             t0 = time.perf_counter()
             done = subprocess.run(
-                command, env={**env, "RAY_ADDRESS": cluster.address}, capture_output=True, text=True, timeout=3600
+                command,
+                env={**os.environ, "RAY_ADDRESS": cluster.address},
+                capture_output=True,
+                text=True,
+                timeout=3600,
             )
             wall = time.perf_counter() - t0
             if done.returncode != 0:
@@ -74,6 +86,7 @@ def _one(cfg: BenchConfig, model: str | None, corpus: Path, nodes: int) -> dict:
             timings = json.loads((out / "manifest.json").read_text())["timings"]
     finally:
         cluster.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     return {
         "nodes": nodes,
         "replicas": nodes,

@@ -310,15 +310,12 @@ def run_bench(cfg: BenchConfig) -> dict:
         if not (cache / "config.json").exists():
             write_checkpoint(gptj_config(cfg.preset), cache, device=device.type)
         path = model_arg = str(cache)
-    if cfg.service:
-        from bench import service
+    if cfg.service or cfg.nodes:
+        from bench import nodes, service
 
         dtype = resolve_dtype(cfg.dtype, device.type, getattr(load_config(path), "dtype", None))
-        return {**_head(cfg, device, path, dtype), "service": service.run_service_bench(cfg, model_arg, dtype)}
-    if cfg.nodes:
-        from bench import nodes
-
-        dtype = resolve_dtype(cfg.dtype, device.type, getattr(load_config(path), "dtype", None))
+        if cfg.service:
+            return {**_head(cfg, device, path, dtype), "service": service.run_service_bench(cfg, model_arg, dtype)}
         with tempfile.TemporaryDirectory() as tmp:
             corpus = synthetic_corpus(Path(tmp) / "bench.jsonl", cfg.prompts, cfg.prompt_tokens)
             return {**_head(cfg, device, path, dtype), "nodes": nodes.run_nodes_bench(cfg, model_arg, corpus)}

@@ -172,7 +172,7 @@ def make_app(service: Service, token: str | None = None) -> FastAPI:
             "stages": service.template.stages,
             "replicas": service.template.replicas,
             "replicas_live": len(service.pipelines.live),
-            "nodes": service.nodes(),
+            "nodes": service.pipelines.nodes(),
             "device": service.template.device,
             "loaded_s": round(service.loaded_s, 1),
             "scans": {state: states.count(state) for state in sorted(set(states))},

@@ -36,13 +36,8 @@ class Pipelines:
     started_ray: bool = False
     reserved: placement.Reserved | None = None
     collectives: list = field(default_factory=list)
-    live: list[int] = field(default_factory=list)
-    """The replicas still in use: a replica on a node that left the cluster is dropped (`lost`)."""
     dropped: dict[int, list[str]] = field(default_factory=dict)
-    """Each dropped replica, with the ids of its nodes that left."""
-
-    def __post_init__(self):
-        self.live = self.live or list(range(len(self.pipes)))
+    """Each replica dropped because a node it ran on left the cluster (`lost`), with those nodes' ids."""
 
     @classmethod
     def open(
@@ -77,7 +72,6 @@ class Pipelines:
                     )
                     pipe.append(actor.remote(spec))
                 self.pipes.append(pipe)
-            self.live = list(range(replicas))
             self._load([a.setup.remote() for a in self.actors])
             if direct:
                 self.handoffs, self.collectives = placement.connect(self.pipes, device)
@@ -104,10 +98,9 @@ class Pipelines:
         returns them. Their calls in flight then fail at once, instead of waiting for a restart
         that has no node to run on."""
         alive = placement.alive_nodes()
-        gone = [r for r in self.live if not self.reserved.nodes[r] <= alive]
+        gone = [r for r in self.live if not self.reserved.nodes(r) <= alive]
         for r in gone:
-            self.live.remove(r)
-            self.dropped[r] = sorted(self.reserved.nodes[r] - alive)
+            self.dropped[r] = sorted(self.reserved.nodes(r) - alive)
             for actor in self.pipes[r]:
                 ray.kill(actor, no_restart=True)
         return gone
@@ -119,6 +112,15 @@ class Pipelines:
             f"replica{'s' if len(self.dropped) > 1 else ''} {', '.join(map(str, sorted(self.dropped)))} lost "
             f"with node{'s' if len(nodes) > 1 else ''} {', '.join(nodes)}"
         )
+
+    @property
+    def live(self) -> list[int]:
+        """The replicas in use: all but those `lost` dropped."""
+        return [r for r in range(len(self.pipes)) if r not in self.dropped]
+
+    def nodes(self) -> list[str]:
+        """The Ray node ids the live replicas run on."""
+        return sorted({n for r in self.live for n in self.reserved.nodes(r)}) if self.reserved else []
 
     @property
     def actors(self) -> list:

@@ -199,8 +199,7 @@ def stage_bundle(device: str, gpus: float = 1.0) -> dict[str, float]:
 def check_resources(device: str, n_stage_actors: int, gpus: float = 1.0) -> None:
     """Refuse at once when the cluster cannot hold the stages, instead of waiting for placement."""
     available = ray.cluster_resources()
-    need = {k: v * n_stage_actors for k, v in stage_bundle(device, gpus).items()}
-    for resource, amount in need.items():
+    for resource, amount in replica_bundle(device, n_stage_actors, gpus).items():
         have = available.get(resource, 0)
         if have < amount:
             fix = (
@@ -223,17 +222,19 @@ class Reserved:
     stages: int
     per_replica: bool
     """One bundle per replica, holding all its stages (on one node), or one bundle per stage."""
-    nodes: list[set[str]]
-    """Per replica, the Ray node ids its stages run on."""
     bundle_nodes: dict[int, str]
     """The Ray node id of each bundle."""
 
     def bundle(self, replica: int, stage: int) -> int:
         return replica if self.per_replica else replica * self.stages + stage
 
+    def nodes(self, replica: int) -> set[str]:
+        """The Ray node ids a replica's stages run on."""
+        return {self.bundle_nodes[self.bundle(replica, s)] for s in range(self.stages)}
+
 
 def replica_bundle(device: str, stages: int, gpus: float = 1.0) -> dict[str, float]:
-    """One replica's resources: its S stages together."""
+    """The resources of ``stages`` stage actors together (one replica's S)."""
     return {k: v * stages for k, v in stage_bundle(device, gpus).items()}
 
 
@@ -275,10 +276,7 @@ def reserve(device: str, stages: int, replicas: int, gpus: float = 1.0) -> Reser
             f"cannot place {n_actors} stage actors of {stage_bundle(device, gpus)} within {PLACEMENT_TIMEOUT_S} s "
             f"(cluster: {_describe(ray.cluster_resources())}); see `ray status`"
         )
-    placed = placement_group_table(group)["bundles_to_node_id"]
-    reserved = Reserved(group, stages, per_replica, [], placed)
-    reserved.nodes = [{placed[reserved.bundle(r, s)] for s in range(stages)} for r in range(replicas)]
-    return reserved
+    return Reserved(group, stages, per_replica, placement_group_table(group)["bundles_to_node_id"])
 
 
 def check_nodes(reserved: Reserved, model_path: str) -> None:
@@ -288,14 +286,15 @@ def check_nodes(reserved: Reserved, model_path: str) -> None:
     after the other nodes have loaded theirs."""
 
     def probe(model_path: str) -> str | None:
-        """What stops a stage on this node, or None. A local function: Ray pickles it by value,
-        so it runs on a node where neuroscan is missing."""
+        """The line of what stops a stage on this node, or None. A local function: Ray pickles
+        it by value, so it runs on a node where neuroscan is missing."""
         try:
             from workers.stage import model_here
         except ImportError as err:
+            node = f"{socket.gethostname()} (Ray node {ray.get_runtime_context().get_node_id()[:8]})"
             return (
-                f"cannot import neuroscan ({err}): install it on every node of the Ray cluster, the same version "
-                "at the same path (`pip install -e .` of the same checkout, or the same wheel)"
+                f"node {node} cannot import neuroscan ({err}): install it on every node of the Ray cluster, the same "
+                "version at the same path (`pip install -e .` of the same checkout, or the same wheel)"
             )
         from neuroscan.errors import UserError
 
@@ -317,9 +316,11 @@ def check_nodes(reserved: Reserved, model_path: str) -> None:
         try:
             problem = ray.get(ref, timeout=PLACEMENT_TIMEOUT_S)
         except (ray.exceptions.RayError, TimeoutError) as err:
-            problem = f"cannot run a task there ({str(err).strip().splitlines()[0][:200]})"
+            problem = (
+                f"Ray node {node[:8]} cannot run a task ({str(err).strip().splitlines()[0][:200]}): see `ray status`"
+            )
         if problem:
-            raise UserError(problem if problem.startswith("the model") else f"node {node[:8]} {problem}")
+            raise UserError(problem)
 
 
 def alive_nodes() -> set[str]:

@@ -190,9 +190,8 @@ class Scheduler:
         cluster) goes to a replica that is left, if any; True when it was sent again.
         Nothing of it reached the aggregator, so nothing is committed twice."""
         self.check_nodes()
-        if self.pipes.index(sent.pipe) in self.pipelines.live or sent.job.state == FAILED:
-            return False
-        if not self.pipelines.live:
+        live = self.pipelines.live
+        if not live or self.pipes.index(sent.pipe) in live or sent.job.state == FAILED:
             return False
         self.submit(sent.job, sent.batch, sent.group, self.next_pipe())
         return True

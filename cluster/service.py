@@ -190,11 +190,6 @@ class Service:
         self.admitting.set()
         return self.store.get(scan.id)
 
-    def nodes(self) -> list[str]:
-        """The Ray node ids the live replicas run on."""
-        reserved = self.pipelines.reserved
-        return sorted({n for r in self.pipelines.live for n in reserved.nodes[r]}) if reserved else []
-
     def positions(self) -> dict[str, int]:
         """Queue position of every queued scan (1: next to start)."""
         queued = [s.id for s in self.store.all() if s.state == QUEUED]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -183,3 +185,20 @@ def test_the_service_bench_measures_what_it_says(ray_session, monkeypatch, tmp_p
     assert report["small_behind_large"]["small_s"] > 0
     printed = capsys.readouterr().out
     assert "submit latency (6 submissions, 3 clients" in printed and "3 concurrent scans of 8 prompts" in printed
+
+
+def test_the_nodes_bench_scans_on_clusters_of_one_and_two_nodes(tmp_path):
+    """``neuroscan bench --nodes 2``: real 1- and 2-node Ray clusters on this machine, the scan's
+    own tokens/s from each run's manifest. In a process of its own, as a user runs it: the
+    clusters' shutdown resets the Ray state of the process that started them."""
+    out = tmp_path / "nodes.json"
+    flags = ["--nodes", "2", "--prompts", "16", "--prompt-tokens", "32", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "bench", *flags], capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["nodes"]["rows"]
+    assert [(r["nodes"], r["replicas"]) for r in rows] == [(1, 1), (2, 2)]
+    assert all(r["startup_s"] > 0 and r["scan_s"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["ratio_to_one_node"] == 1.0
+    assert "nodes  start-up s  scan s  tokens/s  vs 1 node" in done.stdout

@@ -191,7 +191,7 @@ def test_each_replica_is_one_bundle_of_its_stages_on_logical_gpus(ray_session):
         assert table["state"] == "CREATED" and table["strategy"] == "SPREAD"
         assert [b for b in table["bundles"].values()] == [{"CPU": 2.0, "GPU": 2.0}] * 2
         assert reserved.per_replica and [reserved.bundle(1, s) for s in range(2)] == [1, 1]
-        assert reserved.nodes == [{ray.get_runtime_context().get_node_id()}] * 2
+        assert [reserved.nodes(r) for r in range(2)] == [{ray.get_runtime_context().get_node_id()}] * 2
     finally:
         ray.util.remove_placement_group(reserved.group)
 
