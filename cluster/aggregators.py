@@ -79,6 +79,7 @@ class Aggregators:
             host.close.remote(target)
 
     def close(self) -> None:
-        for host in self.hosts:
-            ray.kill(host)
+        if placement.head_answers():  # where the head is gone, so are the hosts (on the driver's node)
+            for host in self.hosts:
+                ray.kill(host)
         self.hosts, self.held = [], {}

@@ -132,13 +132,15 @@ class Pipelines:
         return ray.get([a.memory.options(concurrency_group=placement.INFO).remote() for a in live])
 
     def close(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
-        self.pipes = []
-        placement.disconnect(self.collectives)
-        if self.reserved is not None:
-            placement.remove_placement_group(self.reserved.group)
-            self.reserved = None
+        """Kill the actors and free their placement group (where the head is gone, there is
+        nothing left to free, and each call would wait on it)."""
+        if placement.head_answers():
+            for actor in self.actors:
+                ray.kill(actor)
+            placement.disconnect(self.collectives)
+            if self.reserved is not None:
+                placement.remove_placement_group(self.reserved.group)
+        self.pipes, self.reserved = [], None
         if self.started_ray:
             placement.stop_ray()
             self.started_ray = False

@@ -88,8 +88,12 @@ def _native_stderr_to_log() -> None:
 
 
 def stop_ray() -> None:
-    """``ray.shutdown()``, and fd 2 back where it was (`_native_stderr_to_log`)."""
+    """``ray.shutdown()``, and fd 2 back where it was (`_native_stderr_to_log`). Where the head
+    is gone, neither: the shutdown would wait on it, and Ray's driver keeps writing its lines
+    until the process exits, which stay in the log."""
     global _native
+    if not head_answers():
+        return
     ray.shutdown()
     if _native is not None:
         saved, stderr = _native
@@ -321,6 +325,21 @@ def check_nodes(reserved: Reserved, model_path: str) -> None:
             )
         if problem:
             raise UserError(problem)
+
+
+def head_answers(timeout_s: float = 2.0) -> bool:
+    """Whether the cluster's head (its GCS) still takes connections. Asked before anything that
+    needs it: with the head gone, Ray's calls wait on it until Ray's driver exits the process
+    (after 60 s, without a word on the terminal)."""
+    try:
+        host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+    except (AttributeError, RuntimeError):  # a Ray Client connection: its driver runs on the cluster
+        return True
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
 
 
 def alive_nodes() -> set[str]:

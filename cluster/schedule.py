@@ -30,6 +30,7 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
+from cluster import placement
 from cluster.job import CANCELLED, COMPLETED, FAILED, Job, Sent
 from cluster.pipelines import NODE_CHECK_S, Pipelines
 from neuroscan.errors import UserError
@@ -96,6 +97,11 @@ class Scheduler:
             ready, _ = ray.wait(refs, num_returns=1, timeout=left)
             if ready or (deadline is not None and time.monotonic() >= deadline):
                 return ready
+            if not placement.head_answers():
+                raise UserError(
+                    "the Ray cluster's head is gone (its GCS takes no connection), and the aggregator with it; "
+                    "committed parts are kept: rerun the same command with --resume once the cluster is back"
+                )
             self.check_nodes()
 
     def check_nodes(self) -> None:

@@ -410,3 +410,32 @@ def test_a_cluster_with_fewer_nodes_than_asked_is_one_line(multinode, prompts, t
         "neuroscan: error: the scan needs 8 CPU (8 stage actors) but the Ray cluster has 7 (CPU=7, GPU=6,"
     )
     assert line.endswith("lower --stages/--replicas or add nodes (see `ray status`)")
+
+
+def test_the_head_lost_stops_the_scan_in_its_own_line_and_resume_finishes_it(multinode, prompts, one_node, tmp_path):
+    """The last test of the module: the cluster goes with its head (and the driver's raylet,
+    and the aggregator). Ray's driver would wait on the head for 60 s and exit without a word;
+    neuroscan sees the head's GCS refuse connections, says so, and leaves parts that check
+    clean and that `--resume` (here on a local Ray) completes."""
+    out = tmp_path / "out"
+    running = start_scan(multinode.env(), prompts, out, "--replicas", "3")
+    _wait_for(lambda: _committed(out) >= 1 or running.poll() is not None, what="a committed part")
+    assert running.poll() is None, "the scan ended before its head could be lost: give it a larger corpus"
+    multinode.cluster.remove_node(multinode.cluster.head_node, allow_graceful=False)
+    stdout, stderr = running.communicate(timeout=300)
+    assert running.returncode == 2
+    assert stderr.strip().splitlines() == [
+        "neuroscan: error: the Ray cluster's head is gone (its GCS takes no connection), and the aggregator with "
+        "it; committed parts are kept: rerun the same command with --resume once the cluster is back"
+    ]
+    checked = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "check", str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    ray_tmp = tempfile.mkdtemp(prefix="r2", dir="/tmp")
+    resumed = scan(
+        {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp}, prompts, out, "--replicas", "2", "--resume"
+    )
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_output(out, one_node)
