@@ -4,7 +4,7 @@ It receives each micro-batch once all of its stages are done (the driver hands i
 stages' result references, so the rows travel stage -> aggregator without passing through
 the driver), converts them to Arrow, and buffers them. When the buffer holds
 ``rows_per_part`` activation rows, or at the end, it writes a part: one file per layer under
-``activations/layer=NN/``, one under ``prompts/``, one under ``layers/`` and the part's
+``activations/layer_NN/``, one under ``prompts/``, one under ``layers/`` and the part's
 ``neuron_parts/`` delta, then replaces the manifest listing the part. A micro-batch
 delivered twice (Ray retries deliver at least once) is dropped by its batch id.
 
@@ -64,7 +64,7 @@ class Buffer:
     skipped: list[dict] = field(default_factory=list)
     prompt_count: int = 0
     token_count: int = 0
-    layer_counts: dict = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0]))
+    layer_counts: dict = field(default_factory=lambda: defaultdict(lambda: [0] * 5))
     accuracy: dict = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
 
 
@@ -103,6 +103,7 @@ class Aggregator:
             self.manifest.resumed_at.append(_now())
             remove_uncommitted(self.out, self.manifest)
         self.fmt = self.manifest.format
+        self.prompts_schema = schema.prompts_schema(self.manifest.corpus.columns)  # a resumed run keeps its own
         k = self.manifest.top_k
         self.neurons = (
             NeuronsMerge(k)
@@ -149,7 +150,9 @@ class Aggregator:
             buf.layers.append(convert.layers_batch(stage.per_prompt, stage.start, prompt_ids, n_tokens))
             self._count_layers(stage)
             if stage.predictions is not None:
-                buf.prompts.append(convert.prompts_batch(group, stage.predictions, self.token_strings))
+                buf.prompts.append(
+                    convert.prompts_batch(group, stage.predictions, self.token_strings, self.prompts_schema)
+                )
                 self._count_accuracy(group, stage.predictions["correct"])
         buf.batches.append(batch_id)
         buf.prompt_count += len(group)
@@ -168,12 +171,12 @@ class Aggregator:
             self.buf.batches.append(batch_id)
 
     def _count_layers(self, stage) -> None:
-        selected, kept = stage.per_prompt["n_selected"], stage.per_prompt["n_kept"]  # [layers, batch]
-        for offset in range(selected.shape[0]):
+        counts = [stage.per_prompt[name] for name in ("n_selected", "n_kept", "n_above_any", "n_below_any")]
+        for offset in range(counts[0].shape[0]):  # [layers, batch] each
             sums = self.buf.layer_counts[str(stage.start + offset)]
-            sums[0] += selected.shape[1]
-            sums[1] += int(selected[offset].sum())
-            sums[2] += int(kept[offset].sum())
+            sums[0] += counts[0].shape[1]
+            for i, count in enumerate(counts, 1):
+                sums[i] += int(count[offset].sum())
 
     def _count_accuracy(self, group, correct: np.ndarray) -> None:
         for t, c in zip(group, correct.tolist()):
@@ -229,9 +232,9 @@ class Aggregator:
         files = []
         try:
             acts = {layer: self._table(schema.ACTIVATIONS, buf.acts[layer]) for layer in sorted(buf.acts)}
-            tables = [(table, f"activations/layer={layer:02d}/{stem}") for layer, table in acts.items()]
+            tables = [(table, f"{schema.layer_dir(layer)}/{stem}") for layer, table in acts.items()]
             tables += [
-                (self._table(schema.PROMPTS, buf.prompts), f"prompts/{stem}"),
+                (self._table(self.prompts_schema, buf.prompts), f"prompts/{stem}"),
                 (self._table(schema.LAYERS, buf.layers), f"layers/{stem}"),
             ]
             # Encoding, hashing, fsync and the deltas' sorts release the GIL: all run in parallel.
@@ -276,9 +279,9 @@ class Aggregator:
         totals.tokens += buf.token_count
         totals.activation_rows += buf.rows
         self.manifest.skipped.extend(buf.skipped)
-        for layer, (n, selected, kept) in buf.layer_counts.items():
-            sums = counters.layers.setdefault(layer, [0, 0, 0])
-            counters.layers[layer] = [sums[0] + n, sums[1] + selected, sums[2] + kept]
+        for layer, counts in buf.layer_counts.items():
+            sums = counters.layers.setdefault(layer, [0] * len(counts))
+            counters.layers[layer] = [s + c for s, c in zip(sums, counts)]
         for (by, value), (correct, total) in buf.accuracy.items():
             groups = counters.accuracy.setdefault(by, {})
             c, n = groups.get(value, [0, 0])
@@ -293,7 +296,9 @@ class Aggregator:
         """Per-layer means per prompt and accuracy, from the committed counters."""
         counters = self.manifest.counters
         layers = {
-            layer: LayerSummary(mean_selected=s[1] / s[0], mean_kept=s[2] / s[0])
+            layer: LayerSummary(
+                mean_selected=s[1] / s[0], mean_kept=s[2] / s[0], mean_red=s[3] / s[0], mean_blue=s[4] / s[0]
+            )
             for layer, s in sorted(counters.layers.items(), key=lambda item: int(item[0]))
         }
         accuracy = {
@@ -332,14 +337,14 @@ class Aggregator:
 
     def _write_empty_layers(self) -> list[PartFile]:
         """An empty activations file (the schema, no rows) for each layer no part kept a row of:
-        every ``layer=NN`` directory exists, and a run that kept nothing reads as an empty table
+        every ``layer_NN`` directory exists, and a run that kept nothing reads as an empty table
         instead of pyarrow's FileNotFoundError or DuckDB's "no files found"."""
-        kept = {f.path.split("/")[1] for f in self.manifest.files("activations/")}
+        kept = {f.path.rsplit("/", 1)[0] for f in self.manifest.files("activations/")}
         empty = self._table(schema.ACTIVATIONS, [])
         return [
-            write_table(empty, self.out, f"activations/layer={layer:02d}/part-00000", self.fmt)
+            write_table(empty, self.out, f"{schema.layer_dir(layer)}/part-00000", self.fmt)
             for layer in range(self.manifest.n_layers)
-            if f"layer={layer:02d}" not in kept
+            if schema.layer_dir(layer) not in kept
         ]
 
     def close(self) -> None:

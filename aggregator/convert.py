@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from neuroscan.corpus_columns import extra_array
 from neuroscan.schema import ACTIVATIONS, LAYERS, PROMPTS
 
 
@@ -36,6 +37,7 @@ def activation_batches(
         batch_row = rows["row"][lo:hi]
         columns = [
             pa.array(prompt_ids[batch_row]),
+            pa.array(np.full(hi - lo, layer[lo], dtype=np.int32)),
             *(
                 pa.array(rows[name][lo:hi])
                 for name in ("neuron", "max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below")
@@ -57,14 +59,25 @@ def layers_batch(
         pa.array(np.tile(n_tokens.astype(np.int32), n_layers)),
         *(
             pa.array(per_prompt[name].reshape(-1))
-            for name in ("n_selected", "n_kept", "n_above_any", "mean_coverage", "red_coverage", "blue_coverage")
+            for name in (
+                "n_selected",
+                "n_kept",
+                "n_above_any",
+                "n_below_any",
+                "mean_coverage",
+                "red_coverage",
+                "blue_coverage",
+            )
         ),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=LAYERS)
 
 
-def prompts_batch(group, predictions: dict[str, np.ndarray], token_strings: list[str]) -> pa.RecordBatch:
-    """One row per prompt of a micro-batch (``group`` is its list of `neuroscan.messages.Tokenized`)."""
+def prompts_batch(
+    group, predictions: dict[str, np.ndarray], token_strings: list[str], schema: pa.Schema = PROMPTS
+) -> pa.RecordBatch:
+    """One row per prompt of a micro-batch (``group`` is its list of `neuroscan.messages.Tokenized`);
+    ``schema``: the run's (`neuroscan.schema.prompts_schema`), with the corpus's extra columns."""
     correct = predictions["correct"]
     columns = {
         "prompt_id": [t.prompt.prompt_id for t in group],
@@ -80,4 +93,7 @@ def prompts_batch(group, predictions: dict[str, np.ndarray], token_strings: list
         "top_probs": predictions["top_probs"].tolist(),
         "correct": [None if c < 0 else bool(c) for c in correct.tolist()],
     }
-    return pa.RecordBatch.from_pydict(columns, schema=PROMPTS)
+    for f in schema:
+        if f.name not in columns:
+            columns[f.name] = extra_array([t.prompt.extra.get(f.name) for t in group], f.type)
+    return pa.RecordBatch.from_pydict(columns, schema=schema)

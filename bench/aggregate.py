@@ -81,7 +81,10 @@ def micro_batch(batch_id: int, prompts: int, tokens: int, layers: int, kept: int
         "n_below": rng.integers(0, tokens, m).astype(np.int16),
         "bands": band_rows(rng, tokens)[rng.integers(0, BAND_POOL, m)],
     }
-    per_prompt = {name: np.full((layers, prompts), kept, np.int32) for name in ("n_selected", "n_kept", "n_above_any")}
+    per_prompt = {
+        name: np.full((layers, prompts), kept, np.int32)
+        for name in ("n_selected", "n_kept", "n_above_any", "n_below_any")
+    }
     for name in ("mean_coverage", "red_coverage", "blue_coverage"):
         per_prompt[name] = np.full((layers, prompts), 0.1, np.float32)
     predictions = {

@@ -143,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("check", help="check every file of a scan against its manifest (size and sha256)"), CheckConfig
     )
     add_options(
-        sub.add_parser("make-model", help="write a random GPT-J checkpoint in Hugging Face layout"), MakeModelConfig
+        sub.add_parser(
+            "make-model", help="write a GPT-J checkpoint in Hugging Face layout (random, or the demo model)"
+        ),
+        MakeModelConfig,
     )
     serve = sub.add_parser("serve", help="load the model once and scan what is submitted to it (HTTP)")
     add_options(serve, ServeConfig)
@@ -165,11 +168,16 @@ def picked(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
 
 
 def cmd_scan(args) -> int:
+    """The scan. All it prints, the closing summary included, is on stderr (stdout stays
+    empty, so that nothing of Ray's or neuroscan's mixes into what a pipeline reads)."""
+    import time
+
+    started = time.perf_counter()
     from cluster.driver import run_scan, summary_lines
 
     cfg = config_from(ScanConfig, args)
     manifest = run_scan(cfg)
-    print("\n".join(summary_lines(manifest, str(Path(cfg.out)))))
+    print("\n".join(summary_lines(manifest, str(Path(cfg.out)), time.perf_counter() - started)), file=sys.stderr)
     return 0
 
 
@@ -181,7 +189,14 @@ def cmd_make_model(args) -> int:
     make_dir(out)
     if any(out.iterdir()):
         raise UserError(f"--out {out} is not empty: choose a new directory")
-    write_checkpoint(gptj_config(cfg.preset), out, seed=cfg.seed)  # a failed write leaves nothing behind
+    if cfg.preset == "demo":
+        from prompts.generate import generate
+        from workers.demo_model import Recipe, make
+
+        for key, share in make(out, generate, Recipe(seed=cfg.seed)).items():
+            print(f"held-out accuracy {key}: {share:.2f}")
+    else:
+        write_checkpoint(gptj_config(cfg.preset), out, seed=cfg.seed)  # a failed write leaves nothing behind
     print(out)
     return 0
 
@@ -200,14 +215,18 @@ def cmd_compare(args) -> int:
     from results.compare import compare, write_compare
 
     cfg = config_from(CompareConfig, args)
-    table = compare(Path(cfg.dir), cfg.by, cfg.a, cfg.b)
+    table = compare(Path(cfg.dir), cfg.by, cfg.a, cfg.b, cfg.sort, cfg.top)
     write_compare(table, Path(cfg.out))
     meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
-    print(f"A = {meta['a']} ({meta['n_a']} prompts), B = {meta['b']} ({meta['n_b']} prompts); wrote {cfg.out}")
-    print("layer  neuron  A kept  B kept    diff       z")
-    for row in table.slice(0, 10).to_pylist():
+    print(
+        f"A = {meta['a']} ({meta['n_a']} prompts), B = {meta['b']} ({meta['n_b']} prompts); "
+        f"wrote {table.num_rows:,} of {int(meta['n_tested']):,} neurons tested, by {cfg.sort}, to {cfg.out}"
+    )
+    print("layer  neuron  A kept  B kept    diff       z         q")
+    for row in table.slice(0, cfg.top or 10).to_pylist():
         print(
-            f"{row['layer']:5d}  {row['neuron']:6d}  {row['a_frac']:6.2f}  {row['b_frac']:6.2f}  {row['diff']:6.2f}  {row['z']:6.2f}"
+            f"{row['layer']:5d}  {row['neuron']:6d}  {row['a_frac']:6.2f}  {row['b_frac']:6.2f}  {row['diff']:6.2f}  "
+            f"{row['z']:6.2f}  {row['q']:8.2g}"
         )
     return 0
 
@@ -253,8 +272,9 @@ def cmd_report(args) -> int:
     from report.site import build
 
     cfg = config_from(ReportConfig, args)
-    index = build(cfg)
-    print(f"wrote {index.parent}/ (open {index.resolve().as_uri()})", flush=True)
+    partial: list[str] = []
+    index = build(cfg, notice=partial.append)
+    print(f"wrote {index.parent}/ (open {index.resolve().as_uri()}){''.join(f'; {p}' for p in partial)}", flush=True)
     if cfg.serve:
         try:
             server = serve.start(index.parent, cfg.port)
@@ -352,13 +372,20 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, a batch scheduler ending the job): stops a command as Ctrl-C does."""
 
 
+_signalled: list[int] = []
+"""The SIGTERMs received: Ray turns a KeyboardInterrupt raised while the main thread waits in
+``ray.get``/``ray.wait`` into a plain one of its own, losing `Terminated`; this remembers it."""
+
+
 def _terminated(signum, frame) -> None:
+    _signalled.append(signum)
     raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if on_main_thread else None
+    _signalled.clear()
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
@@ -367,12 +394,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"neuroscan: error: {cause if isinstance(cause, UserError) else err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as err:
-        what = "terminated" if isinstance(err, Terminated) else "interrupted"
+        terminated = isinstance(err, Terminated) or bool(_signalled)
         print(
-            f"neuroscan: {what}: committed parts are kept; continue with the same command and --resume",
+            f"neuroscan: {'terminated' if terminated else 'interrupted'}: committed parts are kept; "
+            "continue with the same command and --resume",
             file=sys.stderr,
         )
-        return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except BrokenPipeError:  # `neuroscan ... | head`: the reader left; what was written stays written
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so Python's flush at exit finds no pipe
         return EXIT_BROKEN_PIPE

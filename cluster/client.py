@@ -64,11 +64,11 @@ class Client:
 
     def submit(self, prompts, name: str | None = None, **options) -> Job:
         """Submit a scan of ``prompts``: a list of strings or of dicts (``text`` and the optional
-        ``id``, ``family``, ``variant``, ``expected``), a pandas or Polars DataFrame with those
-        columns, or the path of a JSONL file. ``options``: the scan's own flags (``high``,
+        ``id``, ``family``, ``variant``, ``expected``; other keys become columns of ``prompts/``),
+        a pandas or Polars DataFrame with those columns, or the path of a JSONL file. ``options``: the scan's own flags (``high``,
         ``low``, ``red``, ``max_per_layer``, ``top_k``, ``batch_tokens``, ``format``...)."""
         query = {k: v for k, v in {"name": name, **options}.items() if v is not None}
-        body = gzip.compress(_jsonl(prompts), compresslevel=1)
+        body = gzip.compress(jsonl_bytes(prompts), compresslevel=1)
         headers = {"content-type": "application/x-ndjson", "content-encoding": "gzip"}
         answer = self.request("POST", "/scans?" + urllib.parse.urlencode(query), body, headers)
         return Job(self, answer["id"])
@@ -137,7 +137,7 @@ class Job:
         return open_run(local)
 
 
-def _jsonl(prompts) -> bytes:
+def jsonl_bytes(prompts) -> bytes:
     """The corpus as JSONL bytes."""
     if isinstance(prompts, (str, Path)):
         path = Path(prompts)
@@ -154,7 +154,7 @@ def _jsonl(prompts) -> bytes:
     ]
     if not rows:
         raise UserError("no prompts to submit: give at least one")
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
+    return "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows).encode()
 
 
 def _error_line(err: urllib.error.HTTPError) -> str:

@@ -16,9 +16,9 @@ import itertools
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -32,8 +32,9 @@ from cluster.partition import partition_layers
 from cluster.pipelines import Pipelines
 from cluster.schedule import Scheduler
 from neuroscan.config import ScanConfig, resolve_dtype
+from neuroscan.corpus_columns import ColumnTypes
 from neuroscan.errors import UserError
-from neuroscan.manifest import BandEdges, Manifest, ModelInfo, SelectionInfo
+from neuroscan.manifest import BandEdges, Manifest, ModelInfo, SelectionInfo, blue_flood_line
 from neuroscan.memory import MemoryWatch
 from neuroscan.schema import SCHEMA_VERSION
 from prompts.batching import PACKINGS, ReadAhead, chunk_batches
@@ -78,6 +79,10 @@ class Plan:
     """How the corpus is cut into micro-batches: a resumed run's own way (`run_packing`)."""
     fingerprint: str | None = None
     """The weights' digest (`workers.checkpoint.fingerprint`), which ``--resume`` compares."""
+    neurons: int | None = None
+    """MLP neurons per layer."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """The corpus's extra columns and their types, from every prompt (`neuroscan.corpus_columns`)."""
 
 
 def plan(cfg: ScanConfig, loaded: str | None = None) -> Plan:
@@ -93,7 +98,7 @@ def plan(cfg: ScanConfig, loaded: str | None = None) -> Plan:
     stamp = corpus_stamp(cfg.prompts)  # before reading: an edit from here on is seen
     packing = run_packing(Path(cfg.out)) if cfg.resume else PACKINGS[0]
     n_prompts = n_tokens = n_input = n_chunks = n_expected = n_unspaced = 0
-    kept, kept_chunks = [], 0
+    kept, kept_chunks, columns = [], 0, ColumnTypes()
     for pairs in chunk_batches(
         cfg.prompts, tokenizer, config.n_positions, cfg.batch_tokens, cfg.truncate, packing=packing
     ):
@@ -104,6 +109,8 @@ def plan(cfg: ScanConfig, loaded: str | None = None) -> Plan:
             answered = [t.prompt for t in group if t.prompt.expected is not None]
             n_expected += len(answered)
             n_unspaced += sum(not p.expected[0].isspace() and not p.text[-1].isspace() for p in answered)
+            for t in group:
+                columns.see(t.prompt.extra)
         n_chunks += 1
         if kept_chunks == n_chunks - 1 and n_input <= KEEP_TOKENS and n_prompts <= KEEP_PROMPTS:
             kept += pairs
@@ -114,6 +121,7 @@ def plan(cfg: ScanConfig, loaded: str | None = None) -> Plan:
         revision=source.revision,
         dtype=resolve_dtype(cfg.dtype, cfg.device, getattr(config, "dtype", None)),
         n_layers=config.n_layer,
+        neurons=config.n_inner or 4 * config.n_embd,
         context=config.n_positions,
         bounds=bounds,
         tokenizer=tokenizer,
@@ -128,6 +136,7 @@ def plan(cfg: ScanConfig, loaded: str | None = None) -> Plan:
         stamp=stamp,
         packing=packing,
         fingerprint=loaded or fingerprint(source.path),
+        columns=columns.types(),
     )
 
 
@@ -195,7 +204,12 @@ def manifest_header(cfg: ScanConfig, p: Plan) -> Manifest:
     return Manifest(
         schema_version=SCHEMA_VERSION,
         model=ModelInfo(
-            id=p.model_id, path=p.model_path, dtype=p.dtype, revision=p.revision, fingerprint=p.fingerprint
+            id=p.model_id,
+            path=p.model_path,
+            dtype=p.dtype,
+            revision=p.revision,
+            fingerprint=p.fingerprint,
+            neurons=p.neurons,
         ),
         selection=SelectionInfo(high=sel.high, low=sel.low, max_per_layer=sel.max_per_layer),
         bands=BandEdges(low=sel.low, high=sel.high, red=sel.red),
@@ -208,7 +222,7 @@ def manifest_header(cfg: ScanConfig, p: Plan) -> Manifest:
         top_k=cfg.top_k,
         format=cfg.format,
         truncate=cfg.truncate,
-        corpus=corpus_fingerprint(cfg.prompts),
+        corpus=replace(corpus_fingerprint(cfg.prompts), columns=p.columns, prompts=p.n_prompts),
         versions={name: package_version(name) for name in PACKAGES},
         started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         packing=p.packing,
@@ -223,7 +237,10 @@ def package_version(package: str) -> str | None:
 
 
 def run_scan(cfg: ScanConfig) -> Manifest:
-    """Run a scan end to end; returns the final manifest."""
+    """Run a scan end to end; returns the final manifest. Unless ``cfg.quiet``, stderr gets a
+    line for each step of the start as it ends (the corpus read, Ray started, each stage
+    loaded), then the progress bar."""
+    t0 = time.perf_counter()
     p = plan(cfg)
     out = Path(cfg.out)
     header = manifest_header(cfg, p)  # its checksum reads the corpus once more
@@ -239,7 +256,12 @@ def run_scan(cfg: ScanConfig) -> Manifest:
             print(line, file=sys.stderr, flush=True)
         if done:
             return existing  # resuming a finished run: nothing left to do
-        return _scan(cfg, p, out, header, committed)
+        say = (lambda line: None) if cfg.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+        say(
+            f"{p.n_prompts:,} prompts, {p.n_tokens:,} tokens: {cfg.prompts} read and tokenised "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
+        return _scan(cfg, p, out, header, committed, say)
 
 
 def resume_notice(out: Path, existing: Manifest | None, committed: set[int]) -> str:
@@ -251,11 +273,13 @@ def resume_notice(out: Path, existing: Manifest | None, committed: set[int]) -> 
     return f"resuming {out}: {len(committed)} micro-batches already committed, scanning the rest"
 
 
-def _scan(cfg: ScanConfig, p: Plan, out: Path, header: Manifest, committed: set[int]) -> Manifest:
+def _scan(
+    cfg: ScanConfig, p: Plan, out: Path, header: Manifest, committed: set[int], say: Callable[[str], None]
+) -> Manifest:
     """The run itself, on a prepared and claimed ``out``: one job on pipelines of its own."""
     with corpus_batches(cfg, p) as batches:  # reading ahead while the actors load the model
         pipelines = Pipelines.open(
-            p.model_path, p.bounds, cfg.device, p.dtype, cfg.replicas, cfg.gpus_per_stage, cfg.handoff
+            p.model_path, p.bounds, cfg.device, p.dtype, cfg.replicas, cfg.gpus_per_stage, cfg.handoff, say=say
         )
         aggregators = None
         try:
@@ -307,17 +331,24 @@ def run_timings(job: Job, pipelines: Pipelines, watch: MemoryWatch) -> dict:
     return timings
 
 
-def summary_lines(manifest: Manifest, out: str) -> list[str]:
-    """The closing report: where the tables are, throughput, per-layer means per prompt."""
+def summary_lines(manifest: Manifest, out: str, wall_s: float | None = None) -> list[str]:
+    """The closing report: where the tables are, throughput, per-layer means per prompt.
+    ``wall_s``: the command's whole time, from its start (the corpus read, Ray started, the
+    stages loaded), beside the scan's own."""
     totals, timings = manifest.totals, manifest.timings
+    wall = "" if wall_s is None else f"; {wall_s:.1f} s in all"
     lines = [
         f"wrote {out}  ({totals.prompts} prompts, {totals.tokens} tokens, "
-        f"{totals.activation_rows} activation rows, {timings.get('seconds', math.nan):.1f} s, "
-        f"{timings.get('tokens_per_s', math.nan):,.0f} tokens/s)",
-        "layer  mean selected  mean kept   (per prompt)",
+        f"{totals.activation_rows} activation rows, scanned in {timings.get('seconds', math.nan):.1f} s at "
+        f"{timings.get('tokens_per_s', math.nan):,.0f} tokens/s{wall})",
+        "layer  mean selected  (red  blue)  mean kept   (per prompt)",
     ]
     for layer, row in manifest.summary.layers.items():
-        lines.append(f"{int(layer):5d}  {row.mean_selected:13.1f}  {row.mean_kept:9.1f}")
+        red_blue = f"{row.mean_red:6.1f} {row.mean_blue:6.1f}" if row.mean_blue is not None else " " * 13
+        lines.append(f"{int(layer):5d}  {row.mean_selected:13.1f} {red_blue}  {row.mean_kept:9.1f}")
+    flood = blue_flood_line(manifest)
+    if flood:
+        lines.append(flood)
     if totals.activation_rows == 0 and totals.prompts:
         sel = manifest.selection
         lines.append(

@@ -155,6 +155,12 @@ def _keep_inputs(out: Path, header: Manifest) -> None:
 
 
 def _check_same_run(out: Path, existing: Manifest, header: Manifest) -> None:
+    if existing.schema_version != header.schema_version:
+        raise UserError(
+            f"cannot resume {out}: it holds output schema {existing.schema_version} and this neuroscan writes "
+            f"schema {header.schema_version}: finish it with the neuroscan release that started it, or --overwrite "
+            "to scan again (report, compare and neuroscan.open read it as it is)"
+        )
     for key, flag in IDENTITY.items():
         before, now = _get(existing, key), _get(header, key)
         if before is None and key == "model.fingerprint":  # a run written before weights had one

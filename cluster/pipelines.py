@@ -8,7 +8,9 @@ scan's selection, so scans with other thresholds share the same stages.
 from __future__ import annotations
 
 import os
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
@@ -50,15 +52,27 @@ class Pipelines:
         gpus_per_stage: float = 1.0,
         handoff: str = "store",
         extra_actors: int = 1,
+        say: Callable[[str], None] = lambda line: None,
     ) -> Pipelines:
         """Start (or join) Ray, place the stages and load their weights. ``extra_actors``: the
-        aggregators that will share the cluster (a local Ray gets a logical CPU for each)."""
+        aggregators that will share the cluster (a local Ray gets a logical CPU for each).
+        ``say`` is told each step as it starts and ends (Ray started, each stage loaded), so
+        that loading a large model is not silent."""
         stages, n_layers = len(bounds), bounds[-1][1]
         n_actors = stages * replicas
         self = cls(device=device)
+        joined, address, t0 = ray.is_initialized(), os.environ.get("RAY_ADDRESS"), time.perf_counter()
+        if not joined:
+            say(f"joining the Ray cluster at RAY_ADDRESS={address} ..." if address else "starting a local Ray ...")
         self.started_ray = placement.start_ray(n_actors + extra_actors)
+        if not joined:
+            say(f"Ray {'cluster joined' if address else 'started'} ({time.perf_counter() - t0:.1f} s)")
         direct = handoff == "direct" and stages > 1
         try:
+            say(
+                f"loading {stages} stage{'s' * (stages > 1)} x {replicas} replica{'s' * (replicas > 1)} "
+                f"({n_layers} layers, {device}) ..."
+            )
             self.reserved = placement.reserve(device, stages, replicas, gpus_per_stage)
             placement.check_nodes(self.reserved, model_path)
             threads = max(1, (os.cpu_count() or 1) // n_actors) if device == "cpu" else 0
@@ -72,7 +86,7 @@ class Pipelines:
                     )
                     pipe.append(actor.remote(spec))
                 self.pipes.append(pipe)
-            self._load([a.setup.remote() for a in self.actors])
+            self._load([a.setup.remote() for a in self.actors], bounds, say)
             if direct:
                 self.handoffs, self.collectives = placement.connect(self.pipes, device)
         except BaseException:
@@ -80,18 +94,33 @@ class Pipelines:
             raise
         return self
 
-    def _load(self, calls: list) -> None:
-        """Wait for every stage to load its weights; a node that leaves the cluster meanwhile
-        stops the start in one line (nothing is scanned yet: run it again on what is left)."""
+    def _load(self, calls: list, bounds: list[tuple[int, int]], say: Callable[[str], None]) -> None:
+        """Wait for every stage to load its weights (``calls``: replica by replica, stage by
+        stage), telling ``say`` of each as it finishes, in the order they finish; a node that
+        leaves the cluster meanwhile stops the start in one line (nothing is scanned yet: run
+        it again on what is left)."""
+        stages, replicas, t0 = len(bounds), len(calls) // len(bounds), time.perf_counter()
+        index = {ref: i for i, ref in enumerate(calls)}
         pending = calls
         while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=NODE_CHECK_S)
-            if pending and self.lost():
+            ready, pending = ray.wait(pending, num_returns=1, timeout=NODE_CHECK_S)
+            try:
+                ray.get(ready)  # a stage that failed to load stops the start now
+                gone = not ready and self.lost()
+            except Exception:
+                gone = self.lost()
+                if not gone:
+                    raise
+            if gone:
                 raise UserError(
                     f"a node left the Ray cluster while the stages were loading the model ({self.lost_line()}): "
                     "nothing was scanned; run the command again on the nodes that remain (see `ray status`)"
                 )
-        ray.get(calls)
+            for ref in ready:
+                r, s = divmod(index[ref], stages)
+                start, stop = bounds[s]
+                of = f" of replica {r + 1}/{replicas}" if replicas > 1 else ""
+                say(f"stage {s + 1}/{stages}{of} loaded (layers {start}-{stop - 1}, {time.perf_counter() - t0:.1f} s)")
 
     def lost(self) -> list[int]:
         """Drop (and kill) the live replicas with a stage on a node that is no longer alive;

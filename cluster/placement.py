@@ -50,6 +50,8 @@ def start_ray(n_actors: int) -> bool:
     # A failed stage call fails every later call of its micro-batch; the driver reads the error
     # from the aggregator's call, so Ray's "unhandled error" log of the others is noise.
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    if not _on_terminal():  # Ray colours the "(pid=...)" prefix of the lines it prints unless this is "0"
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if ray.is_initialized():
         return False
     with _keeping_sigterm():
@@ -57,6 +59,14 @@ def start_ray(n_actors: int) -> bool:
     _log_cluster_errors()
     _native_stderr_to_log()
     return started
+
+
+def _on_terminal() -> bool:
+    """Whether stderr is a terminal (where colour codes are colours, not noise in a log)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without it, or closed
+        return False
 
 
 _native = None  # (the saved fd 2, the sys.stderr it had) while Ray's native lines go to a log
@@ -110,6 +120,8 @@ def _log_cluster_errors() -> None:
     retried) on stdout, with colour codes, above neuroscan's own line; neuroscan says what
     matters in one line (an actor that could not be restarted, a hand-off that timed out), so
     those lines go to ``neuroscan-cluster-errors.log`` in the Ray session's log directory.
+    Any other line that comes this way goes to stderr (none is expected: workers' output is
+    not forwarded, ``log_to_driver=False``), so that stdout carries only the command's result.
     (Ray has no switch for it: its listener prints through ``print_to_stdstream``, which is
     wrapped here; with another Ray that has no such function the lines print as before.)"""
     from ray._private import worker
@@ -124,7 +136,7 @@ def _log_cluster_errors() -> None:
 
     def to_log(data, ignore_prefix):
         if data.get("pid") != "raylet":
-            return printing(data, ignore_prefix)
+            return printing({**data, "is_err": True}, ignore_prefix)  # Ray's sink for is_err: sys.stderr
         with open(log, "a") as f:
             f.writelines(line + "\n" for line in data.get("lines", ()))
 

@@ -88,6 +88,7 @@ class Service:
         processes, queue again what was running when the service last stopped, and start the
         admission and scheduler threads."""
         t0 = time.perf_counter()
+        say = lambda line: print(line, file=sys.stderr, flush=True)
         probe = plan(dataclasses.replace(self.template, prompts="seed", out=str(self.results)))
         self.plan = probe
         self.pipelines = Pipelines.open(
@@ -99,17 +100,14 @@ class Service:
             self.template.gpus_per_stage,
             self.template.handoff,
             extra_actors=self.cfg.aggregators,
+            say=(lambda line: None) if self.template.quiet else say,
         )
         self.aggregators = Aggregators(
             self.cfg.aggregators,
             token_strings(probe.tokenizer, probe.vocab_size),
             f"neuroscan-{self.pipelines.run_id}-aggregator",
         )
-        self.scheduler = Scheduler(
-            self.pipelines,
-            self.template.window * self.template.replicas,
-            lambda line: print(line, file=sys.stderr, flush=True),
-        )
+        self.scheduler = Scheduler(self.pipelines, self.template.window * self.template.replicas, say)
         self.loaded_s = time.perf_counter() - t0
         self.store.requeue_running()
         self.admitting.set()

@@ -6,9 +6,10 @@ whose names load lazily on first use, so that importing a ground-floor module pu
 neither Ray nor torch::
 
     import neuroscan
-    manifest = neuroscan.run_scan(neuroscan.ScanConfig(prompts="seed", out="runs/a"))
-    run = neuroscan.open_run("runs/a")
-    run.read("activations", layer=27).to_pandas()
+    run = neuroscan.scan(["apple, banana, cherry,", "2, 4, 6, 8,"], high=3.0, low=-0.1)
+    run = neuroscan.open("runs/a")                      # or a finished scan's directory
+    run.activations(layer=27, with_prompts=True, to="pandas")
+    run.show("gen-000003", layer=27)                    # coloured token strips in Jupyter
 
     svc = neuroscan.Client("http://127.0.0.1:8470")      # a running `neuroscan serve`
     job = svc.submit(["apple, banana, cherry,"], high=3.0)
@@ -23,13 +24,16 @@ API = {
     "Selection": "neuroscan.config",
     "ScanConfig": "neuroscan.config",
     "Manifest": "neuroscan.manifest",
+    "scan": "cluster.inline",
+    "open": "results.run:open_run",
     "run_scan": "cluster.driver",
     "open_run": "results.run",
+    "decode_bands": "neuroscan.bands:decode_many",
     "Run": "results.run",
     "compare": "results.compare",
     "Client": "cluster.client",
 }
-"""Each public name and the module that defines it."""
+"""Each public name and the module that defines it (``module:name`` where it is named otherwise there)."""
 
 __all__ = sorted(API)
 
@@ -37,7 +41,8 @@ __all__ = sorted(API)
 def __getattr__(name: str):
     if name not in API:
         raise AttributeError(f"module 'neuroscan' has no attribute {name!r}")
-    value = getattr(importlib.import_module(API[name]), name)
+    module, _, attribute = API[name].partition(":")
+    value = getattr(importlib.import_module(module), attribute or name)
     globals()[name] = value  # looked up once
     return value
 

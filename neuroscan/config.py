@@ -25,7 +25,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 FORMATS = ("parquet", "arrow")
 ON_ERROR = ("stop", "skip")
 HANDOFFS = ("store", "direct")
-GROUP_BY = ("family", "variant")
+COMPARE_SORTS = ("diff", "z", "q", "red_diff")
 
 MODEL_PRESETS: dict[str, dict] = {
     # GPT-J's 28 blocks at a tiny width: the embedded model.
@@ -210,8 +210,8 @@ class Selection(Config):
     red: float = option(3.5, "band edge between orange (high < act <= red) and red (act > red)", group="what is kept")
     max_per_layer: int = option(
         500,
-        "keep at most this many selected neurons per (prompt, layer), the most extreme first by "
-        "max(max_act - high, low - min_act), ties to the lower neuron; 0 keeps all",
+        "keep at most this many selected neurons per (prompt, layer): those above --high first (by max_act - high), "
+        "then those only below --low (by low - min_act), ties to the lower neuron; 0 keeps all",
         minimum=0,
         hint=" (0 keeps all)",
         group="what is kept",
@@ -245,12 +245,12 @@ class ScanConfig(Config):
     )
     model: str | None = option(
         None,
-        "checkpoint directory in Hugging Face layout, or a Hugging Face id in the local cache "
-        "(default: the embedded tiny GPT-J)",
+        "checkpoint directory in Hugging Face layout, a Hugging Face id in the local cache, or demo "
+        "(the GPT-J trained on the in-context families; default: the embedded tiny GPT-J)",
         what="a checkpoint directory, or leave --model out for the embedded tiny GPT-J",
     )
     truncate: bool = option(False, "keep the last tokens of prompts longer than the context instead of refusing them")
-    quiet: bool = option(False, "no progress bar")
+    quiet: bool = option(False, "no progress: neither the lines of the start (Ray, each stage loaded) nor the bar")
     selection: Selection = field(default_factory=Selection)
     top_k: int = option(20, "max-activating prompts kept per neuron in neurons/", minimum=1, group="what is kept")
     stages: int = option(
@@ -403,21 +403,37 @@ class CompareConfig(Config):
     """``neuroscan compare``: neurons whose selection differs between two groups of prompts."""
 
     dir: str = option(help="a scan's output directory", positional=True, what="a scan's output directory")
-    by: str = option(help="the prompts' field that names the groups", choices=GROUP_BY)
+    by: str = option(
+        help="the prompts/ column whose values are the groups: family, variant, or a column of the corpus (topic...)",
+        what="a column of prompts/",
+    )
     a: str | None = option(None, "group A (default: the first of exactly two groups, or the one --b is not)")
-    b: str | None = option(None, "group B (default: the second of exactly two groups, or the one --a is not)")
+    b: str | None = option(
+        None,
+        "group B, or rest: every other prompt with a --by value (default: the second of exactly two groups, "
+        "or the one --a is not)",
+    )
+    sort: str = option(
+        "diff",
+        "row order: |diff| (then |z|), |z| (then |diff|), q ascending (then |z|), or |red_diff| (then |diff|)",
+        choices=COMPARE_SORTS,
+    )
+    top: int | None = option(None, "write and print only the first N rows (default: write all, print 10)", minimum=1)
     out: str = option(help="output .parquet file", what="a .parquet file")
 
 
 @dataclass(frozen=True, kw_only=True)
 class MakeModelConfig(Config):
-    """``neuroscan make-model``: a random GPT-J checkpoint in Hugging Face layout."""
+    """``neuroscan make-model``: a GPT-J checkpoint in Hugging Face layout, random or the trained demo model."""
 
     preset: str = option(
-        "tiny", "tiny (the embedded model's shapes) or gptj-6b (GPT-J-6B's shapes, fp16)", choices=tuple(MODEL_PRESETS)
+        "tiny",
+        "tiny (the embedded model's shapes), gptj-6b (GPT-J-6B's shapes, fp16), both random, or demo (trains "
+        "the demo model on the in-context families, about 25 minutes on one CPU core)",
+        choices=(*MODEL_PRESETS, "demo"),
     )
     out: str = option(help="directory to write", what="a new directory")
-    seed: int = option(0, "the weights' seed (0 with --preset tiny: the embedded model)")
+    seed: int = option(0, "the weights' seed (0 with --preset tiny: the embedded model; with demo: the committed one)")
 
 
 @dataclass(frozen=True, kw_only=True)

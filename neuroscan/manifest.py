@@ -57,6 +57,8 @@ class ModelInfo:
     revision: str | None = None
     fingerprint: str | None = None
     """A digest of the weights (`workers.checkpoint.fingerprint`); None in runs written before it."""
+    neurons: int | None = None
+    """MLP neurons per layer; None in runs written before it was recorded."""
 
 
 @dataclass
@@ -79,6 +81,13 @@ class Corpus:
     """The corpus's resolved path, or a built-in corpus's name."""
     sha256: str | None
     """Of the file's bytes (a directory: its files' names, sizes and bytes); None when built in."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Its extra columns, in ``prompts/`` after neuroscan's, and their Arrow types
+    (`neuroscan.corpus_columns`); a change of them changes ``sha256``, which ``--resume`` checks."""
+    prompts: int | None = None
+    """How many prompts the corpus holds: the whole scan, of which ``totals.prompts`` are
+    committed (a report of an unfinished scan says how far it got); None in runs written
+    before it was recorded."""
 
 
 @dataclass
@@ -93,7 +102,7 @@ class Counters:
     """Sums over the committed parts, from which `Summary` is computed."""
 
     layers: dict[str, list[int]] = field(default_factory=dict)
-    """Per layer: [prompts, selected, kept]."""
+    """Per layer: [prompts, selected, kept, selected by the red rule, selected by the blue rule]."""
     accuracy: dict[str, dict[str, list[int]]] = field(default_factory=lambda: {"family": {}, "variant": {}})
     """Per ``family``/``variant`` value: [correct, answered]."""
 
@@ -102,6 +111,10 @@ class Counters:
 class LayerSummary:
     mean_selected: float
     mean_kept: float
+    mean_red: float | None = None
+    """Neurons selected by the red rule (max > high) per prompt; None in schema 1 runs."""
+    mean_blue: float | None = None
+    """... by the blue rule (min < low)."""
 
 
 @dataclass
@@ -302,3 +315,27 @@ def _load(kind, data, where: str = "manifest"):
     if origin is dict:
         return {key: _load(args[1], value, f"{where}.{key}") for key, value in data.items()}
     return data
+
+
+FLOOD = 0.9
+"""The fraction of a layer's neurons the blue rule selects per prompt past which it is said."""
+
+
+def blue_flood_line(manifest: Manifest) -> str | None:
+    """When the blue rule (``min < low``) selected nearly every neuron on a typical prompt (what
+    ``--low 0`` does on a GELU model: GELU is negative for every negative input), one line that
+    says so and which flag changes it; else None."""
+    n = manifest.model.neurons
+    layers = manifest.summary.layers
+    flooded = [int(k) for k, s in layers.items() if n and s.mean_blue is not None and s.mean_blue >= FLOOD * n]
+    if not flooded:
+        return None
+    worst = max(layers[str(k)].mean_blue for k in flooded) / n
+    low = manifest.selection.low
+    near = "--low -0.15 keeps those near it, " if low > -0.15 else ""
+    return (
+        f"--low {low:g} selected up to {worst:.0%} of the {n} neurons a prompt in {len(flooded)} of {len(layers)} "
+        f"layers (GELU is negative on every negative input, so nearly every neuron dips below {low:g}): red-selected "
+        f"neurons are kept first, but the blue counts say little; give a lower --low to select only strongly negative "
+        f"neurons (GELU's minimum is about -0.17: {near}--low -1 leaves the red rule alone)"
+    )

@@ -27,6 +27,8 @@ class Prompt:
     family: str | None = None
     variant: str | None = None
     expected: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+    """The corpus's other fields (`neuroscan.corpus_columns`), carried into ``prompts/``."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,6 @@ class StageRows:
     rows: dict[str, np.ndarray]
     """M kept rows: layer_offset, row (batch row), neuron, stats, bands [M, ceil(pos / 4)]."""
     per_prompt: dict[str, np.ndarray]
-    """[layers, batch] arrays: n_selected, n_kept, n_above_any, mean_coverage."""
+    """[layers, batch] arrays: n_selected, n_kept, n_above_any, n_below_any, the coverages."""
     predictions: dict[str, np.ndarray] | None = None
     """Last stage only: top_ids/top_probs [batch, 5] after the prompt; correct [batch] int8 (-1 = no answer)."""

@@ -3,9 +3,14 @@
 This module is the one place the output contract lives in code; `aggregator.convert` fills
 these schemas from what the stages send, and `results.run` reads files written with them.
 Every file carries the schema version and the run's configuration in its schema metadata.
-``layer`` is not stored in activation files: it comes from the ``layer=NN`` directory, which
-readers infer as int32 (storing it too, with another type, makes ``pyarrow.dataset`` refuse
-to merge the two).
+
+``layer`` is an int32 column inside every file, so that every reader (pyarrow, pandas,
+Polars, DuckDB, Hugging Face ``datasets``) sees the same integer with no options. Activation
+files stay one directory per layer, ``activations/layer_NN/``, named without ``=`` so that no
+reader takes the directory for a hive partition key (those are read as strings or int32 and
+dropped by some readers); a reader still skips other layers' files by their row-group
+statistics. Schema 1 kept ``layer`` only in ``activations/layer=NN/`` directory names
+(`results.run` reads both).
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ import json
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: ``layer`` inside activation files, under ``layer_NN/``; ``n_below_any`` in layers/."""
 
 ACTIVATIONS = pa.schema(
     [
         ("prompt_id", pa.int64()),
+        ("layer", pa.int32()),
         ("neuron", pa.int32()),
         ("max_act", pa.float32()),
         ("max_pos", pa.int16()),
@@ -47,6 +54,13 @@ PROMPTS = pa.schema(
     ]
 )
 
+
+def prompts_schema(extra: dict[str, str]) -> pa.Schema:
+    """A run's ``prompts/``: `PROMPTS`, then the corpus's extra columns (name -> Arrow type
+    name, as `neuroscan.corpus_columns` decided them for the whole corpus)."""
+    return pa.schema([*PROMPTS, *(pa.field(name, pa.type_for_alias(kind)) for name, kind in extra.items())])
+
+
 LAYERS = pa.schema(
     [
         ("prompt_id", pa.int64()),
@@ -54,7 +68,8 @@ LAYERS = pa.schema(
         ("n_tokens", pa.int32()),
         ("n_selected", pa.int32()),
         ("n_kept", pa.int32()),
-        ("n_above_any", pa.int32()),
+        ("n_above_any", pa.int32()),  # neurons selected by the red rule (max > high)
+        ("n_below_any", pa.int32()),  # neurons selected by the blue rule (min < low)
         # Means over the kept neurons of the fraction of the prompt's tokens > high, > red, < low.
         ("mean_coverage", pa.float32()),
         ("red_coverage", pa.float32()),
@@ -74,6 +89,12 @@ NEURONS = pa.schema(
         ("top_pos", pa.list_(pa.int16())),
     ]
 )
+
+
+def layer_dir(layer: int, schema_version: int = SCHEMA_VERSION) -> str:
+    """The directory of one layer's activation files, relative to the output directory."""
+    return f"activations/layer_{layer:02d}" if schema_version >= 2 else f"activations/layer={layer:02d}"
+
 
 TABLES = {"activations": ACTIVATIONS, "prompts": PROMPTS, "layers": LAYERS}
 OUTPUT_DIRS = (*TABLES, "neurons", "neuron_parts")

@@ -7,7 +7,8 @@ one corpus.
 Every reader yields lists of `Prompt` (a chunk at a time, never the whole file) and checks
 each row as it goes (``text`` required; ``id``, ``family``, ``variant``, ``expected`` optional): a bad row stops the read with a one-line `UserError` naming the line or
 id and the fix. ``prompt_id`` is the 0-based position among the prompts; ``id`` is the user's
-id or ``str(prompt_id)``.
+id or ``str(prompt_id)``. Every other column is kept in the prompt's ``extra`` fields, which
+the scan writes into ``prompts/`` (`neuroscan.corpus_columns`: their types, the names refused).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from neuroscan.corpus_columns import COMPUTED, READ, extra_value, is_extra
 from neuroscan.errors import UserError
 from neuroscan.messages import Prompt
 from prompts.seed import BUILTIN
@@ -223,8 +225,7 @@ def _parquet(path: Path) -> Iterator[tuple[str, dict]]:
     except Exception as err:
         raise UserError(f"{path}: not a readable Parquet file ({err}): write it again") from None
     names = file.schema_arrow.names
-    wanted = ("text", "id", "family", "variant", "expected", *(() if "expected" in names else EXPECTED_ALIASES))
-    columns = [c for c in wanted if c in names]
+    columns = [c for c in names if c in READ or c in COMPUTED or is_extra(c)]  # not pandas' index
     _need_text(f'{path}: no "text" column (columns: {names})', names)
     offset = 0
     for batch in file.iter_batches(batch_size=4096, columns=columns):
@@ -283,9 +284,13 @@ def _to_prompt(prompt_id: int, where: str, row: dict) -> Prompt:
         family=None if family in (None, "") else str(family),
         variant=None if variant in (None, "") else str(variant),
         expected=None if expected in (None, "") else str(expected),
+        extra={name: extra_value(where, pid, name, value) for name, value in row.items() if is_extra(name)},
     )
-    for key in ("text", "id", "family", "variant", "expected"):
+    for key in READ:
         _check_unicode(where, pid, key, getattr(prompt, key))
+    for key, value in prompt.extra.items():
+        if isinstance(value, str):
+            _check_unicode(where, pid, key, value)
     return prompt
 
 

@@ -15,6 +15,7 @@ import html
 import json
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,23 +25,26 @@ import pyarrow.compute as pc
 
 from neuroscan.config import ReportConfig
 from neuroscan.errors import UserError, make_dir
+from neuroscan.manifest import Manifest, blue_flood_line
 from report import data, plots
 from results.run import open_run
 
 STATIC = Path(__file__).parent / "static"
 
 
-def build(options: ReportConfig) -> Path:
+def build(options: ReportConfig, notice: Callable[[str], None] | None = None) -> Path:
     """Write the site of the scan in ``options.dir`` to ``options.out`` (default ``DIR/report/``);
     returns the path of its index.html.
 
-    The scan's directory is only read, so a site elsewhere reports a scan on read-only storage."""
+    The scan's directory is only read, so a site elsewhere reports a scan on read-only storage.
+    A scan that has not completed (killed, or still running) is reported as far as its
+    committed parts go, and marked partial (`partial_line`) on the index page; ``notice`` is
+    told that line."""
     options.validate()
     run = open_run(options.dir, verify=True)
-    if not run.manifest.complete:
-        raise UserError(
-            f"{run.out} is not a finished scan (neurons/ is written at the end): finish it with `neuroscan scan ... --resume`, then report"
-        )
+    partial = partial_line(run.manifest)
+    if partial and notice is not None:
+        notice(partial)
     site = run.out / "report" if options.out is None else Path(options.out)
     if site.is_file() or (site.is_dir() and any(site.iterdir()) and not (site / "index.html").is_file()):
         raise UserError(
@@ -62,6 +66,15 @@ def build(options: ReportConfig) -> Path:
     shutil.rmtree(site, ignore_errors=True)
     staging.rename(site)
     return site / "index.html"
+
+
+def partial_line(manifest: Manifest) -> str | None:
+    """For a scan that has not completed, how much of it is committed, in one line; else None."""
+    if manifest.complete:
+        return None
+    total = manifest.corpus.prompts
+    of = f" of {total:,}" if total is not None else ""
+    return f"partial: {manifest.totals.prompts:,}{of} prompts committed; the scan was interrupted or is still running"
 
 
 def _write(run, staging: Path, options: ReportConfig) -> None:
@@ -260,7 +273,9 @@ def _index_page(run, family_size: dict) -> str:
         ("stages × replicas", f"{m.stages} × {m.replicas} on {m.device}"),
         (
             "time",
-            f"{timings.get('seconds', float('nan')):.1f} s ({timings.get('tokens_per_s', float('nan')):,.0f} tokens/s)",
+            f"{timings.get('seconds', float('nan')):.1f} s ({timings.get('tokens_per_s', float('nan')):,.0f} tokens/s)"
+            if m.complete
+            else "not finished",
         ),
     ]
     summary = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
@@ -270,8 +285,19 @@ def _index_page(run, family_size: dict) -> str:
         for value, a in groups.items()
     )
     layer_links = " ".join(f'<a class="layer-link" href="layers/{i:02d}.html">{i}</a>' for i in range(run.n_layers))
-    body = f"""<h1>neuroscan report</h1>
+    flood = blue_flood_line(m)
+    notice = f'<p class="notice" id="blue-flood">{html.escape(flood)}</p>' if flood else ""
+    partial = partial_line(m)
+    marked = (
+        f'<p class="notice" id="partial">{html.escape(partial)}. This report shows what it committed; '
+        "<code>neuroscan scan ... --resume</code> finishes the scan, then report it again.</p>"
+        if partial
+        else ""
+    )
+    body = f"""<h1>neuroscan report{" (partial)" if partial else ""}</h1>
+{marked}
 <table class="summary">{summary}</table>
+{notice}
 <div id="legend"></div>
 <h2>Layers</h2>
 <p class="layers">{layer_links}</p>
@@ -279,4 +305,4 @@ def _index_page(run, family_size: dict) -> str:
 <figure><img src="plots/coverage-by-depth.png" alt="red and blue coverage by depth"><figcaption>For each prompt and layer, the mean over kept neurons of the fraction of the prompt's tokens that are red (or blue): scattered firing reads low, whole-prompt firing high.</figcaption></figure>
 <h2>Accuracy (teacher-forced)</h2>
 <table class="accuracy"><thead><tr><th>by</th><th>group</th><th>correct</th><th>accuracy</th></tr></thead><tbody>{acc_rows or '<tr><td colspan="4">no prompt has an expected answer</td></tr>'}</tbody></table>"""
-    return _page("report", "index", body, root="")
+    return _page("report (partial)" if partial else "report", "index", body, root="")

@@ -7,6 +7,9 @@ listed file is checked against the size the manifest recorded (and, with ``verif
 its sha256: a flipped byte inside a Parquet page can read back as other values without any
 error), and a file that cannot be read is looked for by its sha256: a damaged or missing
 file is one line that names it.
+
+Runs of schema 1 (``layer`` only in ``activations/layer=NN/`` directory names) read the same:
+their ``layer`` is taken from the directory, as int32, in the column order of schema 2.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from neuroscan import schema
+from aggregator.neurons import neurons_table
+from neuroscan import bands, schema
 from neuroscan.errors import UserError
 from neuroscan.manifest import NAME, Manifest, damage_line, damaged_files, read_manifest
 
@@ -41,21 +47,119 @@ class Run:
 
     def files(self, table: str, layer: int | None = None) -> list[str]:
         """Committed files of ``table`` (``activations`` of one ``layer`` when given)."""
-        prefix = f"{table}/" if layer is None else f"{table}/layer={layer:02d}/"
+        prefix = f"{table}/" if layer is None else f"{schema.layer_dir(layer, self.manifest.schema_version)}/"
         return [str(self.out / f.path) for f in self.manifest.files(prefix)]
 
     def read(self, table: str, columns: list[str] | None = None, layer: int | None = None) -> pa.Table:
         with self.reading():
-            return self.dataset(table, layer).to_table(columns=columns)
+            return self.dataset(table, layer).to_table(columns=self._columns(table, columns))
 
     def batches(self, table: str, columns: list[str], layer: int | None = None) -> Iterator[pa.RecordBatch]:
         with self.reading():
             yield from self.dataset(table, layer).to_batches(columns=columns)
 
-    def neurons(self) -> pa.Table:
-        """``neurons/`` (written when the scan completes)."""
+    def _columns(self, table: str, columns: list[str] | None) -> list[str] | None:
+        """Schema 1's activations in schema 2's column order (``layer`` second, not last)."""
+        if columns is None and table == "activations" and self.manifest.schema_version < 2:
+            return schema.ACTIVATIONS.names
+        return columns
+
+    def neurons(self, layer: int | None = None, to: str = "arrow"):
+        """``neurons/``: each neuron's max-activating prompts. ``neurons/`` is written when the
+        scan completes; before that (a scan still running, or killed) the table is the merge of
+        the committed parts' deltas (``neuron_parts/``): the neurons of what is committed."""
         with self.reading():
-            return ds.dataset(str(self.out / self.manifest.neurons.path), format=self.fmt).to_table()
+            if self.manifest.neurons is None:
+                deltas = self.manifest.files("neuron_parts/")
+                merged = neurons_table(self.out, deltas, self.fmt, self.manifest.top_k)
+                return frame(merged.filter(_matches("layer", layer)), to)
+            table = ds.dataset(str(self.out / self.manifest.neurons.path), format=self.fmt).to_table(
+                filter=_matches("layer", layer)
+            )
+        return frame(table, to)
+
+    # The notebook API: tables as pyarrow (to="arrow"), pandas or Polars frames.
+
+    def activations(self, layer=None, prompts=None, neurons=None, with_prompts=False, to: str = "arrow"):
+        """The kept (prompt, neuron) rows, of ``layer`` (an int or a list), ``prompts`` (prompt_ids,
+        or the corpus's ids as strings) and ``neurons`` when given. ``with_prompts``: True joins
+        each row with its prompt's fields (`PROMPT_FIELDS` and the corpus's own columns), a list
+        joins those columns."""
+        ids = self._prompt_ids(prompts)
+        layers = [layer] if isinstance(layer, int) else layer
+        files = [f for one in layers for f in self.files("activations", one)] if layers is not None else None
+        where = _matches("prompt_id", ids) & _matches("neuron", neurons) & _matches("layer", layer)
+        with self.reading():
+            data = ds.dataset(files, format=self.fmt) if files and self.manifest.schema_version >= 2 else None
+            table = (data or self.dataset("activations")).to_table(columns=schema.ACTIVATIONS.names, filter=where)
+        if with_prompts:
+            columns = self.prompt_fields() if with_prompts is True else list(with_prompts)
+            fields = self.prompts(columns=["prompt_id", *[c for c in columns if c != "prompt_id"]])
+            table = table.join(fields, "prompt_id", join_type="left outer").sort_by(
+                [("layer", "ascending"), ("prompt_id", "ascending"), ("neuron", "ascending")]
+            )
+        return frame(table, to)
+
+    def prompts(self, columns: list[str] | None = None, to: str = "arrow"):
+        """``prompts/``: one row per prompt (tokens, predictions, the corpus's own columns)."""
+        if columns is not None:
+            missing = sorted(set(columns) - set(self.dataset("prompts").schema.names))
+            if missing:
+                raise UserError(f"prompts/ has no column {missing}: use one of {self.dataset('prompts').schema.names}")
+        wanted = None if columns is None else list(dict.fromkeys(["prompt_id", *columns]))
+        table = self.read("prompts", wanted).sort_by("prompt_id")
+        return frame(table if columns is None else table.select(columns), to)
+
+    def layers(self, layer=None, to: str = "arrow"):
+        """``layers/``: per (prompt, layer), how many neurons were selected (red, blue) and kept."""
+        with self.reading():
+            table = self.dataset("layers").to_table(filter=_matches("layer", layer))
+        return frame(table.sort_by([("layer", "ascending"), ("prompt_id", "ascending")]), to)
+
+    def prompt_fields(self) -> list[str]:
+        """The prompts/ columns ``with_prompts=True`` joins: all but the token and prediction lists."""
+        return [c for c in self.dataset("prompts").schema.names if c not in LIST_COLUMNS]
+
+    def band_codes(self, rows) -> np.ndarray:
+        """Per row of ``rows`` (activations, any reader's frame), the band code of each of its
+        prompt's tokens: [rows, longest prompt] int8, -1 past a prompt's end (`neuroscan.bands`)."""
+        table = rows if isinstance(rows, pa.Table) else pa.table(rows)
+        lengths = self.prompts(columns=["prompt_id", "n_tokens"])
+        n = table.select(["prompt_id"]).join(lengths, "prompt_id", join_type="left outer")
+        n_tokens = dict(zip(n["prompt_id"].to_pylist(), n["n_tokens"].to_pylist()))
+        return bands.decode_many(table["bands"], [n_tokens[p] for p in table["prompt_id"].to_pylist()])
+
+    def show(self, prompt, layer: int, top: int = 20):
+        """The prompt's coloured token strips at ``layer``, one per kept neuron (the ``top`` with
+        the highest max_act); shown inline by Jupyter."""
+        from results.strips import Strips
+
+        pid = self._prompt_ids([prompt])
+        if not pid:
+            raise UserError(f"prompt {prompt!r} is not in {self.out}: give a prompt_id or an id from run.prompts()")
+        rows = self.activations(layer=layer, prompts=pid).sort_by([("max_act", "descending"), ("neuron", "ascending")])
+        info = self.read("prompts", ["prompt_id", "id", "tokens"]).filter(pc.field("prompt_id") == pid[0])
+        return Strips(info.to_pylist()[0], layer, rows.slice(0, top), self.band_codes(rows.slice(0, top)))
+
+    def _prompt_ids(self, prompts) -> list[int] | None:
+        """prompt_ids from a list of ints (prompt_ids) or strings (the corpus's ids)."""
+        if prompts is None:
+            return None
+        prompts = [prompts] if isinstance(prompts, (int, str)) else list(prompts)
+        names = [p for p in prompts if isinstance(p, str)]
+        ids = [int(p) for p in prompts if not isinstance(p, str)]
+        if names:
+            table = self.read("prompts", ["prompt_id", "id"])
+            lookup = dict(zip(table["id"].to_pylist(), table["prompt_id"].to_pylist()))
+            ids += [lookup[n] for n in names if n in lookup]
+        return ids
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (
+            f"Run({str(self.out)!r}: {m.status}, {m.totals.prompts} prompts, {m.n_layers} layers, "
+            f"{m.totals.activation_rows} activation rows, model {m.model.id})"
+        )
 
     @contextmanager
     def reading(self) -> Iterator[None]:
@@ -72,7 +176,34 @@ class Run:
         files = self.files(table, layer)
         if not files:  # e.g. a layer where no neuron was ever kept
             return ds.dataset(schema.TABLES[table].empty_table())
+        if table == "activations" and self.manifest.schema_version < 2:  # layer from layer=NN/
+            key = ds.partitioning(pa.schema([("layer", pa.int32())]), flavor="hive")
+            return ds.dataset(files, format=self.fmt, partitioning=key, partition_base_dir=str(self.out / table))
         return ds.dataset(files, format=self.fmt)
+
+
+LIST_COLUMNS = ("token_ids", "tokens", "top_tokens", "top_probs")
+
+
+def _matches(column: str, values) -> ds.Expression | bool:
+    """A filter: ``column`` equal to ``values`` (one or a list); True (no filter) for None."""
+    if values is None:
+        return ds.scalar(True)
+    values = [values] if isinstance(values, (int, np.integer)) else list(values)
+    return ds.field(column).isin(values)
+
+
+def frame(table: pa.Table, to: str):
+    """``table`` as a pyarrow table (``to="arrow"``), a pandas or a Polars DataFrame."""
+    if to == "arrow":
+        return table
+    if to == "pandas":
+        return table.to_pandas()
+    if to == "polars":
+        import polars as pl
+
+        return pl.from_arrow(table)
+    raise UserError(f"to={to!r} is not a table kind: use 'arrow', 'pandas' or 'polars'")
 
 
 def scan_manifest(out: Path) -> Manifest:

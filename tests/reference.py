@@ -51,11 +51,20 @@ def reference_scan(model_dir: Path, texts: list[str]) -> dict:
     return out
 
 
+RED_OFFSET = 1e6
+"""Added to a red-selected neuron's score: every red one ranks above every blue-only one."""
+
+
 def expected_layer(acts: np.ndarray, sel: Selection) -> dict:
-    """Statistics of every neuron of one (prompt, layer) from its [pos, d_mlp] activations."""
+    """Statistics of every neuron of one (prompt, layer) from its [pos, d_mlp] activations.
+
+    The cap's rule: red-selected neurons (max > high) first, by max - high, then the ones only
+    the blue rule selected (min < low), by low - min; the score below orders them so (red
+    scores are offset past every blue one)."""
     mx, mn = acts.max(0), acts.min(0)
-    selected = (mx > sel.high) | (mn < sel.low)
-    score = np.where(selected, np.maximum(mx - sel.high, sel.low - mn), -np.inf)
+    red, blue = mx > sel.high, mn < sel.low
+    selected = red | blue
+    score = np.where(red, RED_OFFSET + (mx - sel.high), np.where(blue, sel.low - mn, -np.inf))
     chosen = sorted(np.flatnonzero(selected), key=lambda j: (-score[j], j))
     if sel.max_per_layer:
         chosen = chosen[: sel.max_per_layer]
@@ -76,7 +85,7 @@ def unpack_bands(blob: bytes, n_tokens: int) -> np.ndarray:
 
 def read_activations(out_dir: Path) -> dict:
     """(prompt_id, layer) -> {neuron: row dict} from a scan's activations/."""
-    table = ds.dataset(Path(out_dir) / "activations", partitioning="hive", format=_format(out_dir)).to_table()
+    table = ds.dataset(Path(out_dir) / "activations", format=_format(out_dir)).to_table()
     rows = defaultdict(dict)
     for row in table.to_pylist():
         rows[(row["prompt_id"], row["layer"])][row["neuron"]] = row
@@ -104,7 +113,10 @@ def assert_scan_matches(out_dir: Path, ref: dict, sel: Selection, tol: float = 1
             summary = layer_rows[(prompt_id, layer)]
             assert summary["n_tokens"] == acts.shape[0]
             assert summary["n_kept"] == len(rows)
-            assert abs(summary["n_selected"] - int(exp["selected"].sum())) <= _near_selection(exp, sel, tol)
+            near = _near_selection(exp, sel, tol)
+            assert abs(summary["n_selected"] - int(exp["selected"].sum())) <= near
+            assert abs(summary["n_above_any"] - int((exp["max"] > sel.high).sum())) <= near
+            assert abs(summary["n_below_any"] - int((exp["min"] < sel.low).sum())) <= near
             for neuron, row in rows.items():
                 _check_row(row, acts[:, neuron], sel, tol, (prompt_id, layer, neuron))
                 checked += 1

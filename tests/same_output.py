@@ -31,10 +31,7 @@ def tables(out: Path) -> dict:
     }
     fmt = json.loads((out / "manifest.json").read_text())["format"]
     return {
-        name: ds.dataset(out / name, format=fmt, partitioning="hive" if name == "activations" else None)
-        .to_table()
-        .sort_by(keys)
-        .replace_schema_metadata(None)
+        name: ds.dataset(out / name, format=fmt).to_table().sort_by(keys).replace_schema_metadata(None)
         for name, keys in sort.items()
     }
 

@@ -21,6 +21,8 @@ from neuroscan.errors import UserError
 from workers.consistency import check_consistent
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+DEMO, DEMO_DIR = "demo", Path(__file__).parent / "demo"
+"""``--model demo``: the committed GPT-J trained on the in-context families (`workers.demo_model`)."""
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class ModelSource:
     """Where the weights come from, as recorded in the manifest."""
 
     id: str
-    """What the user asked for (a directory or a Hugging Face id), or "embedded:tiny"."""
+    """What the user asked for (a directory, a Hugging Face id or "demo"), or "embedded:tiny"."""
     path: str
     """The local directory actually loaded."""
     revision: str | None = None
@@ -42,6 +44,9 @@ def resolve_model(model: str | None) -> ModelSource:
 
         return ModelSource(id=f"embedded:{EMBEDDED_PRESET}", path=str(embedded_model_dir()))
     path, revision = Path(model).expanduser(), None
+    if model == DEMO and not path.exists():  # a directory named demo here wins, as a file named seed does
+        check_checkpoint(DEMO_DIR)
+        return ModelSource(id=DEMO, path=str(DEMO_DIR))
     if not path.exists():
         if model.count("/") != 1 or model.startswith((".", "/", "~")):
             raise UserError(f"model directory {model} does not exist: pass a checkpoint directory or omit --model")

@@ -131,10 +131,12 @@ def stats_kernel(
     tl.store(n_below + out, tl.sum(below, axis=0), mask=col_ok)
     tl.store(n_red + out, tl.sum(reds, axis=0), mask=col_ok)
     # The rank, as `workers.reduce.rank_scores` computes it (saves ~15 small kernels a layer).
-    selected = (run_max > high) | (run_min < low)
-    score = tl.where(selected, tl.maximum(run_max - sel_high, sel_low - run_min), float("-inf")) + 0.0
-    bits = score.to(tl.int32, bitcast=True)
-    tl.store(rank + out, tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits), mask=col_ok)
+    red_bits = (tl.maximum(run_max - sel_high, 0.0) + 0.0).to(tl.int32, bitcast=True)
+    blue_bits = (tl.maximum(sel_low - run_min, 0.0) + 0.0).to(tl.int32, bitcast=True)
+    ranked = tl.where(
+        run_max > high, red_bits + 1, tl.where(run_min < low, blue_bits - 0x7F800000, -0x7F800000 - 1)
+    )  # UNSELECTED
+    tl.store(rank + out, ranked, mask=col_ok)
 
 
 @functools.cache

@@ -3,9 +3,10 @@
 For each (prompt, neuron), over the prompt's own tokens only (no padding, no appended answer
 tokens): the max and its first position, the min and its first position, how many tokens are
 above ``high`` and below ``low``. A neuron is *selected* when ``max > high or min < low``.
-At most ``max_per_layer`` selected neurons are kept per (prompt, layer): the most extreme
-first, by ``score = max(max_act - high, low - min_act)`` (how far past its threshold the
-neuron goes), ties to the lower neuron index. Kept rows carry 2-bit band codes per token
+At most ``max_per_layer`` selected neurons are kept per (prompt, layer): the red-selected ones
+(``max > high``) first, by ``max_act - high``, then those only the blue rule selected, by
+``low - min_act`` (how far past its threshold the neuron goes), ties to the lower neuron index
+(`rank_scores`). Kept rows carry 2-bit band codes per token
 (0 grey, 1 blue < low, 2 orange in (high, red], 3 red > red), four tokens a byte, token t
 in byte t // 4 at bits 2 * (t % 4).
 
@@ -22,7 +23,7 @@ from workers.fused import kept_rows_fused, layer_stats_fused, pick_fused
 from workers.thresholds import UNSELECTED, thresholds
 
 ROW_FIELDS = ("neuron", "max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "bands")
-PROMPT_FIELDS = ("n_selected", "n_kept", "n_above_any", "mean_coverage", "red_coverage", "blue_coverage")
+PROMPT_FIELDS = ("n_selected", "n_kept", "n_above_any", "n_below_any", "mean_coverage", "red_coverage", "blue_coverage")
 
 
 def band_codes(act: torch.Tensor, sel: Selection) -> torch.Tensor:
@@ -87,7 +88,8 @@ def reduce_layer(
     Returns (B = batch, K = cap or d_mlp, W = ceil(pos / 4)):
       kept [B, K] bool, neuron [B, K] int32 (ascending among kept rows), max_act/min_act [B, K]
       float32, max_pos/min_pos/n_above/n_below [B, K] int16, bands [B, K, W] uint8, and per
-      prompt n_selected/n_kept/n_above_any [B] int32 and, as [B] float32 means over the kept
+      prompt n_selected/n_kept [B] int32, n_above_any/n_below_any [B] int32 (neurons selected
+      by the red rule, max > high, and by the blue rule, min < low) and, as [B] float32 means over the kept
       neurons of a fraction of the prompt's tokens: mean_coverage (above ``high``),
       red_coverage (above ``red``) and blue_coverage (below ``low``).
     """
@@ -98,7 +100,7 @@ def reduce_layer(
     else:
         stats = layer_stats(act, n_tokens, sel)
         rank = rank_scores(stats["max_act"], stats["min_act"], sel, act.dtype)
-    high, _, _ = thresholds(sel, act.dtype)
+    high, low, _ = thresholds(sel, act.dtype)
     max_act = stats["max_act"]
     k = n if sel.max_per_layer == 0 else min(sel.max_per_layer, n)
     neuron, n_selected = (pick_fused if fused else pick_neurons)(rank, k)  # [batch, K] ascending, then n
@@ -122,6 +124,7 @@ def reduce_layer(
         "n_selected": n_selected,
         "n_kept": n_kept.to(torch.int32),
         "n_above_any": (max_act > high).sum(dim=1).to(torch.int32),
+        "n_below_any": (stats["min_act"] < low).sum(dim=1).to(torch.int32),
         "mean_coverage": coverage(picked["n_above"]),
         "red_coverage": coverage(picked["n_red"]),
         "blue_coverage": coverage(picked["n_below"]),
@@ -145,17 +148,23 @@ def kept_rows(
 def rank_scores(max_act: torch.Tensor, min_act: torch.Tensor, sel: Selection, dtype: torch.dtype) -> torch.Tensor:
     """Each neuron's rank (the eager reference of the fused kernel's, bit for bit).
 
-    A neuron is selected when ``max > high or min < low`` (compared as ``dtype`` values, see
-    `threshold`); its score is how far past its threshold it goes, ``max(max - high, low - min)``
-    in float32, -inf if not selected. The rank is the score's float32 bits as an int32 that
-    orders like the float (+ 0.0 first, so that -0.0 and 0.0 tie): ranks compare as scores do.
-    [batch, n] float32 -> [batch, n] int32.
+    A neuron is selected by the red rule when ``max > high``, by the blue rule when
+    ``min < low`` (compared as ``dtype`` values, see `threshold`). Every red-selected neuron
+    ranks above every neuron the blue rule alone selected, so that the blue rule (which with
+    ``low = 0`` selects nearly every neuron of a GELU model) never crowds a red one out of the
+    cap; red-selected neurons rank by ``max - high``, blue-only ones by ``low - min``, both in
+    float32 (how far past its threshold the neuron goes). Unselected neurons rank
+    `UNSELECTED`, below all.
+
+    The rank is an int32 built from the float32 bits of those non-negative distances (bits
+    of non-negative floats order as the floats do; + 0.0 turns -0.0 into 0.0): red ranks lie in
+    [1, 0x7F800001], blue-only ranks in [-0x7F800000, 0]. [batch, n] float32 -> [batch, n] int32.
     """
     high, low, _ = thresholds(sel, dtype)
-    selected = (max_act > high) | (min_act < low)
-    score = torch.maximum(max_act - sel.high, sel.low - min_act).masked_fill(~selected, float("-inf"))
-    bits = (score + 0.0).contiguous().view(torch.int32)
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float
+    red = ((max_act - sel.high).clamp(min=0.0) + 0.0).contiguous().view(torch.int32) + 1
+    blue = ((sel.low - min_act).clamp(min=0.0) + 0.0).contiguous().view(torch.int32) - 0x7F800000
+    unselected = torch.full_like(red, UNSELECTED)
+    return torch.where(max_act > high, red, torch.where(min_act < low, blue, unselected))
 
 
 def is_selected(rank: torch.Tensor) -> torch.Tensor:

@@ -144,7 +144,7 @@ def test_aggregator_pace_diagnostic_writes_a_complete_run(tmp_path, monkeypatch,
     assert "3 micro-batches of 40 rows" in capsys.readouterr().out
     manifest = read_manifest(out).to_dict()
     assert manifest["status"] == "complete" and manifest["totals"]["activation_rows"] == 3 * 40
-    assert ds.dataset(out / "activations", partitioning="hive").count_rows() == 3 * 40
+    assert ds.dataset(out / "activations").count_rows() == 3 * 40
 
 
 def test_transformers_modules_put_back_and_restored():

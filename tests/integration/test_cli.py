@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from cluster import placement
 from cluster.cli import main
 from cluster.driver import run_scan
+from cluster.partition import partition_layers
 from neuroscan.config import ScanConfig
 from neuroscan.errors import UserError
 from tests.same_output import files
@@ -40,9 +42,9 @@ def cli_run(tmp_path_factory, corpus):
 
 def test_scan_prints_path_and_per_layer_summary(cli_run):
     out, result = cli_run
-    assert result.stdout.startswith(f"wrote {out}")
-    assert "mean selected" in result.stdout
-    assert sum(1 for line in result.stdout.splitlines() if line.strip()[:2].strip().isdigit()) == 28
+    summary = result.stderr[result.stderr.index(f"wrote {out}") :]
+    assert "mean selected" in summary and result.stdout == ""
+    assert sum(1 for line in summary.splitlines() if line.strip()[:2].strip().isdigit()) == 28
     assert "prompt" in result.stderr and "tok/s" in result.stderr  # the progress bar went to stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["stages"] == 3
@@ -52,26 +54,88 @@ def test_scan_prints_path_and_per_layer_summary(cli_run):
     assert manifest["versions"]["torch"] and manifest["versions"]["pyarrow"]
 
 
-def test_output_reads_the_same_in_pyarrow_duckdb_polars_pandas(cli_run):
-    import duckdb
-    import pandas as pd
-    import polars as pl
+def test_scan_says_each_step_of_its_start_on_stderr_and_leaves_stdout_empty(cli_run, corpus):
+    """A line as each step of the start ends (the corpus read, Ray started, each stage loaded,
+    in the order they finish), then the bar, then the summary with the command's whole time
+    beside the scan's; all on stderr, plain text where stderr is not a terminal."""
+    out, result = cli_run
+    err, said = result.stderr, result.stderr.splitlines()
+    assert "\x1b" not in err and "\x1b" not in result.stdout
+    assert re.search(
+        rf"^9 prompts, [\d,]+ tokens: {re.escape(str(corpus))} read and tokenised \([\d.]+ s\)$", err, re.M
+    )
+    assert "starting a local Ray ..." in said and re.search(r"^Ray started \([\d.]+ s\)$", err, re.M)
+    assert "loading 3 stages x 1 replica (28 layers, cpu) ..." in said
+    loaded = re.findall(r"^stage (\d)/3 loaded \(layers (\d+)-(\d+), [\d.]+ s\)$", err, re.M)
+    assert sorted(loaded) == [(str(s + 1), str(a), str(b - 1)) for s, (a, b) in enumerate(partition_layers(28, 3))]
+    steps = [err.index(line) for line in ("starting a local Ray", "Ray started", "loading 3 stages", "stage ", "0/9")]
+    assert steps == sorted(steps)
+    first = next(line for line in said if line.startswith("wrote "))
+    times = re.fullmatch(
+        rf"wrote {re.escape(str(out))}  \(9 prompts, \d+ tokens, \d+ activation rows, "
+        r"scanned in ([\d.]+) s at [\d,]+ tokens/s; ([\d.]+) s in all\)",
+        first,
+    )
+    assert times and float(times[2]) > float(times[1]), first
+    assert result.stdout == ""
+
+
+def _layer_five(reader: str, out: Path) -> tuple[str, int, int]:
+    """(the type ``reader`` gives ``layer``, its count of rows with layer = 5, rows in all),
+    each reader called on the output directory as its documentation shows, with no options."""
+    acts = out / "activations"
+    glob = str(acts / "**" / "*.parquet")
+    if reader == "pyarrow":
+        import pyarrow.dataset as ds
+
+        table = ds.dataset(acts).to_table()
+        return (
+            str(table.schema.field("layer").type),
+            ds.dataset(acts).count_rows(filter=ds.field("layer") == 5),
+            len(table),
+        )
+    if reader == "pandas":
+        import pandas as pd
+
+        frame = pd.read_parquet(acts)
+        return str(frame["layer"].dtype), int((frame["layer"] == 5).sum()), len(frame)
+    if reader == "polars":
+        import polars as pl
+
+        frame = pl.scan_parquet(glob)
+        five = frame.filter(pl.col("layer") == 5).select(pl.len()).collect().item()
+        return str(frame.collect_schema()["layer"]), five, frame.select(pl.len()).collect().item()
+    if reader == "duckdb":
+        import duckdb
+
+        con = duckdb.connect()
+        kind = con.execute(f"select typeof(layer) from read_parquet('{glob}') limit 1").fetchone()[0]
+        five = con.execute(f"select count(*) from read_parquet('{glob}') where layer < 6 and layer > 4").fetchone()[0]
+        return kind, five, con.execute(f"select count(*) from read_parquet('{glob}')").fetchone()[0]
+    import datasets
+
+    data = datasets.load_dataset("parquet", data_files=glob, split="train", cache_dir=str(out.parent / "hf"))
+    return str(data.features["layer"].dtype), len(data.filter(lambda row: row["layer"] == 5)), len(data)
+
+
+@pytest.mark.parametrize(
+    "reader, kind",
+    [("pyarrow", "int32"), ("pandas", "int32"), ("polars", "Int32"), ("duckdb", "INTEGER"), ("datasets", "int32")],
+)
+def test_every_reader_gives_an_integer_layer_and_filters_on_it(cli_run, reader, kind):
     import pyarrow.dataset as ds
 
     out, _ = cli_run
-    arrow = ds.dataset(out / "activations", partitioning="hive").to_table()
-    n = arrow.num_rows
-    assert n == json.loads((out / "manifest.json").read_text())["totals"]["activation_rows"] > 0
-    con = duckdb.connect()
-    glob = str(out / "activations" / "*" / "*.parquet")
-    assert con.execute(f"select count(*) from read_parquet('{glob}', hive_partitioning=true)").fetchone()[0] == n
-    layers_duck = con.execute(
-        f"select count(distinct layer) from read_parquet('{glob}', hive_partitioning=true)"
-    ).fetchone()[0]
-    assert layers_duck == 28
-    frame = pl.scan_parquet(str(out / "activations" / "**" / "*.parquet"), hive_partitioning=True).collect()
-    assert frame.height == n and frame["layer"].n_unique() == 28
-    assert len(pd.read_parquet(out / "activations")) == n
+    truth = ds.dataset(out / "activations").to_table(columns=["layer"])["layer"].to_numpy()
+    assert len(truth) == json.loads((out / "manifest.json").read_text())["totals"]["activation_rows"] > 0
+    assert (truth == 5).sum() > 0 and len(set(truth.tolist())) == 28
+    assert _layer_five(reader, out) == (kind, (truth == 5).sum(), len(truth))
+
+
+def test_prompts_read_in_pandas(cli_run):
+    import pandas as pd
+
+    out, _ = cli_run
     assert len(pd.read_parquet(out / "prompts")) == 9
 
 
@@ -136,14 +200,15 @@ def test_resume_says_what_it_found(cli_run, corpus, tmp_path, capsys):
         == 0
     )
     shown = capsys.readouterr()
-    assert shown.err == f"{done} is already complete: nothing to scan (--overwrite scans it again)\n"
-    assert shown.out.startswith(f"wrote {done}  (")
+    assert shown.err.startswith(
+        f"{done} is already complete: nothing to scan (--overwrite scans it again)\nwrote {done}  ("
+    )
+    assert shown.out == ""
     assert files(done) == before
     typo = tmp_path / "typo"  # --resume in a directory that holds no run: the scan starts, and says so
     assert main(["scan", "seed", "--out", str(typo), "--quiet", "--resume"]) == 0
-    assert (
-        capsys.readouterr().err
-        == f"nothing to resume in {typo} (no manifest.json): starting the scan from the beginning\n"
+    assert capsys.readouterr().err.startswith(
+        f"nothing to resume in {typo} (no manifest.json): starting the scan from the beginning\nwrote {typo}  ("
     )
     assert json.loads((typo / "manifest.json").read_text())["status"] == "complete"
 
@@ -159,9 +224,10 @@ def test_answers_without_their_leading_space_are_pointed_out(tmp_path, capsys):
     ]
     corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert main(["scan", str(corpus), "--out", str(tmp_path / "o"), "--quiet"]) == 0
-    assert capsys.readouterr().err == (
+    assert capsys.readouterr().err.startswith(
         "note: 1 of 3 expected answers start without a space, after a prompt that ends without one; `correct` scores "
         'each answer exactly as given, and a next word\'s token usually starts with the space (" mango", not "mango")\n'
+        f"wrote {tmp_path / 'o'}  ("
     )
 
 
@@ -319,7 +385,7 @@ def test_neurons_table_matches_the_activations(cli_run):
     import pyarrow.dataset as ds
 
     out, _ = cli_run
-    acts = ds.dataset(out / "activations", partitioning="hive").to_table().to_pandas()
+    acts = ds.dataset(out / "activations").to_table().to_pandas()
     neurons = ds.dataset(out / "neurons").to_table().to_pandas()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["neurons"]["rows"] == len(neurons) == len(acts.groupby(["layer", "neuron"]))
@@ -338,15 +404,15 @@ def test_a_scan_that_keeps_nothing_says_so_and_its_tables_read_empty(ray_session
 
     out = tmp_path / "none"
     assert main(["scan", "seed", "--out", str(out), "--high", "1000", "--low=-1000", "--red", "1000", "--quiet"]) == 0
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err
     assert "0 activation rows" in said
     assert (
         "no neuron went above --high 1000 or below --low -1000 on any token: the tables are empty; lower --high or raise --low"
         in said
     )
-    assert sorted(p.name for p in (out / "activations").iterdir()) == [f"layer={i:02d}" for i in range(28)]
+    assert sorted(p.name for p in (out / "activations").iterdir()) == [f"layer_{i:02d}" for i in range(28)]
     assert len(pd.read_parquet(out / "activations")) == 0
-    assert pl.scan_parquet(str(out / "activations" / "**" / "*.parquet"), hive_partitioning=True).collect().height == 0
+    assert pl.scan_parquet(str(out / "activations" / "**" / "*.parquet")).collect().height == 0
     assert main(["report", str(out)]) == 0 and (out / "report" / "index.html").exists()
 
 
@@ -365,3 +431,31 @@ def test_more_actors_than_the_machine_can_run_is_refused_before_anything_starts(
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "the scan needs 225 actor processes (stages x replicas, and the aggregators)" in result.stderr
     assert "lower --stages or --replicas" in result.stderr and not out.exists()
+
+
+def test_a_corpus_column_reaches_prompts_and_groups_compare(ray_session, tmp_path, capsys):
+    """``topic`` and ``level`` (null in the first micro-batches) come out of a real scan as
+    columns of prompts/, one type in every part, and ``compare --by topic --b rest`` reads them."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "c.jsonl"
+    topics = ["math", "math", "math", "art", "art", "history", "history", None]
+    rows = [{"text": f"{i} plus {i} is", "topic": t, "level": i if i >= 4 else None} for i, t in enumerate(topics)]
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    argv = ["scan", str(corpus), "--out", str(out), "--batch-tokens", "16", "--rows-per-part", "1", "--quiet"]
+    assert main(argv) == 0
+    parts = sorted((out / "prompts").glob("*.parquet"))
+    assert len(parts) > 2 and len({pq.read_schema(f).remove_metadata() for f in parts}) == 1
+    assert json.loads((out / "manifest.json").read_text())["corpus"]["columns"] == {"topic": "string", "level": "int64"}
+    frame = pd.read_parquet(out / "prompts").sort_values("prompt_id")
+    assert frame["topic"].tolist()[:7] == topics[:7] and frame["level"].dropna().tolist() == [4, 5, 6, 7]
+    capsys.readouterr()
+    compared = tmp_path / "math_vs_rest.parquet"
+    argv = ["compare", str(out), "--by", "topic", "--a", "math", "--b", "rest", "--sort", "q", "--top", "20"]
+    assert main([*argv, "--out", str(compared)]) == 0
+    assert capsys.readouterr().out.startswith("A = math (3 prompts), B = rest (4 prompts); wrote 20 of ")
+    table = pq.read_table(compared)
+    q = table["q"].to_numpy()
+    assert table.num_rows == 20 and (q[:-1] <= q[1:]).all() and ((0 < q) & (q <= 1)).all()

@@ -243,7 +243,8 @@ def test_a_node_lost_mid_scan_leaves_the_scan_to_the_replicas_left(multinode, pr
     stdout, stderr = running.communicate(timeout=600)
     try:
         assert running.returncode == 0, stderr
-        [lost] = stderr.strip().splitlines()  # neuroscan's line alone: none of Ray's
+        said = stderr[: stderr.index(f"wrote {out}  (")]  # what came before the closing summary
+        [lost] = said.strip().splitlines()  # neuroscan's line alone: none of Ray's
         assert lost.startswith("replica ") and " lost with node " in lost, stderr
         assert lost.endswith(": the scan goes on with the 2 replicas left"), stderr
         manifest = json.loads((out / "manifest.json").read_text())

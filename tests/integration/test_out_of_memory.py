@@ -52,7 +52,7 @@ def scan(corpus: Path, out: Path, limit: int | None, *flags: str) -> subprocess.
 
 
 def rows_by_key(out: Path) -> dict:
-    table = ds.dataset(out / "activations", partitioning="hive").to_table().to_pylist()
+    table = ds.dataset(out / "activations").to_table().to_pylist()
     return {(r["prompt_id"], r["layer"], r["neuron"]): r for r in table}
 
 
@@ -80,7 +80,7 @@ def test_skip_leaves_out_only_that_prompt(corpus, clean, tmp_path, handoff):
     out = tmp_path / "out"
     result = scan(corpus, out, 200, "--on-error", "skip", "--handoff", handoff)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "skipped 1 prompts" in result.stdout
+    assert "skipped 1 prompts" in result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert [(s["prompt_id"], s["id"]) for s in manifest["skipped"]] == [(3, LONG_ID)]
     assert manifest["totals"]["prompts"] == 8

@@ -75,7 +75,7 @@ def open_page(page, path: Path, fragment: str = ""):
 
 
 def table(out: Path, name: str, layer: int | None = None):
-    path = out / name if layer is None else out / name / f"layer={layer:02d}"
+    path = out / name if layer is None else out / name / f"layer_{layer:02d}"
     return ds.dataset(path, format="parquet").to_table()
 
 
@@ -194,7 +194,7 @@ def test_serve_prints_a_url_that_serves_the_site(scanned):
         assert proc.wait(timeout=20) == 0
 
 
-def test_report_refuses_what_is_not_a_finished_scan(tmp_path, scanned, capsys):
+def test_report_refuses_what_is_not_a_scan_and_marks_an_unfinished_one(tmp_path, scanned, capsys, page):
     assert main(["report", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no manifest.json" in err
@@ -202,9 +202,11 @@ def test_report_refuses_what_is_not_a_finished_scan(tmp_path, scanned, capsys):
     shutil.copytree(scanned, unfinished, ignore=shutil.ignore_patterns("report"))
     manifest = (unfinished / "manifest.json").read_text().replace('"status": "complete"', '"status": "running"')
     (unfinished / "manifest.json").write_text(manifest)
-    assert main(["report", str(unfinished)]) == 2
-    assert "not a finished scan" in capsys.readouterr().err
-    assert not (unfinished / "report").exists()
+    assert main(["report", str(unfinished)]) == 0
+    assert "; partial: 48 of 48 prompts committed" in capsys.readouterr().out
+    open_page(page, unfinished / "report" / "index.html")
+    assert page.inner_text("h1") == "neuroscan report (partial)"
+    assert page.inner_text("#partial").startswith("partial: 48 of 48 prompts committed")
     assert main(["report", str(scanned), "--strips", "-1"]) == 2
 
 

@@ -40,7 +40,9 @@ def micro_batch(batch_id: int, rng: np.random.Generator) -> tuple[list[Tokenized
         "n_below": rng.integers(0, TOKENS, m).astype(np.int16),
         "bands": rng.integers(0, 256, (m, TOKENS // 4)).astype(np.uint8),
     }
-    per_prompt = {k: np.full((LAYERS, BATCH), ROWS, np.int32) for k in ("n_selected", "n_kept", "n_above_any")}
+    per_prompt = {
+        k: np.full((LAYERS, BATCH), ROWS, np.int32) for k in ("n_selected", "n_kept", "n_above_any", "n_below_any")
+    }
     per_prompt |= {
         k: rng.uniform(0, 1, (LAYERS, BATCH)).astype(np.float32)
         for k in ("mean_coverage", "red_coverage", "blue_coverage")

@@ -42,7 +42,10 @@ def _stage_rows(batch_id, start, n_layers, lengths, rows_per_layer=2, last=True)
         "n_below": np.ones(m, np.int16),
         "bands": np.full((m, width), 0b11100100, np.uint8),
     }
-    per_prompt = {k: np.full((n_layers, b), rows_per_layer, np.int32) for k in ("n_selected", "n_kept", "n_above_any")}
+    per_prompt = {
+        k: np.full((n_layers, b), rows_per_layer, np.int32)
+        for k in ("n_selected", "n_kept", "n_above_any", "n_below_any")
+    }
     for name in ("mean_coverage", "red_coverage", "blue_coverage"):
         per_prompt[name] = np.full((n_layers, b), 0.5, np.float32)
     predictions = (
@@ -75,7 +78,7 @@ def test_parts_manifest_and_duplicates(tmp_path):
         for f in part["files"]:
             data = (tmp_path / f["path"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == f["sha256"] and len(data) == f["bytes"]
-    table = ds.dataset(tmp_path / "activations", partitioning="hive").to_table()
+    table = ds.dataset(tmp_path / "activations").to_table()
     assert table.num_rows == manifest["totals"]["activation_rows"] == 2 * 3 * 2 * 2
     assert sorted(set(table["layer"].to_pylist())) == [0, 1, 2]
     assert table.schema.field("layer").type == pa.int32()
@@ -95,7 +98,7 @@ def test_bands_column_bytes_per_row(tmp_path):
     agg = Aggregator(str(tmp_path), HEADER, [chr(i) for i in range(256)], rows_per_part=ScanConfig.rows_per_part)
     agg.add(_group([0, 1], [9, 2]), _stage_rows(0, 0, 1, [9, 2]))
     agg.finish({})
-    table = ds.dataset(tmp_path / "activations", partitioning="hive").to_table().to_pylist()
+    table = ds.dataset(tmp_path / "activations").to_table().to_pylist()
     assert {len(r["bands"]) for r in table if r["prompt_id"] == 0} == {3}
     assert {len(r["bands"]) for r in table if r["prompt_id"] == 1} == {1}
 
@@ -209,7 +212,7 @@ def test_buffering_goes_on_while_a_part_is_written(tmp_path, monkeypatch):
     gate.set()
     manifest = agg.finish({})[1].to_dict()
     assert [p["batches"] for p in manifest["parts"]] == [[0, 1], [2]]
-    table = ds.dataset(tmp_path / "activations", partitioning="hive").to_table()
+    table = ds.dataset(tmp_path / "activations").to_table()
     assert sorted(set(table["prompt_id"].to_pylist())) == [0, 1, 2, 3, 4, 5]
     assert table.num_rows == manifest["totals"]["activation_rows"] == 3 * 8
 
@@ -218,7 +221,7 @@ def _one_pass_neurons(out, k: int) -> pa.Table:
     """neurons/ recomputed from the activation rows on disk in one pass (no deltas)."""
     from aggregator.neurons import LayerState
 
-    acts = ds.dataset(out / "activations", partitioning="hive").to_table()
+    acts = ds.dataset(out / "activations").to_table()
     tables = []
     for layer in sorted(set(acts["layer"].to_pylist())):
         rows = acts.filter(pa.compute.equal(acts["layer"], layer))
@@ -287,12 +290,12 @@ def test_every_layer_has_a_directory_and_a_run_that_keeps_nothing_reads_as_an_em
     )
     manifest = agg.finish({})[1].to_dict()
     assert [f["path"] for f in manifest["empty_layers"]] == [
-        "activations/layer=01/part-00000.parquet",
-        "activations/layer=02/part-00000.parquet",
+        "activations/layer_01/part-00000.parquet",
+        "activations/layer_02/part-00000.parquet",
     ]
-    table = ds.dataset(tmp_path / "some" / "activations", partitioning="hive").to_table()
+    table = ds.dataset(tmp_path / "some" / "activations").to_table()
     assert table.num_rows == 2 * 2 and set(table["layer"].to_pylist()) == {0}
-    assert ds.dataset(tmp_path / "some" / "activations" / "layer=02").to_table().num_rows == 0
+    assert ds.dataset(tmp_path / "some" / "activations" / "layer_02").to_table().num_rows == 0
 
     agg = Aggregator(
         str(tmp_path / "none"), HEADER, [chr(i) for i in range(256)], rows_per_part=ScanConfig.rows_per_part
@@ -307,10 +310,10 @@ def test_every_layer_has_a_directory_and_a_run_that_keeps_nothing_reads_as_an_em
     for f in manifest["empty_layers"]:
         data = (tmp_path / "none" / f["path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == f["sha256"] and f["rows"] == 0
-    table = ds.dataset(tmp_path / "none" / "activations", partitioning="hive").to_table()
+    table = ds.dataset(tmp_path / "none" / "activations").to_table()
     assert table.num_rows == 0 and table.schema.field("layer").type == pa.int32()
-    assert table.schema.names == [*ACTIVATIONS.names, "layer"]
-    query = f"SELECT count(*) FROM read_parquet('{tmp_path / 'none'}/activations/*/*.parquet', hive_partitioning = true) WHERE layer = 2"
+    assert table.schema.names == ACTIVATIONS.names
+    query = f"SELECT count(*) FROM read_parquet('{tmp_path / 'none'}/activations/*/*.parquet') WHERE layer = 2"
     assert duckdb.sql(query).fetchall() == [(0,)]
 
 

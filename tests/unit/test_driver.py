@@ -78,3 +78,22 @@ def test_the_header_records_the_weights_fingerprint_and_the_packing(tiny_model, 
     cfg = ScanConfig(prompts="seed", out=str(tmp_path / "o"), model=str(tiny_model))
     header = driver.manifest_header(cfg, driver.plan(cfg))
     assert header.model.fingerprint == fingerprint(tiny_model) and header.packing == "balanced"
+
+
+def test_extra_columns_are_typed_from_the_whole_corpus(tiny_model, tmp_path, monkeypatch):
+    """A column that is null in the first chunks and an integer later is an integer: every part
+    of prompts/ gets the one schema the header records."""
+    corpus = tmp_path / "c.jsonl"
+    rows = [
+        {"text": f"p{i}", "topic": ["math", "art"][i % 2], "level": i if i >= 15 else None, "score": [1, 2.5][i == 20]}
+        for i in range(23)
+    ]
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    monkeypatch.setattr(batching, "CHUNK", 5)
+    monkeypatch.setattr(driver, "KEEP_PROMPTS", 5)  # the later chunks are read again by the run
+    cfg = ScanConfig(prompts=str(corpus), out=str(tmp_path / "out"), model=str(tiny_model), batch_tokens=40)
+    p = driver.plan(cfg)
+    assert p.columns == {"topic": "string", "level": "int64", "score": "float64"}
+    assert driver.manifest_header(cfg, p).corpus.columns == p.columns
+    seed = ScanConfig(prompts="seed", out=str(tmp_path / "o"), model=str(tiny_model))
+    assert driver.manifest_header(seed, driver.plan(seed)).corpus.columns == {}

@@ -19,7 +19,7 @@ def _batch(batch_id: int):
 
 
 def _rows(out) -> list[dict]:
-    table = ds.dataset(out / "activations", partitioning="hive").to_table()
+    table = ds.dataset(out / "activations").to_table()
     return sorted(table.to_pylist(), key=lambda row: (row["layer"], row["prompt_id"], row["neuron"]))
 
 

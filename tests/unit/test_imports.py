@@ -76,7 +76,7 @@ def graph() -> dict[str, list[tuple[int, str]]]:
     found = {name: imports(path, modules) for name, path in modules.items()}
     from neuroscan import API
 
-    found[FACADE] += [(0, module) for module in sorted(set(API.values()))]
+    found[FACADE] += [(0, module) for module in sorted({target.partition(":")[0] for target in API.values()})]
     return found
 
 

@@ -35,7 +35,14 @@ def test_the_json_keys_are_the_fields_and_round_trip(tmp_path):
     write_manifest(tmp_path, HEADER)
     data = json.loads((tmp_path / "manifest.json").read_text())
     assert list(data) == [f.name for f in dataclasses.fields(Manifest)]
-    assert data["model"] == {"id": "m", "path": "", "dtype": "float32", "revision": None, "fingerprint": None}
+    assert data["model"] == {
+        "id": "m",
+        "path": "",
+        "dtype": "float32",
+        "revision": None,
+        "fingerprint": None,
+        "neurons": None,
+    }
     assert Manifest.from_dict(data) == HEADER
 
 
@@ -100,3 +107,18 @@ def test_a_full_disk_while_the_manifest_is_replaced_keeps_the_old_one_in_one_lin
         write_manifest(tmp_path, changed)
     assert (tmp_path / "manifest.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]  # no .manifest.json.tmp left
+
+
+def test_the_blue_flood_is_said_with_the_flag_that_changes_it():
+    from neuroscan.manifest import LayerSummary, ModelInfo, Summary, blue_flood_line
+    from tests.manifests import header
+
+    def run(blue: float, neurons: int | None = 100):
+        layers = {"0": LayerSummary(99.0, 50.0, 2.0, blue), "1": LayerSummary(10.0, 10.0, 8.0, 2.0)}
+        return header(model=ModelInfo(id="m", path="", dtype="float32", neurons=neurons), summary=Summary(layers))
+
+    line = blue_flood_line(run(97.0))
+    assert line.startswith("--low 0 selected up to 97% of the 100 neurons a prompt in 1 of 2 layers")
+    assert "give a lower --low to select only strongly negative neurons (GELU's minimum is about -0.17" in line
+    assert blue_flood_line(run(80.0)) is None
+    assert blue_flood_line(run(97.0, neurons=None)) is None  # a run that did not record its width

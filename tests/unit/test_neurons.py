@@ -42,6 +42,7 @@ def test_merged_part_deltas_equal_one_pass_over_all_rows():
     table = pa.table(
         {
             "prompt_id": [r[0] for r in rows],
+            "layer": [3] * 6,
             "neuron": [r[1] for r in rows],
             "max_act": [r[2] for r in rows],
             "max_pos": [r[3] for r in rows],

@@ -15,3 +15,23 @@ def test_replicas_fit_only_where_one_node_holds_each_whole():
     assert not fits({"CPU": 16, "GPU": 16}, 1, eight_gpu_nodes)  # 16 GPUs in all, but not on one node
     assert fits({"CPU": 2}, 3, [{"CPU": 2}, {"CPU": 1}, {"CPU": 2}, {"CPU": 2}])  # the 1-CPU node is skipped
     assert not fits({"CPU": 1, "GPU": 1}, 1, [{"CPU": 8}])  # a resource the node lacks
+
+
+def test_ray_lines_go_to_stderr_and_cluster_errors_to_the_log(monkeypatch, tmp_path, capsys):
+    """What Ray's driver prints (on stdout, by default) never reaches stdout: the cluster's
+    error lines go to the session's log, any other line to stderr, without colour codes."""
+    from types import SimpleNamespace
+
+    from ray._private import worker
+
+    from cluster import placement
+
+    monkeypatch.setattr(worker, "print_to_stdstream", worker.print_to_stdstream)  # put back afterwards
+    monkeypatch.setattr(worker.global_worker, "node", SimpleNamespace(get_logs_dir_path=lambda: str(tmp_path)))
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "0")
+    placement._log_cluster_errors()
+    worker.print_to_stdstream({"lines": ["loaded"], "pid": 42, "is_err": False}, ignore_prefix=False)
+    worker.print_to_stdstream({"lines": ["A worker died"], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    out, err = capsys.readouterr()
+    assert out == "" and err == "(pid=42) loaded\n"
+    assert (tmp_path / "neuroscan-cluster-errors.log").read_text() == "A worker died\n"

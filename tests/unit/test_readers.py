@@ -276,3 +276,52 @@ def test_a_shard_that_cannot_be_opened_is_an_error_not_skipped(tmp_path, link):
     (shards / "c.jsonl").unlink()
     (shards / "c.jsonl").symlink_to(shards / "a.jsonl")  # a link that resolves is read like a file
     assert [p.name for p in corpus_paths(str(shards))] == ["a.jsonl", "b.jsonl", "c.jsonl"]
+
+
+def test_other_columns_are_kept_as_extra_fields(tmp_path):
+    """JSONL keeps its types (lists and objects as JSON text), CSV has strings, Parquet its
+    types; an empty value is null; an unnamed column (pandas' index) is left out."""
+    import pandas as pd
+
+    rows = [
+        {"text": "a", "topic": "math", "level": 3, "tags": ["x", 1], "note": ""},
+        {"text": "b", "answer": "kept", "expected": " y", "prompt": "also kept"},
+    ]
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p.extra for p in _all(jsonl)] == [
+        {"topic": "math", "level": 3, "tags": '["x", 1]', "note": None},
+        {"answer": "kept", "prompt": "also kept"},
+    ]
+    csv = tmp_path / "c.csv"
+    csv.write_text(",text,topic,level\n0,a,math,3\n1,b,,\n")  # pandas' to_csv, index included
+    assert [p.extra for p in _all(csv)] == [{"topic": "math", "level": "3"}, {"topic": None, "level": None}]
+    parquet = tmp_path / "c.parquet"
+    pd.DataFrame({"text": ["a", "b"], "topic": ["math", None], "level": [3, 4]}, index=[7, 9]).to_parquet(parquet)
+    assert "__index_level_0__" in pq.read_schema(parquet).names
+    assert [p.extra for p in _all(parquet)] == [{"topic": "math", "level": 3}, {"topic": None, "level": 4}]
+    text = tmp_path / "plain.txt"
+    text.write_text("x\n")
+    assert [p.extra for p in _all(text)] == [{}]  # plain text has no columns
+
+
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        (
+            {"text": "a", "tokens": ["a"]},
+            r"c\.jsonl:1: prompt '0' has a column 'tokens', which neuroscan writes itself in prompts/ \(prompt_id, "
+            r"token_ids, tokens, n_tokens, top_tokens, top_probs, correct\): rename it in the corpus, e.g. to 'corpus_tokens'",
+        ),
+        (
+            {"text": "a", "id": "q", "correct": True},
+            r"prompt 'q' has a column 'correct', which neuroscan writes itself",
+        ),
+        ({"text": "a", "topic": "cut \ud83d"}, r"has half a surrogate pair \('\\ud83d'\) in 'topic'"),
+    ],
+)
+def test_an_extra_column_neuroscan_cannot_keep_is_one_line(tmp_path, row, match):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(UserError, match=match):
+        _all(path)

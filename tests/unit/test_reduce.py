@@ -56,6 +56,7 @@ def test_reduce_layer_matches_numpy(cap, fused):
         assert out["n_selected"][row] == exp["selected"].sum()
         assert out["n_kept"][row] == len(neurons)
         assert out["n_above_any"][row] == (a.max(0) > sel.high).sum()
+        assert out["n_below_any"][row] == (a.min(0) < sel.low).sum()
         for slot in np.flatnonzero(kept.numpy()):
             j = int(out["neuron"][row, slot])
             col = a[:, j]
@@ -131,3 +132,22 @@ def test_picked_neurons_are_the_head_of_a_stable_descending_sort(k):
     random = torch.randn(4, 300, generator=gen) + 3.0
     neuron, _ = pick_neurons(rank_scores(random, torch.ones_like(random), sel, torch.float32), k)
     assert neuron.tolist() == stable_head(random.masked_fill(random <= 3.0, float("-inf")), k)
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_triton)], ids=["eager", "fused"])
+def test_the_cap_never_drops_a_red_neuron_for_a_blue_one(fused):
+    """The default thresholds on GELU activations: the blue rule (min < 0) selects nearly every
+    neuron, some far below 0; the red ones just above ``high`` still all fit the cap first."""
+    gen = torch.Generator().manual_seed(3)
+    b, t, n, cap = 3, 9, 64, 6
+    act = torch.nn.functional.gelu(torch.randn(b, t, n, generator=gen), approximate="tanh") * 0.3  # [batch, pos, d_mlp]
+    act[:, :, :5] = -5.0  # far below low: the old rule's most extreme neurons
+    red = torch.tensor([7, 20, 41, 63])
+    act[:, 4, red] = 3.0 + torch.tensor([0.01, 0.002, 0.3, 0.05])  # barely above high
+    sel = Selection(max_per_layer=cap)  # high 3, low 0
+    out = reduce_layer(act, torch.full((b,), t), sel, fused)
+    for row in range(b):
+        kept = out["neuron"][row][out["kept"][row]].tolist()
+        assert set(red.tolist()) <= set(kept) and len(kept) == cap
+        assert set(kept) - set(red.tolist()) == {0, 1}  # the room left: the farthest below low, lower index first
+        assert out["n_above_any"][row] == 4 and out["n_below_any"][row] > n * 0.9

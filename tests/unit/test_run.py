@@ -63,3 +63,55 @@ def test_a_file_that_cannot_be_read_is_named_by_the_python_reader(tmp_path):
     with pytest.raises(UserError, match=f"is damaged: {layers} holds other bytes than were written"):
         run.read("layers")
     assert run.read("prompts").num_rows == 8  # the other tables read as before
+
+
+def _as_schema_one(out) -> None:
+    """Rewrite a finished run as schema 1 wrote it: ``layer`` only in ``activations/layer=NN/``."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    from neuroscan.manifest import PartFile, file_sha256, write_manifest
+
+    manifest = read_manifest(out)
+
+    def moved(f: PartFile) -> PartFile:
+        if not f.path.startswith("activations/"):
+            return f
+        layer = int(f.path.split("/")[1].removeprefix("layer_"))
+        path = f"activations/layer={layer:02d}/{f.path.rsplit('/', 1)[1]}"
+        (out / path).parent.mkdir(exist_ok=True)
+        pq.write_table(pq.read_table(out / f.path).drop_columns(["layer"]), out / path)
+        (out / f.path).unlink()
+        return PartFile(path, f.rows, (out / path).stat().st_size, file_sha256(out / path))
+
+    for part in manifest.parts:
+        part.files = [moved(f) for f in part.files]
+    manifest.empty_layers = [moved(f) for f in manifest.empty_layers]
+    for emptied in (out / "activations").glob("layer_*"):
+        emptied.rmdir()
+    write_manifest(out, dataclasses.replace(manifest, schema_version=1))
+
+
+def test_a_schema_one_run_reads_as_schema_two(tmp_path):
+    """Runs written before ``layer`` was stored in the files read the same through neuroscan:
+    the same columns in the same order, ``layer`` an int32 from the directory."""
+    new = open_run(finished_run(tmp_path / "new"))
+    old_dir = finished_run(tmp_path / "old")
+    _as_schema_one(old_dir)
+    assert not list((old_dir / "activations").glob("layer_*"))
+    old = open_run(old_dir, verify=True)
+    by = [("prompt_id", "ascending"), ("layer", "ascending"), ("neuron", "ascending")]
+    assert old.read("activations").sort_by(by).equals(new.read("activations").sort_by(by))
+    assert old.read("activations", layer=2).equals(new.read("activations", layer=2))
+    assert main(["report", str(old_dir)]) == 0
+
+
+def test_resume_refuses_a_run_of_another_schema(tmp_path):
+    from cluster.output import prepare_output
+    from tests.manifests import HEADER
+
+    out = finished_run(tmp_path / "old")
+    _as_schema_one(out)
+    with pytest.raises(UserError, match="cannot resume .* holds output schema 1 and this neuroscan writes schema 2"):
+        prepare_output(out, overwrite=False, resume=True, header=HEADER)
