@@ -17,12 +17,11 @@ endif
 	touch $(STAMP)
 
 # The demo: in-context prompts of three variants, scanned with the trained demo model
-# (workers/demo/; --low near GELU's minimum, so that the blue rule keeps only strongly
-# negative neurons), the neurons that separate prompts with examples from those without,
-# and the report.
+# (workers/demo/; --low -1, below GELU's minimum, so that the red rule alone selects), the
+# neurons that separate prompts with examples from those without, and the report.
 demo: $(STAMP)
 	$(VENV)/bin/neuroscan prompts generate --n 390 --variants icl,zero_shot,shuffled --seed 7 --out runs/demo-prompts.jsonl
-	$(VENV)/bin/neuroscan scan runs/demo-prompts.jsonl --out runs/demo --model demo --stages 2 --low -0.15 --overwrite
+	$(VENV)/bin/neuroscan scan runs/demo-prompts.jsonl --out runs/demo --model demo --stages 2 --low -1 --overwrite
 	$(VENV)/bin/neuroscan compare runs/demo --by variant --a icl --b zero_shot --sort q --top 10 --out runs/demo-icl-vs-zero-shot.parquet
 	$(VENV)/bin/neuroscan report runs/demo
 

@@ -341,7 +341,7 @@ def summary_lines(manifest: Manifest, out: str, wall_s: float | None = None) -> 
         f"wrote {out}  ({totals.prompts} prompts, {totals.tokens} tokens, "
         f"{totals.activation_rows} activation rows, scanned in {timings.get('seconds', math.nan):.1f} s at "
         f"{timings.get('tokens_per_s', math.nan):,.0f} tokens/s{wall})",
-        "layer  mean selected  (red  blue)  mean kept   (per prompt)",
+        f"layer  mean selected {'red':>6} {'blue':>6}  mean kept   (per prompt; red, blue: by each rule)",
     ]
     for layer, row in manifest.summary.layers.items():
         red_blue = f"{row.mean_red:6.1f} {row.mean_blue:6.1f}" if row.mean_blue is not None else " " * 13

@@ -35,7 +35,8 @@ API = {
 }
 """Each public name and the module that defines it (``module:name`` where it is named otherwise there)."""
 
-__all__ = sorted(API)
+__all__ = sorted(set(API) - {"open"})
+"""``from neuroscan import *`` leaves the builtin ``open`` alone; ``neuroscan.open`` is there."""
 
 
 def __getattr__(name: str):

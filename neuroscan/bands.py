@@ -13,6 +13,8 @@ import pyarrow as pa
 NAMES = ("grey", "blue", "orange", "red")
 """A code's band: ``NAMES[code]``."""
 SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8)
+CHUNK = 1 << 22
+"""Codes decoded at a time by `decode_many` (its temporaries are a few times this in bytes)."""
 
 
 def decode(raw: bytes, n_tokens: int) -> np.ndarray:
@@ -41,10 +43,15 @@ def decode_many(bands, n_tokens) -> np.ndarray:
         if len(bands) and bands.buffers()[2]
         else np.zeros(1, np.uint8)
     )
-    if ((offsets[1:] - offsets[:-1]) * 4 < n).any():
+    starts = offsets[:-1]  # [rows] where each value's bytes begin
+    if ((offsets[1:] - starts) * 4 < n).any():
         raise ValueError("a bands value holds fewer tokens than its n_tokens")
+    out = np.full((len(n), width), -1, dtype=np.int8)  # [rows, tokens]
     pos = np.arange(width)  # [tokens]
-    inside = pos[None, :] < n[:, None]  # [rows, tokens]
-    byte = np.where(inside, offsets[:-1, None] + pos[None, :] // 4, 0)
-    codes = (data[byte] >> (2 * (pos % 4)).astype(np.uint8)) & 3
-    return np.where(inside, codes, -1).astype(np.int8)
+    shift = (2 * (pos % 4)).astype(np.uint8)
+    step = max(1, CHUNK // max(width, 1))  # rows at a time: the temporaries stay small
+    for lo in range(0, len(n), step):
+        inside = pos[None, :] < n[lo : lo + step, None]  # [chunk, tokens]
+        byte = np.where(inside, starts[lo : lo + step, None] + pos[None, :] // 4, 0)
+        out[lo : lo + step][inside] = ((data[byte] >> shift) & 3)[inside]
+    return out

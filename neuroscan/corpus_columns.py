@@ -28,12 +28,15 @@ import json
 import pyarrow as pa
 
 from neuroscan.errors import UserError
-from neuroscan.schema import PROMPTS
+from neuroscan.schema import ACTIVATIONS, LAYERS, PROMPTS
 
 READ = ("text", "id", "family", "variant", "expected")
 """The corpus fields neuroscan reads itself."""
 COMPUTED = tuple(name for name in PROMPTS.names if name not in READ)
 """The columns of ``prompts/`` that neuroscan computes: no extra column may take their names."""
+JOINED = tuple(dict.fromkeys(n for n in (*ACTIVATIONS.names, *LAYERS.names) if n not in PROMPTS.names))
+"""The columns of ``activations/`` and ``layers/``, which a prompt's fields are joined to
+(`results.run.Run`): no extra column may take their names either."""
 
 INT64 = (-(2**63), 2**63)
 
@@ -41,10 +44,11 @@ INT64 = (-(2**63), 2**63)
 def extra_value(where: str, pid: str, name: str, value: object) -> bool | int | float | str | None:
     """One extra field's value as ``prompts/`` stores it: a scalar, or the JSON text (or
     ``str``) of anything else; None for an empty value. A computed column's name is refused."""
-    if name in COMPUTED:
+    if name in COMPUTED or name in JOINED:
+        table, names = ("prompts/", COMPUTED) if name in COMPUTED else ("activations/ and layers/", JOINED)
         raise UserError(
-            f"{where}: prompt {pid!r} has a column {name!r}, which neuroscan writes itself in prompts/ "
-            f"({', '.join(COMPUTED)}): rename it in the corpus, e.g. to 'corpus_{name}'"
+            f"{where}: prompt {pid!r} has a column {name!r}, which neuroscan writes itself in {table} "
+            f"({', '.join(names)}): rename it in the corpus, e.g. to 'corpus_{name}'"
         )
     if value is None or value == "":
         return None

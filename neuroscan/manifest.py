@@ -333,9 +333,14 @@ def blue_flood_line(manifest: Manifest) -> str | None:
     worst = max(layers[str(k)].mean_blue for k in flooded) / n
     low = manifest.selection.low
     near = "--low -0.15 keeps those near it, " if low > -0.15 else ""
+    why = (
+        "GELU is negative on every negative input, so nearly every neuron dips below it"
+        if low >= 0
+        else "GELU's minimum is about -0.17, and nearly every neuron comes near it on some token"
+    )
     return (
         f"--low {low:g} selected up to {worst:.0%} of the {n} neurons a prompt in {len(flooded)} of {len(layers)} "
-        f"layers (GELU is negative on every negative input, so nearly every neuron dips below {low:g}): red-selected "
-        f"neurons are kept first, but the blue counts say little; give a lower --low to select only strongly negative "
-        f"neurons (GELU's minimum is about -0.17: {near}--low -1 leaves the red rule alone)"
+        f"layers ({why}): red-selected neurons are kept first, but the blue counts say little; give a lower --low "
+        f"to select only strongly negative neurons (GELU's minimum is about -0.17: {near}--low -1 leaves the red "
+        "rule alone)"
     )

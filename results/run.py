@@ -14,6 +14,7 @@ their ``layer`` is taken from the directory, as int32, in the column order of sc
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,19 +87,13 @@ class Run:
         each row with its prompt's fields (`PROMPT_FIELDS` and the corpus's own columns), a list
         joins those columns."""
         ids = self._prompt_ids(prompts)
-        layers = [layer] if isinstance(layer, int) else layer
+        layers = _listed(layer)
         files = [f for one in layers for f in self.files("activations", one)] if layers is not None else None
-        where = _matches("prompt_id", ids) & _matches("neuron", neurons) & _matches("layer", layer)
+        where = _matches("prompt_id", ids) & _matches("neuron", neurons) & _matches("layer", layers)
         with self.reading():
             data = ds.dataset(files, format=self.fmt) if files and self.manifest.schema_version >= 2 else None
             table = (data or self.dataset("activations")).to_table(columns=schema.ACTIVATIONS.names, filter=where)
-        if with_prompts:
-            columns = self.prompt_fields() if with_prompts is True else list(with_prompts)
-            fields = self.prompts(columns=["prompt_id", *[c for c in columns if c != "prompt_id"]])
-            table = table.join(fields, "prompt_id", join_type="left outer").sort_by(
-                [("layer", "ascending"), ("prompt_id", "ascending"), ("neuron", "ascending")]
-            )
-        return frame(table, to)
+        return frame(self._with_prompts(table, with_prompts), to)
 
     def prompts(self, columns: list[str] | None = None, to: str = "arrow"):
         """``prompts/``: one row per prompt (tokens, predictions, the corpus's own columns)."""
@@ -110,11 +105,26 @@ class Run:
         table = self.read("prompts", wanted).sort_by("prompt_id")
         return frame(table if columns is None else table.select(columns), to)
 
-    def layers(self, layer=None, to: str = "arrow"):
-        """``layers/``: per (prompt, layer), how many neurons were selected (red, blue) and kept."""
+    def layers(self, layer=None, with_prompts=False, to: str = "arrow"):
+        """``layers/``: per (prompt, layer), how many neurons were selected (red, blue) and kept;
+        ``with_prompts`` as in `activations`."""
         with self.reading():
-            table = self.dataset("layers").to_table(filter=_matches("layer", layer))
-        return frame(table.sort_by([("layer", "ascending"), ("prompt_id", "ascending")]), to)
+            table = self.dataset("layers").to_table(filter=_matches("layer", _listed(layer)))
+        table = table.sort_by([("layer", "ascending"), ("prompt_id", "ascending")])
+        return frame(self._with_prompts(table, with_prompts), to)
+
+    def _with_prompts(self, table: pa.Table, with_prompts) -> pa.Table:
+        """``table`` with each row's prompt fields appended: all of `prompt_fields` (True), the
+        named ones (a list) or none (False). A lookup by prompt_id, so list columns come too."""
+        if not with_prompts:
+            return table
+        columns = self.prompt_fields() if with_prompts is True else list(with_prompts)
+        fields = self.prompts(columns=list(dict.fromkeys(["prompt_id", *columns])))
+        at = pc.index_in(table["prompt_id"], value_set=fields["prompt_id"])  # [rows] row of each prompt
+        for name in columns:
+            if name != "prompt_id":
+                table = table.append_column(name, fields[name].take(at))
+        return table
 
     def prompt_fields(self) -> list[str]:
         """The prompts/ columns ``with_prompts=True`` joins: all but the token and prediction lists."""
@@ -125,9 +135,8 @@ class Run:
         prompt's tokens: [rows, longest prompt] int8, -1 past a prompt's end (`neuroscan.bands`)."""
         table = rows if isinstance(rows, pa.Table) else pa.table(rows)
         lengths = self.prompts(columns=["prompt_id", "n_tokens"])
-        n = table.select(["prompt_id"]).join(lengths, "prompt_id", join_type="left outer")
-        n_tokens = dict(zip(n["prompt_id"].to_pylist(), n["n_tokens"].to_pylist()))
-        return bands.decode_many(table["bands"], [n_tokens[p] for p in table["prompt_id"].to_pylist()])
+        n_tokens = lengths["n_tokens"].take(pc.index_in(table["prompt_id"], value_set=lengths["prompt_id"]))
+        return bands.decode_many(table["bands"], n_tokens.to_numpy(zero_copy_only=False))
 
     def show(self, prompt, layer: int, top: int = 20):
         """The prompt's coloured token strips at ``layer``, one per kept neuron (the ``top`` with
@@ -135,23 +144,25 @@ class Run:
         from results.strips import Strips
 
         pid = self._prompt_ids([prompt])
-        if not pid:
-            raise UserError(f"prompt {prompt!r} is not in {self.out}: give a prompt_id or an id from run.prompts()")
         rows = self.activations(layer=layer, prompts=pid).sort_by([("max_act", "descending"), ("neuron", "ascending")])
         info = self.read("prompts", ["prompt_id", "id", "tokens"]).filter(pc.field("prompt_id") == pid[0])
-        return Strips(info.to_pylist()[0], layer, rows.slice(0, top), self.band_codes(rows.slice(0, top)))
+        return Strips(info.to_pylist()[0], int(layer), rows.slice(0, top), self.band_codes(rows.slice(0, top)))
 
     def _prompt_ids(self, prompts) -> list[int] | None:
-        """prompt_ids from a list of ints (prompt_ids) or strings (the corpus's ids)."""
+        """prompt_ids from ints (prompt_ids) or strings (the corpus's ids); one that is not in
+        the run is one line."""
         if prompts is None:
             return None
-        prompts = [prompts] if isinstance(prompts, (int, str)) else list(prompts)
-        names = [p for p in prompts if isinstance(p, str)]
-        ids = [int(p) for p in prompts if not isinstance(p, str)]
-        if names:
-            table = self.read("prompts", ["prompt_id", "id"])
-            lookup = dict(zip(table["id"].to_pylist(), table["prompt_id"].to_pylist()))
-            ids += [lookup[n] for n in names if n in lookup]
+        prompts = [prompts] if isinstance(prompts, (int, np.integer, str)) else list(prompts)
+        table = self.read("prompts", ["prompt_id", "id"])
+        lookup = dict(zip(table["id"].to_pylist(), table["prompt_id"].to_pylist()))
+        known = set(lookup.values())
+        ids = [lookup.get(p, -1) if isinstance(p, str) else int(p) for p in prompts]
+        missing = [p for p, i in zip(prompts, ids) if i not in known]
+        if missing:
+            raise UserError(
+                f"prompt {', '.join(map(repr, missing[:5]))} is not in {self.out}: give prompt_ids or ids from run.prompts()"
+            )
         return ids
 
     def __repr__(self) -> str:
@@ -185,24 +196,29 @@ class Run:
 LIST_COLUMNS = ("token_ids", "tokens", "top_tokens", "top_probs")
 
 
-def _matches(column: str, values) -> ds.Expression | bool:
-    """A filter: ``column`` equal to ``values`` (one or a list); True (no filter) for None."""
+def _listed(values) -> list[int] | None:
+    """One int (a numpy integer too) or several, as a list of ints; None stays None."""
     if values is None:
-        return ds.scalar(True)
-    values = [values] if isinstance(values, (int, np.integer)) else list(values)
-    return ds.field(column).isin(values)
+        return None
+    return [int(values)] if isinstance(values, (int, np.integer)) else [int(v) for v in values]
+
+
+def _matches(column: str, values) -> ds.Expression:
+    """A filter: ``column`` equal to ``values`` (one or a list); True (no filter) for None."""
+    values = _listed(values)
+    return ds.scalar(True) if values is None else ds.field(column).isin(values)
 
 
 def frame(table: pa.Table, to: str):
     """``table`` as a pyarrow table (``to="arrow"``), a pandas or a Polars DataFrame."""
     if to == "arrow":
         return table
-    if to == "pandas":
-        return table.to_pandas()
-    if to == "polars":
-        import polars as pl
-
-        return pl.from_arrow(table)
+    if to in ("pandas", "polars"):
+        try:
+            module = importlib.import_module(to)
+        except ImportError:
+            raise UserError(f"to={to!r} needs {to}, which is not installed: pip install {to}") from None
+        return table.to_pandas() if to == "pandas" else module.from_arrow(table)
     raise UserError(f"to={to!r} is not a table kind: use 'arrow', 'pandas' or 'polars'")
 
 

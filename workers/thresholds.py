@@ -13,7 +13,8 @@ import torch
 from neuroscan.config import Selection
 
 UNSELECTED = -0x7F800000 - 1
-"""The rank of a score of -inf, what unselected neurons get; every selected neuron ranks above."""
+"""The rank of an unselected neuron (the int32 of -inf's float bits, ordered as `workers.reduce.rank_scores`
+orders them); every selected neuron, red or blue, ranks above it."""
 
 
 def threshold(value: float, dtype: torch.dtype, side: str) -> float:

@@ -3,6 +3,9 @@ run's tables as every reader gets them, checked against a plain per-prompt forwa
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import polars as pl
@@ -62,6 +65,22 @@ def test_a_dataframe_scans_as_the_per_prompt_forward_pass_says(ray_session, refe
     assert run.prompts(columns=["id", "topic"]).to_pylist()[1] == {"id": "days", "topic": "t1"}
 
 
+def test_plain_strings_into_a_new_directory_and_a_corpus_file(ray_session, reference, tmp_path):
+    """A list of strings with no ``out`` (a new directory under the temp dir), and a JSONL
+    file by its path: the same rows as the forward pass."""
+    import tempfile
+
+    texts = neuroscan.scan([r["text"] for r in ROWS], quiet=True)
+    assert texts.out.parent == Path(tempfile.gettempdir()) and texts.out.name.startswith("neuroscan-run-")
+    assert assert_scan_matches(texts.out, reference, Selection()) == texts.manifest.totals.activation_rows
+    assert texts.prompts(columns=["id"])["id"].to_pylist() == [str(i) for i in range(len(ROWS))]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    from_file = neuroscan.scan(path, out=tmp_path / "file", stages=3, quiet=True)
+    assert assert_scan_matches(from_file.out, reference, Selection()) > 0
+    assert from_file.manifest.corpus.source == str(path.resolve())
+
+
 def test_activations_filter_and_join_as_asked(listed):
     everything = listed.activations()
     assert everything.num_rows == listed.manifest.totals.activation_rows
@@ -79,6 +98,12 @@ def test_activations_filter_and_join_as_asked(listed):
     topics = dict(zip(listed.prompts(to="pandas")["prompt_id"], listed.prompts(to="pandas")["topic"]))
     assert all(topics[p] == t for p, t in zip(joined["prompt_id"], joined["topic"]))
     assert listed.activations(layer=2, with_prompts=["family"]).column_names[-1] == "family"
+    tokens = listed.activations(layer=np.int64(27), prompts=np.int64(1), with_prompts=["tokens", "topic"])
+    assert set(tokens["prompt_id"].to_pylist()) == {1} and tokens["tokens"][0].as_py()[0] == "M"  # "Monday"
+    with pytest.raises(UserError, match=r"prompt 'nope', 99 is not in .*: give prompt_ids or ids from run.prompts\(\)"):
+        listed.activations(prompts=["days", "nope", 99])
+    by_topic = listed.layers(layer=[26, 27], with_prompts=["topic"], to="pandas").groupby("topic").n_above_any.mean()
+    assert list(by_topic.index) == ["t0", "t1", "t2"]
     layers = listed.layers(layer=27, to="pandas")
     assert len(layers) == len(ROWS) and (layers["n_above_any"] + layers["n_below_any"] >= layers["n_selected"]).all()
     assert set(listed.neurons(layer=4)["layer"].to_pylist()) == {4}
@@ -113,6 +138,8 @@ def test_show_renders_the_strips_inline(listed):
     assert "layer 27" in repr(strips) and "neuron" in repr(strips)
     with pytest.raises(UserError, match="prompt 'nope' is not in"):
         listed.show("nope", layer=27)
+    with pytest.raises(UserError, match="prompt 5000 is not in"):
+        listed.show(5000, layer=27)
 
 
 def test_open_reads_what_scan_returned(listed):

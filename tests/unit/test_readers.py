@@ -317,6 +317,11 @@ def test_other_columns_are_kept_as_extra_fields(tmp_path):
             {"text": "a", "id": "q", "correct": True},
             r"prompt 'q' has a column 'correct', which neuroscan writes itself",
         ),
+        (
+            {"text": "a", "id": "q", "layer": 3},
+            r"prompt 'q' has a column 'layer', which neuroscan writes itself in activations/ and layers/ "
+            r"\(layer, neuron, .*\): rename it in the corpus, e.g. to 'corpus_layer'",
+        ),
         ({"text": "a", "topic": "cut \ud83d"}, r"has half a surrogate pair \('\\ud83d'\) in 'topic'"),
     ],
 )
