@@ -10,10 +10,11 @@ import pyarrow as pa
 from aggregator.aggregator import Aggregator
 from neuroscan.config import ReportConfig, ScanConfig
 from neuroscan.manifest import ModelInfo, SelectionInfo
-from neuroscan.messages import Prompt, StageRows, Tokenized
+from neuroscan.messages import StageRows, Tokenized
 from report import data
 from report.site import build
 from tests.manifests import header
+from tests.runs import random_micro_batch
 
 N_PROMPTS, BATCH, LAYERS, ROWS, TOKENS = 10_000, 250, 2, 48, 96
 HEADER = header(
@@ -25,34 +26,8 @@ HEADER = header(
 
 
 def micro_batch(batch_id: int, rng: np.random.Generator) -> tuple[list[Tokenized], StageRows]:
-    ids = range(batch_id * BATCH, (batch_id + 1) * BATCH)
-    group = [Tokenized(Prompt(i, f"p{i}", "x" * TOKENS, family=f"f{i % 7}"), [65] * TOKENS, []) for i in ids]
-    m = LAYERS * BATCH * ROWS
-    rows = {
-        "layer_offset": np.repeat(np.arange(LAYERS), BATCH * ROWS).astype(np.int16),
-        "row": np.tile(np.repeat(np.arange(BATCH), ROWS), LAYERS).astype(np.int32),
-        "neuron": np.tile(np.sort(rng.choice(4096, ROWS, replace=False)), LAYERS * BATCH).astype(np.int32),
-        "max_act": rng.uniform(0, 8, m).astype(np.float32),
-        "max_pos": rng.integers(0, TOKENS, m).astype(np.int16),
-        "min_act": rng.uniform(-1, 0, m).astype(np.float32),
-        "min_pos": rng.integers(0, TOKENS, m).astype(np.int16),
-        "n_above": rng.integers(0, TOKENS, m).astype(np.int16),
-        "n_below": rng.integers(0, TOKENS, m).astype(np.int16),
-        "bands": rng.integers(0, 256, (m, TOKENS // 4)).astype(np.uint8),
-    }
-    per_prompt = {
-        k: np.full((LAYERS, BATCH), ROWS, np.int32) for k in ("n_selected", "n_kept", "n_above_any", "n_below_any")
-    }
-    per_prompt |= {
-        k: rng.uniform(0, 1, (LAYERS, BATCH)).astype(np.float32)
-        for k in ("mean_coverage", "red_coverage", "blue_coverage")
-    }
-    predictions = {
-        "top_ids": np.zeros((BATCH, 5), np.int32),
-        "top_probs": np.full((BATCH, 5), 0.2, np.float32),
-        "correct": np.full(BATCH, -1, np.int8),
-    }
-    return group, StageRows(batch_id, 0, rows, per_prompt, predictions)
+    neurons = np.tile(np.sort(rng.choice(4096, ROWS, replace=False)), LAYERS * BATCH)
+    return random_micro_batch(batch_id, rng, BATCH, LAYERS, neurons, TOKENS, families=7)
 
 
 def test_ten_thousand_prompts_make_a_bounded_report(tmp_path):

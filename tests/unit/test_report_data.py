@@ -16,12 +16,11 @@ from aggregator.aggregator import Aggregator
 from aggregator.neurons import layer_delta, neurons_table
 from cluster.cli import main
 from neuroscan.manifest import Corpus
-from neuroscan.messages import Prompt, StageRows, Tokenized
 from report import data
 from report.data import family_frequency
 from results.run import open_run
 from tests.manifests import header
-from tests.runs import finished_run
+from tests.runs import finished_run, random_micro_batch
 
 
 def test_family_frequency_is_the_share_of_each_familys_prompts_that_kept_the_neuron():
@@ -46,30 +45,8 @@ def test_family_frequency_is_the_share_of_each_familys_prompts_that_kept_the_neu
 
 def _micro_batch(batch_id: int, rng: np.random.Generator, size: int = 3, rows: int = 6, tokens: int = 8):
     """One micro-batch of ``size`` prompts over two layers, ``rows`` kept neurons a (prompt, layer)."""
-    ids = range(batch_id * size, (batch_id + 1) * size)
-    group = [Tokenized(Prompt(i, f"p{i}", "x" * tokens, family=f"f{i % 2}"), [65] * tokens, []) for i in ids]
-    m = 2 * size * rows
     neurons = np.concatenate([np.sort(rng.choice(40, rows, replace=False)) for _ in range(2 * size)])
-    stats = {
-        "layer_offset": np.repeat(np.arange(2), size * rows).astype(np.int16),
-        "row": np.tile(np.repeat(np.arange(size), rows), 2).astype(np.int32),
-        "neuron": neurons.astype(np.int32),
-        "max_act": rng.uniform(0, 8, m).astype(np.float32),
-        "max_pos": rng.integers(0, tokens, m).astype(np.int16),
-        "min_act": rng.uniform(-1, 0, m).astype(np.float32),
-        "min_pos": rng.integers(0, tokens, m).astype(np.int16),
-        "n_above": rng.integers(0, tokens, m).astype(np.int16),
-        "n_below": rng.integers(0, tokens, m).astype(np.int16),
-        "bands": rng.integers(0, 256, (m, tokens // 4)).astype(np.uint8),
-    }
-    per_prompt = {k: np.full((2, size), rows, np.int32) for k in ("n_selected", "n_kept", "n_above_any", "n_below_any")}
-    per_prompt |= {k: np.full((2, size), 0.5, np.float32) for k in ("mean_coverage", "red_coverage", "blue_coverage")}
-    predictions = {
-        "top_ids": np.zeros((size, 5), np.int32),
-        "top_probs": np.full((size, 5), 0.2, np.float32),
-        "correct": np.full(size, -1, np.int8),
-    }
-    return group, StageRows(batch_id, 0, stats, per_prompt, predictions)
+    return random_micro_batch(batch_id, rng, size, 2, neurons, tokens, families=2)
 
 
 @pytest.fixture
