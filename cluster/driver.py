@@ -33,7 +33,7 @@ from cluster.pipelines import Pipelines
 from cluster.schedule import Scheduler
 from neuroscan.config import ScanConfig, resolve_dtype
 from neuroscan.corpus_columns import ColumnTypes
-from neuroscan.errors import UserError
+from neuroscan.errors import UserError, tell
 from neuroscan.manifest import BandEdges, Manifest, ModelInfo, SelectionInfo, blue_flood_line
 from neuroscan.memory import MemoryWatch
 from neuroscan.schema import SCHEMA_VERSION
@@ -246,17 +246,15 @@ def run_scan(cfg: ScanConfig) -> Manifest:
     header = manifest_header(cfg, p)  # its checksum reads the corpus once more
     check_unchanged(cfg.prompts, p, "leave it as it is while a scan runs, and start the scan again")
     with claim(out):  # no second scan into `out` while this one runs
-        existing = prepare_output(
-            out, cfg.overwrite, cfg.resume, header, notice=lambda line: print(line, file=sys.stderr, flush=True)
-        )
+        existing = prepare_output(out, cfg.overwrite, cfg.resume, header, notice=tell)
         committed = existing.committed_batches() if existing else set()
         done = existing is not None and existing.complete
         notices = [resume_notice(out, existing, committed) if cfg.resume else None, None if done else answer_notice(p)]
         for line in filter(None, notices):
-            print(line, file=sys.stderr, flush=True)
+            tell(line)
         if done:
             return existing  # resuming a finished run: nothing left to do
-        say = (lambda line: None) if cfg.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+        say = (lambda line: None) if cfg.quiet else tell
         say(
             f"{p.n_prompts:,} prompts, {p.n_tokens:,} tokens: {cfg.prompts} read and tokenised "
             f"({time.perf_counter() - t0:.1f} s)"

@@ -17,7 +17,6 @@ HTTP is `cluster.api`'s.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import threading
 import time
 import uuid
@@ -32,7 +31,7 @@ from cluster.pipelines import Pipelines
 from cluster.schedule import Scheduler
 from cluster.store import COMPLETED, FAILED, QUEUED, RUNNING, Scan, Store
 from neuroscan.config import ScanConfig, Selection, ServeConfig
-from neuroscan.errors import UserError
+from neuroscan.errors import UserError, tell
 from neuroscan.memory import MemoryWatch
 
 
@@ -88,7 +87,6 @@ class Service:
         processes, queue again what was running when the service last stopped, and start the
         admission and scheduler threads."""
         t0 = time.perf_counter()
-        say = lambda line: print(line, file=sys.stderr, flush=True)
         probe = plan(dataclasses.replace(self.template, prompts="seed", out=str(self.results)))
         self.plan = probe
         self.pipelines = Pipelines.open(
@@ -100,14 +98,14 @@ class Service:
             self.template.gpus_per_stage,
             self.template.handoff,
             extra_actors=self.cfg.aggregators,
-            say=(lambda line: None) if self.template.quiet else say,
+            say=(lambda line: None) if self.template.quiet else tell,
         )
         self.aggregators = Aggregators(
             self.cfg.aggregators,
             token_strings(probe.tokenizer, probe.vocab_size),
             f"neuroscan-{self.pipelines.run_id}-aggregator",
         )
-        self.scheduler = Scheduler(self.pipelines, self.template.window * self.template.replicas, say)
+        self.scheduler = Scheduler(self.pipelines, self.template.window * self.template.replicas, tell)
         self.loaded_s = time.perf_counter() - t0
         self.store.requeue_running()
         self.admitting.set()

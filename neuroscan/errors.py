@@ -6,12 +6,19 @@ The CLI prints it as ``neuroscan: error: <message>`` and exits non-zero, with no
 Anything else that escapes is a bug and keeps its traceback. The module is a leaf so that
 every package (prompts, workers, aggregator) can raise it without importing the driver.
 `one_of` checks a flag's value against its choices; `make_dir` and `file_out` are the checks
-every command's ``--out`` goes through.
+every command's ``--out`` goes through; `tell` is how a command says a line that is not an
+error (a notice, a step of its start).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+
+def tell(line: str) -> None:
+    """One line to the user, on stderr, at once."""
+    print(line, file=sys.stderr, flush=True)
 
 
 class UserError(Exception):
