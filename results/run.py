@@ -14,6 +14,7 @@ their ``layer`` is taken from the directory, as int32, in the column order of sc
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,10 +47,12 @@ class Run:
     def n_layers(self) -> int:
         return self.manifest.n_layers
 
-    def files(self, table: str, layer: int | None = None) -> list[str]:
-        """Committed files of ``table`` (``activations`` of one ``layer`` when given)."""
-        prefix = f"{table}/" if layer is None else f"{schema.layer_dir(layer, self.manifest.schema_version)}/"
-        return [str(self.out / f.path) for f in self.manifest.files(prefix)]
+    def files(self, table: str, layer=None) -> list[str]:
+        """Committed files of ``table`` (``activations`` of one ``layer``, or a list of them, when given)."""
+        if layer is None:
+            return [str(self.out / f.path) for f in self.manifest.files(f"{table}/")]
+        prefixes = [f"{schema.layer_dir(one, self.manifest.schema_version)}/" for one in _listed(layer)]
+        return [str(self.out / f.path) for prefix in prefixes for f in self.manifest.files(prefix)]
 
     def read(self, table: str, columns: list[str] | None = None, layer: int | None = None) -> pa.Table:
         with self.reading():
@@ -86,13 +89,9 @@ class Run:
         or the corpus's ids as strings) and ``neurons`` when given. ``with_prompts``: True joins
         each row with its prompt's fields (`PROMPT_FIELDS` and the corpus's own columns), a list
         joins those columns."""
-        ids = self._prompt_ids(prompts)
-        layers = _listed(layer)
-        files = [f for one in layers for f in self.files("activations", one)] if layers is not None else None
-        where = _matches("prompt_id", ids) & _matches("neuron", neurons) & _matches("layer", layers)
-        with self.reading():
-            data = ds.dataset(files, format=self.fmt) if files and self.manifest.schema_version >= 2 else None
-            table = (data or self.dataset("activations")).to_table(columns=schema.ACTIVATIONS.names, filter=where)
+        where = _matches("prompt_id", self._prompt_ids(prompts)) & _matches("neuron", neurons)
+        with self.reading():  # the layers' own files only
+            table = self.dataset("activations", layer).to_table(columns=schema.ACTIVATIONS.names, filter=where)
         return frame(self._with_prompts(table, with_prompts), to)
 
     def prompts(self, columns: list[str] | None = None, to: str = "arrow"):
@@ -130,11 +129,17 @@ class Run:
         """The prompts/ columns ``with_prompts=True`` joins: all but the token and prediction lists."""
         return [c for c in self.dataset("prompts").schema.names if c not in LIST_COLUMNS]
 
+    @functools.cached_property
+    def _index(self) -> pa.Table:
+        """Every committed prompt's prompt_id, id and n_tokens (read once; the run is a snapshot
+        of its manifest, so what it lists does not change)."""
+        return self.prompts(columns=["prompt_id", "id", "n_tokens"])
+
     def band_codes(self, rows) -> np.ndarray:
         """Per row of ``rows`` (activations, any reader's frame), the band code of each of its
         prompt's tokens: [rows, longest prompt] int8, -1 past a prompt's end (`neuroscan.bands`)."""
         table = rows if isinstance(rows, pa.Table) else pa.table(rows)
-        lengths = self.prompts(columns=["prompt_id", "n_tokens"])
+        lengths = self._index
         n_tokens = lengths["n_tokens"].take(pc.index_in(table["prompt_id"], value_set=lengths["prompt_id"]))
         return bands.decode_many(table["bands"], n_tokens.to_numpy(zero_copy_only=False))
 
@@ -154,7 +159,7 @@ class Run:
         if prompts is None:
             return None
         prompts = [prompts] if isinstance(prompts, (int, np.integer, str)) else list(prompts)
-        table = self.read("prompts", ["prompt_id", "id"])
+        table = self._index
         lookup = dict(zip(table["id"].to_pylist(), table["prompt_id"].to_pylist()))
         known = set(lookup.values())
         ids = [lookup.get(p, -1) if isinstance(p, str) else int(p) for p in prompts]
@@ -183,7 +188,7 @@ class Run:
                 raise UserError(damage_line(self.out, problems, FIX)) from None
             raise UserError(f"reading {self.out} failed ({str(err).splitlines()[0]}): {FIX}") from None
 
-    def dataset(self, table: str, layer: int | None = None) -> ds.Dataset:
+    def dataset(self, table: str, layer=None) -> ds.Dataset:
         files = self.files(table, layer)
         if not files:  # e.g. a layer where no neuron was ever kept
             return ds.dataset(schema.TABLES[table].empty_table())
