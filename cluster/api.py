@@ -6,6 +6,7 @@
     GET  /scans/{id}             one scan: state, queue position, progress, tokens/s, ETA, error
     POST /scans/{id}/cancel      stop it within one micro-batch (what is committed stays valid)
     POST /scans/{id}/resume      queue a cancelled or failed scan again, to continue where it stopped
+    DELETE /scans/{id}           forget an ended scan and its stored corpus; ?files=true: its tables too
     GET  /scans/{id}/files       the finished scan's files; /files/{path} one of them
     GET  /health                 the service and its pipelines
 
@@ -134,6 +135,13 @@ def make_app(service: Service, token: str | None = None) -> FastAPI:
     def resume(scan_id: str) -> dict:
         """Queue a cancelled or failed scan again; it keeps its committed parts and scans the rest."""
         return describe(service.resume(scan_id), service)
+
+    @app.delete("/scans/{scan_id}")
+    def delete(scan_id: str, files: bool = False) -> dict:
+        """Forget an ended scan (completed, failed or cancelled) and the corpus stored for it;
+        with ``files=true`` also what it wrote in its output directory. 409 for a queued or
+        running scan: cancel it first."""
+        return service.delete(scan_id, files)
 
     @app.get("/scans/{scan_id}/files")
     def files(scan_id: str) -> dict:

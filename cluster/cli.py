@@ -23,6 +23,7 @@ from neuroscan.config import (
     CancelConfig,
     CheckConfig,
     CompareConfig,
+    DeleteConfig,
     MakeModelConfig,
     ReportConfig,
     ResumeConfig,
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(sub.add_parser("wait", help="wait for a scan to end; exit 0 only when it completed"), WaitConfig)
     add_options(sub.add_parser("cancel", help="stop a scan within one micro-batch"), CancelConfig)
     add_options(sub.add_parser("resume", help="queue a cancelled or failed scan again"), ResumeConfig)
+    add_options(sub.add_parser("delete", help="forget an ended scan (--files: and its tables)"), DeleteConfig)
     return parser
 
 
@@ -351,6 +353,20 @@ def cmd_resume(args) -> int:
     return 0
 
 
+def cmd_delete(args) -> int:
+    from cluster.client import Client
+
+    cfg = config_from(DeleteConfig, args)
+    answer = Client(cfg.url).job(cfg.id).delete(files=cfg.files)
+    if not answer["files_deleted"]:
+        print(f"scan {answer['id']} deleted; its tables stay in {answer['out']}")
+    elif answer["kept"]:
+        print(f"scan {answer['id']} deleted with its tables; {answer['out']} keeps {', '.join(answer['kept'])}")
+    else:
+        print(f"scan {answer['id']} deleted with its tables ({answer['out']})")
+    return 0
+
+
 COMMANDS = {
     "report": cmd_report,
     "check": cmd_check,
@@ -365,6 +381,7 @@ COMMANDS = {
     "wait": cmd_wait,
     "cancel": cmd_cancel,
     "resume": cmd_resume,
+    "delete": cmd_delete,
 }
 
 

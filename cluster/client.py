@@ -100,6 +100,11 @@ class Job:
         """Queue this cancelled or failed scan again; it continues from what it committed."""
         return self.client.request("POST", f"/scans/{self.id}/resume")
 
+    def delete(self, files: bool = False) -> dict:
+        """Forget this ended scan and the corpus the service stored for it; ``files``: also
+        what it wrote in its output directory. A queued or running scan: cancel it first."""
+        return self.client.request("DELETE", f"/scans/{self.id}?files={'true' if files else 'false'}")
+
     def wait(self, progress: bool = False, poll_s: float = 0.5) -> dict:
         """The scan's status once it has ended; raises its line unless it completed."""
         bar = None

@@ -116,19 +116,26 @@ def prepare_output(
                 f"--out {out} is not empty: pass --resume to continue that run, --overwrite to replace it, or choose another directory"
             )
         _keep_inputs(out, header)
-        kept = []
-        for child in sorted(out.iterdir()):  # the directory itself stays: it carries the claim
-            if child.name not in WRITTEN:
-                kept.append(child.name)
-            elif child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+        kept = remove_written(out)
         if kept and notice is not None:
             notice(f"--overwrite kept what no scan wrote in {out}: {', '.join(kept)}")
     if not os.access(out, os.W_OK):
         raise UserError(f"--out {out} is not writable: choose a writable directory")
     return None
+
+
+def remove_written(out: Path) -> list[str]:
+    """Delete what a scan wrote in ``out`` (`WRITTEN`); returns the names of what else is
+    there, which stays. The directory itself stays: it carries the claim."""
+    kept = []
+    for child in sorted(out.iterdir()):
+        if child.name not in WRITTEN:
+            kept.append(child.name)
+        elif child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    return kept
 
 
 def run_packing(out: Path) -> str:

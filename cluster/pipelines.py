@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import ray
 
 from cluster import placement
-from neuroscan.errors import UserError
+from neuroscan.errors import UserError, tell
 from workers.shard import ShardSpec
 from workers.stage import Stage, StageSpec
 
@@ -88,34 +88,44 @@ class Pipelines:
                 self.pipes.append(pipe)
             self._load([a.setup.remote() for a in self.actors], bounds, say)
             if direct:
-                self.handoffs, self.collectives = placement.connect(self.pipes, device)
+                hops, self.collectives = placement.connect([self.pipes[r] for r in self.live], device)
+                self.handoffs = [[] for _ in self.pipes]  # a dropped replica's stay empty: it gets no micro-batch
+                for r, replica_hops in zip(self.live, hops, strict=True):
+                    self.handoffs[r] = replica_hops
         except BaseException:
             self.close()
             raise
         return self
 
-    def _load(self, calls: list, bounds: list[tuple[int, int]], say: Callable[[str], None]) -> None:
+    def _load(
+        self,
+        calls: list,
+        bounds: list[tuple[int, int]],
+        say: Callable[[str], None],
+        notice: Callable[[str], None] = tell,
+    ) -> None:
         """Wait for every stage to load its weights (``calls``: replica by replica, stage by
-        stage), telling ``say`` of each as it finishes, in the order they finish; a node that
-        leaves the cluster meanwhile stops the start in one line (nothing is scanned yet: run
-        it again on what is left)."""
+        stage), telling ``say`` of each as it finishes, in the order they finish. A node that
+        leaves the cluster meanwhile takes its replicas: ``notice`` is told, and the others go
+        on (as when a node leaves mid-scan); with none left, the start stops in one line."""
         stages, replicas, t0 = len(bounds), len(calls) // len(bounds), time.perf_counter()
         index = {ref: i for i, ref in enumerate(calls)}
         pending = calls
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=NODE_CHECK_S)
-            try:
-                ray.get(ready)  # a stage that failed to load stops the start now
-                gone = not ready and self.lost()
-            except Exception:
-                gone = self.lost()
-                if not gone:
-                    raise
-            if gone:
-                raise UserError(
-                    f"a node left the Ray cluster while the stages were loading the model ({self.lost_line()}): "
-                    "nothing was scanned; run the command again on the nodes that remain (see `ray status`)"
+            if (not ready or not _loaded(ready)) and self.lost():
+                if not self.live:
+                    raise UserError(
+                        f"a node left the Ray cluster while the stages were loading the model ({self.lost_line()}): "
+                        "nothing was scanned; run the command again on the nodes that remain (see `ray status`)"
+                    )
+                live = len(self.live)
+                notice(
+                    f"{self.lost_line()} while loading: the scan goes on with the {live} replica{'s' * (live > 1)} left"
                 )
+                pending = [ref for ref in pending if index[ref] // stages in self.live]
+            ready = [ref for ref in ready if index[ref] // stages in self.live]
+            ray.get(ready)  # a stage that failed to load, on a node still there, stops the start now
             for ref in ready:
                 r, s = divmod(index[ref], stages)
                 start, stop = bounds[s]
@@ -173,3 +183,12 @@ class Pipelines:
         if self.started_ray:
             placement.stop_ray()
             self.started_ray = False
+
+
+def _loaded(refs: list) -> bool:
+    """Whether the calls of ``refs`` (answered already) succeeded."""
+    try:
+        ray.get(refs)
+    except Exception:
+        return False
+    return True

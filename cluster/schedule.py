@@ -97,16 +97,19 @@ class Scheduler:
             ready, _ = ray.wait(refs, num_returns=1, timeout=left)
             if ready or (deadline is not None and time.monotonic() >= deadline):
                 return ready
-            if not placement.head_answers():
-                raise UserError(
-                    "the Ray cluster's head is gone (its GCS takes no connection), and the aggregator with it; "
-                    "committed parts are kept: rerun the same command with --resume once the cluster is back"
-                )
             self.check_nodes()
 
     def check_nodes(self) -> None:
         """Drop the replicas on nodes that left the cluster; their micro-batches in flight fail
-        and are sent again to the replicas left (`settle`). With none left, every scan fails."""
+        and are sent again to the replicas left (`settle`). With none left, every scan fails.
+        With the head gone, one line: asking Ray which nodes are alive would wait on the head
+        until Ray's driver exits the process (called here both when nothing answers and when a
+        call failed, which may be the first sign of the head's loss)."""
+        if not placement.head_answers():
+            raise UserError(
+                "the Ray cluster's head is gone (its GCS takes no connection), and the aggregator with it; "
+                "committed parts are kept: rerun the same command with --resume once the cluster is back"
+            )
         if not self.pipelines.lost():
             return
         live = len(self.pipelines.live)

@@ -26,7 +26,7 @@ from pathlib import Path
 from cluster.aggregators import Aggregators
 from cluster.driver import corpus_batches, manifest_header, plan, run_timings, token_strings
 from cluster.job import Job
-from cluster.output import claim, prepare_output
+from cluster.output import claim, prepare_output, remove_written
 from cluster.pipelines import Pipelines
 from cluster.schedule import Scheduler
 from cluster.store import COMPLETED, FAILED, QUEUED, RUNNING, Scan, Store
@@ -185,6 +185,31 @@ class Service:
             )
         self.admitting.set()
         return self.store.get(scan.id)
+
+    def delete(self, scan_id: str, files: bool) -> dict:
+        """Forget an ended scan: its row, and the corpus the service stored for it (a corpus
+        given by path stays: it is the user's). ``files``: also delete what the scan wrote in
+        its output directory (anything else there stays, and the directory with it)."""
+        scan = self.find(scan_id)
+        out, kept = Path(scan.out), []
+        with ExitStack() as held:
+            if files and out.is_dir():
+                held.enter_context(claim(out))  # refused while a one-shot scan writes there
+            if not self.store.delete(scan.id):
+                now = self.store.get(scan.id)
+                if now is None:
+                    raise LookupError(f"scan {scan.id} is deleted already: `neuroscan status` lists the scans")
+                raise Conflict(
+                    f"scan {scan.id} is {now.state}: cancel it first (`neuroscan cancel {scan.id}`), then delete it"
+                )
+            if files and out.is_dir():
+                kept = remove_written(out)
+        if files and out.is_dir() and not kept:
+            out.rmdir()
+        corpus = Path(scan.corpus)
+        if corpus.is_relative_to(self.corpora):
+            corpus.unlink(missing_ok=True)
+        return {"id": scan.id, "name": scan.name, "out": scan.out, "files_deleted": files, "kept": kept}
 
     def positions(self) -> dict[str, int]:
         """Queue position of every queued scan (1: next to start)."""

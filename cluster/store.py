@@ -180,6 +180,10 @@ class Store:
             )
         )
 
+    def delete(self, scan_id: str) -> bool:
+        """Remove an ended scan's row; False when it is queued or running (or gone already)."""
+        return bool(self._write("DELETE FROM scans WHERE id = ? AND state IN (?, ?, ?)", (scan_id, *ENDED)))
+
     def progress(self, scan_id: str, total: int, done: int, tokens: int, seconds: float) -> None:
         self._write(
             "UPDATE scans SET prompts_total = ?, prompts_done = ?, tokens_done = ?, seconds = ? WHERE id = ?",

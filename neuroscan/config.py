@@ -527,3 +527,11 @@ class ResumeConfig(ClientConfig):
     """``neuroscan resume``: queue a cancelled or failed scan again; it keeps what it committed."""
 
     id: str = option(help="a scan's id (or its first characters)", positional=True, what="a scan id")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeleteConfig(ClientConfig):
+    """``neuroscan delete``: forget an ended scan and the corpus the service stored for it."""
+
+    id: str = option(help="a scan's id (or its first characters)", positional=True, what="a scan id")
+    files: bool = option(False, "also delete what the scan wrote in its output directory (its tables and report)")

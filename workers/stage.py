@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ from workers.transfer import host_tensor, leaves, start_copy, to_device
 TOP_TOKENS = 5
 FAULT_OOM_TOKENS = int(os.environ.get("NEUROSCAN_FAULT_OOM_TOKENS", "0"))
 """Testing hook: act as if a micro-batch of more padded tokens than this ran out of memory."""
+FAULT_LOAD_S = float(os.environ.get("NEUROSCAN_FAULT_LOAD_S", "0"))
+"""Testing hook: take this many seconds longer to load the weights (a large model on a slow disk)."""
 
 
 def node_name() -> str:
@@ -151,6 +154,7 @@ class Stage:
         if self.spec.threads:
             torch.set_num_threads(self.spec.threads)
         model_here(self.spec.model_path)
+        time.sleep(FAULT_LOAD_S)
         config = load_config(self.spec.model_path)
         self.device = torch.device(self.spec.device)
         self.fused = fused_available(self.device)  # one Triton pass on a GPU, the eager reference elsewhere

@@ -29,6 +29,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 
@@ -253,6 +254,34 @@ def test_a_node_lost_mid_scan_leaves_the_scan_to_the_replicas_left(multinode, pr
         assert "b" in set(multinode.actors(before).values())  # b held a replica before it went
     finally:
         multinode.add("b")
+
+
+def test_a_node_lost_while_the_stages_load_leaves_the_scan_to_the_replicas_left(multinode, prompts, one_node, tmp_path):
+    """Node c comes back slow to load (`NEUROSCAN_FAULT_LOAD_S` in its raylet's environment,
+    which its workers inherit), and goes while its replica loads."""
+    multinode.lose("c")
+    with patch.dict(os.environ, NEUROSCAN_FAULT_LOAD_S="120"):
+        multinode.add("c")
+    out = tmp_path / "out"
+    before = set(multinode.actors())
+    try:
+        running = start_scan(multinode.env(), prompts, out, "--replicas", "3")
+        _wait_for(
+            lambda: "c" in multinode.actors(before).values() or running.poll() is not None, what="a stage on node c"
+        )
+        assert running.poll() is None
+        multinode.lose("c")
+        stdout, stderr = running.communicate(timeout=600)
+    finally:
+        if "c" in multinode.nodes:
+            multinode.lose("c")
+        multinode.add("c")
+    assert running.returncode == 0, stderr
+    said = stderr[: stderr.index(f"wrote {out}  (")]
+    [lost] = said.strip().splitlines()  # neuroscan's line alone: none of Ray's
+    assert lost.startswith("replica ") and " lost with node " in lost, stderr
+    assert lost.endswith(" while loading: the scan goes on with the 2 replicas left"), stderr
+    assert_same_output(out, one_node)
 
 
 def test_with_no_replica_left_the_scan_stops_and_resume_finishes_on_a_node_that_joined(

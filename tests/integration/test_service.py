@@ -246,6 +246,8 @@ def _raw(client: Client, method: str, path: str, body: bytes | None = None, head
         ("GET", "/scans/ffffffffffff", None, {}, TOKEN, 404, "matches no scan"),
         ("POST", "/scans/ffffffffffff/cancel", None, {}, TOKEN, 404, "matches no scan"),
         ("POST", "/scans/ffffffffffff/resume", None, {}, TOKEN, 404, "matches no scan"),
+        ("DELETE", "/scans/ffffffffffff", None, {}, TOKEN, 404, "matches no scan"),
+        ("DELETE", "/scans/ffffffffffff?files=maybe", None, {}, TOKEN, 422, "query.files: Input should be a valid"),
         ("GET", "/scans", None, {}, None, 401, "no token: send the service's NEUROSCAN_TOKEN"),
         ("GET", "/scans", None, {}, "wrong", 401, "a wrong token"),
         ("GET", "/nowhere", None, {}, TOKEN, 404, "Not Found: see /docs"),
@@ -324,6 +326,56 @@ def test_the_cli_submits_follows_and_cancels(served, corpus, capsys, monkeypatch
     assert "scan id 'nope' matches no scan" in capsys.readouterr().err
     assert main(["status", "--url", "http://127.0.0.1:9"]) == 2
     assert "cannot reach the neuroscan service at http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_an_ended_scan_is_deleted_with_its_stored_corpus_and_on_request_its_tables(
+    served, corpus, capsys, monkeypatch, tmp_path
+):
+    from cluster.cli import main
+
+    client, service, _ = served
+    monkeypatch.setenv("NEUROSCAN_TOKEN", TOKEN)
+    big = sequence_corpus(tmp_path / "big.jsonl", 400, seed=11)
+    running = client.submit(str(big), name="to-delete", batch_tokens=256)
+    stored = Path(running.status()["corpus"])
+    assert stored.is_relative_to(service.corpora) and stored.is_file()
+    with pytest.raises(UserError, match=f"scan {running.id} is (queued|running): cancel it first"):
+        running.delete()
+    running.cancel()
+    with pytest.raises(UserError, match="cancelled"):
+        running.wait()
+    out = Path(running.status()["out"])
+    assert running.delete() == {
+        "id": running.id,
+        "name": "to-delete",
+        "out": str(out),
+        "files_deleted": False,
+        "kept": [],
+    }
+    assert not stored.exists() and read_manifest(out) is not None  # the stored corpus is gone, the run stays
+    assert running.id not in [s["id"] for s in client.scans()]
+    with pytest.raises(UserError, match="a scan named 'to-delete' exists already"):  # its directory is still there
+        client.submit(["x"], name="to-delete")
+    with pytest.raises(UserError, match=f"scan id '{running.id}' matches no scan"):
+        running.delete()
+
+    done = client.submit(str(corpus), name="delete-files")
+    done.wait()
+    out = Path(done.status()["out"])
+    (out / "notes.md").write_text("mine")
+    assert main(["delete", done.id[:8], "--files", "--url", client.url]) == 0
+    assert capsys.readouterr().out == f"scan {done.id} deleted with its tables; {out} keeps notes.md\n"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.md"]  # what no scan wrote stays
+    again = client.submit(str(corpus), name="delete-files-2")
+    again.wait()
+    assert main(["delete", again.id, "--files", "--url", client.url]) == 0
+    gone = service.results / "delete-files-2"
+    assert capsys.readouterr().out == f"scan {again.id} deleted with its tables ({gone})\n"
+    assert not gone.exists()  # nothing else was there: the directory goes too
+    assert main(["delete", again.id, "--url", client.url]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"scan id '{again.id}' matches no scan: give more of the id (`neuroscan status` lists them)\n"
+    )
 
 
 def _free_port() -> int:

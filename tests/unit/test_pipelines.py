@@ -1,4 +1,5 @@
-"""Loading the stages: each said as it finishes, in the order they finish; a lost node is one line."""
+"""Loading the stages: each said as it finishes, in the order they finish; a lost node takes its
+replicas and the others go on; with none left, one line."""
 
 from __future__ import annotations
 
@@ -32,19 +33,27 @@ class FakeRay:
                 raise RuntimeError(f"{ref} failed to load")
 
 
-def load(monkeypatch, fake: FakeRay, lost: list[list[int]]) -> list[str]:
+def load(monkeypatch, fake: FakeRay, lost: list[list[int]]) -> tuple[list[str], list[str], Pipelines]:
+    """Load CALLS; ``lost``: what each question to Ray about lost nodes answers."""
     monkeypatch.setattr(pipelines, "ray", fake)
-    pipes = Pipelines(device="cpu")
+    pipes = Pipelines(device="cpu", pipes=[["stage", "stage"], ["stage", "stage"]])
     answers = iter(lost)
-    monkeypatch.setattr(pipes, "lost", lambda: next(answers))
+
+    def lost_now():
+        gone = next(answers)
+        pipes.dropped.update({r: ["3f2a"] for r in gone})
+        return gone
+
+    monkeypatch.setattr(pipes, "lost", lost_now)
     monkeypatch.setattr(pipes, "lost_line", lambda: "replica 1 lost with node 3f2a")
     said: list[str] = []
-    pipes._load(CALLS, BOUNDS, said.append)
-    return said
+    noticed: list[str] = []
+    pipes._load(CALLS, BOUNDS, said.append, noticed.append)
+    return said, noticed, pipes
 
 
 def test_each_stage_is_said_as_it_finishes(monkeypatch):
-    said = load(monkeypatch, FakeRay([["r1s1"], [], ["r0s0"], ["r0s1"], ["r1s0"]]), lost=[[]])
+    said, noticed, _ = load(monkeypatch, FakeRay([["r1s1"], [], ["r0s0"], ["r0s1"], ["r1s0"]]), lost=[[]])
     named = [re.sub(r", [\d.]+ s\)$", ")", line) for line in said]
     assert named == [
         "stage 2/2 of replica 2/2 loaded (layers 14-27)",
@@ -52,15 +61,30 @@ def test_each_stage_is_said_as_it_finishes(monkeypatch):
         "stage 2/2 of replica 1/2 loaded (layers 14-27)",
         "stage 1/2 of replica 2/2 loaded (layers 0-13)",
     ]
-    assert all(re.search(r", \d+\.\d s\)$", line) for line in said)
+    assert all(re.search(r", \d+\.\d s\)$", line) for line in said) and not noticed
 
 
-def test_a_node_lost_while_loading_stops_the_start_in_one_line(monkeypatch):
+@pytest.mark.parametrize(
+    "steps, failed",
+    [
+        ([["r0s0"], [], ["r0s1"]], ()),  # nothing finished for a while: Ray is asked
+        ([["r1s0"], ["r0s0"], ["r0s1"]], ("r1s0",)),  # a stage's call failed with its node
+    ],
+)
+def test_a_node_lost_while_loading_leaves_the_start_to_the_replicas_left(monkeypatch, steps, failed):
+    said, noticed, pipes = load(monkeypatch, FakeRay(steps, failed=failed), lost=[[1]])
+    assert noticed == ["replica 1 lost with node 3f2a while loading: the scan goes on with the 1 replica left"]
+    assert [line.split(" (")[0] for line in said] == [
+        "stage 1/2 of replica 1/2 loaded",
+        "stage 2/2 of replica 1/2 loaded",
+    ]
+    assert pipes.live == [0]
+
+
+def test_every_replica_lost_while_loading_stops_the_start_in_one_line(monkeypatch):
     line = "a node left the Ray cluster while the stages were loading the model (replica 1 lost with node 3f2a)"
-    with pytest.raises(UserError, match=re.escape(line)):  # nothing finished for a while: Ray is asked
-        load(monkeypatch, FakeRay([["r0s0"], []]), lost=[[1]])
-    with pytest.raises(UserError, match=re.escape(line)):  # a stage's call failed with its node
-        load(monkeypatch, FakeRay([["r1s0"]], failed=("r1s0",)), lost=[[1]])
+    with pytest.raises(UserError, match=re.escape(line)):
+        load(monkeypatch, FakeRay([["r0s0"], []]), lost=[[0, 1]])
 
 
 def test_a_stage_that_fails_to_load_stops_the_start_at_once(monkeypatch):
