@@ -41,6 +41,7 @@ from neuroscan.manifest import (
     COMPLETE,
     RUNNING,
     Accuracy,
+    Counters,
     LayerSummary,
     Manifest,
     Part,
@@ -227,7 +228,7 @@ class Aggregator:
 
     def _write_part(self, buf: Buffer) -> list[int]:
         """Write ``buf`` as part N and list it in the manifest (on the committer thread)."""
-        part = len(self.manifest.parts) + 1
+        part = max((p.part for p in self.manifest.parts), default=0) + 1  # after parts dropped by --repair too
         stem = f"part-{part:05d}"
         files = []
         try:
@@ -264,7 +265,7 @@ class Aggregator:
             ) from None
         self.manifest.parts.append(Part(part, sorted(buf.batches), files))
         self._fold_counts(buf)
-        self.manifest.summary = self.summary()
+        self.manifest.summary = summarize(self.manifest.counters)
         write_manifest(self.out, self.manifest)
         # Committed: its deltas join the neurons merge (folded here, off the critical path).
         for layer, d in deltas.items():
@@ -292,21 +293,6 @@ class Aggregator:
             schema.with_run_metadata(table_schema, self.run_meta).metadata
         )
 
-    def summary(self) -> Summary:
-        """Per-layer means per prompt and accuracy, from the committed counters."""
-        counters = self.manifest.counters
-        layers = {
-            layer: LayerSummary(
-                mean_selected=s[1] / s[0], mean_kept=s[2] / s[0], mean_red=s[3] / s[0], mean_blue=s[4] / s[0]
-            )
-            for layer, s in sorted(counters.layers.items(), key=lambda item: int(item[0]))
-        }
-        accuracy = {
-            by: {value: Accuracy(correct=c, total=n, accuracy=c / n) for value, (c, n) in sorted(groups.items())}
-            for by, groups in counters.accuracy.items()
-        }
-        return Summary(layers=layers, accuracy=accuracy)
-
     def memory(self) -> dict[str, float]:
         return self.watch.report()
 
@@ -329,7 +315,7 @@ class Aggregator:
                 "fix the disk (space, permissions), then rerun the same command with --resume"
             ) from None
         timings = {**timings, "aggregator_lag_s": time.perf_counter() - t0}
-        self.manifest.summary = self.summary()
+        self.manifest.summary = summarize(self.manifest.counters)
         self.manifest.timings = {**timings, "finished_at": _now()}
         self.manifest.status = COMPLETE
         write_manifest(self.out, self.manifest)
@@ -351,6 +337,21 @@ class Aggregator:
         """Wait for the part being written, if any, and stop the committer thread (an error of
         that part was already reported, or is left to a resumed run)."""
         self.committer.shutdown(wait=True)
+
+
+def summarize(counters: Counters) -> Summary:
+    """Per-layer means per prompt and accuracy, from the committed parts' counters."""
+    layers = {
+        layer: LayerSummary(
+            mean_selected=s[1] / s[0], mean_kept=s[2] / s[0], mean_red=s[3] / s[0], mean_blue=s[4] / s[0]
+        )
+        for layer, s in sorted(counters.layers.items(), key=lambda item: int(item[0]))
+    }
+    accuracy = {
+        by: {value: Accuracy(correct=c, total=n, accuracy=c / n) for value, (c, n) in sorted(groups.items())}
+        for by, groups in counters.accuracy.items()
+    }
+    return Summary(layers=layers, accuracy=accuracy)
 
 
 def write_pool() -> ThreadPoolExecutor:

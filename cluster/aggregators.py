@@ -70,13 +70,14 @@ class Aggregators:
             raise
         return Sink(host, target)
 
-    def release(self, key: str) -> None:
-        """Forget a scan that ended (its host frees what it held; the call is not waited for)."""
+    def release(self, key: str, timeout_s: float = 10.0) -> None:
+        """Forget a scan that ended: its host frees what it held, and is waited for up to
+        ``timeout_s`` (a part it still writes lands before the scan is seen ended)."""
         with self.lock:
             held = self.held.pop(key, None)
         if held is not None:
             host, target = held
-            host.close.remote(target)
+            ray.wait([host.close.remote(target)], timeout=timeout_s)
 
     def close(self) -> None:
         if placement.head_answers():  # where the head is gone, so are the hosts (on the driver's node)

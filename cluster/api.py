@@ -11,8 +11,11 @@
     GET  /health                 the service and its pipelines
 
 A bad request is a 4xx whose body is ``{"error": "<one line: the problem and the fix>"}``;
-the service goes on serving. With ``NEUROSCAN_TOKEN`` set (required to bind anything but
-loopback) every request needs ``Authorization: Bearer <token>``.
+the service goes on serving. A request that needs room the service's state directory lacks (a
+corpus to store, a scan to add to the table on a full disk) is a 507 (Insufficient Storage:
+the server cannot store what the request needs) with one line, and nothing of it is kept.
+With ``NEUROSCAN_TOKEN`` set (required to bind anything but loopback) every request needs
+``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from cluster.service import Conflict, Service
-from cluster.store import ENDED, QUEUED, Scan
+from cluster.store import ENDED, QUEUED, Scan, StateFull
 from neuroscan.config import SCAN_OPTIONS, ScanConfig, options
 from neuroscan.errors import UserError
 from neuroscan.manifest import NAME as MANIFEST_NAME
@@ -74,6 +77,10 @@ def make_app(service: Service, token: str | None = None) -> FastAPI:
     async def user_error(request: Request, err: UserError):
         return _error(400, str(err))
 
+    @app.exception_handler(StateFull)
+    async def state_full(request: Request, err: StateFull):
+        return _error(507, str(err))
+
     @app.exception_handler(LookupError)
     async def not_found(request: Request, err: LookupError):
         return _error(404, str(err.args[0]))
@@ -101,12 +108,11 @@ def make_app(service: Service, token: str | None = None) -> FastAPI:
         opts = parse_options(query)
         service.job_config(opts, "seed", str(service.results)).validate()  # the options' own rules
         body = await read_body(request, max_body)
-        if request.headers.get("content-type", "").startswith("application/json"):
-            corpus = corpus_path(body, service)
-        else:
-            corpus = service.corpora / f"{time.time_ns():x}.jsonl"
-            corpus.write_bytes(body)
+        named = request.headers.get("content-type", "").startswith("application/json")
+        corpus = corpus_path(body, service) if named else service.corpora / f"{time.time_ns():x}.jsonl"
         try:
+            if not named:
+                store_corpus(corpus, body)
             n_prompts = await run_in_threadpool(count_prompts, corpus)
             scan = await run_in_threadpool(service.submit, corpus, opts, name, n_prompts)
         except BaseException:
@@ -292,6 +298,18 @@ def corpus_path(body: bytes, service: Service) -> Path:
     if not target.is_file():
         raise Refused(404, f"path {rel!r} is not a file under the corpus root")
     return target
+
+
+def store_corpus(path: Path, body: bytes) -> None:
+    """Keep a submitted corpus at ``path``, in the service's state directory; no room is a 507."""
+    try:
+        path.write_bytes(body)
+    except OSError as err:
+        raise Refused(
+            507,
+            f"the corpus ({len(body):,} bytes) cannot be stored in {path.parent} ({err.strerror or err}): free space "
+            "on its disk (the service's --state, by default under --results), then submit it again",
+        ) from None
 
 
 def count_prompts(corpus: Path) -> int:

@@ -21,15 +21,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import ray
 from tqdm import tqdm
 
 from cluster import placement
 from cluster.aggregators import Aggregators
 from cluster.job import Job
-from cluster.output import claim, corpus_fingerprint, prepare_output, run_packing
+from cluster.output import claim, corpus_fingerprint, prepare_output, run_packing, run_skipped
 from cluster.partition import partition_layers
-from cluster.pipelines import Pipelines
+from cluster.pipelines import Pipelines, answers
 from cluster.schedule import Scheduler
 from neuroscan.config import ScanConfig, resolve_dtype
 from neuroscan.corpus_columns import ColumnTypes
@@ -83,6 +82,8 @@ class Plan:
     """MLP neurons per layer."""
     columns: dict[str, str] = field(default_factory=dict)
     """The corpus's extra columns and their types, from every prompt (`neuroscan.corpus_columns`)."""
+    skipped_batches: dict[int, int] = field(default_factory=dict)
+    """With ``--repair``: the micro-batch of each prompt the run on disk skipped (`run_skipped`)."""
 
 
 def plan(cfg: ScanConfig, loaded: str | None = None) -> Plan:
@@ -97,6 +98,8 @@ def plan(cfg: ScanConfig, loaded: str | None = None) -> Plan:
     tokenizer = load_tokenizer(source.path)
     stamp = corpus_stamp(cfg.prompts)  # before reading: an edit from here on is seen
     packing = run_packing(Path(cfg.out)) if cfg.resume else PACKINGS[0]
+    skipped = run_skipped(Path(cfg.out)) if cfg.repair else set()
+    skipped_batches: dict[int, int] = {}
     n_prompts = n_tokens = n_input = n_chunks = n_expected = n_unspaced = 0
     kept, kept_chunks, columns = [], 0, ColumnTypes()
     for pairs in chunk_batches(
@@ -111,6 +114,8 @@ def plan(cfg: ScanConfig, loaded: str | None = None) -> Plan:
             n_unspaced += sum(not p.expected[0].isspace() and not p.text[-1].isspace() for p in answered)
             for t in group:
                 columns.see(t.prompt.extra)
+                if t.prompt.prompt_id in skipped:
+                    skipped_batches[t.prompt.prompt_id] = batch.batch_id
         n_chunks += 1
         if kept_chunks == n_chunks - 1 and n_input <= KEEP_TOKENS and n_prompts <= KEEP_PROMPTS:
             kept += pairs
@@ -137,6 +142,7 @@ def plan(cfg: ScanConfig, loaded: str | None = None) -> Plan:
         packing=packing,
         fingerprint=loaded or fingerprint(source.path),
         columns=columns.types(),
+        skipped_batches=skipped_batches,
     )
 
 
@@ -246,7 +252,9 @@ def run_scan(cfg: ScanConfig) -> Manifest:
     header = manifest_header(cfg, p)  # its checksum reads the corpus once more
     check_unchanged(cfg.prompts, p, "leave it as it is while a scan runs, and start the scan again")
     with claim(out):  # no second scan into `out` while this one runs
-        existing = prepare_output(out, cfg.overwrite, cfg.resume, header, notice=tell)
+        existing = prepare_output(
+            out, cfg.overwrite, cfg.resume, header, tell, repair=cfg.repair, skipped_batches=p.skipped_batches
+        )
         committed = existing.committed_batches() if existing else set()
         done = existing is not None and existing.complete
         notices = [resume_notice(out, existing, committed) if cfg.resume else None, None if done else answer_notice(p)]
@@ -320,7 +328,7 @@ def run_timings(job: Job, pipelines: Pipelines, watch: MemoryWatch) -> dict:
         "tokens_per_s": job.tokens_done / seconds,
         "memory": {
             "driver": watch.report(),
-            "aggregator": ray.get(job.sink.memory()),
+            "aggregator": answers([job.sink.memory()], 10.0)[0],
             "stages": pipelines.memory(),
         },
     }

@@ -3,7 +3,9 @@
 A resumed run must produce the tables an uninterrupted run would have, so it is refused
 when anything that shapes the rows differs from the run on disk: the model, its dtype, the
 thresholds and bands, the corpus (path and checksum) or the micro-batch budget (batch ids
-depend on it). Stages, replicas and the device may change.
+depend on it). Stages, replicas and the device may change. A run whose committed files no
+longer match its manifest is refused too, unless ``--repair`` drops its damaged parts for
+the resumed run to scan again (`aggregator.repair`).
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import fcntl
 import hashlib
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from aggregator.repair import drop_damaged
 from neuroscan.errors import UserError, make_dir
 from neuroscan.manifest import NAME as MANIFEST_NAME
-from neuroscan.manifest import Corpus, Manifest, damage_line, damaged_files, read_manifest
+from neuroscan.manifest import Corpus, Manifest, damage_line, file_damage, read_manifest
 from neuroscan.schema import OUTPUT_DIRS
 from prompts.batching import PACKINGS
 from prompts.readers import corpus_paths
@@ -84,16 +87,30 @@ def claim(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-WRITTEN = frozenset({MANIFEST_NAME, f".{MANIFEST_NAME}.tmp", *OUTPUT_DIRS, "report", ".report.tmp"})
+WRITTEN = frozenset({MANIFEST_NAME, f".{MANIFEST_NAME}.tmp", *OUTPUT_DIRS, "report", ".report.tmp", ".report.old"})
 """What a scan (and ``neuroscan report`` into the scan's directory) writes in ``--out``: all
 that ``--overwrite`` deletes. Anything else there (notes, a notebook, the corpus) is kept."""
 
 
+DAMAGE_FIX = (
+    "restore the files from a copy, rescan the damaged parts with --resume --repair, or scan again with --overwrite"
+)
+
+
 def prepare_output(
-    out: Path, overwrite: bool, resume: bool, header: Manifest, notice: Callable[[str], None] | None = None
+    out: Path,
+    overwrite: bool,
+    resume: bool,
+    header: Manifest,
+    notice: Callable[[str], None] | None = None,
+    repair: bool = False,
+    skipped_batches: Mapping[int, int] | None = None,
 ) -> Manifest | None:
     """Make ``out`` (claimed, so it exists) ready; returns the manifest of the run to resume,
-    None when the scan starts from the beginning. ``notice`` is told what ``--overwrite`` kept."""
+    None when the scan starts from the beginning. ``notice`` is told what ``--overwrite`` kept
+    and what ``repair`` dropped. ``repair``: a resumed run's damaged parts are dropped, to be
+    scanned again, instead of refused; ``skipped_batches`` maps each prompt the run skipped
+    (``--on-error skip``) to its micro-batch."""
     try:
         existing, damaged = read_manifest(out), False
     except UserError:  # a damaged manifest.json: the directory is still a scan's, which --overwrite replaces
@@ -102,9 +119,17 @@ def prepare_output(
         existing, damaged = None, True
     if resume and existing is not None:
         _check_same_run(out, existing, header)
-        problems = damaged_files(out, existing, hashes=True)  # every committed byte, as written
-        if problems:
-            raise UserError(damage_line(out, problems, "restore the files from a copy, or scan again with --overwrite"))
+        damage = file_damage(out, existing, hashes=True)  # every committed byte, as written
+        if damage and not repair:
+            raise UserError(damage_line(out, list(damage.values()), DAMAGE_FIX))
+        if repair:
+            line = (
+                drop_damaged(out, existing, damage, skipped_batches or {})
+                if damage
+                else "--repair: every committed file matches the manifest: nothing to rescan"
+            )
+            if notice is not None:
+                notice(line)
         return existing
     if any(out.iterdir()):
         if existing is None and not damaged:
@@ -138,14 +163,25 @@ def remove_written(out: Path) -> list[str]:
     return kept
 
 
+def run_skipped(out: Path) -> set[int]:
+    """The prompt ids the run in ``out`` skipped (``--on-error skip``), none when ``out`` holds
+    no readable manifest."""
+    existing = _on_disk(out)
+    return {int(s["prompt_id"]) for s in existing.skipped} if existing is not None else set()
+
+
 def run_packing(out: Path) -> str:
     """How the run in ``out`` cut its corpus into micro-batches, so that a resume cuts it the
     same way (the default when ``out`` holds no readable manifest)."""
-    try:
-        existing = read_manifest(out) if out.is_dir() else None
-    except UserError:  # damaged: `prepare_output` says so
-        existing = None
+    existing = _on_disk(out)
     return existing.packing if existing is not None else PACKINGS[0]
+
+
+def _on_disk(out: Path) -> Manifest | None:
+    try:
+        return read_manifest(out) if out.is_dir() else None
+    except UserError:  # damaged: `prepare_output` says so
+        return None
 
 
 def _keep_inputs(out: Path, header: Manifest) -> None:

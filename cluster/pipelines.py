@@ -40,6 +40,15 @@ class Pipelines:
     collectives: list = field(default_factory=list)
     dropped: dict[int, list[str]] = field(default_factory=dict)
     """Each replica dropped because a node it ran on left the cluster (`lost`), with those nodes' ids."""
+    specs: list[StageSpec] = field(default_factory=list)
+    """What each stage loads (the same for every replica)."""
+    gpus_per_stage: float = 1.0
+    replacing: dict[int, Replacement] = field(default_factory=dict)
+    """Dropped replicas whose stages `regrow` is loading again."""
+    generation: int = 0
+    """Replicas placed again so far: in the new actors' names, which must be new."""
+    stuck: dict[int, set[str]] = field(default_factory=dict)
+    """Dropped replicas that failed to load again, with the nodes they tried: not tried there again."""
 
     @classmethod
     def open(
@@ -76,16 +85,12 @@ class Pipelines:
             self.reserved = placement.reserve(device, stages, replicas, gpus_per_stage)
             placement.check_nodes(self.reserved, model_path)
             threads = max(1, (os.cpu_count() or 1) // n_actors) if device == "cpu" else 0
-            for r in range(replicas):
-                pipe = []
-                for s, (start, stop) in enumerate(bounds):
-                    spec = StageSpec(model_path, ShardSpec(start, stop, n_layers), device, dtype, threads, direct)
-                    name = f"neuroscan-{self.run_id}-stage-{r}-{s}"
-                    actor = placement.stage_actor(
-                        Stage, self.reserved.group, self.reserved.bundle(r, s), device, name, gpus_per_stage, direct
-                    )
-                    pipe.append(actor.remote(spec))
-                self.pipes.append(pipe)
+            self.gpus_per_stage = gpus_per_stage
+            self.specs = [
+                StageSpec(model_path, ShardSpec(start, stop, n_layers), device, dtype, threads, direct)
+                for start, stop in bounds
+            ]
+            self.pipes = [self._replica(r) for r in range(replicas)]
             self._load([a.setup.remote() for a in self.actors], bounds, say)
             if direct:
                 hops, self.collectives = placement.connect([self.pipes[r] for r in self.live], device)
@@ -96,6 +101,75 @@ class Pipelines:
             self.close()
             raise
         return self
+
+    def _replica(self, r: int, generation: int = 0) -> list:
+        """Start the stage actors of replica ``r`` in its bundles (``generation``: how many
+        times it was placed before, in the names of the new actors)."""
+        pipe = []
+        for s, spec in enumerate(self.specs):
+            name = f"neuroscan-{self.run_id}-stage-{r}-{s}" + (f"-{generation}" if generation else "")
+            actor = placement.stage_actor(
+                Stage,
+                self.reserved.group,
+                self.reserved.bundle(r, s),
+                self.device,
+                name,
+                self.gpus_per_stage,
+                spec.keep_hidden,
+            )
+            pipe.append(actor.remote(spec))
+        return pipe
+
+    def regrow(self, say: Callable[[str], None]) -> None:
+        """Place again the replicas dropped with a lost node, once Ray has placed their bundles
+        again on nodes that are alive (a node that joined the cluster, or one with room): their
+        stages load beside the scans, and the replica takes micro-batches once all have loaded.
+        ``say`` is told each replica back. Asked between the service's steps; a one-shot scan
+        goes on with the replicas it has. (Not with direct hand-offs: a new actor is outside
+        its pipeline's collective group.)"""
+        if not self.dropped or self.handoffs is not None or not placement.head_answers():
+            return
+        alive = placement.alive_nodes()
+        placed = placement.bundle_nodes(self.reserved.group)
+        for r in self.dropped:
+            bundles = [self.reserved.bundle(r, s) for s in range(len(self.specs))]
+            nodes = {placed.get(b) for b in bundles}
+            if r in self.replacing or not nodes <= alive or nodes <= self.stuck.get(r, set()):
+                continue
+            self.reserved.bundle_nodes.update({b: placed[b] for b in bundles})
+            self.generation += 1
+            actors = self._replica(r, self.generation)
+            self.replacing[r] = Replacement(actors, [a.setup.remote() for a in actors], time.perf_counter())
+        for r, new in list(self.replacing.items()):
+            ready, _ = ray.wait(new.calls, num_returns=len(new.calls), timeout=0)
+            there = self.reserved.nodes(r) <= alive
+            if len(ready) == len(new.calls) or not there:
+                del self.replacing[r]
+                self._replaced(r, new, there, say)
+
+    def _replaced(self, r: int, new: Replacement, there: bool, say: Callable[[str], None]) -> None:
+        """Replica ``r``'s new stages have loaded (or failed, or lost their node): put it back."""
+        nodes = self.reserved.nodes(r)
+        try:
+            ray.get(new.calls if there else [])
+        except Exception as err:  # the model missing on that node, say
+            self.stuck[r] = nodes
+            say(
+                f"replica {r} could not load again on node {_short(nodes)} ({placement.ray_reason(err)}): "
+                "not tried there again"
+            )
+            there = False
+        if not there:
+            for actor in new.actors:
+                ray.kill(actor, no_restart=True)
+            return
+        self.pipes[r] = new.actors
+        del self.dropped[r]
+        live = len(self.live)
+        say(
+            f"replica {r} is back, on node {_short(nodes)} (loaded in {time.perf_counter() - new.t0:.1f} s): "
+            f"{live} replica{'s' * (live > 1)} live"
+        )
 
     def _load(
         self,
@@ -135,7 +209,8 @@ class Pipelines:
     def lost(self) -> list[int]:
         """Drop (and kill) the live replicas with a stage on a node that is no longer alive;
         returns them. Their calls in flight then fail at once, instead of waiting for a restart
-        that has no node to run on."""
+        that has no node to run on. With the head or this machine's node gone, one line."""
+        placement.check_cluster()
         alive = placement.alive_nodes()
         gone = [r for r in self.live if not self.reserved.nodes(r) <= alive]
         for r in gone:
@@ -165,24 +240,38 @@ class Pipelines:
     def actors(self) -> list:
         return [a for pipe in self.pipes for a in pipe]
 
-    def memory(self) -> list[dict]:
-        """What each stage of the live replicas holds."""
+    def memory(self, timeout_s: float = 10.0) -> list[dict | None]:
+        """What each stage of the live replicas holds; None for one that does not answer
+        within ``timeout_s`` (a stopped process: the manifest is written without it)."""
         live = [a for r in self.live for a in self.pipes[r]]
-        return ray.get([a.memory.options(concurrency_group=placement.INFO).remote() for a in live])
+        return answers([a.memory.options(concurrency_group=placement.INFO).remote() for a in live], timeout_s)
 
     def close(self) -> None:
         """Kill the actors and free their placement group (where the head is gone, there is
         nothing left to free, and each call would wait on it)."""
         if placement.head_answers():
-            for actor in self.actors:
+            for actor in [*self.actors, *(a for new in self.replacing.values() for a in new.actors)]:
                 ray.kill(actor)
             placement.disconnect(self.collectives)
             if self.reserved is not None:
                 placement.remove_placement_group(self.reserved.group)
-        self.pipes, self.reserved = [], None
+        self.pipes, self.reserved, self.replacing = [], None, {}
         if self.started_ray:
             placement.stop_ray()
             self.started_ray = False
+
+
+@dataclass
+class Replacement:
+    """A dropped replica's stages, loading again."""
+
+    actors: list
+    calls: list
+    t0: float
+
+
+def _short(nodes: set[str]) -> str:
+    return ", ".join(sorted(n[:8] for n in nodes))
 
 
 def _loaded(refs: list) -> bool:
@@ -192,3 +281,17 @@ def _loaded(refs: list) -> bool:
     except Exception:
         return False
     return True
+
+
+def answers(refs: list, timeout_s: float) -> list:
+    """What each of ``refs`` answers within ``timeout_s`` in all, None for each that does not
+    (or failed)."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    done = set(ready)
+    out = []
+    for ref in refs:
+        try:
+            out.append(ray.get(ref) if ref in done else None)
+        except Exception:
+            out.append(None)
+    return out

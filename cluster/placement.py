@@ -10,10 +10,12 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -292,7 +294,13 @@ def reserve(device: str, stages: int, replicas: int, gpus: float = 1.0) -> Reser
             f"cannot place {n_actors} stage actors of {stage_bundle(device, gpus)} within {PLACEMENT_TIMEOUT_S} s "
             f"(cluster: {_describe(ray.cluster_resources())}); see `ray status`"
         )
-    return Reserved(group, stages, per_replica, placement_group_table(group)["bundles_to_node_id"])
+    return Reserved(group, stages, per_replica, bundle_nodes(group))
+
+
+def bundle_nodes(group) -> dict[int, str]:
+    """The Ray node id each bundle of ``group`` is placed on now (Ray places a lost node's
+    bundles again once a node has room)."""
+    return placement_group_table(group)["bundles_to_node_id"]
 
 
 def check_nodes(reserved: Reserved, model_path: str) -> None:
@@ -339,6 +347,31 @@ def check_nodes(reserved: Reserved, model_path: str) -> None:
             raise UserError(problem)
 
 
+HEAD_GONE = (
+    "the Ray cluster's head is gone (its GCS takes no connection), and the aggregator with it; "
+    "committed parts are kept: rerun the same command with --resume once the cluster is back"
+)
+NODE_GONE = (
+    "the Ray node of this machine died (its raylet), and the aggregator with it; committed parts are kept: "
+    "rerun the same command with --resume (on a cluster, once `ray start` has brought this node back)"
+)
+
+
+def check_cluster(tries: int = 3) -> None:
+    """One line when the cluster's head or this machine's Ray node (its raylet) takes no
+    connection, asked ``tries`` times a second apart so that one lost connection is not taken
+    for a lost node. Asked before anything that needs them: with either gone, Ray's calls
+    wait until Ray's driver exits the process, without a word on the terminal."""
+    for answers, line in ((head_answers, HEAD_GONE), (node_answers, NODE_GONE)):
+        for attempt in range(tries):
+            if answers():
+                break
+            if attempt + 1 < tries:
+                time.sleep(1.0)
+        else:
+            raise UserError(line)
+
+
 def head_answers(timeout_s: float = 2.0) -> bool:
     """Whether the cluster's head (its GCS) still takes connections. Asked before anything that
     needs it: with the head gone, Ray's calls wait on it until Ray's driver exits the process
@@ -347,11 +380,48 @@ def head_answers(timeout_s: float = 2.0) -> bool:
         host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
     except (AttributeError, RuntimeError):  # a Ray Client connection: its driver runs on the cluster
         return True
+    return _answers(host.strip("[]"), int(port), timeout_s)
+
+
+def node_answers(timeout_s: float = 2.0) -> bool:
+    """Whether the Ray node this process runs on (its raylet) still takes connections: seen at
+    once, where the head marks a node dead only after its health checks fail (seconds)."""
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        node = ray._private.worker.global_worker.node
+        host, port = node.node_ip_address, node.node_manager_port
+    except AttributeError:  # a Ray Client connection, or another Ray release: not known here
+        return True
+    return _answers(host, int(port), timeout_s)
+
+
+def _answers(host: str, port: int, timeout_s: float) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError:
         return False
     return True
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+RAY_CALL = re.compile(r"^ray::[\w.]+\(\) \(pid=(\d+), ip=([^,)]+).*$")
+
+
+def ray_reason(err: BaseException) -> str:
+    """Why a Ray call failed, in a few words: Ray's own explanation ("... exit detail: ...",
+    "The actor ...") rather than its first line, which may be the call's name in colour codes
+    with the actor's pid, address and repr."""
+    if isinstance(getattr(err, "cause", None), UserError):  # neuroscan's own line, raised in the actor
+        return str(err.cause)
+    lines = [line.strip() for line in ANSI.sub("", str(err)).splitlines() if line.strip()]
+    for line in lines:
+        if "exit detail:" in line:
+            return line.split("exit detail:", 1)[1].strip()[:300]
+    for line in lines:
+        if line.startswith("The actor"):
+            return line[:300]
+    if lines and (call := RAY_CALL.match(lines[0])):
+        return f"{lines[0].split(' ')[0].removeprefix('ray::')} failed, pid {call[1]} on {call[2]}"
+    return lines[0][:300] if lines else type(err).__name__
 
 
 def alive_nodes() -> set[str]:

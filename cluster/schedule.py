@@ -10,6 +10,8 @@ selection, so scans with other thresholds share the same stages.
 
 Faults: a node that leaves the cluster takes its replicas with it; their micro-batches in
 flight go to the replicas left, and the scans go on (with none left they fail, resumable).
+An actor whose process stops (SIGSTOP) while Ray sees it alive is found by `restart_silent`
+within about ``STALL_S + 2 x PING_S`` seconds and restarted.
 Stage and aggregator actors are restarted by Ray (bounded) and their calls retried;
 the aggregator drops a micro-batch it already has. A restarted aggregator has lost what it
 had buffered but not committed, so each job keeps its micro-batches' rows references until
@@ -23,6 +25,7 @@ have landed, the manifest listing what was committed, ready for ``--resume``.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections import deque
 
@@ -37,6 +40,16 @@ from neuroscan.errors import UserError
 from workers.handoff import GROUP
 from workers.split import PromptTooLarge
 
+STALL_S = float(os.environ.get("NEUROSCAN_STALL_S") or 30)
+"""With calls in flight and none answered for this long, every stage of the live replicas and
+every aggregator host is asked to answer at once (``memory``, in a concurrency group of its
+own, answered even while the actor works on a micro-batch). The environment variable is a
+testing hook."""
+PING_S = 10.0
+"""An actor that does not answer that question within this long, twice in a row, is stopped
+(its process killed): Ray restarts it and sends its calls again, or, where it may not be
+restarted (``--handoff direct``), the scans stop in one line, resumable."""
+
 
 class Scheduler:
     def __init__(self, pipelines: Pipelines, window: int, notice=None):
@@ -49,6 +62,8 @@ class Scheduler:
         self.jobs: list[Job] = []
         self.turn = 0  # the job whose micro-batch goes next
         self.sent = 0  # micro-batches handed out, to deal them round robin over the live replicas
+        self.answered = time.monotonic()  # when a call in flight last answered (or the first was sent)
+        self.suspects: set = set()  # actors silent when last asked: restarted if silent again
 
     def add(self, job: Job) -> None:
         self.jobs.append(job)
@@ -77,6 +92,8 @@ class Scheduler:
         refs = ([self.in_flight[0][0]] if self.in_flight else []) + list(finishing)
         if refs:
             ready = self._wait(refs, wait_s)
+            if ready:
+                self.answered, self.suspects = time.monotonic(), set()
             if ready and ready[0] in finishing:
                 job = finishing[ready[0]]
                 if self._finished(job):
@@ -102,14 +119,11 @@ class Scheduler:
     def check_nodes(self) -> None:
         """Drop the replicas on nodes that left the cluster; their micro-batches in flight fail
         and are sent again to the replicas left (`settle`). With none left, every scan fails.
-        With the head gone, one line: asking Ray which nodes are alive would wait on the head
-        until Ray's driver exits the process (called here both when nothing answers and when a
-        call failed, which may be the first sign of the head's loss)."""
-        if not placement.head_answers():
-            raise UserError(
-                "the Ray cluster's head is gone (its GCS takes no connection), and the aggregator with it; "
-                "committed parts are kept: rerun the same command with --resume once the cluster is back"
-            )
+        With the head or this machine's node gone, one line (`placement.check_cluster`; called
+        here both when nothing answers and when a call failed, which may be the first sign)."""
+        placement.check_cluster()
+        if self.in_flight and time.monotonic() - self.answered >= STALL_S:
+            self.restart_silent()
         if not self.pipelines.lost():
             return
         live = len(self.pipelines.live)
@@ -120,6 +134,30 @@ class Scheduler:
             return
         for job in self.jobs:
             job.fail(self.all_lost())
+
+    def restart_silent(self) -> None:
+        """Ask the live stages and the aggregator hosts to answer at once; kill each that does
+        not within ``PING_S`` twice in a row (its node alive, its process stopped), so that Ray
+        restarts it and retries its calls. Twice: an actor that Ray is restarting (after a
+        crash, or after this) answers only once its process has started again."""
+        named = {}
+        for r in self.pipelines.live:
+            for s, stage in enumerate(self.pipes[r]):
+                named[stage] = f"stage {s + 1}/{len(self.pipes[r])} of replica {r}"
+        for i, host in enumerate({id(job.sink.host): job.sink.host for job in self.jobs}.values()):
+            named[host] = f"aggregator host {i}"
+        asked = {actor.memory.options(concurrency_group=placement.INFO).remote(): actor for actor in named}
+        _, unanswered = ray.wait(list(asked), num_returns=len(asked), timeout=PING_S)
+        silent = {asked[ref] for ref in unanswered}
+        for actor in silent & self.suspects:
+            ray.kill(actor, no_restart=False)
+            self.notice(
+                f"{named[actor]} answered nothing for {time.monotonic() - self.answered:.0f} s: restarted it, "
+                "its calls sent again"
+            )
+        self.suspects = silent - self.suspects
+        if not self.suspects:
+            self.answered = time.monotonic()
 
     def all_lost(self) -> UserError:
         return UserError(
@@ -163,6 +201,8 @@ class Scheduler:
         self._send(Sent(job, batch, group, pipe, rows))
 
     def _send(self, sent: Sent) -> None:
+        if not self.in_flight:
+            self.answered = time.monotonic()  # an idle spell is no silence
         sent.job.in_flight += 1
         self.in_flight.append((sent.job.sink.add(sent.group, *sent.rows), sent))
 
@@ -200,7 +240,8 @@ class Scheduler:
         Nothing of it reached the aggregator, so nothing is committed twice."""
         self.check_nodes()
         live = self.pipelines.live
-        if not live or self.pipes.index(sent.pipe) in live or sent.job.state == FAILED:
+        replica = next((r for r, pipe in enumerate(self.pipes) if pipe is sent.pipe), None)  # None: placed again since
+        if not live or replica in live or sent.job.state == FAILED:
             return False
         self.submit(sent.job, sent.batch, sent.group, self.next_pipe())
         return True
@@ -255,14 +296,14 @@ def call(ref):
     try:
         return ray.get(ref)
     except RayActorError as err:
-        reason = str(err).strip().splitlines()[0][:300]
+        placement.check_cluster()  # the actor went with the head, or with this machine's node: say that
         raise UserError(
-            f"a pipeline actor died and could not be restarted ({reason}); committed parts are kept: "
-            "fix the cause, then rerun the same command with --resume"
+            f"a pipeline actor died and could not be restarted ({placement.ray_reason(err)}); committed parts are "
+            "kept: fix the cause, then rerun the same command with --resume"
         ) from None
     except TimeoutError as err:  # --handoff direct: a hidden state that never reached the next stage
-        reason = str(getattr(err, "cause", err)).strip().splitlines()[0][:300]
         raise UserError(
-            f"a stage-to-stage hand-off timed out ({reason}); committed parts are kept: "
+            f"a stage-to-stage hand-off timed out ({placement.ray_reason(getattr(err, 'cause', err))}); committed "
+            "parts are kept: "
             "rerun the same command with --resume (or with --handoff store)"
         ) from None

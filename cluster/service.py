@@ -27,9 +27,9 @@ from cluster.aggregators import Aggregators
 from cluster.driver import corpus_batches, manifest_header, plan, run_timings, token_strings
 from cluster.job import Job
 from cluster.output import claim, prepare_output, remove_written
-from cluster.pipelines import Pipelines
+from cluster.pipelines import NODE_CHECK_S, Pipelines
 from cluster.schedule import Scheduler
-from cluster.store import COMPLETED, FAILED, QUEUED, RUNNING, Scan, Store
+from cluster.store import COMPLETED, ENDED, FAILED, QUEUED, RUNNING, Scan, StateFull, Store
 from neuroscan.config import ScanConfig, Selection, ServeConfig
 from neuroscan.errors import UserError, tell
 from neuroscan.memory import MemoryWatch
@@ -81,6 +81,8 @@ class Service:
         self.loaded_s = 0.0
         self.failure: str | None = None
         """Why the scheduler's thread stopped, if it did."""
+        self.unrecorded: list[tuple[str, str, str | None]] = []
+        """Ends of scans the table had no room for (a full disk), written again by the scheduler's loop."""
 
     def start(self) -> None:
         """Place the pipelines (the model's weights load once) and start the aggregator
@@ -126,6 +128,7 @@ class Service:
             self.aggregators.close()
         if self.pipelines is not None:
             self.pipelines.close()
+        self.store.close()
 
     # The HTTP side: quick, never waits on the scheduler.
 
@@ -187,27 +190,36 @@ class Service:
         return self.store.get(scan.id)
 
     def delete(self, scan_id: str, files: bool) -> dict:
-        """Forget an ended scan: its row, and the corpus the service stored for it (a corpus
-        given by path stays: it is the user's). ``files``: also delete what the scan wrote in
-        its output directory (anything else there stays, and the directory with it)."""
+        """Forget an ended scan. ``files``: also delete what it wrote in its output directory
+        (anything else there stays, and the directory with it) and the corpus the service
+        stored for it. Without ``files`` the stored corpus stays too where the run is not
+        complete, so that `neuroscan scan ... --resume` can still finish it (a corpus given by
+        path is the user's and always stays)."""
         scan = self.find(scan_id)
+        if scan.state not in ENDED:
+            raise Conflict(
+                f"scan {scan.id} is {scan.state}: cancel it first (`neuroscan cancel {scan.id}`), then delete it"
+            )
         out, kept = Path(scan.out), []
         with ExitStack() as held:
             if files and out.is_dir():
                 held.enter_context(claim(out))  # refused while a one-shot scan writes there
-            if not self.store.delete(scan.id):
+                try:
+                    kept = remove_written(out)
+                    if not kept:
+                        out.rmdir()
+                except OSError as err:
+                    raise Conflict(
+                        f"the files of scan {scan.id} could not all be deleted ({err.strerror or err}): "
+                        "delete it again in a moment"
+                    ) from None
+            if not self.store.delete(scan.id):  # resumed meanwhile, or deleted by another request
                 now = self.store.get(scan.id)
                 if now is None:
                     raise LookupError(f"scan {scan.id} is deleted already: `neuroscan status` lists the scans")
-                raise Conflict(
-                    f"scan {scan.id} is {now.state}: cancel it first (`neuroscan cancel {scan.id}`), then delete it"
-                )
-            if files and out.is_dir():
-                kept = remove_written(out)
-        if files and out.is_dir() and not kept:
-            out.rmdir()
+                raise Conflict(f"scan {scan.id} is {now.state} again: cancel it first, then delete it")
         corpus = Path(scan.corpus)
-        if corpus.is_relative_to(self.corpora):
+        if corpus.is_relative_to(self.corpora) and (files or scan.state == COMPLETED):
             corpus.unlink(missing_ok=True)
         return {"id": scan.id, "name": scan.name, "out": scan.out, "files_deleted": files, "kept": kept}
 
@@ -225,13 +237,21 @@ class Service:
             while not self.stopping.is_set():
                 if self.admitting.wait(0.5):
                     self.admitting.clear()
-                    self._admit()
+                    try:
+                        self._admit()
+                    except StateFull as err:  # queued scans wait until the table can be written again
+                        tell(f"not starting queued scans: {err}")
+                        self.stopping.wait(5)
+                        self.admitting.set()
         except BaseException as err:
             self.failure = f"the admission of scans stopped: {err}"
             raise
 
     def _admit(self) -> None:
-        """Start queued scans, oldest first, while fewer than ``--max-running`` are held."""
+        """Start queued scans, oldest first, while fewer than ``--max-running`` are held and a
+        replica is live (with every replica lost, the queue waits for one placed again)."""
+        if not self.pipelines.live:
+            return
         for scan in self.store.all():
             with self.lock:
                 if self.held >= self.cfg.max_running or self.stopping.is_set():
@@ -244,11 +264,11 @@ class Service:
                 active = self._prepare(scan)
             except Exception as err:  # a UserError names the problem; anything else fails this scan only
                 self._let_go()
-                self.store.end(scan.id, FAILED, str(err) if isinstance(err, UserError) else repr(err))
+                self._record_end(scan.id, FAILED, _error_line(err, scan.id))
                 continue
             if active is None:  # its run was complete already
                 self._let_go()
-                self.store.end(scan.id, COMPLETED)
+                self._record_end(scan.id, COMPLETED)
                 continue
             with self.lock:
                 self.ready.append(active)
@@ -288,8 +308,17 @@ class Service:
     # The scheduler's thread.
 
     def _loop(self) -> None:
+        checked = time.monotonic()
         try:
             while not self.stopping.is_set():
+                if time.monotonic() - checked >= NODE_CHECK_S:  # idle or busy: a node lost, a replica back
+                    checked = time.monotonic()
+                    self.scheduler.check_nodes()
+                    live = len(self.pipelines.live)
+                    self.pipelines.regrow(tell)
+                    if len(self.pipelines.live) > live:
+                        self.admitting.set()  # a replica is back: a queue held while none was live goes on
+                    self._record_ends()
                 self._add_ready()
                 self._cancel_requested()
                 if self.scheduler.jobs:
@@ -327,10 +356,30 @@ class Service:
     def _end(self, job: Job) -> None:
         active = self.active.pop(job.key)
         self._progress(job)
-        error = None if job.error is None else (str(job.error) or type(job.error).__name__)
-        self.store.end(job.key, job.state, error if job.state == FAILED else None)
-        self._release(active)
+        error = None if job.error is None else _error_line(job.error, job.key)
+        self._release(active)  # before the scan is seen ended: its directory is free by then
+        self._record_end(job.key, job.state, error if job.state == FAILED else None)
         self._let_go()
+
+    def _record_end(self, scan_id: str, state: str, error: str | None = None) -> None:
+        """Write that a scan ended; on a full disk, again from the scheduler's loop until it can
+        (meanwhile the table shows it running)."""
+        try:
+            self.store.end(scan_id, state, error)
+        except StateFull as err:
+            tell(f"scan {scan_id} {state}, not yet recorded: {err}")
+            with self.lock:
+                self.unrecorded.append((scan_id, state, error))
+
+    def _record_ends(self) -> None:
+        with self.lock:
+            pending, self.unrecorded = self.unrecorded, []
+        for end in pending:
+            try:
+                self.store.end(*end)
+            except StateFull:
+                with self.lock:
+                    self.unrecorded.append(end)
 
     def _release(self, active: Active) -> None:
         active.stack.close()
@@ -344,7 +393,21 @@ class Service:
 
     def _progress(self, job: Job) -> None:
         done = job.prompts_done + job.prompts_resumed
-        self.store.progress(job.key, job.total_prompts, done, job.tokens_done, job.seconds)
+        try:
+            self.store.progress(job.key, job.total_prompts, done, job.tokens_done, job.seconds)
+        except StateFull:  # written again within PROGRESS_EVERY_S, and when the scan ends
+            pass
+
+
+def _error_line(err: BaseException, scan_id: str) -> str:
+    """A failed scan's error in one line, with the fix as the service's user gives it. A
+    `UserError` raised in an actor is taken as the actor raised it (Ray wraps it with the
+    actor's traceback, many coloured lines, keeping the error itself as ``cause``); a one-shot
+    scan's "rerun the same command with --resume" is ``neuroscan resume ID`` here."""
+    cause = getattr(err, "cause", None)
+    err = cause if isinstance(cause, UserError) else err
+    line = str(err) if isinstance(err, UserError) else repr(err)
+    return line.replace("rerun the same command with --resume", f"resume the scan (`neuroscan resume {scan_id}`)")
 
 
 SELECTION_FIELDS = {f.name for f in dataclasses.fields(Selection)}

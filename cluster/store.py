@@ -5,6 +5,11 @@ scheduler's thread writes states and progress; the HTTP handlers read, insert an
 cancellation. Every call opens its own short transaction, so readers never wait behind a
 scan, and a service killed at any moment leaves the table as of its last commit: on restart
 queued scans stay queued and running ones are queued again, to resume from their manifests.
+
+A full disk: one connection stays open for the store's life, so the log (WAL) and its index
+stay on disk and the table is read without creating a file; a write that finds no room
+checkpoints the log and writes again from the log's beginning, over space the file already
+holds. What still cannot be written (a row past the space the files hold) raises `StateFull`.
 """
 
 from __future__ import annotations
@@ -68,6 +73,21 @@ class Scan:
     seq: int = field(default=0, compare=False)
 
 
+class StateFull(Exception):
+    """The table cannot be written: its disk (the service's state directory) is full or failing."""
+
+
+def _no_room(err: sqlite3.Error) -> bool:
+    """Whether SQLite failed for want of room (or a failing disk). Python 3.10's errors carry
+    no code name: their message says it."""
+    name = getattr(err, "sqlite_errorname", "")
+    return (
+        name == "SQLITE_FULL"
+        or name.startswith("SQLITE_IOERR")
+        or str(err) in ("database or disk is full", "disk I/O error")
+    )
+
+
 class Store:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -76,25 +96,47 @@ class Store:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(SCHEMA)
+        # Idle, never in a transaction: while it is open the last connection to close does not
+        # remove the log and its index, which a new connection could not create on a full disk.
+        self._held = sqlite3.connect(self.path, check_same_thread=False)
+        self._held.execute("SELECT 1 FROM scans LIMIT 1").fetchall()
+
+    def close(self) -> None:
+        self._held.close()
 
     @contextmanager
     def _connect(self):
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        # In WAL mode NORMAL loses no committed transaction when the process is killed (only,
-        # at worst, the last ones on a power cut) and spares an fsync on every commit.
-        db.execute("PRAGMA synchronous=NORMAL")
         try:
-            yield db
-        finally:
-            db.close()
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            try:
+                db.row_factory = sqlite3.Row
+                # In WAL mode NORMAL loses no committed transaction when the process is killed (only,
+                # at worst, the last ones on a power cut) and spares an fsync on every commit.
+                db.execute("PRAGMA synchronous=NORMAL")
+                yield db
+            finally:
+                db.close()
+        except sqlite3.OperationalError as err:
+            if not _no_room(err):
+                raise
+            raise StateFull(
+                f"the service's table {self.path} cannot be written ({err}): free space on its disk, or check the disk "
+                "(the service's --state, by default under --results)"
+            ) from None
 
     def _write(self, sql: str, args: tuple) -> int:
         with self.lock, self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            cursor = db.execute(sql, args)
-            db.execute("COMMIT")
-            return cursor.rowcount
+            try:
+                return _transaction(db, sql, args)
+            except sqlite3.OperationalError as err:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if not _no_room(err):
+                    raise
+            # No room to grow the log: copy it into the table, so that the next write starts
+            # the log again from its beginning, then write once more.
+            db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+            return _transaction(db, sql, args)
 
     def add(self, scan: Scan) -> bool:
         """Insert ``scan``; False when its name is taken (checked by the table, so two requests
@@ -200,6 +242,13 @@ class Store:
             ids = [r["id"] for r in db.execute("SELECT id FROM scans WHERE state = ?", (RUNNING,)).fetchall()]
         self._write("UPDATE scans SET state = ? WHERE state = ?", (QUEUED, RUNNING))
         return ids
+
+
+def _transaction(db: sqlite3.Connection, sql: str, args: tuple) -> int:
+    db.execute("BEGIN IMMEDIATE")
+    cursor = db.execute(sql, args)
+    db.execute("COMMIT")
+    return cursor.rowcount
 
 
 def _scan(row: sqlite3.Row) -> Scan:

@@ -305,6 +305,12 @@ class ScanConfig(Config):
         "--batch-tokens): keep its committed parts, redo the rest",
         group="the output directory",
     )
+    repair: bool = option(
+        False,
+        "with --resume: drop the committed parts whose files no longer match the manifest (missing, another "
+        "size, other bytes) and scan their micro-batches again",
+        group="the output directory",
+    )
     rows_per_part: int = option(
         500_000, "activation rows buffered before a part is committed", minimum=1, group="the output directory"
     )
@@ -313,6 +319,10 @@ class ScanConfig(Config):
         if self.overwrite and self.resume:
             raise UserError(
                 "--overwrite and --resume contradict: --resume continues the run in --out, --overwrite deletes it; pass one"
+            )
+        if self.repair and not self.resume:
+            raise UserError(
+                "--repair rescans the damaged parts of the run in --out, so it goes with --resume: add --resume"
             )
         if not 0 < self.gpus_per_stage <= 1:
             # A stage runs on one GPU (GPT-J-6B's 12 GB of fp16 weights fit one); more would sit idle.

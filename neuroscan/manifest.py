@@ -224,6 +224,12 @@ def write_manifest(out_dir: Path, manifest: Manifest) -> None:
 def damaged_files(out_dir: Path, manifest: Manifest, hashes: bool = False) -> list[str]:
     """One line for each file the manifest lists that is not as it was written: missing,
     another size, or (with ``hashes``, reading every file) other bytes than its sha256."""
+    return list(file_damage(out_dir, manifest, hashes).values())
+
+
+def file_damage(out_dir: Path, manifest: Manifest, hashes: bool = False) -> dict[str, str]:
+    """`damaged_files` by file: the path of each damaged file (as the manifest lists it) and
+    its line, in the manifest's order."""
     out_dir = Path(out_dir)
 
     def problem(f: PartFile) -> str | None:
@@ -240,7 +246,7 @@ def damaged_files(out_dir: Path, manifest: Manifest, hashes: bool = False) -> li
 
     listed = manifest.listed()
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashing releases the GIL
-        return [line for line in pool.map(problem, listed) if line]
+        return {f.path: line for f, line in zip(listed, pool.map(problem, listed)) if line}
 
 
 def damage_line(out_dir: Path, problems: list[str], fix: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -39,7 +40,11 @@ def build(options: ReportConfig, notice: Callable[[str], None] | None = None) ->
     The scan's directory is only read, so a site elsewhere reports a scan on read-only storage.
     A scan that has not completed (killed, or still running) is reported as far as its
     committed parts go, and marked partial (`partial_line`) on the index page; ``notice`` is
-    told that line."""
+    told that line.
+
+    The site is built in ``.NAME.tmp`` beside its directory; an earlier report there is
+    renamed to ``.NAME.old`` only once the new one is whole, and removed once the new one is
+    in place, so a write that fails (a full disk) leaves the earlier report as it was."""
     options.validate()
     run = open_run(options.dir, verify=True)
     partial = partial_line(run.manifest)
@@ -50,21 +55,32 @@ def build(options: ReportConfig, notice: Callable[[str], None] | None = None) ->
         raise UserError(
             f"--out {site} is {'a file' if site.is_file() else 'not empty and holds no report'}: choose a new directory, or an earlier report's"
         )
+    if os.path.ismount(site):  # the report is built beside it, on another disk, and could not be renamed there
+        raise UserError(f"--out {site} is a mount point: give a directory in it, e.g. --out {site / 'report'}")
     make_dir(site.parent, site)
-    staging = site.parent / f".{site.name}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging, earlier = (site.parent / f".{site.name}.{end}" for end in ("tmp", "old"))
+    if earlier.is_dir() and not site.exists():  # a replacement cut short between its two renames
+        earlier.rename(site)
+    for leftover in (staging, earlier):
+        shutil.rmtree(leftover, ignore_errors=True)
+    had = (site / "index.html").is_file()
     try:
         _write(run, staging, options)
+        if site.exists():
+            site.rename(earlier)
+        staging.rename(site)
     except BaseException as err:
-        shutil.rmtree(staging, ignore_errors=True)  # an earlier report stays as it was
+        if earlier.is_dir() and not site.exists():
+            earlier.rename(site)  # an earlier report stays as it was
+        shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, OSError):
             raise UserError(
                 f"writing the report to {site} failed ({err.strerror or err}): fix the disk (space, permissions), "
-                "or give another place with --out, and run it again; an earlier report is intact"
+                "or give another place with --out, and run it again"
+                + ("; the earlier report is intact" if had else "; nothing was written")
             ) from None
         raise
-    shutil.rmtree(site, ignore_errors=True)
-    staging.rename(site)
+    shutil.rmtree(earlier, ignore_errors=True)
     return site / "index.html"
 
 

@@ -251,4 +251,7 @@ def open_run(out_dir: str | Path, verify: bool = False) -> Run:
     return Run(out, manifest)
 
 
-FIX = "restore the files from a copy, or scan the corpus again into a new --out"
+FIX = (
+    "restore the files from a copy, rescan the damaged parts (`neuroscan scan ... --resume --repair`), "
+    "or scan the corpus again into a new --out"
+)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -80,3 +81,77 @@ def ray_session():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs("512k")``: the directory of a real tmpfs of that size, mounted for the test and
+    unmounted after it (the test is skipped where this process may not mount one)."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        disk = tmp_path / f"disk{len(mounted)}"
+        disk.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or done.returncode})")
+        mounted.append(disk)
+        return disk
+
+    yield mount
+    for disk in mounted:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmpfs) -> Path:
+    """A real tmpfs of 512 KiB (skipped where this process may not mount one); unmounted after."""
+    return tmpfs("512k")
+
+
+def fill(disk: Path, leave: int = 0) -> Path:
+    """Fill the file system of ``disk`` with a file (``disk/ballast``, returned) until ``leave``
+    bytes or fewer are free."""
+    ballast = disk / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while (free := os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize) > leave:
+            os.write(fd, bytes(min(free - leave, 1 << 20)))
+    except OSError:  # full: no byte is free
+        pass
+    finally:
+        os.close(fd)
+    return ballast
+
+
+@pytest.fixture
+def read_log(monkeypatch):
+    """Record every tensor name read through safetensors (`workers.checkpoint`)."""
+    names: list[str] = []
+    from workers import checkpoint
+
+    real_open = checkpoint.safe_open
+
+    class Spy:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def keys(self):
+            return self.handle.keys()
+
+        def get_slice(self, name):  # a header's shape and dtype, no bytes read
+            return self.handle.get_slice(name)
+
+        def get_tensor(self, name):
+            names.append(name)
+            return self.handle.get_tensor(name)
+
+    monkeypatch.setattr(checkpoint, "safe_open", lambda *a, **k: Spy(real_open(*a, **k)))
+    return names

@@ -144,15 +144,8 @@ def tensor_files(path: Path) -> dict[str, str]:
 def read_tensors(path: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
     """Read exactly ``names`` (each from its own file), on the CPU."""
     path = Path(path)
-    where = tensor_files(path)
-    missing = [n for n in names if n not in where]
-    if missing:
-        raise UserError(f"checkpoint {path} lacks tensors {missing[:3]}: it is not a complete GPT-J checkpoint")
-    by_file: dict[str, list[str]] = {}
-    for name in names:
-        by_file.setdefault(where[name], []).append(name)
     tensors = {}
-    for file, keys in by_file.items():
+    for file, keys in _by_file(path, names).items():
         try:
             with _open(path / file) as f:
                 for key in keys:
@@ -160,6 +153,34 @@ def read_tensors(path: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as err:
             raise _corrupt(path / file, err) from None
     return tensors
+
+
+def tensor_headers(path: str | Path, names: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each of ``names``' shape and safetensors dtype ("F32", "BF16"...), from the files'
+    headers alone: no tensor's bytes are read."""
+    path = Path(path)
+    headers = {}
+    for file, keys in _by_file(path, names).items():
+        try:
+            with _open(path / file) as f:
+                for key in keys:
+                    piece = f.get_slice(key)
+                    headers[key] = (tuple(piece.get_shape()), piece.get_dtype())
+        except (SafetensorError, OSError) as err:
+            raise _corrupt(path / file, err) from None
+    return headers
+
+
+def _by_file(path: Path, names: list[str]) -> dict[str, list[str]]:
+    """``names`` grouped by the safetensors file that holds each; one line if any is missing."""
+    where = tensor_files(path)
+    missing = [n for n in names if n not in where]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks tensors {missing[:3]}: it is not a complete GPT-J checkpoint")
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(where[name], []).append(name)
+    return by_file
 
 
 def _open(file: Path):

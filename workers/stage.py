@@ -39,6 +39,7 @@ from neuroscan.memory import MemoryWatch, release_free_heap
 from neuroscan.messages import Hidden, MicroBatch, StageRows
 from workers.checkpoint import load_config
 from workers.embedded import embedded_model_dir, embedded_model_path
+from workers.footprint import check_fits, footprint, free_bytes
 from workers.fused import available as fused_available
 from workers.handoff import Outbox
 from workers.reduce import compact, reduce_layer
@@ -51,6 +52,10 @@ FAULT_OOM_TOKENS = int(os.environ.get("NEUROSCAN_FAULT_OOM_TOKENS", "0"))
 """Testing hook: act as if a micro-batch of more padded tokens than this ran out of memory."""
 FAULT_LOAD_S = float(os.environ.get("NEUROSCAN_FAULT_LOAD_S", "0"))
 """Testing hook: take this many seconds longer to load the weights (a large model on a slow disk)."""
+FAULT_MEMORY_BYTES = int(os.environ.get("NEUROSCAN_FAULT_MEMORY_BYTES", "0"))
+"""Testing hook: act as if the stage's device had this many bytes free."""
+MEMORY_SETTLE_S = 10.0
+"""How long a stage that does not fit waits for memory to be freed before it says so."""
 
 
 def node_name() -> str:
@@ -150,7 +155,9 @@ class Stage:
         self.outbox = Outbox()  # hidden states waiting for their direct hand-off
 
     def setup(self) -> dict:
-        """Load this stage's weights on its device; returns what was loaded."""
+        """Load this stage's weights on its device; returns what was loaded. Before anything
+        loads, what the stage needs (`workers.footprint`) is checked against what the device
+        has free: one line if it does not fit."""
         if self.spec.threads:
             torch.set_num_threads(self.spec.threads)
         model_here(self.spec.model_path)
@@ -161,9 +168,16 @@ class Stage:
         # On a GPU the reductions run on a side stream, beside the forward pass (bench turns it off
         # to measure the difference).
         self.reduce_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.model = load_stage(
-            self.spec.model_path, config, self.spec.shard, self.device, getattr(torch, self.spec.dtype)
-        )
+        dtype = getattr(torch, self.spec.dtype)
+        need = footprint(self.spec.model_path, config, self.spec.shard, dtype, self.device.type)
+        where = self.device if self.device.type == "cpu" else torch.device("cuda", torch.cuda.current_device())
+        free = FAULT_MEMORY_BYTES or free_bytes(self.device)
+        settled = time.monotonic() + MEMORY_SETTLE_S
+        while need.total > free and not FAULT_MEMORY_BYTES and time.monotonic() < settled:
+            time.sleep(0.5)  # a process just gone (this actor before Ray restarted it) may still be freeing
+            free = free_bytes(self.device)
+        check_fits(need, free, self.spec.shard, self.spec.dtype, f"{where} of {node_name()}", self.device.type)
+        self.model = load_stage(self.spec.model_path, config, self.spec.shard, self.device, dtype)
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.device.type != "meta")
         if self.device.type == "cuda":
             self._warm_up(config.n_embd)

@@ -384,7 +384,9 @@ def test_a_node_without_neuroscan_is_named_with_the_fix(multinode, prompts, tmp_
     assert not (tmp_path / "out" / "manifest.json").exists() or _committed(tmp_path / "out") == 0
 
 
-def test_the_service_on_the_cluster_answers_a_client_on_a_worker_node(multinode, prompts, one_node, tmp_path):
+def test_the_service_on_the_cluster_answers_a_client_on_a_worker_node_and_places_a_lost_replica_again(
+    multinode, prompts, one_node, tmp_path
+):
     port = _free_port()
     log = tmp_path / "serve.log"
     results = tmp_path / "results"
@@ -425,9 +427,59 @@ print(json.dumps(ray.get(submit.remote())))
             health = json.load(answer)
         labels = multinode.labels()
         assert health["replicas_live"] == 3 and sorted(labels[n] for n in health["nodes"]) == sorted(WORKERS)
+
+        # A node lost while the service is idle takes its replica; a node that joins gets it back.
+        multinode.lose("b")
+        _wait_for(lambda: _health(port)["replicas_live"] == 2, 60, "the replica on b dropped")
+        before = set(multinode.actors())
+        multinode.add("e")
+        _wait_for(lambda: _health(port)["replicas_live"] == 3, 300, "a replica on the node that joined")
+        labels = multinode.labels()
+        assert sorted(labels[n] for n in _health(port)["nodes"]) == ["a", "c", "e"]
+        job = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "neuroscan",
+                "submit",
+                str(prompts),
+                "--name",
+                "after-e",
+                "--url",
+                f"http://127.0.0.1:{port}",
+            ]
+            + ["--batch-tokens", "256", "--rows-per-part", "200"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert job.returncode == 0, job.stderr
+        waited = subprocess.run(
+            [sys.executable, "-m", "neuroscan", "wait", job.stdout.split()[1], "--url", f"http://127.0.0.1:{port}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert waited.returncode == 0, waited.stderr
+        assert_same_output(results / "after-e", one_node)
+        assert sorted(label for name, label in multinode.actors(before).items() if "-stage-" in name) == ["e", "e"]
+        said = log.read_text()
+        assert " lost with node " in said and ": the scan goes on with the 2 replicas left" in said
+        assert "is back, on node " in said and "(loaded in " in said and "): 3 replicas live" in said
     finally:
         os.killpg(service.pid, signal.SIGINT)
         service.wait(timeout=120)
+        if "e" in multinode.nodes:
+            multinode.lose("e")
+        if "b" not in multinode.nodes:
+            multinode.add("b")
+
+
+def _health(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as answer:
+        return json.load(answer)
 
 
 def test_a_cluster_with_fewer_nodes_than_asked_is_one_line(multinode, prompts, tmp_path):

@@ -1,15 +1,20 @@
-"""Out-of-memory micro-batches through the real command (injected on CPU).
+"""Out-of-memory micro-batches, and stages too large for their device, through the real command
+(injected on CPU).
 
 NEUROSCAN_FAULT_OOM_TOKENS=N makes every stage act as if a micro-batch of more than N
-padded tokens ran out of device memory.
+padded tokens ran out of device memory; NEUROSCAN_FAULT_MEMORY_BYTES=N as if its device had N
+bytes free when it is about to load.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +34,10 @@ def corpus(tmp_path_factory) -> Path:
     return path
 
 
-def scan(corpus: Path, out: Path, limit: int | None, *flags: str) -> subprocess.CompletedProcess:
-    env = os.environ.copy()
+def scan(
+    corpus: Path, out: Path, limit: int | None, *flags: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    env = dict(env or os.environ)
     if limit:
         env["NEUROSCAN_FAULT_OOM_TOKENS"] = str(limit)
     cmd = [
@@ -94,3 +101,24 @@ def test_skip_leaves_out_only_that_prompt(corpus, clean, tmp_path, handoff):
     layers = ds.dataset(out / "layers").to_table()
     assert 3 not in set(layers["prompt_id"].to_pylist())
     assert np.isclose(manifest["summary"]["layers"]["0"]["mean_kept"], 20)
+
+
+def test_a_stage_too_large_for_its_device_stops_the_scan_in_one_line_before_loading(corpus, tmp_path):
+    """Each stage checks what it needs against what its device has free before reading any
+    weight; the first that does not fit stops the start with its line, Ray's wrapping and
+    traceback left out, and nothing is committed."""
+    ray_tmp = tempfile.mkdtemp(prefix="rm", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp, "NEUROSCAN_FAULT_MEMORY_BYTES": str(1 << 20)}
+    try:
+        result = scan(corpus, tmp_path / "out", None, env=env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stdout == ""
+    line = (
+        r"neuroscan: error: the stage of layers (0-13|14-27) \(of 28\) needs [\d.]+ MiB on cpu of \S+ \(Ray node \w{8}\) "
+        r"but 1\.0 MiB is free \([\d.]+ MiB of weights at float32, [\d.]+ MiB to run a 2,048-token prompt\): "
+        r"use a 16-bit --dtype \(bfloat16 or float16\), or free memory on that node\n"
+    )
+    assert re.fullmatch(line, result.stderr), result.stderr
+    assert not any((tmp_path / "out").glob("**/*"))  # no manifest, no part

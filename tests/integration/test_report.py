@@ -23,6 +23,7 @@ from cluster.driver import run_scan
 from neuroscan.config import ReportConfig, ScanConfig
 from prompts.generate import generate, write_jsonl
 from report.site import build
+from tests.conftest import fill
 from tests.same_output import files
 
 CHROMIUM = "/usr/bin/chromium"
@@ -236,6 +237,43 @@ def test_a_failed_write_keeps_the_earlier_report(scanned, tmp_path, capsys, monk
     assert err.count("\n") == 1 and "No space left on device" in err and "earlier report is intact" in err
     assert (copy / "report" / "index.html").read_text() == before
     assert not (copy / ".report.tmp").exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_scan_and_its_earlier_report_as_they_were(scanned, tmpfs, capsys):
+    """Real tmpfs file systems: the scan and its earlier report on a disk with room for half a
+    report, and ``--out`` on a disk too small for one. Each write stops in one line; no file of
+    the new report stays, and the scan and its earlier report are as they were."""
+    disk = tmpfs("128m")  # the scan and two reports (the earlier one stays until the new one is whole)
+    run = disk / "run"
+    shutil.copytree(scanned, run)
+    before = files(run)
+    size = sum(len(data) for data in files(run / "report").values())
+    ballast = fill(disk, leave=size // 2)
+    assert main(["report", str(run)]) == 2
+    assert capsys.readouterr().err == (
+        f"neuroscan: error: writing the report to {run / 'report'} failed (No space left on device): fix the disk "
+        "(space, permissions), or give another place with --out, and run it again; the earlier report is intact\n"
+    )
+    assert files(run) == before  # no .report.tmp, no .report.old
+    assert sorted(p.name for p in disk.iterdir()) == ["ballast", "run"]
+
+    tiny = tmpfs("64k")
+    assert size > 64 << 10
+    assert main(["report", str(run), "--out", str(tiny / "site")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"neuroscan: error: writing the report to {tiny / 'site'} failed (No space left on device)")
+    assert err.endswith("and run it again; nothing was written\n") and err.count("\n") == 1
+    assert list(tiny.iterdir()) == []
+    assert main(["report", str(run), "--out", str(tiny)]) == 2  # built beside it, on another disk: refused
+    assert capsys.readouterr().err == (
+        f"neuroscan: error: --out {tiny} is a mount point: give a directory in it, e.g. --out {tiny / 'report'}\n"
+    )
+    assert sorted(p.name for p in tiny.parent.iterdir()) == ["disk0", "disk1"]
+
+    ballast.unlink()  # room again: the report is replaced
+    assert main(["report", str(run)]) == 0
+    assert files(run / "report") == files(scanned / "report")
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in scanned.iterdir())
 
 
 def test_out_writes_the_same_site_elsewhere_and_only_reads_the_scan(scanned, tmp_path, capsys):

@@ -202,18 +202,6 @@ def test_a_corpus_edited_mid_run_stops_in_one_line_keeping_what_is_committed(tmp
     assert manifest["status"] == "running" and manifest["parts"]
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real tmpfs of 512 KiB (skipped where this process may not mount one); unmounted after."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip() or mounted.returncode})")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
-
-
 def test_a_full_disk_stops_the_scan_in_one_line_and_resume_finishes_once_there_is_room(corpus, reference, small_disk):
     """On a disk too small for the run, whatever write fills it (a part, the manifest,
     ``neurons/``) stops the scan in one line; nothing half-written stays; with room again,

@@ -27,7 +27,7 @@ from neuroscan.config import ScanConfig, Selection, ServeConfig
 from neuroscan.errors import UserError
 from neuroscan.manifest import read_manifest
 from prompts.generate import generate, write_jsonl
-from tests.conftest import CORPUS
+from tests.conftest import CORPUS, fill
 from tests.reference import assert_scan_matches, reference_scan
 from tests.same_output import assert_same_output, sequence_corpus
 
@@ -62,6 +62,26 @@ def served(ray_session, other_model, tmp_path_factory):
     yield Client(url, token=TOKEN), service, root
     stop()
     service.close()
+
+
+@pytest.fixture
+def served_on_a_small_disk(ray_session, other_model, tmpfs):
+    """A service on 1 stage x 1 replica of the second tiny model whose --results (and so its
+    state directory: the table and the stored corpora) is a real tmpfs of 512 KiB; yields
+    (client, service, the tmpfs)."""
+    from cluster.serve import background
+    from cluster.service import Service
+
+    disk = tmpfs("512k")
+    cfg = ServeConfig(results=str(disk / "results"), port=0, aggregators=1)
+    service = Service(cfg, ScanConfig(prompts="seed", out=str(disk), model=str(other_model), stages=1, replicas=1))
+    try:
+        service.start()
+        url, stop = background(service, "127.0.0.1", 0)
+        yield Client(url), service, disk
+        stop()
+    finally:
+        service.close()
 
 
 @pytest.fixture(scope="module")
@@ -352,15 +372,22 @@ def test_an_ended_scan_is_deleted_with_its_stored_corpus_and_on_request_its_tabl
         "files_deleted": False,
         "kept": [],
     }
-    assert not stored.exists() and read_manifest(out) is not None  # the stored corpus is gone, the run stays
+    assert stored.is_file() and read_manifest(out) is not None  # the unfinished run and its corpus stay: resumable
     assert running.id not in [s["id"] for s in client.scans()]
     with pytest.raises(UserError, match="a scan named 'to-delete' exists already"):  # its directory is still there
         client.submit(["x"], name="to-delete")
     with pytest.raises(UserError, match=f"scan id '{running.id}' matches no scan"):
         running.delete()
 
+    kept = client.submit(str(corpus), name="kept-tables")
+    kept.wait()  # a completed scan deleted without --files: its tables stay, its stored corpus goes
+    kept_corpus = Path(kept.status()["corpus"])
+    assert main(["delete", kept.id, "--url", client.url]) == 0
+    assert capsys.readouterr().out == f"scan {kept.id} deleted; its tables stay in {service.results / 'kept-tables'}\n"
+    assert not kept_corpus.exists() and read_manifest(service.results / "kept-tables").complete
+
     done = client.submit(str(corpus), name="delete-files")
-    done.wait()
+    done.wait()  # returns once the scan is recorded ended: its directory is free to delete at once
     out = Path(done.status()["out"])
     (out / "notes.md").write_text("mine")
     assert main(["delete", done.id[:8], "--files", "--url", client.url]) == 0
@@ -467,6 +494,48 @@ def test_a_service_killed_mid_scan_resumes_every_scan_when_started_again(ray_ses
         tmp_path / "results" / "queued",
         one_shot(corpus, tmp_path / "b", other_model, {"high": 2.0, "batch_tokens": 300}),
     )
+
+
+def test_a_full_disk_fails_its_scan_in_one_line_refuses_a_corpus_with_507_and_resume_finishes_the_scan(
+    served_on_a_small_disk, other_model, tmp_path
+):
+    """--results on a real tmpfs the scan fills: the scan fails with the aggregator's one line
+    (not Ray's traceback), keeping its committed parts; the service goes on answering. With the
+    disk full, a corpus sent is refused with a 507 and nothing of it is kept; with room again,
+    resuming the scan ends with the tables of a scan that never ran out."""
+    client, service, disk = served_on_a_small_disk
+    corpus = sequence_corpus(tmp_path / "big.jsonl", 600, seed=3)
+    options = {"batch_tokens": 1024, "rows_per_part": 1500, "max_per_layer": 5}
+    job = client.submit(str(corpus), name="big", **options)
+    with pytest.raises(UserError, match=f"scan {job.id} failed: .*No space left on device"):
+        job.wait()
+    status = job.status()
+    assert status["state"] == "failed" and "\n" not in status["error"], status["error"]
+    assert status["error"].endswith(
+        f"fix the disk (space, permissions), then resume the scan (`neuroscan resume {job.id}`)"
+    )
+    out = Path(status["out"])
+    failed = read_manifest(out)
+    assert failed.status == "running" and failed.parts and not list(out.rglob("*.tmp"))
+    assert client.health()["status"] == "ok" and [s["name"] for s in client.scans()] == ["big"]
+
+    stored = set(service.corpora.iterdir())
+    ballast = fill(disk)
+    got, answer = _raw(client, "POST", "/scans?name=late", b'{"text": "1, 2, 3,"}\n' * 100)
+    assert (got, list(answer)) == (507, ["error"]) and "\n" not in answer["error"]
+    assert answer["error"] == (
+        f"the corpus (2,100 bytes) cannot be stored in {service.corpora} (No space left on device): free space on "
+        "its disk (the service's --state, by default under --results), then submit it again"
+    )
+    assert set(service.corpora.iterdir()) == stored and [s["name"] for s in client.scans()] == ["big"]
+    assert client.health()["status"] == "ok" and job.status()["state"] == "failed"
+
+    ballast.unlink()
+    assert subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], capture_output=True).returncode == 0
+    assert job.resume()["state"] in ("queued", "running")
+    job.wait()
+    assert read_manifest(out).parts[: len(failed.parts)] == failed.parts
+    assert_same_output(out, one_shot(corpus, tmp_path / "one-shot", other_model, options))
 
 
 def test_serving_beyond_loopback_needs_a_token(monkeypatch, capsys, tmp_path):

@@ -18,34 +18,6 @@ from workers.shard import ShardSpec, load_stage
 from workers.stage import Stage, StageSpec
 
 
-@pytest.fixture
-def read_log(monkeypatch):
-    """Record every tensor name read through safetensors."""
-    names: list[str] = []
-    real_open = checkpoint.safe_open
-
-    class Spy:
-        def __init__(self, handle):
-            self.handle = handle
-
-        def __enter__(self):
-            self.handle.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.handle.__exit__(*exc)
-
-        def keys(self):
-            return self.handle.keys()
-
-        def get_tensor(self, name):
-            names.append(name)
-            return self.handle.get_tensor(name)
-
-    monkeypatch.setattr(checkpoint, "safe_open", lambda *a, **k: Spy(real_open(*a, **k)))
-    return names
-
-
 @pytest.mark.parametrize("start, stop", [(0, 2), (2, 4), (4, 5), (0, 5)])
 def test_stage_reads_only_its_own_tensors(other_model, read_log, start, stop):
     config = checkpoint.load_config(other_model)

@@ -25,6 +25,7 @@ from neuroscan.messages import StageRows, Tokenized
 from neuroscan.schema import ACTIVATIONS, LAYERS, PROMPTS
 from prompts.readers import read_prompts
 from results.compare import compare
+from tests.conftest import fill
 from tests.manifests import header
 
 
@@ -184,6 +185,24 @@ def test_a_full_disk_while_compare_writes_is_one_line_and_leaves_no_file(tmp_pat
     with pytest.raises(UserError, match=f"writing {out} failed \\(No space left on device\\): fix the disk"):
         compare.write_compare(pa.table({"x": [1]}), out)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_onto_a_full_disk_is_one_line_and_keeps_the_earlier_table(run_dir, tmpfs, capsys):
+    """A real tmpfs, full: the write stops in one line, the table an earlier compare wrote there
+    stays as it was and no temporary file is left."""
+    disk = tmpfs("1m")
+    out = disk / "cmp.parquet"
+    assert main(["compare", str(run_dir), "--by", "family", "--out", str(out)]) == 0
+    earlier = out.read_bytes()
+    capsys.readouterr()
+    fill(disk)
+    assert main(["compare", str(run_dir), "--by", "family", "--sort", "z", "--out", str(out)]) == 2
+    got = capsys.readouterr()
+    assert got.out == "" and got.err.count("\n") == 1
+    assert got.err.startswith(f"neuroscan: error: writing {out} failed (") and "No space left on device" in got.err
+    assert got.err.endswith("): fix the disk (space, permissions), or give another --out\n")
+    assert out.read_bytes() == earlier
+    assert sorted(p.name for p in disk.iterdir()) == ["ballast", "cmp.parquet"]
 
 
 def test_bh_q_values_by_hand():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -97,3 +98,26 @@ def test_extra_columns_are_typed_from_the_whole_corpus(tiny_model, tmp_path, mon
     assert driver.manifest_header(cfg, p).corpus.columns == p.columns
     seed = ScanConfig(prompts="seed", out=str(tmp_path / "o"), model=str(tiny_model))
     assert driver.manifest_header(seed, driver.plan(seed)).corpus.columns == {}
+
+
+def test_with_repair_the_plan_finds_the_micro_batch_of_each_skipped_prompt(tiny_model, tmp_path, monkeypatch):
+    """``--repair`` takes a dropped part's skipped prompts out of the manifest by their micro-batch,
+    which only the plan knows (also for prompts past the chunks it keeps)."""
+    from neuroscan.manifest import write_manifest
+    from tests.manifests import header
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "ab" * (i % 7 + 1)}) + "\n" for i in range(23)))
+    out = tmp_path / "out"
+    out.mkdir()
+    skipped = [{"prompt_id": i, "id": str(i), "reason": "too large"} for i in (3, 21)]
+    write_manifest(out, header(packing="balanced", skipped=skipped))
+    cfg = ScanConfig(
+        prompts=str(corpus), out=str(out), model=str(tiny_model), batch_tokens=40, resume=True, repair=True
+    )
+    monkeypatch.setattr(batching, "CHUNK", 5)
+    monkeypatch.setattr(driver, "KEEP_PROMPTS", 5)  # prompt 21 is in a chunk read again during the run
+    whole = list(micro_batches(str(corpus), load_tokenizer(str(tiny_model)), 2048, 40, False))
+    want = {int(i): b.batch_id for b, _ in whole for i in b.prompt_ids if i in (3, 21)}
+    assert driver.plan(cfg).skipped_batches == want and len(set(want.values())) == 2
+    assert driver.plan(dataclasses.replace(cfg, repair=False)).skipped_batches == {}

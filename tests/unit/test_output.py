@@ -40,7 +40,7 @@ def test_resume_refuses_a_run_whose_committed_part_was_rewritten(tmp_path):
     assert prepare_output(out, overwrite=False, resume=True, header=HEADER) == manifest
     layer = manifest.files("activations/")[0].path
     _flip_a_byte(out / layer)
-    with pytest.raises(UserError, match=f"is damaged: {layer} holds other bytes.*scan again with --overwrite"):
+    with pytest.raises(UserError, match=f"is damaged: {layer} holds other bytes.*--resume --repair.*--overwrite"):
         prepare_output(out, overwrite=False, resume=True, header=HEADER)
 
 

@@ -1,6 +1,9 @@
 """Which placement a scan gets: a replica's stages together on one node where a node can hold them."""
 
-from cluster.placement import fits, replica_bundle, stage_bundle
+import pytest
+
+from cluster.placement import fits, ray_reason, replica_bundle, stage_bundle
+from neuroscan.errors import UserError
 
 
 def test_a_replica_is_its_stages_together():
@@ -35,3 +38,33 @@ def test_ray_lines_go_to_stderr_and_cluster_errors_to_the_log(monkeypatch, tmp_p
     out, err = capsys.readouterr()
     assert out == "" and err == "(pid=42) loaded\n"
     assert (tmp_path / "neuroscan-cluster-errors.log").read_text() == "A worker died\n"
+
+
+@pytest.mark.parametrize(
+    "message, reason",
+    [
+        (  # as Ray 2.60 words an actor whose owner's node crashed
+            "The actor died unexpectedly before finishing this task.\n\tclass_name: A\n\tpid: 3555\n"
+            "The actor is dead because its owner has died. Owner Id: 01000000ff Owner worker exit type: "
+            "SYSTEM_ERROR Worker exit detail: Owner's node has crashed.",
+            "Owner's node has crashed.",
+        ),
+        (  # a task error whose first line is the call, in colour codes
+            "\x1b[36mray::AggregatorHost.add()\x1b[39m (pid=2874, ip=192.0.2.2, actor_id=0c08, repr=<object at 0x7f>)",
+            "AggregatorHost.add() failed, pid 2874 on 192.0.2.2",
+        ),
+        (
+            "The actor is dead because it was killed by `ray.kill`.",
+            "The actor is dead because it was killed by `ray.kill`.",
+        ),
+        ("", "RuntimeError"),
+    ],
+)
+def test_a_ray_error_is_said_in_its_own_words_without_colour_codes(message, reason):
+    assert ray_reason(RuntimeError(message)) == reason
+
+
+def test_neuroscans_own_line_raised_in_an_actor_is_said_as_it_is():
+    err = RuntimeError("\x1b[36mray::Stage.setup()\x1b[39m (pid=1, ip=10.0.0.1)\nTraceback ...")
+    err.cause = UserError("the stage of layers 0-13 (of 28) needs 12.1 GiB on cuda:0 but 3.0 GiB is free: ...")
+    assert ray_reason(err) == str(err.cause)

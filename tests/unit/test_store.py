@@ -6,7 +6,10 @@ import sqlite3
 import threading
 import time
 
-from cluster.store import CANCELLED, COMPLETED, QUEUED, RUNNING, Scan, Store
+import pytest
+
+from cluster.store import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, Scan, StateFull, Store
+from tests.conftest import fill
 
 
 def _scan(i: int) -> Scan:
@@ -96,3 +99,30 @@ def test_a_queued_scans_position_counts_the_queued_scans_before_it(tmp_path):
     store.start(_scan(0).id)
     store.cancel_queued(_scan(2).id)
     assert [store.position(_scan(i).id) for i in (1, 3)] == [1, 2]
+
+
+def test_on_a_full_disk_the_table_is_read_and_updated_and_a_row_past_its_room_is_one_line(tmpfs):
+    """A real tmpfs, full: every row is read, and updated (a scan's start, progress, end), as
+    often as need be; a new row past the room the files hold raises `StateFull`; with room
+    again rows are added."""
+    disk = tmpfs("256k")
+    store = Store(disk / "scans.sqlite")
+    for i in range(3):
+        store.add(_scan(i))
+    ballast = fill(disk)
+    assert [s.name for s in store.all()] == ["s0", "s1", "s2"]
+    scan_id = _scan(1).id
+    for n in range(500):
+        assert store.start(scan_id)
+        store.progress(scan_id, 500, n, 10 * n, n / 10)
+        store.end(scan_id, FAILED, f"writing part {n} failed (No space left on device)")
+        assert store.requeue(scan_id)
+    assert (store.get(scan_id).prompts_done, store.get(scan_id).state) == (499, QUEUED)
+    with pytest.raises(StateFull, match=r"table .*scans.sqlite cannot be written \(.*\): free space on its disk"):
+        for i in range(3, 1000):
+            store.add(_scan(i))
+    added = len(store.all())
+    ballast.unlink()
+    store.add(_scan(1000))
+    assert len(store.all()) == added + 1
+    store.close()
