@@ -295,6 +295,8 @@ def corpus_path(body: bytes, service: Service) -> Path:
     target = (root / rel).resolve()  # symlinks resolved too
     if Path(rel).is_absolute() or not target.is_relative_to(root):
         raise Refused(403, f"path {rel!r} is outside the corpus root: name a file under it, relative to it")
+    if target.is_relative_to(service.state_dir):  # the corpora other scans sent, which `delete` removes
+        raise Refused(403, f"path {rel!r} is in the service's state directory: name a corpus of your own")
     if not target.is_file():
         raise Refused(404, f"path {rel!r} is not a file under the corpus root")
     return target

@@ -45,8 +45,13 @@ def test_a_corpus_path_cannot_leave_its_root(tmp_path):
     (root / "sub" / "ok.jsonl").write_text('{"text": "a"}\n')
     (tmp_path / "secret.jsonl").write_text('{"text": "s"}\n')
     (root / "link.jsonl").symlink_to(tmp_path / "secret.jsonl")
-    service = SimpleNamespace(cfg=SimpleNamespace(corpus_root=str(root)))
+    state = root / "scans" / ".neuroscan-service"  # --results under the corpus root
+    (state / "corpora").mkdir(parents=True)
+    (state / "corpora" / "other.jsonl").write_text('{"text": "another scan\'s"}\n')
+    service = SimpleNamespace(cfg=SimpleNamespace(corpus_root=str(root)), state_dir=state.resolve())
     assert corpus_path(b'{"path": "sub/ok.jsonl"}', service) == root / "sub" / "ok.jsonl"
+    with pytest.raises(Refused, match="in the service's state directory: name a corpus of your own"):
+        corpus_path(b'{"path": "scans/.neuroscan-service/corpora/other.jsonl"}', service)
     for rel in ("../secret.jsonl", str(tmp_path / "secret.jsonl"), "link.jsonl", "sub/../../secret.jsonl"):
         with pytest.raises(Refused, match="outside the corpus root") as refused:
             corpus_path(json.dumps({"path": rel}).encode(), service)
