@@ -34,7 +34,7 @@ from neuroscan.config import (
     WaitConfig,
     options,
 )
-from neuroscan.errors import UserError, make_dir
+from neuroscan.errors import UserError, make_dir, user_line
 
 EXIT_USAGE = 2
 EXIT_DAMAGED = 1  # `neuroscan check`: files that do not match the manifest
@@ -407,8 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except UserError as err:
-        cause = getattr(err, "cause", None)  # raised in an actor: Ray wraps it with the remote traceback
-        print(f"neuroscan: error: {cause if isinstance(cause, UserError) else err}", file=sys.stderr)
+        print(f"neuroscan: error: {user_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as err:
         terminated = isinstance(err, Terminated) or bool(_signalled)

@@ -26,7 +26,7 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from neuroscan.errors import UserError
+from neuroscan.errors import UserError, user_line
 from workers.handoff import GROUP, group_backend, transport, where
 
 PLACEMENT_TIMEOUT_S = 120
@@ -410,8 +410,8 @@ def ray_reason(err: BaseException) -> str:
     """Why a Ray call failed, in a few words: Ray's own explanation ("... exit detail: ...",
     "The actor ...") rather than its first line, which may be the call's name in colour codes
     with the actor's pid, address and repr."""
-    if isinstance(getattr(err, "cause", None), UserError):  # neuroscan's own line, raised in the actor
-        return str(err.cause)
+    if (line := user_line(err)) is not None:  # neuroscan's own line, raised in the actor
+        return line
     lines = [line.strip() for line in ANSI.sub("", str(err)).splitlines() if line.strip()]
     for line in lines:
         if "exit detail:" in line:

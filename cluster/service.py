@@ -31,7 +31,7 @@ from cluster.pipelines import NODE_CHECK_S, Pipelines
 from cluster.schedule import Scheduler
 from cluster.store import COMPLETED, ENDED, FAILED, QUEUED, RUNNING, Scan, StateFull, Store
 from neuroscan.config import ScanConfig, Selection, ServeConfig
-from neuroscan.errors import UserError, tell
+from neuroscan.errors import UserError, tell, user_line
 from neuroscan.memory import MemoryWatch
 
 
@@ -404,9 +404,7 @@ def _error_line(err: BaseException, scan_id: str) -> str:
     `UserError` raised in an actor is taken as the actor raised it (Ray wraps it with the
     actor's traceback, many coloured lines, keeping the error itself as ``cause``); a one-shot
     scan's "rerun the same command with --resume" is ``neuroscan resume ID`` here."""
-    cause = getattr(err, "cause", None)
-    err = cause if isinstance(cause, UserError) else err
-    line = str(err) if isinstance(err, UserError) else repr(err)
+    line = user_line(err) or repr(err)
     return line.replace("rerun the same command with --resume", f"resume the scan (`neuroscan resume {scan_id}`)")
 
 

@@ -7,7 +7,7 @@ Anything else that escapes is a bug and keeps its traceback. The module is a lea
 every package (prompts, workers, aggregator) can raise it without importing the driver.
 `one_of` checks a flag's value against its choices; `make_dir` and `file_out` are the checks
 every command's ``--out`` goes through; `tell` is how a command says a line that is not an
-error (a notice, a step of its start).
+error (a notice, a step of its start); `user_line` is an error's line, wherever it was raised.
 """
 
 from __future__ import annotations
@@ -23,6 +23,16 @@ def tell(line: str) -> None:
 
 class UserError(Exception):
     """Bad input, fixable by the user; the message is shown as one line."""
+
+
+def user_line(err: BaseException) -> str | None:
+    """The line of a `UserError`, raised here or in a Ray actor (Ray re-raises it wrapped in
+    the remote traceback, an error of both kinds that keeps the original as ``cause``); None
+    for any other error."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, UserError):
+        return str(cause)
+    return str(err) if isinstance(err, UserError) else None
 
 
 def one_of(flag: str, value, choices, hint: str = "") -> None:
