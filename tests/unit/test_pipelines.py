@@ -90,3 +90,26 @@ def test_every_replica_lost_while_loading_stops_the_start_in_one_line(monkeypatc
 def test_a_stage_that_fails_to_load_stops_the_start_at_once(monkeypatch):
     with pytest.raises(RuntimeError, match="r0s1 failed to load"):
         load(monkeypatch, FakeRay([["r0s1"]], failed=("r0s1",)), lost=[[]])
+
+
+def test_what_actors_answer_within_the_time_and_none_for_the_others(monkeypatch):
+    """The memory a finished scan records: an actor that does not answer in time (a stopped
+    process) or whose call failed is None, instead of a wait with no end."""
+
+    class Answers:
+        def wait(self, refs, num_returns, timeout):
+            assert num_returns == len(refs) and timeout == 10.0
+            return [r for r in refs if r != "stopped"], ["stopped"]
+
+        def get(self, ref):
+            if ref == "failed":
+                raise RuntimeError("it died")
+            return {"rss_mb": 1.0, "ref": ref}
+
+    monkeypatch.setattr(pipelines, "ray", Answers())
+    assert pipelines.answers(["a", "stopped", "failed", "b"], 10.0) == [
+        {"rss_mb": 1.0, "ref": "a"},
+        None,
+        None,
+        {"rss_mb": 1.0, "ref": "b"},
+    ]
