@@ -43,6 +43,10 @@ def activation_batches(
                 for name in ("neuron", "max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below")
             ),
             packed_bands(rows["bands"][lo:hi], n_tokens[batch_row]),
+            *(
+                pa.array(rows[name][lo:hi]) if name in rows else pa.nulls(hi - lo, pa.float32())
+                for name in ("up_at_max", "up_at_min")
+            ),
         ]
         out[int(layer[lo])] = pa.RecordBatch.from_arrays(columns, schema=ACTIVATIONS)
     return out

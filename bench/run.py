@@ -303,12 +303,12 @@ def run_bench(cfg: BenchConfig) -> dict:
     elif cfg.preset == "tiny":
         path, model_arg = resolve_model(None).path, None
     else:
-        from workers.embedded import gptj_config, write_checkpoint
+        from workers.embedded import preset_config, write_checkpoint
 
         # On a GPU the random weights are drawn there (seconds instead of a minute for 6B).
         cache = cfg.cache_path / f"{cfg.preset}-seed0-{device.type}"
         if not (cache / "config.json").exists():
-            write_checkpoint(gptj_config(cfg.preset), cache, device=device.type)
+            write_checkpoint(preset_config(cfg.preset), cache, device=device.type)
         path = model_arg = str(cache)
     if cfg.service or cfg.nodes:
         from bench import nodes, service

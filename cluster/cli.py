@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_options(
         sub.add_parser(
-            "make-model", help="write a GPT-J checkpoint in Hugging Face layout (random, or the demo model)"
+            "make-model", help="write a checkpoint in Hugging Face layout (a random one of a preset's shapes, or the demo model)"
         ),
         MakeModelConfig,
     )
@@ -184,7 +184,7 @@ def cmd_scan(args) -> int:
 
 
 def cmd_make_model(args) -> int:
-    from workers.embedded import gptj_config, write_checkpoint
+    from workers.embedded import preset_config, write_checkpoint
 
     cfg = config_from(MakeModelConfig, args)
     out = Path(cfg.out)
@@ -198,7 +198,7 @@ def cmd_make_model(args) -> int:
         for key, share in make(out, generate, Recipe(seed=cfg.seed)).items():
             print(f"held-out accuracy {key}: {share:.2f}")
     else:
-        write_checkpoint(gptj_config(cfg.preset), out, seed=cfg.seed)  # a failed write leaves nothing behind
+        write_checkpoint(preset_config(cfg.preset), out, seed=cfg.seed)  # a failed write leaves nothing behind
     print(out)
     return 0
 

@@ -39,6 +39,7 @@ from neuroscan.schema import SCHEMA_VERSION
 from prompts.batching import PACKINGS, ReadAhead, chunk_batches
 from prompts.readers import corpus_stamp
 from workers.checkpoint import fingerprint, load_config, load_tokenizer, resolve_model
+from workers.families import context, d_mlp, n_layers
 
 PACKAGES = ("neuroscan", "torch", "transformers", "accelerate", "ray", "pyarrow", "numpy")
 KEEP_TOKENS, KEEP_PROMPTS = 1 << 20, 1 << 13
@@ -80,6 +81,8 @@ class Plan:
     """The weights' digest (`workers.checkpoint.fingerprint`), which ``--resume`` compares."""
     neurons: int | None = None
     """MLP neurons per layer."""
+    architecture: str | None = None
+    """The checkpoint's ``model_type`` (`workers.families`)."""
     columns: dict[str, str] = field(default_factory=dict)
     """The corpus's extra columns and their types, from every prompt (`neuroscan.corpus_columns`)."""
     skipped_batches: dict[int, int] = field(default_factory=dict)
@@ -94,7 +97,7 @@ def plan(cfg: ScanConfig, loaded: str | None = None) -> Plan:
     placement.check_local_capacity(cfg.stages * cfg.replicas + 1)  # the stages and an aggregator process
     source = resolve_model(cfg.model)
     config = load_config(source.path)
-    bounds = partition_layers(config.n_layer, cfg.stages)
+    bounds = partition_layers(n_layers(config), cfg.stages)
     tokenizer = load_tokenizer(source.path)
     stamp = corpus_stamp(cfg.prompts)  # before reading: an edit from here on is seen
     packing = run_packing(Path(cfg.out)) if cfg.resume else PACKINGS[0]
@@ -103,7 +106,7 @@ def plan(cfg: ScanConfig, loaded: str | None = None) -> Plan:
     n_prompts = n_tokens = n_input = n_chunks = n_expected = n_unspaced = 0
     kept, kept_chunks, columns = [], 0, ColumnTypes()
     for pairs in chunk_batches(
-        cfg.prompts, tokenizer, config.n_positions, cfg.batch_tokens, cfg.truncate, packing=packing
+        cfg.prompts, tokenizer, context(config), cfg.batch_tokens, cfg.truncate, packing=packing
     ):
         for batch, group in pairs:
             n_prompts += len(batch.prompt_ids)
@@ -125,9 +128,10 @@ def plan(cfg: ScanConfig, loaded: str | None = None) -> Plan:
         model_path=source.path,
         revision=source.revision,
         dtype=resolve_dtype(cfg.dtype, cfg.device, getattr(config, "dtype", None)),
-        n_layers=config.n_layer,
-        neurons=config.n_inner or 4 * config.n_embd,
-        context=config.n_positions,
+        n_layers=n_layers(config),
+        neurons=d_mlp(config),
+        context=context(config),
+        architecture=config.model_type,
         bounds=bounds,
         tokenizer=tokenizer,
         vocab_size=max(config.vocab_size, len(tokenizer)),
@@ -216,6 +220,7 @@ def manifest_header(cfg: ScanConfig, p: Plan) -> Manifest:
             revision=p.revision,
             fingerprint=p.fingerprint,
             neurons=p.neurons,
+            architecture=p.architecture,
         ),
         selection=SelectionInfo(high=sel.high, low=sel.low, max_per_layer=sel.max_per_layer),
         bands=BandEdges(low=sel.low, high=sel.high, red=sel.red),

@@ -30,6 +30,7 @@ COMPARE_SORTS = ("diff", "z", "q", "red_diff")
 MODEL_PRESETS: dict[str, dict] = {
     # GPT-J's 28 blocks at a tiny width: the embedded model.
     "tiny": dict(
+        model_type="gptj",
         vocab_size=257,
         n_positions=2048,
         n_embd=128,
@@ -39,10 +40,82 @@ MODEL_PRESETS: dict[str, dict] = {
         n_inner=512,
         bos_token_id=256,
         eos_token_id=256,
+        tie_word_embeddings=False,
+        dtype="float32",
+    ),
+    # A tiny model of each other family (6 blocks, 64 wide, the byte tokenizer): the tests'.
+    "tiny-neox": dict(
+        model_type="gpt_neox",
+        vocab_size=257,
+        hidden_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=2048,
+        rotary_pct=0.25,
+        bos_token_id=256,
+        eos_token_id=256,
+        dtype="float32",
+    ),
+    "tiny-llama": dict(
+        model_type="llama",
+        vocab_size=257,
+        hidden_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=192,
+        max_position_embeddings=2048,
+        bos_token_id=256,
+        eos_token_id=256,
+        dtype="float32",
+    ),
+    "tiny-qwen2": dict(
+        model_type="qwen2",
+        vocab_size=257,
+        hidden_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=192,
+        max_position_embeddings=2048,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=3,
+        tie_word_embeddings=True,
+        bos_token_id=256,
+        eos_token_id=256,
+        dtype="float32",
+    ),
+    "tiny-mistral": dict(
+        model_type="mistral",
+        vocab_size=257,
+        hidden_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=192,
+        max_position_embeddings=2048,
+        sliding_window=16,
+        bos_token_id=256,
+        eos_token_id=256,
+        dtype="float32",
+    ),
+    "tiny-gpt2": dict(
+        model_type="gpt2",
+        vocab_size=257,
+        n_positions=2048,
+        n_embd=64,
+        n_layer=6,
+        n_head=4,
+        scale_attn_by_inverse_layer_idx=True,
+        bos_token_id=256,
+        eos_token_id=256,
         dtype="float32",
     ),
     # GPT-J-6B's exact shapes (EleutherAI/gpt-j-6b config.json), random fp16 weights.
     "gptj-6b": dict(
+        model_type="gptj",
         vocab_size=50400,
         n_positions=2048,
         n_embd=4096,
@@ -52,10 +125,57 @@ MODEL_PRESETS: dict[str, dict] = {
         n_inner=None,
         bos_token_id=50256,
         eos_token_id=50256,
+        tie_word_embeddings=False,
+        dtype="float16",
+    ),
+    # Pythia-6.9B's shapes (EleutherAI/pythia-6.9b config.json), random fp16 weights.
+    "pythia-6.9b": dict(
+        model_type="gpt_neox",
+        vocab_size=50432,
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        intermediate_size=16384,
+        max_position_embeddings=2048,
+        rotary_pct=0.25,
+        rotary_emb_base=10000,
+        use_parallel_residual=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        dtype="float16",
+    ),
+    # Llama-3-8B's shapes (meta-llama/Meta-Llama-3-8B config.json), random bf16 weights.
+    "llama-3-8b": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=128000,
+        eos_token_id=128001,
+        dtype="bfloat16",
+    ),
+    # GPT-2 XL's shapes (openai-community/gpt2-xl config.json), random fp16 weights (the
+    # released ones are fp32).
+    "gpt2-xl": dict(
+        model_type="gpt2",
+        vocab_size=50257,
+        n_positions=1024,
+        n_embd=1600,
+        n_layer=48,
+        n_head=25,
+        bos_token_id=50256,
+        eos_token_id=50256,
         dtype="float16",
     ),
 }
-"""The GPT-J shapes `neuroscan make-model --preset` and `neuroscan bench --preset` write."""
+"""The shapes `neuroscan make-model --preset` and `neuroscan bench --preset` write, each with
+the ``model_type`` of its family (`workers.families`)."""
 
 BENCH_MODES = (
     "bare",
@@ -438,8 +558,9 @@ class MakeModelConfig(Config):
 
     preset: str = option(
         "tiny",
-        "tiny (the embedded model's shapes), gptj-6b (GPT-J-6B's shapes, fp16), both random, or demo (trains "
-        "the demo model on the in-context families, about 25 minutes on one CPU core)",
+        "tiny (the embedded model's shapes); tiny-neox, tiny-llama, tiny-qwen2, tiny-mistral, tiny-gpt2 (a tiny "
+        "model of each family); gptj-6b, pythia-6.9b, llama-3-8b, gpt2-xl (those models' shapes), all random; or "
+        "demo (trains the demo model on the in-context families, about 25 minutes on one CPU core)",
         choices=(*MODEL_PRESETS, "demo"),
     )
     out: str = option(help="directory to write", what="a new directory")

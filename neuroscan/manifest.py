@@ -59,6 +59,9 @@ class ModelInfo:
     """A digest of the weights (`workers.checkpoint.fingerprint`); None in runs written before it."""
     neurons: int | None = None
     """MLP neurons per layer; None in runs written before it was recorded."""
+    architecture: str | None = None
+    """The checkpoint's ``model_type`` ("gptj", "gpt_neox", "llama"...); None in runs written
+    before it was recorded (all GPT-J)."""
 
 
 @dataclass
@@ -327,6 +330,10 @@ FLOOD = 0.9
 """The fraction of a layer's neurons the blue rule selects per prompt past which it is said."""
 
 
+GELU_MODELS = (None, "gptj", "gpt_neox", "gpt2")
+"""``model_type``s whose MLP activation is a GELU (None: runs written before it was recorded, all GPT-J)."""
+
+
 def blue_flood_line(manifest: Manifest) -> str | None:
     """When the blue rule (``min < low``) selected nearly every neuron on a typical prompt (what
     ``--low 0`` does on a GELU model: GELU is negative for every negative input), one line that
@@ -338,6 +345,13 @@ def blue_flood_line(manifest: Manifest) -> str | None:
         return None
     worst = max(layers[str(k)].mean_blue for k in flooded) / n
     low = manifest.selection.low
+    head = f"--low {low:g} selected up to {worst:.0%} of the {n} neurons a prompt in {len(flooded)} of {len(layers)} layers"
+    if manifest.model.architecture not in GELU_MODELS:  # a gated MLP: act_fn(gate) * up
+        return (
+            f"{head} (a gated MLP's activation, act(gate) * up, is negative wherever up is, so nearly every neuron "
+            "dips below it): red-selected neurons are kept first, but the blue counts say little; give a lower --low "
+            "to select only strongly negative neurons (--low -1 leaves the red rule alone)"
+        )
     near = "--low -0.15 keeps those near it, " if low > -0.15 else ""
     why = (
         "GELU is negative on every negative input, so nearly every neuron dips below it"
@@ -345,8 +359,7 @@ def blue_flood_line(manifest: Manifest) -> str | None:
         else "GELU's minimum is about -0.17, and nearly every neuron comes near it on some token"
     )
     return (
-        f"--low {low:g} selected up to {worst:.0%} of the {n} neurons a prompt in {len(flooded)} of {len(layers)} "
-        f"layers ({why}): red-selected neurons are kept first, but the blue counts say little; give a lower --low "
+        f"{head} ({why}): red-selected neurons are kept first, but the blue counts say little; give a lower --low "
         f"to select only strongly negative neurons (GELU's minimum is about -0.17: {near}--low -1 leaves the red "
         "rule alone)"
     )

@@ -19,8 +19,9 @@ import json
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
-"""2: ``layer`` inside activation files, under ``layer_NN/``; ``n_below_any`` in layers/."""
+SCHEMA_VERSION = 3
+"""2: ``layer`` inside activation files, under ``layer_NN/``; ``n_below_any`` in layers/.
+3: ``up_at_max``/``up_at_min`` in activations/ (null except for gated MLPs)."""
 
 ACTIVATIONS = pa.schema(
     [
@@ -34,6 +35,10 @@ ACTIVATIONS = pa.schema(
         ("n_above", pa.int16()),
         ("n_below", pa.int16()),
         ("bands", pa.binary()),  # 2 bits a token: token t in byte t // 4, bits 2 * (t % 4)
+        # Gated MLPs (Llama, Mistral, Qwen2: act = act_fn(gate) * up): up's value at max_pos and
+        # min_pos, so a sign can be read as the gate's or the up's; null for other families.
+        ("up_at_max", pa.float32()),
+        ("up_at_min", pa.float32()),
     ]
 )
 

@@ -63,8 +63,9 @@ class Run:
             yield from self.dataset(table, layer).to_batches(columns=columns)
 
     def _columns(self, table: str, columns: list[str] | None) -> list[str] | None:
-        """Schema 1's activations in schema 2's column order (``layer`` second, not last)."""
-        if columns is None and table == "activations" and self.manifest.schema_version < 2:
+        """Older runs' activations in this schema's column order (schema 1 had ``layer`` last;
+        both 1 and 2 lack the gated MLP's columns, read as null)."""
+        if columns is None and table == "activations" and self.manifest.schema_version < 3:
             return schema.ACTIVATIONS.names
         return columns
 
@@ -192,9 +193,17 @@ class Run:
         files = self.files(table, layer)
         if not files:  # e.g. a layer where no neuron was ever kept
             return ds.dataset(schema.TABLES[table].empty_table())
-        if table == "activations" and self.manifest.schema_version < 2:  # layer from layer=NN/
-            key = ds.partitioning(pa.schema([("layer", pa.int32())]), flavor="hive")
-            return ds.dataset(files, format=self.fmt, partitioning=key, partition_base_dir=str(self.out / table))
+        if table == "activations" and self.manifest.schema_version < 3:  # no up_at_* columns: read as null
+            if self.manifest.schema_version >= 2:
+                return ds.dataset(files, format=self.fmt, schema=schema.ACTIVATIONS)
+            key = ds.partitioning(pa.schema([("layer", pa.int32())]), flavor="hive")  # layer from layer=NN/
+            return ds.dataset(
+                files,
+                format=self.fmt,
+                schema=schema.ACTIVATIONS,
+                partitioning=key,
+                partition_base_dir=str(self.out / table),
+            )
         return ds.dataset(files, format=self.fmt)
 
 

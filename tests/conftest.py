@@ -53,9 +53,9 @@ def tiny_model() -> Path:
 @pytest.fixture(scope="session")
 def other_model(tmp_path_factory) -> Path:
     """A second tiny GPT-J of another shape, written in several shards with an index."""
-    from workers.embedded import gptj_config, write_checkpoint
+    from workers.embedded import preset_config, write_checkpoint
 
-    config = gptj_config("tiny", n_layer=5, n_embd=64, n_head=2, rotary_dim=8, n_inner=192, n_positions=512)
+    config = preset_config("tiny", n_layer=5, n_embd=64, n_head=2, rotary_dim=8, n_inner=192, n_positions=512)
     return write_checkpoint(config, tmp_path_factory.mktemp("other-model"), seed=7, shard_bytes=100_000)
 
 

@@ -1,7 +1,9 @@
 """The reference a scan is checked against: a plain per-prompt forward pass with hooks.
 
-No batching, no padding, no pipeline: the full ``GPTJForCausalLM`` from ``from_pretrained``
-runs one prompt at a time, every ``mlp.act`` output is copied out, and the statistics,
+No batching, no padding, no pipeline: the full causal LM from ``from_pretrained``
+(``AutoModelForCausalLM``: transformers' own class of the checkpoint's family) runs one prompt
+at a time, what enters every block's MLP output projection is copied out (and, in a gated MLP,
+the up projection's output), and the statistics,
 selection, cap and band codes are recomputed here in numpy from their documented
 definitions (independently of ``workers.reduce``). ``assert_scan_matches`` then compares a
 scan's output directory with it. Floating-point results of differently shaped batches are
@@ -17,23 +19,43 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as ds
 import torch
-from transformers import AutoTokenizer, GPTJForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from neuroscan.config import Selection
 
+BLOCKS = {"gptj": "transformer.h", "gpt_neox": "gpt_neox.layers", "gpt2": "transformer.h"}
+"""Where transformers' causal-LM classes keep their blocks (``model.layers`` for the rest)."""
+MLP = {
+    "gptj": ("fc_out", None),
+    "gpt_neox": ("dense_4h_to_h", None),
+    "gpt2": ("c_proj", None),
+}
+"""The MLP's output projection (its input is the neuron activations) and, gated, its up projection."""
+
 
 def reference_scan(model_dir: Path, texts: list[str]) -> dict:
-    """prompt_id -> {"token_ids", "acts": [layers, pos, d_mlp] float32, "top_ids", "top_probs"}."""
-    model = GPTJForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    """prompt_id -> {"token_ids", "acts": [layers, pos, d_mlp] float32, "top_ids", "top_probs"}
+    (and "ups", the same shape, for gated MLPs)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    kind = model.config.model_type
+    down, up = MLP.get(kind, ("down_proj", "up_proj"))
+    blocks = model.get_submodule(BLOCKS.get(kind, "model.layers"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     out = {}
     for prompt_id, text in enumerate(texts):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        acts = []
+        acts, ups = [], []
         hooks = [
-            b.mlp.act.register_forward_hook(lambda m, i, o, acts=acts: acts.append(o[0].numpy().copy()))
-            for b in model.transformer.h
+            b.mlp.get_submodule(down).register_forward_pre_hook(
+                lambda m, i, acts=acts: acts.append(i[0][0].numpy().copy())
+            )
+            for b in blocks
         ]
+        if up:
+            hooks += [
+                b.mlp.get_submodule(up).register_forward_hook(lambda m, i, o, ups=ups: ups.append(o[0].numpy().copy()))
+                for b in blocks
+            ]
         try:
             with torch.no_grad():
                 logits = model(torch.tensor([ids])).logits[0, -1]
@@ -45,6 +67,7 @@ def reference_scan(model_dir: Path, texts: list[str]) -> dict:
         out[prompt_id] = {
             "token_ids": ids,
             "acts": np.stack(acts),
+            **({"ups": np.stack(ups)} if ups else {}),
             "probs": probs.numpy(),
             "top_ids": top.indices.numpy(),
         }
@@ -117,8 +140,10 @@ def assert_scan_matches(out_dir: Path, ref: dict, sel: Selection, tol: float = 1
             assert abs(summary["n_selected"] - int(exp["selected"].sum())) <= near
             assert abs(summary["n_above_any"] - int((exp["max"] > sel.high).sum())) <= near
             assert abs(summary["n_below_any"] - int((exp["min"] < sel.low).sum())) <= near
+            ups = r["ups"][layer] if "ups" in r else None
             for neuron, row in rows.items():
                 _check_row(row, acts[:, neuron], sel, tol, (prompt_id, layer, neuron))
+                _check_up(row, None if ups is None else ups[:, neuron], tol, (prompt_id, layer, neuron))
                 checked += 1
             _check_coverage(summary, acts[:, sorted(rows)], sel, tol, (prompt_id, layer))
     return checked
@@ -154,6 +179,15 @@ def _check_kept_set(kept: set, exp: dict, sel: Selection, tol: float, where) -> 
         assert at_cap or at_threshold, (
             f"{where}: neuron {j} kept={j in kept}, reference says {j in exp['kept']} (score {scores[j]}, boundary {boundary})"
         )
+
+
+def _check_up(row: dict, ups: np.ndarray | None, tol: float, where) -> None:
+    """A gated MLP's up value at the row's max and min token; null for other families."""
+    if ups is None:
+        assert row["up_at_max"] is None and row["up_at_min"] is None, where
+        return
+    assert abs(row["up_at_max"] - ups[row["max_pos"]]) < tol * max(1.0, abs(ups[row["max_pos"]])), where
+    assert abs(row["up_at_min"] - ups[row["min_pos"]]) < tol * max(1.0, abs(ups[row["min_pos"]])), where
 
 
 def _check_row(row: dict, acts: np.ndarray, sel: Selection, tol: float, where) -> None:

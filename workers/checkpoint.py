@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoTokenizer, GPTJConfig
+from transformers import AutoTokenizer, PretrainedConfig
 
 from neuroscan.errors import UserError
 from workers.consistency import check_consistent
+from workers.families import family_of
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 DEMO, DEMO_DIR = "demo", Path(__file__).parent / "demo"
@@ -118,11 +119,11 @@ def fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_config(path: str | Path) -> GPTJConfig:
-    config = GPTJConfig.from_pretrained(path)
-    if config.model_type != "gptj":
-        raise UserError(f"model at {path} is a {config.model_type!r} model: neuroscan scans GPT-J models")
-    return config
+def load_config(path: str | Path) -> PretrainedConfig:
+    """The checkpoint's config, as its family's config class (`workers.families`); one line
+    for a model_type neuroscan does not scan."""
+    model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    return family_of(model_type, path).module("config").from_pretrained(path)
 
 
 def load_tokenizer(path: str | Path):
@@ -176,7 +177,7 @@ def _by_file(path: Path, names: list[str]) -> dict[str, list[str]]:
     where = tensor_files(path)
     missing = [n for n in names if n not in where]
     if missing:
-        raise UserError(f"checkpoint {path} lacks tensors {missing[:3]}: it is not a complete GPT-J checkpoint")
+        raise UserError(f"checkpoint {path} lacks tensors {missing[:3]}: it is not a complete checkpoint")
     by_file: dict[str, list[str]] = {}
     for name in names:
         by_file.setdefault(where[name], []).append(name)

@@ -1,10 +1,13 @@
-"""A GPT-J checkpoint checked against itself before anything starts.
+"""A checkpoint checked against itself before anything starts.
 
-``config.json`` and the tokenizer's JSON files must parse; the config's sizes must be positive
-whole numbers that agree with each other (a head is ``n_embd / n_head`` wide, ``rotary_dim``
-fits in a head); and every tensor a stage will read must be in the safetensors files with the
-shape the config implies. Only the JSON files and the safetensors headers are read, never a
-tensor's bytes, so this costs milliseconds for any model size. Each problem is one line that
+``config.json`` and the tokenizer's JSON files must parse; its ``model_type`` must be a family
+neuroscan scans (`workers.families`); the config's sizes must be positive whole numbers that
+agree with each other (a head is ``n_embd / n_head`` wide, GPT-J's ``rotary_dim`` fits in a
+head, key-value heads divide the heads); the weights must hold the config's number of blocks;
+and every tensor a stage will read must be in the safetensors files with the shape the
+family's own modules, built from the config on the meta device, give it. Only the JSON files
+and the safetensors headers are read, never a tensor's bytes, so this costs well under a
+second for any model size. Each problem is one line that
 names the file, the field or tensor, the values and the fix; before, such checkpoints failed
 with a traceback from json, transformers or torch, some only once the stages were loading.
 """
@@ -17,9 +20,8 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from neuroscan.errors import UserError
+from workers.families import Family, family_of, tensor_shapes
 
-SIZES = ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size")
-"""Fields that must be positive whole numbers."""
 MAX_POSITIONS = 1 << 20
 """A context longer than this is a typo: the rotary table alone would not fit in memory."""
 TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json")
@@ -29,80 +31,86 @@ RESTORE = "the config and the weights are of different models: restore the check
 def check_consistent(path: Path, files: dict[str, str]) -> None:
     """``files``: tensor name -> safetensors file name (`workers.checkpoint.tensor_files`)."""
     config = _json_object(path / "config.json", "restore the checkpoint's config.json")
-    if config.get("model_type") != "gptj":
-        raise UserError(f"model at {path} is a {config.get('model_type')!r} model: neuroscan scans GPT-J models")
+    fam = family_of(config.get("model_type"), path)
     for name in TOKENIZER_JSON:
         if (path / name).exists():
             _json_object(path / name, "save the tokenizer there again with tokenizer.save_pretrained")
-    sizes = _sizes(path / "config.json", config)
+    _check_sizes(path / "config.json", config, fam)
     shapes = _shapes(path, files)
-    expected = expected_shapes(**sizes)
-    if config.get("tie_word_embeddings"):  # the head is the embedding: no tensor of its own
-        expected.pop("lm_head.weight")
-    for name, shape in expected.items():
+    prefix = next((p for p in (fam.prefix, *fam.legacy_prefixes) if f"{p}{fam.embed}.weight" in shapes), fam.prefix)
+    layers_key = fam.sizes[2]
+    n_layers = config[layers_key]
+    block = f"{prefix}{fam.blocks}."
+    blocks = {int(n.removeprefix(block).split(".")[0]) for n in shapes if n.startswith(block)}
+    held = max(blocks) + 1 if blocks else 0
+    if held > n_layers:
+        raise UserError(
+            f"the weights in {path} hold {held} blocks, but config.json says {layers_key} {n_layers}: {RESTORE}"
+        )
+    if held < n_layers:
+        raise UserError(
+            f"{path} has no tensors of block {held} ({block}{held}.*), which config.json ({layers_key} {n_layers}) "
+            f"calls for: {RESTORE}"
+        )
+    embed = f"{prefix}{fam.embed}.weight"  # before building anything from sizes that may be absurd
+    d_key, vocab_key = fam.sizes[0], fam.sizes[4]
+    if embed in shapes and shapes[embed][0] != (config[vocab_key], config[d_key]):
+        raise UserError(
+            f"tensor {embed} in {shapes[embed][1]} is {list(shapes[embed][0])}, but config.json's sizes make it "
+            f"{[config[vocab_key], config[d_key]]} ({vocab_key} {config[vocab_key]}, {d_key} {config[d_key]}): {RESTORE}"
+        )
+    for name, shape in expected_shapes(path, fam, prefix, tied=f"{fam.head}.weight" not in shapes).items():
         found = shapes.get(name)
         if found is None:
-            raise UserError(
-                f"{path} has no tensor {name}, which config.json (n_layer {sizes['n_layer']}) calls for: {RESTORE}"
-            )
+            raise UserError(f"{path} has no tensor {name}, which config.json calls for: {RESTORE}")
         if found[0] != shape:
+            sizes = ", ".join(f"{key} {config[key]}" for key in fam.sizes if key in config)
             raise UserError(
                 f"tensor {name} in {found[1]} is {list(found[0])}, but config.json's sizes make it {list(shape)} "
-                f"(n_embd {sizes['n_embd']}, n_inner {sizes['n_inner']}, vocab_size {sizes['vocab_size']}): {RESTORE}"
+                f"({sizes}): {RESTORE}"
             )
-    blocks = {int(n.split(".")[2]) for n in shapes if n.startswith("transformer.h.")}
-    if blocks and max(blocks) >= sizes["n_layer"]:
-        raise UserError(
-            f"the weights in {path} hold {max(blocks) + 1} blocks, but config.json says n_layer {sizes['n_layer']}: {RESTORE}"
-        )
 
 
-def expected_shapes(n_embd: int, n_inner: int, n_layer: int, vocab_size: int) -> dict[str, tuple[int, ...]]:
-    """The shape of each tensor a stage reads (biases and the other projections follow these)."""
-    shapes = {
-        "transformer.wte.weight": (vocab_size, n_embd),
-        "transformer.ln_f.weight": (n_embd,),
-        "lm_head.weight": (vocab_size, n_embd),
-    }
-    for i in range(n_layer):
-        block = f"transformer.h.{i}"
-        shapes |= {
-            f"{block}.ln_1.weight": (n_embd,),
-            f"{block}.attn.q_proj.weight": (n_embd, n_embd),
-            f"{block}.attn.out_proj.weight": (n_embd, n_embd),
-            f"{block}.mlp.fc_in.weight": (n_inner, n_embd),
-            f"{block}.mlp.fc_out.weight": (n_embd, n_inner),
-        }
-    return shapes
+def expected_shapes(path: Path, fam: Family, prefix: str, tied: bool) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor a stage reads, as the family's own modules built from
+    ``config.json`` hold them (`workers.families.tensor_shapes`); the head is left out where
+    it is tied to the embedding and not stored."""
+    try:
+        config = fam.module("config").from_pretrained(path)
+        return tensor_shapes(config, prefix, head=not (tied and getattr(config, "tie_word_embeddings", False)))
+    except (ValueError, TypeError, AttributeError, RuntimeError, ZeroDivisionError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise _bad(path / "config.json", f"transformers cannot build a {fam.name} model from it ({reason})") from None
 
 
-def _sizes(file: Path, config: dict) -> dict[str, int]:
+def _check_sizes(file: Path, config: dict, fam: Family) -> None:
     """The sizes the shapes follow from, each checked on its own and against the others."""
-    for key in SIZES:
-        _positive(file, key, config.get(key))
-    n_embd, n_head = config["n_embd"], config["n_head"]
-    if n_embd % n_head:
-        raise _bad(file, f"n_embd {n_embd} is not a multiple of n_head {n_head} (a head is n_embd / n_head wide)")
-    if config["n_positions"] > MAX_POSITIONS:
+    for i, key in enumerate(fam.sizes):
+        if i < 5 or key in config:  # past the first five, a field left out takes transformers' default
+            _positive(file, key, config.get(key))
+    d_key, heads_key, _, context_key, _ = fam.sizes[:5]
+    d, heads = config[d_key], config[heads_key]
+    if d % heads:
+        raise _bad(file, f"{d_key} {d} is not a multiple of {heads_key} {heads} (a head is {d_key} / {heads_key} wide)")
+    if config[context_key] > MAX_POSITIONS:
         raise _bad(
             file,
-            f"n_positions {config['n_positions']:,} is over {MAX_POSITIONS:,} (GPT-J's context is 2,048; "
-            "the rotary table alone would not fit in memory)",
+            f"{context_key} {config[context_key]:,} is over {MAX_POSITIONS:,} "
+            "(the rotary or position table alone would not fit in memory)",
         )
     rotary = config.get("rotary_dim")
-    if rotary is not None:
+    if fam.model_type == "gptj" and rotary is not None:
         _positive(file, "rotary_dim", rotary)
-        if rotary > n_embd // n_head:
-            raise _bad(file, f"rotary_dim {rotary} is wider than a head ({n_embd} / {n_head} = {n_embd // n_head})")
-    n_inner = config.get("n_inner")
-    if n_inner is not None:
-        _positive(file, "n_inner", n_inner)
-    return {
-        "n_embd": n_embd,
-        "n_inner": n_inner or 4 * n_embd,
-        "n_layer": config["n_layer"],
-        "vocab_size": config["vocab_size"],
-    }
+        if rotary > d // heads:
+            raise _bad(file, f"rotary_dim {rotary} is wider than a head ({d} / {heads} = {d // heads})")
+    kv = config.get("num_key_value_heads")
+    if fam.up is not None and kv is not None:
+        _positive(file, "num_key_value_heads", kv)
+        if heads % kv:
+            raise _bad(file, f"{heads_key} {heads} is not a multiple of num_key_value_heads {kv}")
+    inner = config.get("n_inner")
+    if inner is not None:
+        _positive(file, "n_inner", inner)
 
 
 def _positive(file: Path, key: str, value) -> None:

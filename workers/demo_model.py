@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import GPTJForCausalLM
 
-from workers.embedded import gptj_config
+from workers.embedded import preset_config
 from workers.tokenizer import byte_tokenizer
 
 HELD_OUT_SEED = 1_000_003
@@ -129,7 +129,7 @@ def collate(items: list[tuple[list[int], list[int]]], answer_weight: float):
 
 def build(recipe: Recipe) -> GPTJForCausalLM:
     """A fresh model from the recipe's seed; residual projections start small for the depth."""
-    config = gptj_config(
+    config = preset_config(
         "tiny",
         n_embd=recipe.n_embd,
         n_inner=recipe.n_inner,

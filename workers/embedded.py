@@ -1,13 +1,15 @@
-"""Model checkpoints written in code: the embedded tiny GPT-J and a GPT-J-6B-shaped one.
+"""Model checkpoints written in code: the embedded tiny GPT-J, a tiny model of every other
+family, and the shapes of the models a GPU benchmark scans (GPT-J-6B, Pythia-6.9B, Llama-3-8B,
+GPT-2 XL).
 
-No machine here reaches the Hugging Face hub, so neuroscan builds its own GPT-J checkpoints
-with random weights and writes them in the standard layout (config.json, safetensors shards
+No machine here reaches the Hugging Face hub, so neuroscan builds its own checkpoints, with
+its families' own transformers classes and random weights, and writes them in the standard layout (config.json, safetensors shards
 with an index, tokenizer files). They are then loaded by exactly the code that loads a real
 checkpoint (`workers.checkpoint`). Tensors are generated and written shard by shard, so the
-6B preset never holds the whole model in memory.
+large presets never hold the whole model in memory.
 
-The embedded model has GPT-J's depth (28 blocks) at a tiny width. Its ``fc_in`` rows are
-scaled per neuron (pre-activation std drawn log-uniformly from 0.5 to 3) so ordinary text
+The embedded model has GPT-J's depth (28 blocks) at a tiny width. Its MLP input rows (every
+family's) are scaled per neuron (pre-activation std drawn log-uniformly from 0.5 to 3) so ordinary text
 produces all four bands: some neurons rarely leave grey, others go red on many tokens.
 """
 
@@ -24,10 +26,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
-from transformers import GPTJConfig
+from transformers import PretrainedConfig
 
 from neuroscan.config import MODEL_PRESETS, cache_dir
 from neuroscan.errors import UserError
+from workers.families import FAMILIES, Family, family, tensor_shapes, tied
 from workers.tokenizer import byte_tokenizer
 
 EMBEDDED_PRESET = "tiny"
@@ -37,9 +40,13 @@ EMBEDDED_VERSION = 1
 SHARD_BYTES = 2 << 30
 
 
-def gptj_config(preset: str, **overrides) -> GPTJConfig:
+def preset_config(preset: str, **overrides) -> PretrainedConfig:
+    """The config of a `neuroscan.config.MODEL_PRESETS` shape, as its family's config class."""
     fields = {**MODEL_PRESETS[preset], **overrides}
-    return GPTJConfig(architectures=["GPTJForCausalLM"], tie_word_embeddings=False, **fields)
+    fam = FAMILIES[fields.pop("model_type")]
+    config = fam.module("config")(**fields)
+    config.architectures = [fam.base_class.removesuffix("Model") + "ForCausalLM"]
+    return config
 
 
 def embedded_model_path() -> Path:
@@ -55,7 +62,7 @@ def embedded_model_dir() -> Path:
         staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=".building-"))
         try:
             write_checkpoint(
-                gptj_config(EMBEDDED_PRESET),
+                preset_config(EMBEDDED_PRESET),
                 staging,
                 seed=EMBEDDED_SEED,
                 named=path,
@@ -72,7 +79,7 @@ def embedded_model_dir() -> Path:
 
 
 def write_checkpoint(
-    config: GPTJConfig,
+    config: PretrainedConfig,
     out: Path,
     seed: int = 0,
     shard_bytes: int = SHARD_BYTES,
@@ -81,7 +88,7 @@ def write_checkpoint(
     named: Path | None = None,
     fix: str = "free space or choose another place, then run it again",
 ) -> Path:
-    """Write a random GPT-J checkpoint in Hugging Face layout; returns ``out``.
+    """Write a random checkpoint of ``config``'s family in Hugging Face layout; returns ``out``.
 
     Each tensor is drawn from its own generator (seeded by name), so a tensor's values do not
     depend on the shard size. At most one shard is in memory at a time. ``device`` draws the
@@ -106,7 +113,7 @@ def write_checkpoint(
         ) from None
 
 
-def _write_checkpoint(config: GPTJConfig, out: Path, seed: int, shard_bytes: int, device: str) -> Path:
+def _write_checkpoint(config: PretrainedConfig, out: Path, seed: int, shard_bytes: int, device: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, str(config.dtype or "float32").removeprefix("torch."))
     shards: list[list[str]] = []  # tensor names, one list a shard
@@ -118,8 +125,9 @@ def _write_checkpoint(config: GPTJConfig, out: Path, seed: int, shard_bytes: int
         shards.append(list(shard))
         shard.clear()
 
+    fam = family(config)
     for key, shape in _tensor_shapes(config).items():
-        tensor = _random_tensor(key, shape, seed, device).to(dtype).cpu()
+        tensor = _random_tensor(key, shape, seed, device, fam).to(dtype).cpu()
         nbytes = tensor.numel() * tensor.element_size()
         if shard and filled + nbytes > shard_bytes:
             flush()
@@ -143,50 +151,37 @@ def _write_checkpoint(config: GPTJConfig, out: Path, seed: int, shard_bytes: int
     return out
 
 
-def _tensor_shapes(config: GPTJConfig) -> dict[str, tuple[int, ...]]:
-    d, v = config.n_embd, config.vocab_size
-    inner = config.n_inner or 4 * d
-    shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (v, d)}
-    for i in range(config.n_layer):
-        p = f"transformer.h.{i}."
-        shapes |= {
-            p + "ln_1.weight": (d,),
-            p + "ln_1.bias": (d,),
-            p + "attn.q_proj.weight": (d, d),
-            p + "attn.k_proj.weight": (d, d),
-            p + "attn.v_proj.weight": (d, d),
-            p + "attn.out_proj.weight": (d, d),
-            p + "mlp.fc_in.weight": (inner, d),
-            p + "mlp.fc_in.bias": (inner,),
-            p + "mlp.fc_out.weight": (d, inner),
-            p + "mlp.fc_out.bias": (d,),
-        }
-    shapes |= {
-        "transformer.ln_f.weight": (d,),
-        "transformer.ln_f.bias": (d,),
-        "lm_head.weight": (v, d),
-        "lm_head.bias": (v,),
-    }
-    return shapes
+def _tensor_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    """The checkpoint's tensors: the head only where it is not tied to the embedding."""
+    return tensor_shapes(config, head=not tied(config))
 
 
-def _random_tensor(key: str, shape: tuple[int, ...], seed: int, device: str = "cpu") -> torch.Tensor:
+def _random_tensor(
+    key: str, shape: tuple[int, ...], seed: int, device: str = "cpu", fam: Family = FAMILIES["gptj"]
+) -> torch.Tensor:
+    """One tensor, drawn from its own generator. Norm weights are ones and biases zeros
+    (except the MLP input's), the token embedding has unit variance, and each neuron's MLP
+    input weights are scaled so its pre-activation's std is drawn log-uniformly from 0.5 to 3:
+    with the norm's unit-variance output, a row's norm is that std. The rest is N(0, 0.02)."""
     gen = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
 
     def randn(*size):
         return torch.randn(size, generator=gen, device=device)
 
-    if key.endswith(("ln_1.weight", "ln_f.weight")):
+    module = key.rsplit(".", 1)[0]
+    mlp_in = any(module.endswith("." + name) for name in fam.mlp_in)
+    if len(shape) == 1 and key.endswith(".weight") and ("norm" in key or ".ln_" in key):
         return torch.ones(shape, device=device)
-    if key.endswith(("ln_1.bias", "ln_f.bias", "fc_out.bias", "lm_head.bias")):
-        return torch.zeros(shape, device=device)
-    if key.endswith("fc_in.weight"):
-        # ln_1 output has unit variance per element, so row norm = pre-activation std.
-        inner, d = shape
+    if key.endswith(".bias"):
+        return randn(*shape) * 0.5 - 0.25 if mlp_in else torch.zeros(shape, device=device)
+    if fam.up and module.endswith("." + fam.up):  # a gated MLP's second input: unit variance
+        return randn(*shape) / math.sqrt(shape[1])
+    if mlp_in:
+        # the norm's output has unit variance per element, so a neuron's weight norm = its pre-activation std
+        inner, d = shape[::-1] if fam.conv1d else shape
         std = torch.exp(torch.empty(inner, 1, device=device).uniform_(math.log(0.5), math.log(3.0), generator=gen))
-        return randn(*shape) * (std / math.sqrt(d))
-    if key.endswith("fc_in.bias"):
-        return randn(*shape) * 0.5 - 0.25
-    if key == "transformer.wte.weight":
+        weight = randn(inner, d) * (std / math.sqrt(d))
+        return weight.T.contiguous() if fam.conv1d else weight
+    if key.endswith(f"{fam.embed}.weight"):
         return randn(*shape)
     return randn(*shape) * 0.02

@@ -7,11 +7,12 @@ table), and on a CPU the tensors read at another dtype than the stage's: `load_s
 every tensor as read until all are converted. On a GPU those copies are in host memory.
 
 The working set is an allowance for one prompt as long as the model's context
-(``n_positions`` tokens): a micro-batch that does not fit is split in halves down to one prompt
+(its context, `workers.families.context`): a micro-batch that does not fit is split in halves down to one prompt
 (`workers.split`), so this is the room a stage needs to scan any prompt, whatever
 ``--batch-tokens`` (a setting of each scan, not of the stages, which a service shares between
-scans). Per token it is ``(3 x n_inner + 8 x d_model) x`` the dtype's bytes: the MLP's input
-projection, its GELU and one temporary of the reduction at once (``n_inner`` each), and the
+scans). Per token it is ``(3 x d_mlp + 8 x d_model) x`` the dtype's bytes: the MLP's input
+projection, its GELU and one temporary of the reduction at once (``d_mlp`` each; a gated MLP
+adds its second projection, 4 x), and the
 residual stream and its layer norm, the attention's query, key, value and output, and the
 hidden states in and out (``d_model`` each). Not counted: the allocator's slack, CUDA's
 workspaces and compiled kernels, and other stages loading on the same device at the same time
@@ -22,13 +23,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from transformers import GPTJConfig
+from transformers import PretrainedConfig
 
 from neuroscan.errors import UserError
-from workers.checkpoint import tensor_headers
+from workers.checkpoint import tensor_files, tensor_headers
+from workers.families import context, d_mlp, d_model
 from workers.shard import ShardSpec, StageModel
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -57,23 +60,24 @@ class Footprint:
         return self.weights + self.buffers + self.reading + self.working
 
 
-def footprint(path: str, config: GPTJConfig, shard: ShardSpec, dtype: torch.dtype, device: str) -> Footprint:
+def footprint(path: str, config: PretrainedConfig, shard: ShardSpec, dtype: torch.dtype, device: str) -> Footprint:
     """What the stage of ``shard`` of the checkpoint at ``path`` needs on ``device`` ("cpu" or
     "cuda") at ``dtype``, from the checkpoint's headers and config alone."""
     with init_empty_weights(include_buffers=False):
         model = StageModel(config, shard)
-    headers = tensor_headers(path, list(model.checkpoint_names()))
+    names = model.checkpoint_names(set(tensor_files(Path(path))))
+    headers = tensor_headers(path, list(names))
     size = torch.finfo(dtype).bits // 8
     weights = reading = 0
-    for shape, stored in headers.values():
+    for name, (shape, stored) in headers.items():
         n = math.prod(shape)
-        weights += n * size
+        weights += n * size * len(names[name])  # a tied head is a second copy of the embedding
         if device == "cpu" and stored != SAFETENSORS_DTYPES.get(dtype):
             reading += n * ITEM_BYTES.get(stored, 1)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    tokens = config.n_positions
-    n_inner = config.n_inner or 4 * config.n_embd
-    working = tokens * (3 * n_inner + 8 * config.n_embd) * size
+    tokens = context(config)
+    mlp = 4 if model.family.up else 3  # a gated MLP holds its gate, its up and their product
+    working = tokens * (mlp * d_mlp(config) + 8 * d_model(config)) * size
     return Footprint(weights, buffers, reading, working, tokens)
 
 

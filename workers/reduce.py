@@ -23,6 +23,8 @@ from workers.fused import kept_rows_fused, layer_stats_fused, pick_fused
 from workers.thresholds import UNSELECTED, thresholds
 
 ROW_FIELDS = ("neuron", "max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "bands")
+GATED_FIELDS = ("up_at_max", "up_at_min")
+"""Gated MLPs only: the up projection's value at the kept neuron's max and min token."""
 PROMPT_FIELDS = ("n_selected", "n_kept", "n_above_any", "n_below_any", "mean_coverage", "red_coverage", "blue_coverage")
 
 
@@ -75,7 +77,11 @@ def layer_stats(act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection) -> di
 
 
 def reduce_layer(
-    act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, fused: bool = False
+    act: torch.Tensor,
+    n_tokens: torch.Tensor,
+    sel: Selection,
+    fused: bool = False,
+    up: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Reduce one layer's activations to fixed-shape candidate rows.
 
@@ -84,6 +90,8 @@ def reduce_layer(
               padding or appended answer tokens and is ignored)
     fused:    take the statistics from the one-pass Triton kernel (`workers.fused`)
               instead of the eager reference; the rows are the same
+    up:       gated MLPs (``act = act_fn(gate) * up``): the up projection's output, same
+              shape as ``act``; read only at each kept neuron's max and min token
 
     Returns (B = batch, K = cap or d_mlp, W = ceil(pos / 4)):
       kept [B, K] bool, neuron [B, K] int32 (ascending among kept rows), max_act/min_act [B, K]
@@ -91,7 +99,8 @@ def reduce_layer(
       prompt n_selected/n_kept [B] int32, n_above_any/n_below_any [B] int32 (neurons selected
       by the red rule, max > high, and by the blue rule, min < low) and, as [B] float32 means over the kept
       neurons of a fraction of the prompt's tokens: mean_coverage (above ``high``),
-      red_coverage (above ``red``) and blue_coverage (below ``low``).
+      red_coverage (above ``red``) and blue_coverage (below ``low``). With ``up``, also
+      up_at_max/up_at_min [B, K] float32: ``up`` at (max_pos, neuron) and (min_pos, neuron).
     """
     n = act.shape[2]
     if fused:  # the kernel also gives each neuron's rank
@@ -117,7 +126,13 @@ def reduce_layer(
     def coverage(counts: torch.Tensor) -> torch.Tensor:  # [batch, K] token counts -> [batch]
         return (counts * kept).sum(dim=1).float() / per_token
 
+    gated = {}
+    if up is not None:  # one gather of B x K values each: the up projection is not copied
+        flat = up.reshape(up.shape[0], -1)  # [batch, pos * d_mlp], a view
+        for name, pos in (("up_at_max", picked["max_pos"]), ("up_at_min", picked["min_pos"])):
+            gated[name] = flat.gather(1, pos.long() * n + idx).float()
     return {
+        **gated,
         "kept": kept,
         "neuron": idx.to(torch.int32),
         **{name: picked[name] for name in ROW_FIELDS if name != "neuron"},
@@ -221,13 +236,13 @@ def compact(layers: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tens
     """Stack a stage's per-layer outputs and keep only the kept rows, on the device.
 
     Returns ``rows`` (M kept rows: ``layer_offset`` and ``row`` index the stage's layer and the
-    batch row, plus ROW_FIELDS) and ``per_prompt`` ([L, B] arrays of PROMPT_FIELDS). The
+    batch row, plus ROW_FIELDS and, from a gated MLP, GATED_FIELDS) and ``per_prompt`` ([L, B] arrays of PROMPT_FIELDS). The
     ``nonzero`` here is the stage's one host synchronisation per micro-batch.
     """
     kept = torch.stack([layer["kept"] for layer in layers])  # [L, B, K]
     where = kept.nonzero()  # [M, 3]: layer offset, batch row, slot
     rows = {"layer_offset": where[:, 0].to(torch.int16), "row": where[:, 1].to(torch.int32)}
-    for name in ROW_FIELDS:
+    for name in (*ROW_FIELDS, *(f for f in GATED_FIELDS if f in layers[0])):
         stacked = torch.stack([layer[name] for layer in layers])  # [L, B, K, ...]
         rows[name] = stacked[where[:, 0], where[:, 1], where[:, 2]]
     per_prompt = {name: torch.stack([layer[name] for layer in layers]) for name in PROMPT_FIELDS}

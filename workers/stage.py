@@ -1,4 +1,4 @@
-"""A pipeline stage: a shard of the model whose every owned ``mlp.act`` is reduced on the device.
+"""A pipeline stage: a shard of the model whose every owned layer's neuron activations are reduced on the device.
 
 `Stage` is a plain class (tested without Ray); Ray runs it as an actor, two calls at a time
 on a GPU (`cluster.placement.stage_actor`). Its ``__init__`` only stores the spec; weights
@@ -39,11 +39,12 @@ from neuroscan.memory import MemoryWatch, release_free_heap
 from neuroscan.messages import Hidden, MicroBatch, StageRows
 from workers.checkpoint import load_config
 from workers.embedded import embedded_model_dir, embedded_model_path
+from workers.families import d_model
 from workers.footprint import check_fits, footprint, free_bytes
 from workers.fused import available as fused_available
 from workers.handoff import Outbox
 from workers.reduce import compact, reduce_layer
-from workers.shard import ShardSpec, load_stage
+from workers.shard import ShardSpec, StageModel, load_stage
 from workers.split import forward_splitting
 from workers.transfer import host_tensor, leaves, start_copy, to_device
 
@@ -102,33 +103,50 @@ class StageSpec:
 
 @contextmanager
 def reducing_hooks(
-    blocks,
+    model: StageModel,
     n_tokens: torch.Tensor,
     sel: Selection,
     sink: list,
     fused: bool = False,
     stream: torch.cuda.Stream | None = None,
 ) -> Iterator[None]:
-    """Reduce every block's ``mlp.act`` output into ``sink`` while the context is open.
+    """Reduce every owned block's neuron activations (what enters its MLP's output projection,
+    `StageModel.neurons`) into ``sink`` while the context is open. In a gated MLP the up
+    projection's output is held from its forward until the reduction, which reads it at each
+    kept neuron's extremes.
 
     With ``stream`` (CUDA), each layer's reduction is queued on that side stream after the
     activations are written, so its small kernels run beside the next matmuls instead of
     between them; the activations are kept from reuse until the side stream has read them.
     """
+    ups: dict[int, torch.Tensor] = {}
 
-    def reduce(act: torch.Tensor) -> None:
+    def reduce(act: torch.Tensor, up: torch.Tensor | None) -> None:
         if stream is None:
-            sink.append(reduce_layer(act, n_tokens, sel, fused))
+            sink.append(reduce_layer(act, n_tokens, sel, fused, up))
             return
         stream.wait_stream(torch.cuda.current_stream(act.device))  # a device-side wait, not a host sync
         with torch.cuda.stream(stream):
-            sink.append(reduce_layer(act, n_tokens, sel, fused))
-        act.record_stream(stream)
+            sink.append(reduce_layer(act, n_tokens, sel, fused, up))
+        for tensor in (act, up):
+            if tensor is not None:
+                tensor.record_stream(stream)
 
-    handles = [block.mlp.act.register_forward_hook(lambda module, inputs, output: reduce(output)) for block in blocks]
+    handles = []
+    for i, block in enumerate(model.blocks):
+        if model.family.up:
+            keep_up = block.get_submodule(model.family.up).register_forward_hook(
+                lambda module, inputs, output, i=i: ups.__setitem__(i, output)
+            )
+            handles.append(keep_up)
+        hook = model.neurons(block).register_forward_pre_hook(
+            lambda module, inputs, i=i: reduce(inputs[0], ups.pop(i, None))
+        )
+        handles.append(hook)
     try:
         yield
     finally:
+        ups.clear()
         for handle in handles:
             handle.remove()
 
@@ -180,7 +198,7 @@ class Stage:
         self.model = load_stage(self.spec.model_path, config, self.spec.shard, self.device, dtype)
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.device.type != "meta")
         if self.device.type == "cuda":
-            self._warm_up(config.n_embd)
+            self._warm_up(d_model(config))
         return {
             "layers": (self.spec.shard.start, self.spec.shard.stop),
             "weight_bytes": weights,
@@ -267,7 +285,7 @@ class Stage:
 
         layers: list[dict[str, torch.Tensor]] = []
         side = self.reduce_stream
-        with reducing_hooks(self.model.body.h, n_tokens, batch.selection, layers, self.fused, side):
+        with reducing_hooks(self.model, n_tokens, batch.selection, layers, self.fused, side):
             # No attention mask: padding only ever follows a prompt's tokens (and its answer's),
             # so the causal mask alone keeps every real token from seeing it, and the rows never
             # read a padded position. (With a mask transformers checks it on the host, a sync,

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from cluster.cli import main
-from workers.embedded import gptj_config, write_checkpoint
+from workers.embedded import preset_config, write_checkpoint
 
 
 def jsonl(tmp_path, lines: list[str]) -> str:
@@ -20,7 +20,7 @@ def jsonl(tmp_path, lines: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory):
-    config = gptj_config("tiny", n_layer=3, n_embd=32, n_head=2, rotary_dim=4, n_inner=64, n_positions=64)
+    config = preset_config("tiny", n_layer=3, n_embd=32, n_head=2, rotary_dim=4, n_inner=64, n_positions=64)
     return write_checkpoint(config, tmp_path_factory.mktemp("m") / "model")
 
 

@@ -13,7 +13,7 @@ import workers.checkpoint as checkpoint
 from neuroscan.config import MODEL_PRESETS
 from neuroscan.errors import UserError
 from tests.unit.test_stage import one_batch
-from workers.embedded import gptj_config, write_checkpoint
+from workers.embedded import preset_config, write_checkpoint
 from workers.shard import ShardSpec, load_stage
 from workers.stage import Stage, StageSpec
 
@@ -84,7 +84,7 @@ def test_embedded_model_has_gptj_depth_and_all_four_bands(tiny_model):
 
 
 def test_gptj_6b_preset_is_gptj_6b_shaped():
-    config = gptj_config("gptj-6b")
+    config = preset_config("gptj-6b")
     assert (config.n_layer, config.n_embd, config.n_head, config.rotary_dim, config.vocab_size) == (
         28,
         4096,
@@ -113,7 +113,7 @@ def test_missing_and_broken_checkpoints_are_refused(other_model, tmp_path, monke
     with pytest.raises(UserError, match="no tokenizer files"):
         checkpoint.resolve_model(str(no_tok))
     single = write_checkpoint(
-        gptj_config("tiny", n_layer=2, n_embd=32, n_head=2, rotary_dim=4, n_inner=64), tmp_path / "single"
+        preset_config("tiny", n_layer=2, n_embd=32, n_head=2, rotary_dim=4, n_inner=64), tmp_path / "single"
     )
     data = (single / "model.safetensors").read_bytes()
     (single / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -123,7 +123,7 @@ def test_missing_and_broken_checkpoints_are_refused(other_model, tmp_path, monke
 
 def test_truncated_weights_are_refused_before_loading(tmp_path):
     path = write_checkpoint(
-        gptj_config("tiny", n_layer=2, n_embd=32, n_head=2, rotary_dim=4, n_inner=64), tmp_path / "m"
+        preset_config("tiny", n_layer=2, n_embd=32, n_head=2, rotary_dim=4, n_inner=64), tmp_path / "m"
     )
     data = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(data[:-100])

@@ -74,6 +74,8 @@ def run_dir(tmp_path):
                 "n_above": [1] * len(items),
                 "n_below": [0] * len(items),
                 "bands": [b"\x03"] * len(items),
+                "up_at_max": [None] * len(items),
+                "up_at_min": [None] * len(items),
             },
             schema=ACTIVATIONS,
         )

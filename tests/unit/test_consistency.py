@@ -28,8 +28,14 @@ BROKEN = {
         "is [257, 128], but config.json's sizes make it [200, 128]",
     ),
     "a terabyte of weights": ({"n_embd": 1 << 30, "n_inner": 1 << 32}, None, "but config.json's sizes make it"),
+    "not a family neuroscan scans": (
+        {"model_type": "bert"},
+        None,
+        "is a 'bert' model, which neuroscan does not scan: pass a checkpoint of a supported model_type: gptj (GPT-J), "
+        "gpt_neox (GPT-NeoX), llama (Llama), mistral (Mistral), qwen2 (Qwen2), gpt2 (GPT-2)",
+    ),
     "a context of a terabyte": ({"n_positions": 10**12}, None, "n_positions 1,000,000,000,000 is over 1,048,576"),
-    "more layers than the weights": ({"n_layer": 30}, None, "has no tensor transformer.h.28.ln_1.weight"),
+    "more layers than the weights": ({"n_layer": 30}, None, "has no tensors of block 28 (transformer.h.28.*)"),
     "fewer layers than the weights": ({"n_layer": 20}, None, "hold 28 blocks, but config.json says n_layer 20"),
 }
 
@@ -59,7 +65,7 @@ def test_a_checkpoint_that_does_not_match_itself_is_one_line_before_anything_sta
     assert main(["scan", "seed", "--model", str(model), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("neuroscan: error: ") and err.count("\n") == 1 and line in err, err
-    assert "restore" in err or "save the tokenizer" in err
+    assert "restore" in err or "save the tokenizer" in err or "pass a checkpoint of a supported" in err
     assert not out.exists()
 
 

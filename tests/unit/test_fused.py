@@ -129,7 +129,7 @@ def test_a_scanning_stage_reduces_the_activations_its_blocks_use(other_model):
     config = load_config(other_model)
     stage = Stage(StageSpec(str(other_model), ShardSpec(0, config.n_layer, config.n_layer), "cpu", "float32"))
     stage.setup()
-    blocks = stage.model.body.h
+    blocks = stage.model.blocks
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (2, 11), generator=gen)
     n_tokens = torch.tensor([11, 6])
@@ -143,11 +143,11 @@ def test_a_scanning_stage_reduces_the_activations_its_blocks_use(other_model):
     with torch.inference_mode():
         plain = stage.model(ids, None, positions)
         read.clear()
-        with reducing_hooks(blocks, n_tokens, sel, sink, fused=True):
+        with reducing_hooks(stage.model, n_tokens, sel, sink, fused=True):
             scanned = stage.model(ids, None, positions)
     for handle in handles:
         handle.remove()
-    assert all(type(block.mlp.act) is TanhGELU and not block.mlp.act._forward_hooks for block in blocks)
+    assert all(type(block.mlp.act) is TanhGELU and not block.mlp.fc_out._forward_pre_hooks for block in blocks)
     assert len(sink) == len(read) == config.n_layer
     for layer, act in zip(sink, read):
         eager = reduce_layer(act, n_tokens, sel)

@@ -42,6 +42,7 @@ def test_the_json_keys_are_the_fields_and_round_trip(tmp_path):
         "revision": None,
         "fingerprint": None,
         "neurons": None,
+        "architecture": None,
     }
     assert Manifest.from_dict(data) == HEADER
 
@@ -122,3 +123,9 @@ def test_the_blue_flood_is_said_with_the_flag_that_changes_it():
     assert "give a lower --low to select only strongly negative neurons (GELU's minimum is about -0.17" in line
     assert blue_flood_line(run(80.0)) is None
     assert blue_flood_line(run(97.0, neurons=None)) is None  # a run that did not record its width
+    gated = header(
+        model=ModelInfo(id="m", path="", dtype="float32", neurons=100, architecture="llama"),
+        summary=Summary({"0": LayerSummary(99.0, 50.0, 2.0, 97.0), "1": LayerSummary(10.0, 10.0, 8.0, 2.0)}),
+    )
+    line = blue_flood_line(gated)
+    assert "a gated MLP's activation, act(gate) * up, is negative wherever up is" in line and "GELU" not in line

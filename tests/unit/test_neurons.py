@@ -51,6 +51,8 @@ def test_merged_part_deltas_equal_one_pass_over_all_rows():
             "n_above": [0] * 6,
             "n_below": [0] * 6,
             "bands": [b""] * 6,
+            "up_at_max": [None] * 6,
+            "up_at_min": [None] * 6,
         },
         schema=ACTIVATIONS,
     )

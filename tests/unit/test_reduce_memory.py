@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cluster.partition import partition_layers
 from neuroscan.config import Selection
-from workers.embedded import gptj_config
+from workers.embedded import preset_config
 from workers.reduce import reduce_layer
 from workers.shard import ShardSpec, StageModel
 
@@ -60,7 +60,7 @@ def test_tracker_counts_a_temporary():
 @pytest.mark.parametrize("stages", [1, 2])
 @pytest.mark.parametrize("cap", [500, 0])
 def test_reduction_overhead_under_a_tenth_of_stage_weights(stages, cap):
-    config = gptj_config("gptj-6b")
+    config = preset_config("gptj-6b")
     peak = reduction_peak(32, 256, config.n_inner or 4 * config.n_embd, Selection(max_per_layer=cap))
     for start, stop in partition_layers(config.n_layer, stages):
         with init_empty_weights():

@@ -81,7 +81,7 @@ def _as_schema_one(out) -> None:
         layer = int(f.path.split("/")[1].removeprefix("layer_"))
         path = f"activations/layer={layer:02d}/{f.path.rsplit('/', 1)[1]}"
         (out / path).parent.mkdir(exist_ok=True)
-        pq.write_table(pq.read_table(out / f.path).drop_columns(["layer"]), out / path)
+        pq.write_table(pq.read_table(out / f.path).drop_columns(["layer", "up_at_max", "up_at_min"]), out / path)
         (out / f.path).unlink()
         return PartFile(path, f.rows, (out / path).stat().st_size, file_sha256(out / path))
 
@@ -107,11 +107,41 @@ def test_a_schema_one_run_reads_as_schema_two(tmp_path):
     assert main(["report", str(old_dir)]) == 0
 
 
+def test_a_schema_two_run_reads_with_null_gated_columns(tmp_path):
+    """Runs written before the gated MLP's columns read the same, those columns null."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    from neuroscan.manifest import PartFile, file_sha256, write_manifest
+
+    new = open_run(finished_run(tmp_path / "new"))
+    out = finished_run(tmp_path / "old")
+    manifest = read_manifest(out)
+
+    def dropped(f: PartFile) -> PartFile:
+        if f.path.startswith("activations/"):
+            pq.write_table(pq.read_table(out / f.path).drop_columns(["up_at_max", "up_at_min"]), out / f.path)
+            return PartFile(f.path, f.rows, (out / f.path).stat().st_size, file_sha256(out / f.path))
+        return f
+
+    for part in manifest.parts:
+        part.files = [dropped(f) for f in part.files]
+    manifest.empty_layers = [dropped(f) for f in manifest.empty_layers]
+    write_manifest(out, dataclasses.replace(manifest, schema_version=2))
+    old = open_run(out, verify=True)
+    by = [("prompt_id", "ascending"), ("layer", "ascending"), ("neuron", "ascending")]
+    table = old.read("activations").sort_by(by)
+    assert table.equals(new.read("activations").sort_by(by)) and table["up_at_max"].null_count == len(table) > 0
+    assert old.activations(layer=1).num_rows == new.activations(layer=1).num_rows
+    assert main(["report", str(out)]) == 0
+
+
 def test_resume_refuses_a_run_of_another_schema(tmp_path):
     from cluster.output import prepare_output
     from tests.manifests import HEADER
 
     out = finished_run(tmp_path / "old")
     _as_schema_one(out)
-    with pytest.raises(UserError, match="cannot resume .* holds output schema 1 and this neuroscan writes schema 2"):
+    with pytest.raises(UserError, match="cannot resume .* holds output schema 1 and this neuroscan writes schema 3"):
         prepare_output(out, overwrite=False, resume=True, header=HEADER)

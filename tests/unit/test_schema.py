@@ -19,6 +19,8 @@ def test_activation_schema_matches_contract():
         "n_above",
         "n_below",
         "bands",
+        "up_at_max",
+        "up_at_min",
     ]
 
 

@@ -70,7 +70,7 @@ def test_hooks_are_removed_after_each_forward(other_model):
     [stage] = _stages(other_model, [(0, 2)], load_config(other_model).n_layer)
     batch, _ = one_batch(0)
     stage.forward(batch)
-    assert all(not block.mlp.act._forward_hooks for block in stage.model.body.h)
+    assert all(not block.mlp.fc_out._forward_pre_hooks for block in stage.model.blocks)
 
 
 def test_rows_are_compacted_and_per_prompt_counts_agree(other_model):
@@ -129,7 +129,7 @@ def test_two_threads_calling_one_stage_get_the_rows_of_sequential_calls(other_mo
             assert np.array_equal(r1.rows[name], r2.rows[name]), name
         for name in r1.per_prompt:
             assert np.array_equal(r1.per_prompt[name], r2.per_prompt[name]), name
-    assert all(not block.mlp.act._forward_hooks for block in stage.model.body.h)
+    assert all(not block.mlp.fc_out._forward_pre_hooks for block in stage.model.blocks)
 
 
 def test_a_direct_hand_off_gives_the_next_stage_what_forward_gives_it(other_model):

@@ -1,0 +1,165 @@
+"""The model families neuroscan scans, and where each keeps what a stage needs.
+
+A stage is a family's plain transformers base model (``GPTJModel``, ``GPTNeoXModel``,
+``LlamaModel``...) holding only its own blocks, so every family runs through transformers'
+own forward. What differs between families is data, kept here in one table: the checkpoint's
+prefix of the base model, the names of the blocks, the embedding, the final norm and the
+head, and the MLP's output projection. A neuron's activation is what enters that projection:
+``act(fc_in(x))`` in GPT-J, GPT-NeoX and GPT-2, and ``act(gate_proj(x)) * up_proj(x)`` in the
+gated MLPs of Llama, Mistral and Qwen2, whose ``up_proj`` output is also read (`Family.up`)
+to tell a negative gate from a negative up.
+
+The family comes from ``model_type`` in ``config.json``; any other is refused in one line that
+lists these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import transformers
+from accelerate import init_empty_weights
+from transformers import PretrainedConfig
+
+from neuroscan.errors import UserError
+
+MAX_TOKENS = 32767
+"""The longest prompt a scan takes whatever the model's context: token positions are stored as int16."""
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    """``model_type`` in ``config.json``."""
+    name: str
+    """How the family is called in messages and the report."""
+    config_class: str
+    base_class: str
+    """The transformers classes of its config and its base model (no head)."""
+    prefix: str
+    """The base model's tensors' prefix in a checkpoint ("transformer.", "model."...)."""
+    blocks: str
+    embed: str
+    norm: str
+    """Attribute names in the base model: the block list, the token embedding, the final norm."""
+    head: str
+    """The output head's module name in a checkpoint (its weight may be tied to the embedding)."""
+    down: str
+    """The MLP's output projection in a block: a neuron's activation is what enters it."""
+    head_bias: bool = False
+    up: str | None = None
+    """Gated MLPs: the ``up`` projection, whose value at a neuron's extremes the rows carry."""
+    positions: str | None = None
+    """Learned position embeddings added by the base model's forward (GPT-2's ``wpe``)."""
+    sizes: tuple[str, ...] = ()
+    """``config.json`` fields that must be positive whole numbers: hidden size, heads, layers,
+    context and vocabulary first, in that order."""
+    legacy_prefixes: tuple[str, ...] = ()
+    """Older checkpoints' prefixes for the same tensors (GPT-2's first releases had none)."""
+    mlp_in: tuple[str, ...] = ()
+    """The MLP's input projections (one a neuron, in a block), for random checkpoints whose
+    neurons should reach every band (`workers.embedded`)."""
+    conv1d: bool = False
+    """Weights stored [in, out] (GPT-2's ``Conv1D``) rather than [out, in] (``nn.Linear``)."""
+
+    def module(self, kind: str):
+        return getattr(transformers, {"config": self.config_class, "base": self.base_class}[kind])
+
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family(
+            "gptj", "GPT-J", "GPTJConfig", "GPTJModel", "transformer.", "h", "wte", "ln_f", "lm_head",
+            down="mlp.fc_out", head_bias=True, mlp_in=("mlp.fc_in",),
+            sizes=("n_embd", "n_head", "n_layer", "n_positions", "vocab_size"),
+        ),
+        Family(
+            "gpt_neox", "GPT-NeoX", "GPTNeoXConfig", "GPTNeoXModel", "gpt_neox.", "layers", "embed_in",
+            "final_layer_norm", "embed_out", down="mlp.dense_4h_to_h", mlp_in=("mlp.dense_h_to_4h",),
+            sizes=("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "vocab_size", "intermediate_size"),
+        ),
+        Family(
+            "llama", "Llama", "LlamaConfig", "LlamaModel", "model.", "layers", "embed_tokens", "norm", "lm_head",
+            down="mlp.down_proj", up="mlp.up_proj", mlp_in=("mlp.gate_proj",),
+            sizes=("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "vocab_size", "intermediate_size"),
+        ),
+        Family(
+            "mistral", "Mistral", "MistralConfig", "MistralModel", "model.", "layers", "embed_tokens", "norm", "lm_head",
+            down="mlp.down_proj", up="mlp.up_proj", mlp_in=("mlp.gate_proj",),
+            sizes=("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "vocab_size", "intermediate_size"),
+        ),
+        Family(
+            "qwen2", "Qwen2", "Qwen2Config", "Qwen2Model", "model.", "layers", "embed_tokens", "norm", "lm_head",
+            down="mlp.down_proj", up="mlp.up_proj", mlp_in=("mlp.gate_proj",),
+            sizes=("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "vocab_size", "intermediate_size"),
+        ),
+        Family(
+            "gpt2", "GPT-2", "GPT2Config", "GPT2Model", "transformer.", "h", "wte", "ln_f", "lm_head",
+            down="mlp.c_proj", positions="wpe", mlp_in=("mlp.c_fc",), conv1d=True,
+            sizes=("n_embd", "n_head", "n_layer", "n_positions", "vocab_size"),
+            legacy_prefixes=("",),
+        ),
+    )
+}  # fmt: skip
+
+
+def supported() -> str:
+    return ", ".join(f"{f.model_type} ({f.name})" for f in FAMILIES.values())
+
+
+def family_of(model_type, where: str | Path) -> Family:
+    """The family of a ``config.json``'s ``model_type``; one line naming the supported ones otherwise."""
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        raise UserError(
+            f"model at {where} is a {model_type!r} model, which neuroscan does not scan: "
+            f"pass a checkpoint of a supported model_type: {supported()}"
+        )
+    return family
+
+
+def family(config: PretrainedConfig) -> Family:
+    return family_of(config.model_type, getattr(config, "name_or_path", "") or "the config")
+
+
+def n_layers(config: PretrainedConfig) -> int:
+    return config.num_hidden_layers
+
+
+def d_model(config: PretrainedConfig) -> int:
+    return config.hidden_size
+
+
+def d_mlp(config: PretrainedConfig) -> int:
+    """Neurons a layer: the width of the MLP (GPT-J and GPT-2 default to 4 x d_model)."""
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+    return inner or 4 * config.hidden_size
+
+
+def context(config: PretrainedConfig) -> int:
+    """The longest prompt a scan takes: the model's context, at most `MAX_TOKENS`."""
+    return min(config.max_position_embeddings, MAX_TOKENS)
+
+
+def tied(config: PretrainedConfig) -> bool:
+    """Whether the output head is the token embedding (no head tensor of its own in a checkpoint)."""
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+def tensor_shapes(config: PretrainedConfig, prefix: str | None = None, head: bool = True) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a checkpoint of ``config``, name -> shape, as the family's own modules
+    built on the meta device (no memory) hold them, in the modules' order; ``head``: with the
+    output head (left out where it is tied to the embedding and not stored)."""
+    fam = family(config)
+    prefix = fam.prefix if prefix is None else prefix
+    with init_empty_weights(include_buffers=True):  # buffers are no checkpoint's tensors
+        body = fam.module("base")(config)
+    shapes = {prefix + name: tuple(p.shape) for name, p in body.named_parameters()}
+    if head:
+        vocab, d = shapes[f"{prefix}{fam.embed}.weight"]
+        shapes[f"{fam.head}.weight"] = (vocab, d)
+        if fam.head_bias:
+            shapes[f"{fam.head}.bias"] = (vocab,)
+    return shapes
