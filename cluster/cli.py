@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_options(
         sub.add_parser(
-            "make-model", help="write a checkpoint in Hugging Face layout (a random one of a preset's shapes, or the demo model)"
+            "make-model",
+            help="write a checkpoint in Hugging Face layout (a random one of a preset's shapes, or the demo model)",
         ),
         MakeModelConfig,
     )
