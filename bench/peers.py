@@ -2,8 +2,8 @@
 
   transformer_lens  TransformerLens's ``TransformerBridge`` over the same model: ``run_with_cache``
                     keeping every ``blocks.N.mlp.hook_post``, then the reduction on the cache
-  nnsight           an ``NNsight`` trace of the same model saving every ``mlp.act`` output, then
-                    the reduction on the saved tensors
+  nnsight           an ``NNsight`` trace of the same model saving every MLP output projection's
+                    input (the neuron activations), then the reduction on the saved tensors
 
 Both hold all of a micro-batch's activations at once (that is what caching means) and then run
 neuroscan's eager reduction, compaction and host copy on them, so their rows are the same as
@@ -25,6 +25,20 @@ from workers.transfer import leaves, to_host
 
 PEERS = ("transformer_lens", "nnsight")
 PEER_PACKAGES = ("transformer-lens", "nnsight")
+HUB_NAMES = {
+    "gptj": "EleutherAI/gpt-j-6b",
+    "gpt_neox": "EleutherAI/pythia-6.9b",
+    "llama": "meta-llama/Meta-Llama-3-8B",
+    "mistral": "mistralai/Mistral-7B-v0.1",
+    "qwen2": "Qwen/Qwen2-7B",
+    "gpt2": "openai-community/gpt2-xl",
+}
+"""The name TransformerLens knows each family by (its adapter; the weights are the bench's own)."""
+LENS_FAMILIES = ("gptj", "gpt_neox", "llama")
+"""The families whose TransformerLens activations are checked equal to the stage's
+(tests/integration/test_peers.py). Its GPT-2 bridge gives other MLP activations than
+transformers' ``GPT2Model`` on the same weights (by up to 6 at layer 0 of the tiny GPT-2), so a
+GPT-2 bench does not time it."""
 """Their distributions' names, for the versions a bench report records."""
 
 
@@ -45,22 +59,24 @@ def transformer_lens_step(stage, tokenizer, inputs, sel: Selection):
 
     ``inputs(batch)`` gives (ids, attention mask, position ids) on the device."""
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import GPTJForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    body = stage.model.body
+    body, fam = stage.model.body, stage.model.family
     attention = body.config._attn_implementation
     undo = _restorer(stage.model)  # the bridge puts its wrappers in place of the blocks and hooks the originals
     with torch.device("meta"):
-        hf = GPTJForCausalLM(body.config)
-    hf.transformer, hf.lm_head = body, stage.model.lm_head  # the loaded weights, shared
+        hf = AutoModelForCausalLM.from_config(body.config)
+    setattr(hf, fam.prefix.rstrip("."), body)  # the loaded weights, shared
+    head = next(name for name, m in hf.named_children() if m is hf.get_output_embeddings())
+    setattr(hf, head, stage.model.lm_head)
     bridge = TransformerBridge.boot_transformers(
-        "EleutherAI/gpt-j-6b",
+        HUB_NAMES[fam.model_type],
         hf_model=hf,
         tokenizer=tokenizer,
         device=str(stage.device),
         dtype=next(body.parameters()).dtype,
     )  # switches the model to eager attention, as TransformerLens does so that its hooks see the pattern
-    names = [f"blocks.{i}.mlp.hook_post" for i in range(len(body.h))]
+    names = [f"blocks.{i}.mlp.hook_post" for i in range(len(stage.model.blocks))]
 
     @torch.inference_mode()
     def step(batch):
@@ -75,8 +91,9 @@ def transformer_lens_step(stage, tokenizer, inputs, sel: Selection):
         bridge = None  # the wrappers go with it
         undo()
         body.config._attn_implementation = attention
-        for block in body.h:
-            block.attn.config._attn_implementation = attention
+        for block in stage.model.blocks:
+            attn = getattr(block, "attn", None) or getattr(block, "self_attn", None) or block.attention
+            attn.config._attn_implementation = attention
 
 
 HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -107,7 +124,14 @@ def nnsight_step(stage, inputs, sel: Selection):
     from nnsight import NNsight
 
     model = NNsight(stage.model)
-    n_layers = len(stage.model.body.h)
+    fam = stage.model.family
+    n_layers = len(stage.model.blocks)
+
+    def neurons(i: int):  # the envoy of block i's MLP output projection
+        envoy = getattr(model.body, fam.blocks)[i]
+        for name in fam.down.split("."):
+            envoy = getattr(envoy, name)
+        return envoy
 
     @torch.inference_mode()
     def step(batch):
@@ -115,7 +139,7 @@ def nnsight_step(stage, inputs, sel: Selection):
         saved = []
         with model.trace(ids, mask, pos):
             for i in range(n_layers):
-                saved.append(model.body.h[i].mlp.act.output.save())
+                saved.append(neurons(i).input.save())
         n_tokens = torch.as_tensor(batch.n_tokens, device=ids.device)
         return reduce_saved(saved, n_tokens, sel)
 

@@ -23,6 +23,7 @@ from bench.run import bare_step, synthetic_corpus
 from cluster.placement import STAGE_CONCURRENCY
 from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer
+from workers.families import context, n_layers
 from workers.shard import ShardSpec
 from workers.stage import Stage, StageSpec
 
@@ -36,7 +37,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
     config = load_config(args.model)
-    n = config.n_layer
+    n = n_layers(config)
     stage = Stage(StageSpec(args.model, ShardSpec(0, n, n), "cuda", "float16"))
     stage.setup()
     model, device = stage.model, torch.device("cuda")
@@ -45,7 +46,7 @@ def main() -> None:
         batches = [
             b
             for b, _ in micro_batches(
-                str(corpus), load_tokenizer(args.model), config.n_positions, args.prompts * args.prompt_tokens, False
+                str(corpus), load_tokenizer(args.model), context(config), args.prompts * args.prompt_tokens, False
             )
         ]
 

@@ -52,7 +52,9 @@ from neuroscan.config import BENCH_MODES, BenchConfig, ScanConfig, Selection, re
 from neuroscan.errors import UserError, file_out
 from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer, resolve_model
-from workers.shard import ShardSpec
+from workers.families import context, d_mlp, d_model, family, n_layers
+from workers.rotary import RotaryAttention
+from workers.shard import ShardSpec, TanhGELU
 from workers.stage import Stage, StageSpec
 from workers.transfer import to_device
 
@@ -84,10 +86,14 @@ def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def flops_per_token(config, seq: float) -> float:
-    """Forward FLOPs per token: 2 x block parameters, plus attention scores and values."""
-    d, inner = config.n_embd, config.n_inner or 4 * config.n_embd
-    block = 4 * d * d + 2 * d * inner
-    return config.n_layer * (2 * block + 2 * seq * d)
+    """Forward FLOPs per token: 2 x block matmul parameters (grouped-query attention's smaller
+    keys and values, a gated MLP's third projection), plus attention scores and values."""
+    d, inner = d_model(config), d_mlp(config)
+    heads = config.num_attention_heads
+    kv = d * getattr(config, "num_key_value_heads", heads) // heads
+    gated = family(config).up is not None
+    block = 2 * d * d + 2 * d * kv + (3 if gated else 2) * d * inner
+    return n_layers(config) * (2 * block + 2 * seq * d)
 
 
 def _sync(device: torch.device) -> None:
@@ -153,7 +159,7 @@ def bench_in_process(
 ) -> None:
     """The in-process modes, all on one loaded copy of the model (a stage holding every layer),
     added to ``results``; ``saved(results)`` after each."""
-    n = load_config(path).n_layer
+    n = n_layers(load_config(path))
     stage = Stage(StageSpec(path, ShardSpec(0, n, n), device.type, dtype))
     stage.setup()
     model = stage.model
@@ -173,7 +179,7 @@ def bench_in_process(
                     (x.max(0), x.argmax(0), x.min(0), x.argmin(0), (x > sel.high).sum(0), (x < sel.low).sum(0))
                 )
 
-        handles = [b.mlp.act.register_forward_hook(lambda m, i, o: to_host(o)) for b in model.body.h]
+        handles = [model.neurons(b).register_forward_pre_hook(lambda m, i: to_host(i[0])) for b in model.blocks]
         try:
             model(ids, mask, pos)
         finally:
@@ -227,24 +233,41 @@ def bench_in_process(
         saved(results)
 
 
+def skipped_modes(config) -> dict[str, str]:
+    """The modes a family has nothing to measure for (``bare_hf_*``) or that would time another
+    computation (`bench.peers.LENS_FAMILIES`), and why."""
+    skipped = {}
+    if config.model_type != "gptj":
+        skipped["bare_hf_rotary"] = "GPT-J only: no other family's attention is replaced"
+    if getattr(config, "activation_function", None) != "gelu_new":
+        skipped["bare_hf_gelu"] = "GPT-J and GPT-2 only: no other family's GELU is replaced"
+    if config.model_type not in peers.LENS_FAMILIES:
+        skipped["transformer_lens"] = "its activations for this family are not those of transformers' model"
+    return skipped
+
+
 @contextmanager
 def transformers_modules(model, which: tuple[str, ...]):
     """Put transformers' own modules back in place of neuroscan's while the context is open,
     the "before" of those optimisations: ``"gelu"``, the eight-op ``gelu_new`` instead of the
     one-kernel GELU; ``"attention"``, ``GPTJAttention`` (rotation out of place, then
-    concatenated) instead of `workers.rotary.RotaryAttention`, which has the same parameters."""
-    blocks = model.body.h
-    saved = [(block.mlp.act, type(block.attn)) for block in blocks]
+    concatenated) instead of `workers.rotary.RotaryAttention`, which has the same parameters.
+    Blocks without neuroscan's module of a kind keep theirs."""
+    blocks = [b for b in model.blocks if isinstance(getattr(b.mlp, "act", None), TanhGELU)] if "gelu" in which else []
+    rotary = [b.attn for b in model.blocks if isinstance(getattr(b, "attn", None), RotaryAttention)]
+    rotary = rotary if "attention" in which else []
+    saved = [block.mlp.act for block in blocks]
     for block in blocks:
-        if "gelu" in which:
-            block.mlp.act = NewGELUActivation()
-        if "attention" in which:
-            block.attn.__class__ = GPTJAttention
+        block.mlp.act = NewGELUActivation()
+    for attn in rotary:
+        attn.__class__ = GPTJAttention
     try:
         yield
     finally:
-        for block, (act, attention) in zip(blocks, saved):
-            block.mlp.act, block.attn.__class__ = act, attention
+        for block, act in zip(blocks, saved):
+            block.mlp.act = act
+        for attn in rotary:
+            attn.__class__ = RotaryAttention
 
 
 def bench_ray(
@@ -286,7 +309,8 @@ def attention_implementation(path: str) -> str:
 
     config = load_config(path)
     with torch.device("meta"):
-        return StageModel(config, ShardSpec(0, config.n_layer, config.n_layer)).body.config._attn_implementation
+        n = n_layers(config)
+        return StageModel(config, ShardSpec(0, n, n)).body.config._attn_implementation
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -325,12 +349,12 @@ def run_bench(cfg: BenchConfig) -> dict:
         tokenizer = load_tokenizer(path)
         config = load_config(path)
         dtype = resolve_dtype(cfg.dtype, device.type, getattr(config, "dtype", None))
-        if cfg.prompt_tokens > config.n_positions:
+        if cfg.prompt_tokens > context(config):
             raise UserError(
-                f"--prompt-tokens {cfg.prompt_tokens} is more than the model's context of {config.n_positions}: "
-                f"use at most {config.n_positions}"
+                f"--prompt-tokens {cfg.prompt_tokens} is more than the model's context of {context(config)}: "
+                f"use at most {context(config)}"
             )
-        batches = [b for b, _ in micro_batches(str(corpus), tokenizer, config.n_positions, cfg.batch_tokens, False)]
+        batches = [b for b, _ in micro_batches(str(corpus), tokenizer, context(config), cfg.batch_tokens, False)]
         tokens = int(sum(b.n_tokens.sum() for b in batches))
         modes = [m for m in BENCH_MODES if m in (cfg.modes or BENCH_MODES)]
         missing = [m for m in modes if m in PEERS and not peers.available(m)]
@@ -338,7 +362,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             raise UserError(
                 f"--modes {','.join(missing)}: not installed here: pip install 'neuroscan[bench]' (or leave them out)"
             )
-        modes = [m for m in modes if m not in missing]
+        not_here = {m: why for m, why in skipped_modes(config).items() if m in modes}
+        modes = [m for m in modes if m not in missing and m not in not_here]
         peak = matmul_flops(device, getattr(torch, dtype))
         per_token = flops_per_token(config, float(np.mean([b.n_tokens.mean() for b in batches])))
         head = {
@@ -352,8 +377,9 @@ def run_bench(cfg: BenchConfig) -> dict:
             },
             "model": {
                 "path": path,
-                "n_layer": config.n_layer,
-                "d_model": config.n_embd,
+                "architecture": config.model_type,
+                "n_layer": n_layers(config),
+                "d_model": d_model(config),
                 "dtype": dtype,
                 "attention": attention_implementation(path),
             },
@@ -365,7 +391,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                 "tokens": tokens,
             },
             "matmul_flops": peak,
-            "skipped": {m: "not installed (the bench extra)" for m in missing},
+            "skipped": {**{m: "not installed (the bench extra)" for m in missing}, **not_here},
         }
 
         def saved(results: dict) -> None:  # a run cut short still leaves the modes it finished

@@ -23,9 +23,20 @@ CHUNK = 4096
 """Prompts read, tokenised and length-bucketed together."""
 
 
+def leading_tokens(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before every text (Llama's and Mistral's BOS), as
+    its own ``add_special_tokens`` does; none for GPT-J, GPT-2, Pythia and Qwen2."""
+    ids = tokenizer("x", verbose=False)["input_ids"]
+    bare = tokenizer("x", add_special_tokens=False, verbose=False)["input_ids"]
+    return list(ids[: len(ids) - len(bare)]) if ids[len(ids) - len(bare) :] == bare else []
+
+
 def tokenize(prompts: list[Prompt], tokenizer, context: int, truncate: bool) -> list[Tokenized]:
+    """Each prompt's tokens as the model's tokenizer gives them (its leading special tokens,
+    `leading_tokens`, included), and its expected answer's tokens (none added)."""
     # verbose=False: transformers' "longer than the specified maximum" warning would print above
     # neuroscan's own line; the context is checked here, against the model's.
+    lead = leading_tokens(tokenizer)
     ids = tokenizer([p.text for p in prompts], add_special_tokens=False, verbose=False)["input_ids"]
     with_answer = [p.expected for p in prompts if p.expected is not None]
     answers = iter(tokenizer(with_answer, add_special_tokens=False, verbose=False)["input_ids"] if with_answer else [])
@@ -34,18 +45,18 @@ def tokenize(prompts: list[Prompt], tokenizer, context: int, truncate: bool) -> 
         answer = next(answers) if prompt.expected is not None else []
         if not token_ids:
             raise UserError(f"prompt {prompt.id!r} tokenises to zero tokens: give it some text the tokenizer keeps")
-        if len(answer) >= context:
+        if len(lead) + len(answer) >= context:
             raise UserError(
                 f"prompt {prompt.id!r}: its expected answer has {len(answer)} tokens, more than the model's context {context}: shorten it"
             )
-        if len(token_ids) + len(answer) > context:
+        if len(lead) + len(token_ids) + len(answer) > context:
             if not truncate:
                 raise UserError(
-                    f"prompt {prompt.id!r} has {len(token_ids)} tokens (+{len(answer)} answer tokens), more than "
-                    f"the model's context of {context}: shorten it or pass --truncate to keep its last tokens"
+                    f"prompt {prompt.id!r} has {len(lead) + len(token_ids)} tokens (+{len(answer)} answer tokens), "
+                    f"more than the model's context of {context}: shorten it or pass --truncate to keep its last tokens"
                 )
-            token_ids = token_ids[len(token_ids) + len(answer) - context :]
-        out.append(Tokenized(prompt, list(token_ids), list(answer)))
+            token_ids = token_ids[len(lead) + len(token_ids) + len(answer) - context :]
+        out.append(Tokenized(prompt, [*lead, *token_ids], list(answer)))
     return out
 
 

@@ -43,7 +43,7 @@ def reference_scan(model_dir: Path, texts: list[str]) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     out = {}
     for prompt_id, text in enumerate(texts):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text)["input_ids"]  # as the model's tokenizer gives them: a BOS where it puts one
         acts, ups = [], []
         hooks = [
             b.mlp.get_submodule(down).register_forward_pre_hook(

@@ -59,7 +59,12 @@ def check_consistent(path: Path, files: dict[str, str]) -> None:
             f"tensor {embed} in {shapes[embed][1]} is {list(shapes[embed][0])}, but config.json's sizes make it "
             f"{[config[vocab_key], config[d_key]]} ({vocab_key} {config[vocab_key]}, {d_key} {config[d_key]}): {RESTORE}"
         )
-    for name, shape in expected_shapes(path, fam, prefix, tied=f"{fam.head}.weight" not in shapes).items():
+    head = "lm_head" if f"{fam.head}.weight" not in shapes and "lm_head.weight" in shapes else fam.head
+    expected = expected_shapes(path, fam, prefix, tied=f"{head}.weight" not in shapes)
+    expected = {
+        (head + n.removeprefix(fam.head) if n.startswith(f"{fam.head}.") else n): s for n, s in expected.items()
+    }
+    for name, shape in expected.items():
         found = shapes.get(name)
         if found is None:
             raise UserError(f"{path} has no tensor {name}, which config.json calls for: {RESTORE}")

@@ -38,6 +38,8 @@ EMBEDDED_SEED = 0
 EMBEDDED_VERSION = 1
 """Bump when the embedded model's recipe changes, so cached copies are rebuilt."""
 SHARD_BYTES = 2 << 30
+BOS_FAMILIES = ("llama", "mistral")
+"""Families whose released tokenizers put a BOS token before every text: so do their random checkpoints'."""
 
 
 def preset_config(preset: str, **overrides) -> PretrainedConfig:
@@ -147,7 +149,7 @@ def _write_checkpoint(config: PretrainedConfig, out: Path, seed: int, shard_byte
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     config.save_pretrained(out)
-    byte_tokenizer().save_pretrained(out)
+    byte_tokenizer(bos=fam.model_type in BOS_FAMILIES).save_pretrained(out)
     return out
 
 

@@ -126,9 +126,11 @@ class StageModel(nn.Module):
                 ckpt = f"{prefix}{fam.blocks}.{int(local) + self.shard.start}.{rest}"
             elif name.startswith("body."):
                 ckpt = prefix + name.removeprefix("body.")
-            else:  # the head
+            else:  # the head, under the family's name or transformers' usual one
                 ckpt = fam.head + name.removeprefix("lm_head")
-                if name == "lm_head.weight" and stored is not None and ckpt not in stored and tied(self.body.config):
+                if stored is not None and ckpt not in stored and name in stored:
+                    ckpt = name
+                elif name == "lm_head.weight" and stored is not None and ckpt not in stored and tied(self.body.config):
                     ckpt = f"{prefix}{fam.embed}.weight"
             names.setdefault(ckpt, []).append(name)
         return names

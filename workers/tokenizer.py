@@ -7,21 +7,26 @@ like GPT-J's own tokenizer, which is the point: the embedded model exercises the
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
 N_BYTE_TOKENS = 256
 
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """Token id b is byte b (0..255); id 256 is ``<|endoftext|>``."""
+def byte_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
+    """Token id b is byte b (0..255); id 256 is ``<|endoftext|>``. ``bos``: put it before every
+    text too, as Llama's and Mistral's tokenizers put their BOS token."""
     alphabet = {b: ch for b, ch in enumerate(_bytes_to_unicode())}
     vocab = {alphabet[b]: b for b in range(N_BYTE_TOKENS)}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens([EOS])
+    if bos:
+        core.post_processor = processors.TemplateProcessing(
+            single=f"{EOS} $A", pair=f"{EOS} $A $B", special_tokens=[(EOS, N_BYTE_TOKENS)]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token=EOS, eos_token=EOS, unk_token=EOS, model_max_length=2048
     )

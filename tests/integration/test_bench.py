@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from cluster.cli import main
-from neuroscan.config import BENCH_MODES
+from neuroscan.config import BENCH_MODES, MODEL_PRESETS
 
 
 def test_bench_smoke(ray_session, tmp_path, capsys):
@@ -48,6 +48,29 @@ def test_bench_smoke(ray_session, tmp_path, capsys):
     assert report["versions"]["torch"] and report["matmul_flops"] > 0
     # The reduction each in-process mode used (CPU: the eager reference everywhere).
     assert {r.get("reduction") for m, r in report["results"].items() if m.startswith("scan_local")} == {"eager"}
+
+
+@pytest.mark.parametrize(
+    "preset, skipped",
+    [
+        ("tiny-neox", {"bare_hf_gelu", "bare_hf_rotary"}),
+        ("tiny-llama", {"bare_hf_gelu", "bare_hf_rotary"}),
+        ("tiny-gpt2", {"bare_hf_rotary", "transformer_lens"}),
+    ],
+)
+def test_bench_runs_every_family(ray_session, tmp_path, capsys, preset, skipped):
+    """Each family's bench: every mode that measures something for it, the rest said skipped."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--preset", preset, "--prompts", "6", "--prompt-tokens", "24", "--batch-tokens", "96"]
+    assert main([*args, "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["model"]["architecture"] == MODEL_PRESETS[preset]["model_type"]
+    assert set(report["skipped"]) == skipped
+    assert list(report["results"]) == [m for m in BENCH_MODES if m not in skipped]
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in report["results"].values())
+    # Fewer bytes leave the device than the activations, even with every neuron of these narrow models kept.
+    assert report["results"]["scan_local"]["d2h_bytes_per_token"] < report["results"]["naive"]["d2h_bytes_per_token"]
+    capsys.readouterr()
 
 
 def test_bench_refuses_an_unknown_mode(capsys):

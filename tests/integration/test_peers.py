@@ -1,7 +1,8 @@
 """The bench's peers (TransformerLens, nnsight) reduce the same activations as neuroscan's stage.
 
 If a peer hooked the wrong tensor (the MLP's pre-activation, the block output) its timing would
-be of another computation; these tests pin what each one reduces to ``mlp.act``'s output.
+be of another computation; these tests pin what each one reduces to what enters the MLP's
+output projection, in each family.
 """
 
 from __future__ import annotations
@@ -13,17 +14,24 @@ from bench import peers
 from neuroscan.config import Selection
 from prompts.batching import micro_batches
 from workers.checkpoint import load_config, load_tokenizer
+from workers.embedded import preset_config, write_checkpoint
+from workers.families import context, n_layers
 from workers.shard import ShardSpec
 from workers.stage import Stage, StageSpec
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_model):
-    config = load_config(tiny_model)
-    stage = Stage(StageSpec(str(tiny_model), ShardSpec(0, config.n_layer, config.n_layer), "cpu", "float32"))
+@pytest.fixture(scope="module", params=["tiny", "tiny-neox", "tiny-llama", "tiny-gpt2"])
+def setup(request, tiny_model, tmp_path_factory):
+    """A stage holding every layer of the embedded GPT-J, or of a tiny model of another family."""
+    model = tiny_model
+    if request.param != "tiny":
+        model = write_checkpoint(preset_config(request.param), tmp_path_factory.mktemp(request.param) / "m")
+    config = load_config(model)
+    n = n_layers(config)
+    stage = Stage(StageSpec(str(model), ShardSpec(0, n, n), "cpu", "float32"))
     stage.setup()
-    tokenizer = load_tokenizer(tiny_model)
-    batch = next(b for b, _ in micro_batches("seed", tokenizer, config.n_positions, 512, False))
+    tokenizer = load_tokenizer(model)
+    batch = next(b for b, _ in micro_batches("seed", tokenizer, context(config), 512, False))
     return stage, tokenizer, batch
 
 
@@ -37,7 +45,8 @@ def _inputs(batch):
 def _stage_activations(stage, batch) -> list[torch.Tensor]:
     acts = []
     handles = [
-        block.mlp.act.register_forward_hook(lambda m, i, o: acts.append(o.clone())) for block in stage.model.body.h
+        stage.model.neurons(block).register_forward_pre_hook(lambda m, i: acts.append(i[0].clone()))
+        for block in stage.model.blocks
     ]
     try:
         with torch.inference_mode():
@@ -67,7 +76,7 @@ def test_nnsight_saves_exactly_the_stage_activations(setup, monkeypatch):
     with peers.nnsight_step(stage, _inputs, Selection()) as step:
         assert step(batch) > 0
     expected = _stage_activations(stage, batch)
-    assert len(seen[0]) == len(expected) == len(stage.model.body.h)
+    assert len(seen[0]) == len(expected) == len(stage.model.blocks)
     for got, want in zip(seen[0], expected):
         assert torch.equal(got, want)
 
@@ -75,6 +84,8 @@ def test_nnsight_saves_exactly_the_stage_activations(setup, monkeypatch):
 def test_transformer_lens_caches_the_stage_activations_and_leaves_the_model_as_it_was(setup, monkeypatch):
     pytest.importorskip("transformer_lens")
     stage, tokenizer, batch = setup
+    if stage.model.family.model_type not in peers.LENS_FAMILIES:
+        pytest.skip("the bench does not time TransformerLens on this family (bench.peers.LENS_FAMILIES)")
     attention = stage.model.body.config._attn_implementation
     modules = dict(stage.model.named_modules())
     hooks = {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in modules.items()}

@@ -33,6 +33,17 @@ def test_tokenize_context_and_truncate():
     assert bytes(t.token_ids).decode() == "efghijkl" and t.n_input == 10  # keeps the last tokens
 
 
+def test_a_tokenizer_that_puts_a_bos_before_every_text_keeps_it_first():
+    """Llama's and Mistral's tokenizers begin every text with a BOS token: prompts get it, as
+    the model saw in training, answers do not, and truncation keeps it."""
+    tok = byte_tokenizer(bos=True)
+    [t, u] = tokenize([_tok("abc", expected="de"), _tok("abcdefghijkl", pid=1)], tok, context=8, truncate=True)
+    assert t.token_ids == [256, *b"abc"] and t.answer_ids == list(b"de")
+    assert u.token_ids == [256, *b"fghijkl"] and u.n_input == 8
+    with pytest.raises(UserError, match="prompt '1' has 13 tokens"):
+        tokenize([_tok("abcdefghijkl", pid=1)], tok, context=8, truncate=False)
+
+
 def test_pack_respects_budget_and_length_order():
     tok = byte_tokenizer()
     items = tokenize([_tok("x" * n, pid=i) for i, n in enumerate([5, 50, 7, 48, 6, 200])], tok, 2048, False)
