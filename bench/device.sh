@@ -32,7 +32,8 @@ step() {  # step NAME LIMIT COMMAND...: run COMMAND under a timeout; its output 
 }
 step gpu-tests "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/gpu --ignore tests/gpu/test_handoff_gpu.py
 tail -25 "$OUT/gpu-tests.log"
-step bench "${BENCH_TIMEOUT:-420}" python3 -m cluster.cli bench --device cuda --preset gptj-6b --prompts "${PROMPTS:-512}" \
+PRESET=${PRESET:-gptj-6b}  # or pythia-6.9b, llama-3-8b, gpt2-xl: each family's benchmark of record
+step bench "${BENCH_TIMEOUT:-420}" python3 -m cluster.cli bench --device cuda --preset "$PRESET" --prompts "${PROMPTS:-512}" \
   --prompt-tokens 256 --batch-tokens 8192 --cache /tmp/neuroscan-bench --out "$OUT/bench.json" ${MODES:+--modes "$MODES"}
 tail -40 "$OUT/bench.log"
 if [ -n "${KERNELS:-}" ]; then
@@ -43,7 +44,7 @@ fi
 step gpu-handoff "${HANDOFF_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/gpu/test_handoff_gpu.py
 tail -5 "$OUT/gpu-handoff.log"
 if [ -n "${PROFILE:-}" ]; then
-  step profile 120 python3 -m bench.profile /tmp/neuroscan-bench/gptj-6b-seed0-cuda
+  step profile 120 python3 -m bench.profile "/tmp/neuroscan-bench/$PRESET-seed0-cuda"
   grep "^== " "$OUT/profile.log"
 fi
 if [ -n "${AGGREGATE:-}" ]; then  # the aggregator's pace alone, on this machine's CPUs

@@ -181,3 +181,21 @@ def test_the_benchmark_presets_have_the_real_models_shapes(preset, billions, lay
     shapes = tensor_shapes(config, head=not config.tie_word_embeddings)
     assert math.isclose(sum(math.prod(s) for s in shapes.values()) / 1e9, billions, abs_tol=0.01)
     assert (config.num_hidden_layers, d_mlp(config)) == (layers, neurons)
+
+
+def test_the_memory_check_counts_what_a_stage_holds(family_model):
+    """The footprint's weights are the bytes of the parameters a loaded stage holds, a tied
+    head's copy of the embedding included, for every stage of a split."""
+    from workers.footprint import footprint
+
+    config = load_config(family_model)
+    n = config.num_hidden_layers
+    for start, stop in [(0, 2), (2, n), (0, n)]:
+        shard = ShardSpec(start, stop, n)
+        need = footprint(str(family_model), config, shard, torch.float16, "cpu")
+        stage = load_stage(str(family_model), config, shard, "cpu", torch.float16)
+        assert need.weights == sum(p.numel() * p.element_size() for p in stage.parameters())
+        params = dict(stage.named_parameters())
+        read = stage.checkpoint_names(set(tensor_files(family_model)))  # a tied tensor is read once
+        assert need.reading == sum(params[names[0]].numel() * 4 for names in read.values())  # float32, held at load
+        assert need.tokens == 2048
