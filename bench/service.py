@@ -58,7 +58,13 @@ def run_service_bench(cfg: BenchConfig, model: str | None, dtype: str) -> dict:
         t0 = time.perf_counter()
         cold = run_scan(
             ScanConfig(
-                prompts=str(_two(tmp)), out=str(tmp / "cold"), model=model, device=cfg.device, dtype=dtype, quiet=True
+                prompts=str(_two(tmp)),
+                out=str(tmp / "cold"),
+                model=model,
+                device=cfg.device,
+                dtype=dtype,
+                quiet=True,
+                verify=0,  # as the service's scans, which the cold one is compared with
             )
         )
         cold_s = time.perf_counter() - t0

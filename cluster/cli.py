@@ -14,6 +14,7 @@ import sys
 import threading
 import types
 import typing
+import warnings
 from pathlib import Path
 
 from neuroscan.config import (
@@ -38,6 +39,7 @@ from neuroscan.errors import UserError, make_dir, user_line
 
 EXIT_USAGE = 2
 EXIT_DAMAGED = 1  # `neuroscan check`: files that do not match the manifest
+EXIT_UNVERIFIED = 3  # `neuroscan scan`: the rows failed the fidelity check (--verify); the tables are kept
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell tool killed by the closed pipe returns
@@ -159,7 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(
         sub.add_parser("status", help="the service's scans: state, position, progress, tokens/s, ETA"), StatusConfig
     )
-    add_options(sub.add_parser("wait", help="wait for a scan to end; exit 0 only when it completed"), WaitConfig)
+    add_options(
+        sub.add_parser(
+            "wait",
+            help="wait for a scan to end; exit 0 only when it completed (3: completed, but its rows failed the fidelity check)",
+        ),
+        WaitConfig,
+    )
     add_options(sub.add_parser("cancel", help="stop a scan within one micro-batch"), CancelConfig)
     add_options(sub.add_parser("resume", help="queue a cancelled or failed scan again"), ResumeConfig)
     add_options(sub.add_parser("delete", help="forget an ended scan (--files: and its tables)"), DeleteConfig)
@@ -172,7 +180,9 @@ def picked(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
 
 def cmd_scan(args) -> int:
     """The scan. All it prints, the closing summary included, is on stderr (stdout stays
-    empty, so that nothing of Ray's or neuroscan's mixes into what a pipeline reads)."""
+    empty, so that nothing of Ray's or neuroscan's mixes into what a pipeline reads). A scan
+    whose rows fail the fidelity check (``--verify``) keeps its tables and exits 3, the
+    summary's last line saying why."""
     import time
 
     started = time.perf_counter()
@@ -181,7 +191,8 @@ def cmd_scan(args) -> int:
     cfg = config_from(ScanConfig, args)
     manifest = run_scan(cfg)
     print("\n".join(summary_lines(manifest, str(Path(cfg.out)), time.perf_counter() - started)), file=sys.stderr)
-    return 0
+    check = manifest.verification
+    return EXIT_UNVERIFIED if check is not None and not check.passed else 0
 
 
 def cmd_make_model(args) -> int:
@@ -331,8 +342,13 @@ def cmd_wait(args) -> int:
     from cluster.client import Client
 
     cfg = config_from(WaitConfig, args)
-    status = Client(cfg.url).job(cfg.id).wait(progress=cfg.progress)
+    with warnings.catch_warnings():  # a failed fidelity check is said below, in neuroscan's line
+        warnings.simplefilter("ignore")
+        status = Client(cfg.url).job(cfg.id).wait(progress=cfg.progress)
     print(f"scan {status['id']} completed: {status['out']}")
+    if status.get("error"):  # its rows failed the fidelity check: the tables are kept
+        print(f"neuroscan: {status['error']}", file=sys.stderr)
+        return EXIT_UNVERIFIED
     return 0
 
 

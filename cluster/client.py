@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,9 @@ class Job:
         return self.client.request("DELETE", f"/scans/{self.id}?files={'true' if files else 'false'}")
 
     def wait(self, progress: bool = False, poll_s: float = 0.5) -> dict:
-        """The scan's status once it has ended; raises its line unless it completed."""
+        """The scan's status once it has ended; raises its line unless it completed. A
+        completed scan whose rows failed the fidelity check carries that line as ``error``,
+        and is returned with a warning (its tables are kept)."""
         bar = None
         while (status := self.status())["state"] not in ENDED:
             if progress:
@@ -120,6 +123,8 @@ class Job:
             bar.close()
         if status["state"] != "completed":
             raise UserError(f"scan {self.id} {status['state']}: {status.get('error') or 'no error recorded'}")
+        if status.get("error"):
+            warnings.warn(f"scan {self.id}: {status['error']}", stacklevel=2)
         return status
 
     def result(self, into: str | Path | None = None):

@@ -33,13 +33,22 @@ from cluster.schedule import Scheduler
 from neuroscan.config import ScanConfig, resolve_dtype
 from neuroscan.corpus_columns import ColumnTypes
 from neuroscan.errors import UserError, tell
-from neuroscan.manifest import BandEdges, Manifest, ModelInfo, SelectionInfo, blue_flood_line
+from neuroscan.manifest import (
+    BandEdges,
+    Manifest,
+    ModelInfo,
+    SelectionInfo,
+    blue_flood_line,
+    verification_line,
+    write_manifest,
+)
 from neuroscan.memory import MemoryWatch
 from neuroscan.schema import SCHEMA_VERSION
 from prompts.batching import PACKINGS, ReadAhead, chunk_batches
 from prompts.readers import corpus_stamp
 from workers.checkpoint import fingerprint, load_config, load_tokenizer, resolve_model
 from workers.families import context, d_mlp, n_layers
+from workers.verify import verify_device, verify_scan
 
 PACKAGES = ("neuroscan", "torch", "transformers", "accelerate", "ray", "pyarrow", "numpy")
 KEEP_TOKENS, KEEP_PROMPTS = 1 << 20, 1 << 13
@@ -272,7 +281,22 @@ def run_scan(cfg: ScanConfig) -> Manifest:
             f"{p.n_prompts:,} prompts, {p.n_tokens:,} tokens: {cfg.prompts} read and tokenised "
             f"({time.perf_counter() - t0:.1f} s)"
         )
-        return _scan(cfg, p, out, header, committed, say)
+        manifest = _scan(cfg, p, out, header, committed, say)
+        if cfg.verify and manifest.complete and manifest.totals.prompts:
+            manifest = verified(cfg, out, manifest, say)
+        return manifest
+
+
+def verified(cfg: ScanConfig, out: Path, manifest: Manifest, say: Callable[[str], None]) -> Manifest:
+    """The finished run with its fidelity check (`workers.verify`) written into its manifest.
+    The check runs in this process once the stages are gone: on a GPU when the scan ran on
+    CUDA and this process sees one, else on the CPU."""
+    device = verify_device(cfg.device)
+    n = min(cfg.verify, manifest.totals.prompts)
+    say(f"checking {n} prompts against a float32 forward pass of the model on {device} ...")
+    manifest = replace(manifest, verification=verify_scan(out, manifest, cfg.verify, device))
+    write_manifest(out, manifest)
+    return manifest
 
 
 def resume_notice(out: Path, existing: Manifest | None, committed: set[int]) -> str:
@@ -373,4 +397,7 @@ def summary_lines(manifest: Manifest, out: str, wall_s: float | None = None) -> 
     for by, groups in manifest.summary.accuracy.items():
         for value, acc in groups.items():
             lines.append(f"accuracy {by}={value}: {acc.correct}/{acc.total} ({acc.accuracy:.0%})")
+    check = verification_line(manifest)
+    if check:
+        lines.append(check)
     return lines

@@ -19,12 +19,14 @@ import dataclasses
 import hashlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 from cluster.client import jsonl_bytes
 from cluster.driver import run_scan
 from neuroscan.config import ScanConfig, Selection, cache_dir
 from neuroscan.errors import UserError
+from neuroscan.manifest import verification_line
 from results.run import Run, open_run
 
 SELECTION = {f.name for f in dataclasses.fields(Selection)}
@@ -36,7 +38,8 @@ def scan(prompts, out: str | Path | None = None, **options) -> Run:
     directory, whose path is ``run.out``) and return the finished run. ``options`` are
     ``neuroscan scan``'s flags by their Python names: ``high``, ``low``, ``red``,
     ``max_per_layer``, ``model``, ``stages``, ``replicas``, ``device``, ``dtype``,
-    ``batch_tokens``, ``top_k``, ``format``, ``resume``, ``overwrite``, ``quiet``..."""
+    ``batch_tokens``, ``top_k``, ``format``, ``resume``, ``overwrite``, ``quiet``, ``verify``...
+    A run whose rows fail the fidelity check (``verify``) is returned with a warning."""
     unknown = sorted(set(options) - SELECTION - SCAN)
     if unknown:
         raise UserError(
@@ -46,7 +49,9 @@ def scan(prompts, out: str | Path | None = None, **options) -> Run:
     rest = {k: v for k, v in options.items() if k in SCAN}
     target = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="neuroscan-run-"))
     cfg = ScanConfig(prompts=corpus_path(prompts), out=str(target), selection=selection, **rest)
-    run_scan(cfg)
+    manifest = run_scan(cfg)
+    if manifest.verification is not None and not manifest.verification.passed:
+        warnings.warn(verification_line(manifest), stacklevel=2)  # the tables are kept: the run is returned
     return open_run(target)
 
 

@@ -5,11 +5,13 @@ brings its own corpus and options (thresholds, cap, top-k, micro-batch budget, f
 gets its own aggregator (held by one of a few long-lived aggregator processes,
 `cluster.aggregators`) and output directory under ``--results``.
 
-Two threads do the work. The admission thread starts queued scans in submission order, up
+Three threads do the work. The admission thread starts queued scans in submission order, up
 to ``--max-running``: it reads and tokenises the corpus, claims the output directory and
 opens the scan's aggregator. The scheduler's thread interleaves the micro-batches of the
 running scans (`cluster.schedule`), so preparing a large corpus never leaves the stages
-idle. States and progress live in SQLite (`cluster.store`): a service killed at any moment
+idle. The checker's thread runs each completed scan's fidelity check (``verify`` prompts run
+again through the plain model in float32 on the service's CPU, `workers.verify`); a scan is
+seen running until its check has run. States and progress live in SQLite (`cluster.store`): a service killed at any moment
 and started again resumes its running scans from their manifests and keeps its queue.
 HTTP is `cluster.api`'s.
 """
@@ -17,6 +19,7 @@ HTTP is `cluster.api`'s.
 from __future__ import annotations
 
 import dataclasses
+import queue
 import threading
 import time
 import uuid
@@ -32,7 +35,9 @@ from cluster.schedule import Scheduler
 from cluster.store import COMPLETED, ENDED, FAILED, QUEUED, RUNNING, Scan, StateFull, Store
 from neuroscan.config import ScanConfig, Selection, ServeConfig
 from neuroscan.errors import UserError, tell, user_line
+from neuroscan.manifest import read_manifest, verification_line, write_manifest
 from neuroscan.memory import MemoryWatch
+from workers.verify import Float32Model, verify_scan
 
 
 class Conflict(UserError):
@@ -83,6 +88,10 @@ class Service:
         """Why the scheduler's thread stopped, if it did."""
         self.unrecorded: list[tuple[str, str, str | None]] = []
         """Ends of scans the table had no room for (a full disk), written again by the scheduler's loop."""
+        self.checking: queue.Queue[tuple[Active, Job]] = queue.Queue()
+        """Completed scans waiting for their fidelity check (the checker's thread)."""
+        self.float32: Float32Model | None = None
+        """The checks' float32 model, loaded at the first check and kept."""
 
     def start(self) -> None:
         """Place the pipelines (the model's weights load once) and start the aggregator
@@ -111,7 +120,13 @@ class Service:
         self.loaded_s = time.perf_counter() - t0
         self.store.requeue_running()
         self.admitting.set()
-        for target, name in ((self._admit_loop, "neuroscan-admit"), (self._loop, "neuroscan-scheduler")):
+        self.float32 = Float32Model(probe.model_path, "cpu")
+        threads = (
+            (self._admit_loop, "neuroscan-admit"),
+            (self._loop, "neuroscan-scheduler"),
+            (self._check_loop, "neuroscan-check"),
+        )
+        for target, name in threads:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self.threads.append(thread)
@@ -122,6 +137,8 @@ class Service:
         self.admitting.set()
         for thread in self.threads:
             thread.join(timeout=60)
+        while not self.checking.empty():  # left running in the table: queued again, and complete, at the next start
+            self._release(self.checking.get()[0])
         for active in [*self.active.values(), *self._take_ready()]:
             self._release(active)
         if self.aggregators is not None:
@@ -356,9 +373,41 @@ class Service:
     def _end(self, job: Job) -> None:
         active = self.active.pop(job.key)
         self._progress(job)
+        if job.state == COMPLETED and job.cfg.verify:
+            self.checking.put((active, job))  # seen running until the check has run (`_check`)
+            return
         error = None if job.error is None else _error_line(job.error, job.key)
         self._release(active)  # before the scan is seen ended: its directory is free by then
         self._record_end(job.key, job.state, error if job.state == FAILED else None)
+        self._let_go()
+
+    # The checker's thread: fidelity checks, off the scheduler's thread (seconds of CPU each).
+
+    def _check_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                active, job = self.checking.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self._check(active, job)
+
+    def _check(self, active: Active, job: Job) -> None:
+        """A completed scan's fidelity check (`workers.verify`) on the service's CPU, written
+        into its manifest under the directory's claim; then the scan is recorded completed,
+        with the check's line as its error when the rows failed it (the tables are kept)."""
+        self._release(active)  # the aggregator's close writes the final manifest
+        out, line = Path(job.cfg.out), None
+        try:
+            with claim(out):
+                manifest = read_manifest(out)
+                if manifest is not None and manifest.complete and manifest.totals.prompts:
+                    check = verify_scan(out, manifest, job.cfg.verify, model=self.float32)
+                    manifest = dataclasses.replace(manifest, verification=check)
+                    write_manifest(out, manifest)
+                    line = None if check.passed else verification_line(manifest)
+        except Exception as err:  # the rows are written: the scan completed, unchecked
+            line = f"the fidelity check could not run: {user_line(err) or repr(err)}"
+        self._record_end(job.key, COMPLETED, line)
         self._let_go()
 
     def _record_end(self, scan_id: str, state: str, error: str | None = None) -> None:

@@ -208,6 +208,7 @@ SCAN_OPTIONS = (
     "on_error",
     "format",
     "rows_per_part",
+    "verify",
 )
 """`ScanConfig`'s flags that each scan submitted to the service chooses for itself."""
 
@@ -434,6 +435,15 @@ class ScanConfig(Config):
     rows_per_part: int = option(
         500_000, "activation rows buffered before a part is committed", minimum=1, group="the output directory"
     )
+    verify: int = option(
+        16,
+        "after the scan, run this many of its prompts (drawn by a fixed seed) again, one at a time, through the "
+        "plain transformers model in float32 and compare them with the rows; the result goes in manifest.json, "
+        "and past the tolerance for the scan's dtype the command exits 3 (0: no check)",
+        minimum=0,
+        hint=" (0 turns the check off)",
+        group="the output directory",
+    )
 
     def checks(self) -> None:
         if self.overwrite and self.resume:
@@ -464,7 +474,7 @@ class BenchConfig(Config):
     device: str = option("cpu", "where the model runs", choices=DEVICES)
     preset: str = option(
         "tiny",
-        "random GPT-J weights of these shapes (written once under --cache)",
+        "random weights of these shapes, each of its family (written once under --cache)",
         choices=tuple(MODEL_PRESETS),
         hint=" (or --model DIR)",
     )

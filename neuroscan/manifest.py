@@ -134,6 +134,52 @@ class Summary:
 
 
 @dataclass
+class LayerCheck:
+    """One layer of the fidelity check (`workers.verify`), summed over the prompts run again."""
+
+    pairs: int
+    """(prompt, neuron) pairs kept by the scan, by the float32 pass, or by both."""
+    kept_agreement: float
+    """The share of those kept by both (the kept sets' Jaccard index; 1.0 when neither kept any)."""
+    selected: int
+    selected_fp32: int
+    """Selected neurons: the scan's (``layers/``) and the float32 pass's."""
+    flips: int
+    """Pairs selected by one and not the other, as far as the rows show them (at least the
+    difference of the two selected counts, prompt by prompt)."""
+    max_diff: float
+    min_diff: float
+    """The largest |max_act| and |min_act| difference between a scan's row and the float32 pass."""
+    off: int
+    """Disagreements the tolerance does not explain: rows whose max_act or min_act lies past
+    it, kept-set differences of neurons near neither a threshold nor the cap's boundary, and
+    selected counts further apart than the neurons near a threshold."""
+
+
+@dataclass
+class Verification:
+    """The fidelity check of a finished scan (``--verify N``, `workers.verify`)."""
+
+    prompts: list[int]
+    """The prompt_ids run again, drawn by ``seed`` from the committed prompts."""
+    seed: int
+    device: str
+    """Where the float32 pass ran."""
+    atol: float
+    rtol: float
+    """A value agrees when within ``atol + rtol * |float32 value|`` (set by the scan's dtype)."""
+    max_off: float
+    """A layer fails when more than this share of its pairs is ``off``."""
+    passed: bool
+    seconds: float
+    layers: dict[str, LayerCheck] = field(default_factory=dict)
+
+    def failed(self) -> list[int]:
+        """The layers past the tolerance, in order."""
+        return [int(k) for k, c in self.layers.items() if c.off > self.max_off * c.pairs]
+
+
+@dataclass
 class Manifest:
     """The whole of ``manifest.json``. The fields down to ``packing`` are fixed when the
     run starts (the header); the rest grows as parts are committed."""
@@ -171,6 +217,9 @@ class Manifest:
     empty_layers: list[PartFile] = field(default_factory=list)
     timings: dict[str, Any] = field(default_factory=dict)
     """seconds, tokens_per_s, memory per process, aggregator_lag_s, finished_at, transports."""
+    verification: Verification | None = None
+    """The fidelity check, written after the run completes; None when ``--verify 0`` (or in
+    runs written before it existed)."""
 
     @property
     def n_layers(self) -> int:
@@ -362,4 +411,40 @@ def blue_flood_line(manifest: Manifest) -> str | None:
         f"{head} ({why}): red-selected neurons are kept first, but the blue counts say little; give a lower --low "
         f"to select only strongly negative neurons (GELU's minimum is about -0.17: {near}--low -1 leaves the red "
         "rule alone)"
+    )
+
+
+def verification_line(manifest: Manifest) -> str | None:
+    """The fidelity check (``--verify``) in one line: passed, with its figures, or failed, with
+    the first layer past the tolerance and what to do; None when the run was not checked."""
+    v = manifest.verification
+    if v is None or not v.layers:
+        return None
+    checks = v.layers.values()
+    pairs = sum(c.pairs for c in checks)
+    agree = sum(c.kept_agreement * c.pairs for c in checks) / pairs if pairs else 1.0
+    worst = max(v.layers, key=lambda k: v.layers[k].max_diff)
+    against = (
+        f"{len(v.prompts)} prompts run again alone through the plain transformers model in float32 on {v.device}; "
+        f"tolerance {v.atol:g} + {v.rtol:g} x |act| for {manifest.model.dtype}"
+    )
+    failed = v.failed()
+    if not failed:
+        return (
+            f"fidelity check passed ({against}): kept sets agree {agree:.1%}, "
+            f"{sum(c.flips for c in checks)} (prompt, neuron) pairs flip across a threshold, largest |max_act| "
+            f"difference {v.layers[worst].max_diff:.3g} (layer {worst})"
+        )
+    first = v.layers[str(failed[0])]
+    fix = (
+        "report it with this manifest.json"
+        if manifest.model.dtype == "float32"
+        else "scan again with --dtype float32 (or bfloat16, where float16 overflows) to see whether half precision "
+        "explains it, else report it with this manifest.json"
+    )
+    return (
+        f"fidelity check FAILED from layer {failed[0]} ({len(failed)} of {len(v.layers)} layers past the tolerance; "
+        f"{against}): in layer {failed[0]}, {first.off} of {first.pairs} (prompt, neuron) pairs disagree, largest "
+        f"|max_act| difference {first.max_diff:.3g}; the tables are kept, but their rows are not what the model "
+        f"computes: {fix}"
     )

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from neuroscan.config import ReportConfig
 from neuroscan.errors import UserError, make_dir
-from neuroscan.manifest import Manifest, blue_flood_line
+from neuroscan.manifest import Manifest, blue_flood_line, verification_line
 from report import data, plots
 from results.run import open_run
 
@@ -129,7 +129,19 @@ def _write(run, staging: Path, options: ReportConfig) -> None:
     for layer in range(run.n_layers):
         rows = run.read(
             "activations",
-            ["prompt_id", "neuron", "max_act", "max_pos", "min_act", "min_pos", "n_above", "n_below", "bands"],
+            [
+                "prompt_id",
+                "neuron",
+                "max_act",
+                "max_pos",
+                "min_act",
+                "min_pos",
+                "n_above",
+                "n_below",
+                "bands",
+                "up_at_max",
+                "up_at_min",
+            ],
             layer,
         )
         _write_layer(staging, layer, rows, ids, lengths, options)
@@ -142,10 +154,8 @@ def _write(run, staging: Path, options: ReportConfig) -> None:
             wanted = np.array([p << 32 | n["neuron"] for n in neurons for p in n["top_prompt_ids"]], np.int64)
             shown = mine.filter(pa.array(np.isin(key, wanted)))
             bands_of = {
-                (p, n): b
-                for p, n, b in zip(
-                    shown["prompt_id"].to_pylist(), shown["neuron"].to_pylist(), shown["bands"].to_pylist()
-                )
+                (p, n): (b, up)
+                for p, n, b, up in zip(*(shown[c].to_pylist() for c in ("prompt_id", "neuron", "bands", "up_at_max")))
             }
             for neuron in neurons:
                 top = [
@@ -156,7 +166,8 @@ def _write(run, staging: Path, options: ReportConfig) -> None:
                         "act": act,
                         "pos": pos,
                         "tokens": tokens[position[p]],
-                        "bands": _b64(bands_of[(p, neuron["neuron"])]),
+                        "bands": _b64(bands_of[(p, neuron["neuron"])][0]),
+                        "up": bands_of[(p, neuron["neuron"])][1],
                     }
                     for p, act, pos in zip(neuron["top_prompt_ids"], neuron["top_acts"], neuron["top_pos"])
                 ]
@@ -190,14 +201,14 @@ def _write_layer(staging: Path, layer: int, rows, ids: np.ndarray, lengths: np.n
     picked = data.strips(rows, ids, lengths, options.strips)
     chunk_of = np.searchsorted(ids, picked["prompt_id"].to_numpy()) // options.chunk
     chunks: dict[int, dict[str, list]] = {c: {} for c in range(-(-len(ids) // options.chunk))}
-    columns = [
-        picked[c].to_pylist()
-        for c in ("prompt_id", "neuron", "coverage", "max_act", "max_pos", "min_act", "min_pos", "bands")
-    ]
-    for c, (prompt_id, neuron, coverage, max_act, max_pos, min_act, min_pos, bands) in zip(
+    names = ("prompt_id", "neuron", "coverage", "max_act", "max_pos", "min_act", "min_pos", "bands")
+    columns = [picked[c].to_pylist() for c in (*names, "up_at_max", "up_at_min")]
+    for c, (prompt_id, neuron, coverage, max_act, max_pos, min_act, min_pos, bands, up_max, up_min) in zip(
         chunk_of.tolist(), zip(*columns)
     ):
         strip = [neuron, round(coverage, 4), round(max_act, 3), max_pos, round(min_act, 3), min_pos, _b64(bands)]
+        if up_max is not None:  # a gated MLP: up's value at the max and the min
+            strip += [round(up_max, 3), round(up_min, 3)]
         chunks[c].setdefault(str(prompt_id), []).append(strip)
     for c, payload in chunks.items():
         _write_chunk(staging / "data" / f"layer-{layer:02d}" / f"{c:04d}.js", f"layer-{layer:02d}/{c:04d}", payload)
@@ -205,6 +216,7 @@ def _write_layer(staging: Path, layer: int, rows, ids: np.ndarray, lengths: np.n
 
 def _write_neuron(staging: Path, neuron: dict, top: list[dict], frequency: dict) -> None:
     layer, index = neuron["layer"], neuron["neuron"]
+    gated = any(p["up"] is not None for p in top)
     payload = {
         "layer": layer,
         "neuron": index,
@@ -213,14 +225,22 @@ def _write_neuron(staging: Path, neuron: dict, top: list[dict], frequency: dict)
         "max_act": neuron["max_act"],
         "top": top,
         "families": frequency,
+        "gated": gated,
     }
+    up_column, up_hint = "", ""
+    if gated:
+        up_column = '<th title="up_proj at the max token: act = silu(gate) x up">up</th>'
+        up_hint = (
+            " A gated MLP's activation is silu(gate) × up: <i>up</i> is up_proj's value at the max token, "
+            "and max / up the gate's SiLU there."
+        )
     title = f"Layer {layer} · neuron {index}"
     body = f"""<h1>{title}</h1>
 <p class="stats">kept on <b>{neuron["n_prompts"]}</b> prompts, red on <b>{neuron["n_red"]}</b>, corpus max <b>{neuron["max_act"]:.3f}</b></p>
 <div id="legend"></div>
 <h2>Max-activating prompts</h2>
-<p class="hint">The outlined token is where the neuron peaks; hover a token for its band.</p>
-<table id="top-prompts"><thead><tr><th>#</th><th>prompt</th><th>family</th><th>max</th><th>at</th><th>tokens</th></tr></thead><tbody></tbody></table>
+<p class="hint">The outlined token is where the neuron peaks; hover a token for its band.{up_hint}</p>
+<table id="top-prompts"><thead><tr><th>#</th><th>prompt</th><th>family</th><th>max</th>{up_column}<th>at</th><th>tokens</th></tr></thead><tbody></tbody></table>
 <h2>Kept on, by family</h2>
 <table id="families"><thead><tr><th>family</th><th>share of its prompts</th><th></th></tr></thead><tbody></tbody></table>
 <script>window.NEURON = {_json(payload)};</script>"""
@@ -319,6 +339,30 @@ def _index_page(run, family_size: dict) -> str:
 <p class="layers">{layer_links}</p>
 <figure><img src="plots/kept-per-layer.png" alt="selected and kept neurons per layer"><figcaption>Neurons per prompt that cross a threshold (selected) and that are kept (the cap), median and 25–75 % of prompts.</figcaption></figure>
 <figure><img src="plots/coverage-by-depth.png" alt="red and blue coverage by depth"><figcaption>For each prompt and layer, the mean over kept neurons of the fraction of the prompt's tokens that are red (or blue): scattered firing reads low, whole-prompt firing high.</figcaption></figure>
+{_verification(m)}
 <h2>Accuracy (teacher-forced)</h2>
 <table class="accuracy"><thead><tr><th>by</th><th>group</th><th>correct</th><th>accuracy</th></tr></thead><tbody>{acc_rows or '<tr><td colspan="4">no prompt has an expected answer</td></tr>'}</tbody></table>"""
     return _page("report (partial)" if partial else "report", "index", body, root="")
+
+
+FAILED_ROW = ' class="failed"'
+
+
+def _verification(m: Manifest) -> str:
+    """The fidelity check (``--verify``): its line, and its figures per layer folded away."""
+    line = verification_line(m)
+    if line is None:
+        return ""
+    v = m.verification
+    failed = set(v.failed())
+    rows = "".join(
+        f"<tr{FAILED_ROW if int(layer) in failed else ''}><td>{layer}</td><td>{c.pairs:,}</td>"
+        f"<td>{c.kept_agreement:.1%}</td><td>{c.selected:,} / {c.selected_fp32:,}</td><td>{c.flips:,}</td>"
+        f"<td>{c.max_diff:.3g}</td><td>{c.min_diff:.3g}</td><td>{c.off:,}</td></tr>"
+        for layer, c in v.layers.items()
+    )
+    return f"""<h2>Fidelity check</h2>
+<p class="{"check" if v.passed else "notice"}" id="verification">{html.escape(line)}</p>
+<details><summary>per layer (prompts {", ".join(map(str, v.prompts))})</summary>
+<table class="verification"><thead><tr><th>layer</th><th>pairs</th><th>kept by both</th><th>selected (scan / float32)</th><th>flips</th><th>largest |max_act| diff</th><th>largest |min_act| diff</th><th>past the tolerance</th></tr></thead>
+<tbody>{rows}</tbody></table></details>"""

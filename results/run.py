@@ -173,8 +173,10 @@ class Run:
 
     def __repr__(self) -> str:
         m = self.manifest
+        check = m.verification
+        failed = ", FAILED its fidelity check (manifest.verification)" if check is not None and not check.passed else ""
         return (
-            f"Run({str(self.out)!r}: {m.status}, {m.totals.prompts} prompts, {m.n_layers} layers, "
+            f"Run({str(self.out)!r}: {m.status}{failed}, {m.totals.prompts} prompts, {m.n_layers} layers, "
             f"{m.totals.activation_rows} activation rows, model {m.model.id})"
         )
 

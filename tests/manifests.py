@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-from neuroscan.manifest import BandEdges, Corpus, Manifest, ModelInfo, SelectionInfo
+from neuroscan.manifest import BandEdges, Corpus, LayerCheck, Manifest, ModelInfo, SelectionInfo, Verification
 from neuroscan.schema import SCHEMA_VERSION
 
 HEADER = Manifest(
@@ -31,3 +31,21 @@ HEADER = Manifest(
 def header(**changes) -> Manifest:
     """`HEADER` with ``changes``, a deep copy (its lists are its own)."""
     return dataclasses.replace(copy.deepcopy(HEADER), **changes)
+
+
+def verification(off: int = 0) -> Verification:
+    """A fidelity check of two layers; ``off`` pairs of layer 1's 100 past the tolerance."""
+    layer = LayerCheck(
+        pairs=100, kept_agreement=0.99, selected=120, selected_fp32=121, flips=1, max_diff=0.01, min_diff=0.0, off=0
+    )
+    return Verification(
+        prompts=[0, 4, 7],
+        seed=0,
+        device="cpu",
+        atol=0.05,
+        rtol=0.02,
+        max_off=0.01,
+        passed=off <= 1,
+        seconds=0.5,
+        layers={"0": layer, "1": dataclasses.replace(layer, off=off, max_diff=2.5)},
+    )

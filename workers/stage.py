@@ -55,6 +55,10 @@ FAULT_LOAD_S = float(os.environ.get("NEUROSCAN_FAULT_LOAD_S", "0"))
 """Testing hook: take this many seconds longer to load the weights (a large model on a slow disk)."""
 FAULT_MEMORY_BYTES = int(os.environ.get("NEUROSCAN_FAULT_MEMORY_BYTES", "0"))
 """Testing hook: act as if the stage's device had this many bytes free."""
+FAULT_PERTURB_LAYER = int(os.environ.get("NEUROSCAN_FAULT_PERTURB_LAYER", "-1"))
+"""Testing hook: scale this block's MLP input weights by `PERTURB` once loaded (in the stage
+that owns it), so that the scan's rows are silently wrong from that layer on (what ``--verify`` catches)."""
+PERTURB = 1.5
 MEMORY_SETTLE_S = 10.0
 """How long a stage that does not fit waits for memory to be freed before it says so."""
 
@@ -196,6 +200,10 @@ class Stage:
             free = free_bytes(self.device)
         check_fits(need, free, self.spec.shard, self.spec.dtype, f"{where} of {node_name()}", self.device.type)
         self.model = load_stage(self.spec.model_path, config, self.spec.shard, self.device, dtype)
+        if self.spec.shard.start <= FAULT_PERTURB_LAYER < self.spec.shard.stop:
+            block = self.model.blocks[FAULT_PERTURB_LAYER - self.spec.shard.start]
+            for name in self.model.family.mlp_in:
+                block.get_submodule(name).weight.data.mul_(PERTURB)
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.device.type != "meta")
         if self.device.type == "cuda":
             self._warm_up(d_model(config))

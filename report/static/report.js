@@ -108,8 +108,9 @@
       const rows = strips[String(pid)] || [];
       document.getElementById("prompt-info").textContent =
         `prompt ${id} (${family}), ${n} tokens: ${rows.length} strip${rows.length === 1 ? "" : "s"}`;
-      box.innerHTML = rows.map(([neuron, coverage, maxAct, maxPos, minAct, minPos, b64]) =>
-        `<div class="strip" data-neuron="${neuron}"><span class="label" title="max ${maxAct} at ${maxPos}, min ${minAct} at ${minPos}">` +
+      const up = (value) => value === undefined ? "" : ` (up ${value})`;  // gated MLPs only
+      box.innerHTML = rows.map(([neuron, coverage, maxAct, maxPos, minAct, minPos, b64, upMax, upMin]) =>
+        `<div class="strip" data-neuron="${neuron}"><span class="label" title="max ${maxAct} at ${maxPos}${up(upMax)}, min ${minAct} at ${minPos}${up(upMin)}">` +
         `${neuronLink(layer, neuron)} <small>${Math.round(coverage * 100)}%</small></span>` +
         `<span class="tokens">${strip(toks, b64, -1)}</span></div>`).join("") ||
         '<p class="empty">No neuron of this layer was kept on this prompt.</p>';
@@ -134,7 +135,8 @@
     document.querySelector("#top-prompts tbody").innerHTML = data.top.map((p, rank) =>
       `<tr data-prompt="${p.prompt_id}" data-act="${p.act}"><td>${rank + 1}</td>` +
       `<td><a href="${layerPage}#p=${p.prompt_id}">${escape(String(p.id))}</a></td><td>${escape(p.family)}</td>` +
-      `<td>${p.act.toFixed(3)}</td><td>${p.pos}</td><td class="tokens">${strip(p.tokens, p.bands, p.pos, p.act)}</td></tr>`).join("");
+      `<td>${p.act.toFixed(3)}</td>${data.gated ? `<td class="up">${p.up === null ? "" : p.up.toFixed(3)}</td>` : ""}` +
+      `<td>${p.pos}</td><td class="tokens">${strip(p.tokens, p.bands, p.pos, p.act)}</td></tr>`).join("");
     document.querySelector("#families tbody").innerHTML = Object.entries(data.families)
       .sort((a, b) => b[1] - a[1])
       .map(([family, share]) => `<tr><td>${escape(family)}</td><td>${(share * 100).toFixed(1)}%</td>` +

@@ -72,6 +72,7 @@ def case_files(tmp_path, small_model):
         "high <= low": ([good, "--high", "1", "--low", "1"], "--high 1.0 must be greater than --low 1.0"),
         "red < high": ([good, "--red", "2"], "--red 2.0 must be at least --high 3.0"),
         "zero stages": ([good, "--stages", "0"], "--stages 0 must be at least 1"),
+        "negative verify": ([good, "--verify", "-1"], "--verify -1 must be at least 0 (0 turns the check off)"),
         "stages not a number": ([good, "--stages", "two"], "argument --stages: invalid int value: 'two'"),
         "too many stages": (
             [good, "--model", str(small_model), "--stages", "4"],
@@ -114,6 +115,7 @@ CASES = [
     "high <= low",
     "red < high",
     "zero stages",
+    "negative verify",
     "stages not a number",
     "too many stages",
     "no tokenizer files",

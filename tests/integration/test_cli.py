@@ -46,6 +46,7 @@ def test_scan_prints_path_and_per_layer_summary(cli_run):
     assert "mean selected" in summary and result.stdout == ""
     assert sum(1 for line in summary.splitlines() if line.strip()[:2].strip().isdigit()) == 28
     assert "prompt" in result.stderr and "tok/s" in result.stderr  # the progress bar went to stderr
+    assert summary.splitlines()[-1].startswith("fidelity check passed (9 prompts run again alone")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["stages"] == 3
     assert manifest["model"]["id"] == "embedded:tiny" and Path(manifest["model"]["path"]).is_dir()

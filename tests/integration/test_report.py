@@ -6,7 +6,9 @@ from ``file://`` as a user would and checked against the tables they show.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -211,6 +213,26 @@ def test_report_refuses_what_is_not_a_scan_and_marks_an_unfinished_one(tmp_path,
     assert main(["report", str(scanned), "--strips", "-1"]) == 2
 
 
+def test_the_index_shows_the_fidelity_check_and_a_failed_one_as_a_notice(scanned, tmp_path, page, capsys):
+    open_page(page, scanned / "report" / "index.html")
+    assert page.inner_text("#verification").startswith("fidelity check passed (16 prompts run again alone")
+    assert len(page.query_selector_all("table.verification tbody tr")) == 28
+    assert not page.query_selector_all("table.verification tr.failed")
+    failed = tmp_path / "failed"
+    shutil.copytree(scanned, failed, ignore=shutil.ignore_patterns("report"))
+    manifest = json.loads((failed / "manifest.json").read_text())
+    manifest["verification"]["passed"] = False
+    manifest["verification"]["layers"]["9"]["off"] = manifest["verification"]["layers"]["9"]["pairs"]
+    (failed / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["report", str(failed)]) == 0
+    capsys.readouterr()
+    open_page(page, failed / "report" / "index.html")
+    assert page.get_attribute("#verification", "class") == "notice"
+    assert page.inner_text("#verification").startswith("fidelity check FAILED from layer 9 (1 of 28 layers")
+    rows = page.query_selector_all("table.verification tr.failed")
+    assert [row.query_selector("td").text_content() for row in rows] == ["9"]
+
+
 def test_strips_zero_shows_every_kept_neuron(scanned, tmp_path, page, monkeypatch, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(scanned, copy, ignore=shutil.ignore_patterns("report"))
@@ -341,3 +363,35 @@ def test_prompt_text_ids_and_families_show_as_text_never_as_markup(ray_session, 
         assert page.eval_on_selector_all("#top-prompts tbody tr", "rows => rows.length"), path
         families = page.eval_on_selector_all("#families tbody tr", "rows => rows.map(r => r.cells[0].innerText)")
         assert set(families) <= {row["family"] for row in HOSTILE} and families, path
+
+
+def test_a_gated_models_report_shows_up_beside_each_neuron(ray_session, tmp_path, corpus, page):
+    """A Llama's pages: each strip's label gives up's value at the max and the min, and a
+    neuron page an ``up`` column, both as in the activations table."""
+    from workers.embedded import preset_config, write_checkpoint
+
+    model = write_checkpoint(preset_config("tiny-llama"), tmp_path / "llama")
+    out = tmp_path / "out"
+    run_scan(ScanConfig(prompts=str(corpus), out=str(out), model=str(model), quiet=True, verify=0))
+    build(ReportConfig(dir=str(out)))
+    rows = table(out, "activations", 2).to_pandas()
+    pid = int(rows.prompt_id.min())
+    open_page(page, out / "report" / "layers" / "02.html", f"#p={pid}")
+    labels = page.eval_on_selector_all(
+        ".strip", "rows => rows.map(r => [Number(r.dataset.neuron), r.querySelector('.label').title])"
+    )
+    mine = rows[rows.prompt_id == pid].set_index("neuron")
+    assert labels
+    for neuron, title in labels:  # "max 4.2 at 7 (up 1.3), min -2.1 at 3 (up -0.8)"
+        up_max, up_min = (float(x) for x in re.findall(r"\(up (-?[\d.e+-]+)\)", title))
+        assert abs(up_max - mine.up_at_max[neuron]) < 1e-3 and abs(up_min - mine.up_at_min[neuron]) < 1e-3, title
+    path = sorted((out / "report" / "neurons").glob("02-*.html"))[0]
+    neuron = int(path.stem.split("-")[1])
+    open_page(page, path)
+    assert page.eval_on_selector_all("#top-prompts thead th", "ths => ths.map(t => t.innerText)")[4] == "up"
+    shown = page.eval_on_selector_all(
+        "#top-prompts tbody tr",
+        "rows => rows.map(r => [Number(r.dataset.prompt), Number(r.querySelector('.up').innerText)])",
+    )
+    by_prompt = rows[rows.neuron == neuron].set_index("prompt_id")
+    assert shown and all(abs(up - by_prompt.up_at_max[p]) < 1e-3 for p, up in shown)

@@ -123,6 +123,8 @@ def test_twenty_concurrent_scans_with_their_own_thresholds_equal_their_one_shot_
         if i // 4 % 4 != 3:  # the fourth kind leaves some prompts without ids: other ids, the same rows
             assert_same_output(run.out, references[i % 4])
         assert_scan_matches(run.out, other_reference, selection(options))
+        check = run.manifest.verification  # each scan's fidelity check, run by the service
+        assert check.passed and len(check.prompts) == min(16, len(CORPUS)) and check.device == "cpu"
 
 
 def test_a_small_scan_finishes_before_a_large_earlier_one_which_cancels_and_resumes(served, other_model, tmp_path):
@@ -411,10 +413,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
+def _start(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     """The service in a process (and session) of its own, with a local Ray of its own."""
     ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp}
+    env = {**os.environ, **(env or {}), "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp}
     process = subprocess.Popen(
         [sys.executable, "-m", "neuroscan", "serve", *args],
         stdout=log.open("a"),
@@ -548,3 +550,32 @@ def test_serving_beyond_loopback_needs_a_token(monkeypatch, capsys, tmp_path):
         "too), or serve on 127.0.0.1\n"
     )
     assert not (tmp_path / "r").exists()  # refused before anything is loaded or written
+
+
+def test_a_service_scan_whose_rows_fail_the_fidelity_check_completes_with_the_line(
+    other_model, corpus, tmp_path, capsys
+):
+    """Stages whose block 3 has wrong weights (NEUROSCAN_FAULT_PERTURB_LAYER): the scan
+    completes with its tables, its manifest's check fails from layer 3, its status carries the
+    line, and `neuroscan wait` says it and exits 3."""
+    from cluster.cli import main
+
+    port, log = _free_port(), tmp_path / "service.log"
+    args = ["--model", str(other_model), "--results", str(tmp_path / "results"), "--port", str(port)]
+    process = _start(args, log, env={"NEUROSCAN_FAULT_PERTURB_LAYER": "3"})
+    try:
+        client = Client(f"http://127.0.0.1:{port}")
+        _ready(client, process, log)
+        job = client.submit(str(corpus), name="perturbed", verify=4)
+        assert main(["wait", job.id, "--url", client.url]) == 3
+        err = capsys.readouterr().err
+        assert err.startswith("neuroscan: fidelity check FAILED from layer 3") and err.count("\n") == 1, err
+        status = job.status()
+        assert status["state"] == "completed" and status["error"].startswith("fidelity check FAILED from layer 3")
+        check = job.result().manifest.verification
+        assert not check.passed and len(check.prompts) == 4
+        assert [int(k) for k, layer in check.layers.items() if layer.off][:1] == [3]
+        assert not any(check.layers[str(k)].off for k in range(3))
+        assert job.result().read("activations").num_rows > 0  # the tables are kept
+    finally:
+        _kill(process)

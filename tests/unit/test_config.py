@@ -40,6 +40,7 @@ def test_selection_validation(selection, match):
         ({"format": "csv"}, "--format"),
         ({"batch_tokens": 0}, "--batch-tokens"),
         ({"handoff": "nccl"}, "--handoff 'nccl' is not known: use one of store, direct"),
+        ({"verify": -1}, r"^--verify -1 must be at least 0 \(0 turns the check off\)$"),
     ],
 )
 def test_scan_config_validation(kwargs, match):

@@ -121,3 +121,13 @@ def test_with_repair_the_plan_finds_the_micro_batch_of_each_skipped_prompt(tiny_
     want = {int(i): b.batch_id for b, _ in whole for i in b.prompt_ids if i in (3, 21)}
     assert driver.plan(cfg).skipped_batches == want and len(set(want.values())) == 2
     assert driver.plan(dataclasses.replace(cfg, repair=False)).skipped_batches == {}
+
+
+def test_the_summary_ends_with_the_fidelity_check_when_the_run_had_one():
+    from neuroscan.manifest import verification_line
+    from tests.manifests import header, verification
+
+    for check in (verification(), verification(off=40)):
+        manifest = header(status="complete", verification=check)
+        assert driver.summary_lines(manifest, "out")[-1] == verification_line(manifest)
+    assert not any(line.startswith("fidelity") for line in driver.summary_lines(header(status="complete"), "out"))

@@ -47,6 +47,29 @@ def test_the_json_keys_are_the_fields_and_round_trip(tmp_path):
     assert Manifest.from_dict(data) == HEADER
 
 
+def test_a_fidelity_check_round_trips_and_an_older_run_has_none(tmp_path):
+    from tests.manifests import header, verification
+
+    checked = header(status="complete", verification=verification(off=40))
+    write_manifest(tmp_path, checked)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert list(data["verification"]) == [f.name for f in dataclasses.fields(type(checked.verification))]
+    assert list(data["verification"]["layers"]["1"]) == [
+        "pairs",
+        "kept_agreement",
+        "selected",
+        "selected_fp32",
+        "flips",
+        "max_diff",
+        "min_diff",
+        "off",
+    ]
+    assert read_manifest(tmp_path) == checked and not read_manifest(tmp_path).verification.passed
+    del data["verification"]  # written before the check existed
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    assert read_manifest(tmp_path).verification is None
+
+
 @pytest.mark.parametrize(
     "edit",
     [
