@@ -69,7 +69,18 @@ def _one(cfg: BenchConfig, model: str | None, corpus: Path, nodes: int) -> dict:
             add_node(cluster, num_cpus=STAGES, object_store_memory=256 << 20)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out"
-            command = [sys.executable, "-m", "cluster.cli", "scan", str(corpus), "--out", str(out), "--quiet", "--verify", "0"]
+            command = [
+                sys.executable,
+                "-m",
+                "cluster.cli",
+                "scan",
+                str(corpus),
+                "--out",
+                str(out),
+                "--quiet",
+                "--verify",
+                "0",
+            ]
             command += ["--stages", str(STAGES), "--replicas", str(nodes), "--batch-tokens", str(cfg.batch_tokens)]
             command += ["--model", model] if model else []
             t0 = time.perf_counter()
