@@ -25,6 +25,7 @@ from workers.transfer import leaves, to_host
 
 PEERS = ("transformer_lens", "nnsight")
 PEER_PACKAGES = ("transformer-lens", "nnsight")
+"""Their distributions' names, for the versions a bench report records."""
 HUB_NAMES = {
     "gptj": "EleutherAI/gpt-j-6b",
     "gpt_neox": "EleutherAI/pythia-6.9b",
@@ -34,12 +35,11 @@ HUB_NAMES = {
     "gpt2": "openai-community/gpt2-xl",
 }
 """The name TransformerLens knows each family by (its adapter; the weights are the bench's own)."""
-LENS_FAMILIES = ("gptj", "gpt_neox", "llama")
+LENS_FAMILIES = ("gptj", "gpt_neox", "llama", "mistral", "qwen2")
 """The families whose TransformerLens activations are checked equal to the stage's
-(tests/integration/test_peers.py). Its GPT-2 bridge gives other MLP activations than
+(tests/integration/test_peers.py): all but GPT-2. Its GPT-2 bridge gives other MLP activations than
 transformers' ``GPT2Model`` on the same weights (by up to 6 at layer 0 of the tiny GPT-2), so a
 GPT-2 bench does not time it."""
-"""Their distributions' names, for the versions a bench report records."""
 
 
 def available(peer: str) -> bool:

@@ -13,7 +13,7 @@ Modes (tokens are the prompts' own tokens; ratios are against ``bare`` of the sa
                     reductions on a side stream, compaction and copy overlapping the next
                     micro-batch (on a CPU, as a CPU actor: the eager reduction, one thread)
   transformer_lens  TransformerLens caching every mlp.hook_post, then the same reduction (`bench.peers`)
-  nnsight           an nnsight trace saving every mlp.act, then the same reduction (both peers on
+  nnsight           an nnsight trace saving every MLP output projection's input, then the same reduction (both peers on
                     transformers' own GELU and attention, the model their users run)
   bare_again        ``bare`` timed again after the other in-process modes: its ratio to ``bare``
                     is this run's noise (two ratios closer than that are not told apart)
@@ -242,7 +242,11 @@ def skipped_modes(config) -> dict[str, str]:
     if getattr(config, "activation_function", None) != "gelu_new":
         skipped["bare_hf_gelu"] = "GPT-J and GPT-2 only: no other family's GELU is replaced"
     if config.model_type not in peers.LENS_FAMILIES:
-        skipped["transformer_lens"] = "its activations for this family are not those of transformers' model"
+        skipped["transformer_lens"] = (
+            "its GPT-2 bridge gives other activations than transformers' model"
+            if config.model_type == "gpt2"
+            else "its activations for this family are not checked equal to the stage's (bench.peers.LENS_FAMILIES)"
+        )
     return skipped
 
 

@@ -32,7 +32,7 @@ from cluster.pipelines import Pipelines, answers
 from cluster.schedule import Scheduler
 from neuroscan.config import ScanConfig, resolve_dtype
 from neuroscan.corpus_columns import ColumnTypes
-from neuroscan.errors import UserError, tell
+from neuroscan.errors import UserError, tell, user_line
 from neuroscan.manifest import (
     BandEdges,
     Manifest,
@@ -290,13 +290,20 @@ def run_scan(cfg: ScanConfig) -> Manifest:
 def verified(cfg: ScanConfig, out: Path, manifest: Manifest, say: Callable[[str], None]) -> Manifest:
     """The finished run with its fidelity check (`workers.verify`) written into its manifest.
     The check runs in this process once the stages are gone: on a GPU when the scan ran on
-    CUDA and this process sees one, else on the CPU."""
+    CUDA and this process sees one, else on the CPU. One that cannot run (no room for the
+    float32 model, which is checked before it loads) is said in one line, and the run stays
+    complete without a check."""
     device = verify_device(cfg.device)
     n = min(cfg.verify, manifest.totals.prompts)
     say(f"checking {n} prompts against a float32 forward pass of the model on {device} ...")
-    manifest = replace(manifest, verification=verify_scan(out, manifest, cfg.verify, device))
-    write_manifest(out, manifest)
-    return manifest
+    try:
+        checked = replace(manifest, verification=verify_scan(out, manifest, cfg.verify, device))
+    except (UserError, OSError, RuntimeError) as err:  # torch's out-of-memory errors are RuntimeErrors
+        reason = (user_line(err) or str(err) or type(err).__name__).splitlines()[0]
+        tell(f"the fidelity check could not run: {reason}; the scan's tables are complete")
+        return manifest
+    write_manifest(out, checked)
+    return checked
 
 
 def resume_notice(out: Path, existing: Manifest | None, committed: set[int]) -> str:

@@ -11,7 +11,7 @@ opens the scan's aggregator. The scheduler's thread interleaves the micro-batche
 running scans (`cluster.schedule`), so preparing a large corpus never leaves the stages
 idle. The checker's thread runs each completed scan's fidelity check (``verify`` prompts run
 again through the plain model in float32 on the service's CPU, `workers.verify`); a scan is
-seen running until its check has run. States and progress live in SQLite (`cluster.store`): a service killed at any moment
+seen running until its check has run, but no longer holds a place among ``--max-running``. States and progress live in SQLite (`cluster.store`): a service killed at any moment
 and started again resumes its running scans from their manifests and keeps its queue.
 HTTP is `cluster.api`'s.
 """
@@ -88,8 +88,8 @@ class Service:
         """Why the scheduler's thread stopped, if it did."""
         self.unrecorded: list[tuple[str, str, str | None]] = []
         """Ends of scans the table had no room for (a full disk), written again by the scheduler's loop."""
-        self.checking: queue.Queue[tuple[Active, Job]] = queue.Queue()
-        """Completed scans waiting for their fidelity check (the checker's thread)."""
+        self.checking: queue.Queue[tuple[str, str, int]] = queue.Queue()
+        """Completed scans waiting for their fidelity check: (id, output directory, prompts to check)."""
         self.float32: Float32Model | None = None
         """The checks' float32 model, loaded at the first check and kept."""
 
@@ -137,8 +137,6 @@ class Service:
         self.admitting.set()
         for thread in self.threads:
             thread.join(timeout=60)
-        while not self.checking.empty():  # left running in the table: queued again, and complete, at the next start
-            self._release(self.checking.get()[0])
         for active in [*self.active.values(), *self._take_ready()]:
             self._release(active)
         if self.aggregators is not None:
@@ -283,9 +281,9 @@ class Service:
                 self._let_go()
                 self._record_end(scan.id, FAILED, _error_line(err, scan.id))
                 continue
-            if active is None:  # its run was complete already
+            if active is None:  # its run was complete already: its check, if it has none yet
                 self._let_go()
-                self._record_end(scan.id, COMPLETED)
+                self.checking.put((scan.id, scan.out, self.job_config(scan.options, scan.corpus, scan.out).verify))
                 continue
             with self.lock:
                 self.ready.append(active)
@@ -373,42 +371,50 @@ class Service:
     def _end(self, job: Job) -> None:
         active = self.active.pop(job.key)
         self._progress(job)
-        if job.state == COMPLETED and job.cfg.verify:
-            self.checking.put((active, job))  # seen running until the check has run (`_check`)
-            return
         error = None if job.error is None else _error_line(job.error, job.key)
         self._release(active)  # before the scan is seen ended: its directory is free by then
-        self._record_end(job.key, job.state, error if job.state == FAILED else None)
-        self._let_go()
+        if job.state == COMPLETED:  # seen running until its check has run (`_check`)
+            self.checking.put((job.key, job.cfg.out, job.cfg.verify))
+        else:
+            self._record_end(job.key, job.state, error if job.state == FAILED else None)
+        self._let_go()  # the stages take another scan while this one is checked
 
-    # The checker's thread: fidelity checks, off the scheduler's thread (seconds of CPU each).
+    # The checker's thread: fidelity checks, off the scheduler's thread (a float32 pass over
+    # ``verify`` prompts: seconds for the tiny models, minutes for a 6B one on a CPU).
 
     def _check_loop(self) -> None:
         while not self.stopping.is_set():
             try:
-                active, job = self.checking.get(timeout=0.5)
+                scan_id, out, verify = self.checking.get(timeout=0.5)
             except queue.Empty:
                 continue
-            self._check(active, job)
+            try:
+                self._check(scan_id, Path(out), verify)
+            except Exception as err:  # the table could not be written: the next start checks it again
+                tell(f"scan {scan_id} completed, not yet recorded: {user_line(err) or repr(err)}")
 
-    def _check(self, active: Active, job: Job) -> None:
+    def _check(self, scan_id: str, out: Path, verify: int) -> None:
         """A completed scan's fidelity check (`workers.verify`) on the service's CPU, written
-        into its manifest under the directory's claim; then the scan is recorded completed,
-        with the check's line as its error when the rows failed it (the tables are kept)."""
-        self._release(active)  # the aggregator's close writes the final manifest
-        out, line = Path(job.cfg.out), None
+        into its manifest under the directory's claim (a check already there, from before a
+        restart, is taken as it is); then the scan is recorded completed, with the check's
+        line as its error when the rows failed it (the tables are kept). A service stopping
+        meanwhile leaves it running in the table: its next start checks it."""
+        line = None
         try:
             with claim(out):
                 manifest = read_manifest(out)
-                if manifest is not None and manifest.complete and manifest.totals.prompts:
-                    check = verify_scan(out, manifest, job.cfg.verify, model=self.float32)
+                if manifest is None:
+                    raise UserError(f"{out} has no manifest.json")
+                if manifest.verification is None and verify and manifest.complete and manifest.totals.prompts:
+                    check = verify_scan(out, manifest, verify, model=self.float32)
                     manifest = dataclasses.replace(manifest, verification=check)
                     write_manifest(out, manifest)
-                    line = None if check.passed else verification_line(manifest)
+                if manifest.verification is not None and not manifest.verification.passed:
+                    line = verification_line(manifest)
         except Exception as err:  # the rows are written: the scan completed, unchecked
             line = f"the fidelity check could not run: {user_line(err) or repr(err)}"
-        self._record_end(job.key, COMPLETED, line)
-        self._let_go()
+        if not self.stopping.is_set():
+            self._record_end(scan_id, COMPLETED, line)
 
     def _record_end(self, scan_id: str, state: str, error: str | None = None) -> None:
         """Write that a scan ended; on a full disk, again from the scheduler's loop until it can

@@ -46,8 +46,10 @@ def tokenize(prompts: list[Prompt], tokenizer, context: int, truncate: bool) -> 
         if not token_ids:
             raise UserError(f"prompt {prompt.id!r} tokenises to zero tokens: give it some text the tokenizer keeps")
         if len(lead) + len(answer) >= context:
+            first = f" (and the tokenizer puts {len(lead)} before the prompt)" if lead else ""
             raise UserError(
-                f"prompt {prompt.id!r}: its expected answer has {len(answer)} tokens, more than the model's context {context}: shorten it"
+                f"prompt {prompt.id!r}: its expected answer has {len(answer)} tokens{first}, which leaves no room "
+                f"for the prompt in the model's context of {context}: shorten it"
             )
         if len(lead) + len(token_ids) + len(answer) > context:
             if not truncate:

@@ -47,7 +47,7 @@ def preset_config(preset: str, **overrides) -> PretrainedConfig:
     fields = {**MODEL_PRESETS[preset], **overrides}
     fam = FAMILIES[fields.pop("model_type")]
     config = fam.module("config")(**fields)
-    config.architectures = [fam.base_class.removesuffix("Model") + "ForCausalLM"]
+    config.architectures = [fam.causal_lm]
     return config
 
 

@@ -36,7 +36,8 @@ class Family:
     """How the family is called in messages and the report."""
     config_class: str
     base_class: str
-    """The transformers classes of its config and its base model (no head)."""
+    causal_lm: str
+    """The transformers classes of its config, its base model (no head) and its causal LM."""
     prefix: str
     """The base model's tensors' prefix in a checkpoint ("transformer.", "model."...)."""
     blocks: str
@@ -71,32 +72,32 @@ FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
         Family(
-            "gptj", "GPT-J", "GPTJConfig", "GPTJModel", "transformer.", "h", "wte", "ln_f", "lm_head",
+            "gptj", "GPT-J", "GPTJConfig", "GPTJModel", "GPTJForCausalLM", "transformer.", "h", "wte", "ln_f", "lm_head",
             down="mlp.fc_out", head_bias=True, mlp_in=("mlp.fc_in",),
             sizes=("n_embd", "n_head", "n_layer", "n_positions", "vocab_size"),
         ),
         Family(
-            "gpt_neox", "GPT-NeoX", "GPTNeoXConfig", "GPTNeoXModel", "gpt_neox.", "layers", "embed_in",
+            "gpt_neox", "GPT-NeoX", "GPTNeoXConfig", "GPTNeoXModel", "GPTNeoXForCausalLM", "gpt_neox.", "layers", "embed_in",
             "final_layer_norm", "embed_out", down="mlp.dense_4h_to_h", mlp_in=("mlp.dense_h_to_4h",),
             sizes=("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "vocab_size", "intermediate_size"),
         ),
         Family(
-            "llama", "Llama", "LlamaConfig", "LlamaModel", "model.", "layers", "embed_tokens", "norm", "lm_head",
+            "llama", "Llama", "LlamaConfig", "LlamaModel", "LlamaForCausalLM", "model.", "layers", "embed_tokens", "norm", "lm_head",
             down="mlp.down_proj", up="mlp.up_proj", mlp_in=("mlp.gate_proj",),
             sizes=("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "vocab_size", "intermediate_size"),
         ),
         Family(
-            "mistral", "Mistral", "MistralConfig", "MistralModel", "model.", "layers", "embed_tokens", "norm", "lm_head",
+            "mistral", "Mistral", "MistralConfig", "MistralModel", "MistralForCausalLM", "model.", "layers", "embed_tokens", "norm", "lm_head",
             down="mlp.down_proj", up="mlp.up_proj", mlp_in=("mlp.gate_proj",),
             sizes=("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "vocab_size", "intermediate_size"),
         ),
         Family(
-            "qwen2", "Qwen2", "Qwen2Config", "Qwen2Model", "model.", "layers", "embed_tokens", "norm", "lm_head",
+            "qwen2", "Qwen2", "Qwen2Config", "Qwen2Model", "Qwen2ForCausalLM", "model.", "layers", "embed_tokens", "norm", "lm_head",
             down="mlp.down_proj", up="mlp.up_proj", mlp_in=("mlp.gate_proj",),
             sizes=("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "vocab_size", "intermediate_size"),
         ),
         Family(
-            "gpt2", "GPT-2", "GPT2Config", "GPT2Model", "transformer.", "h", "wte", "ln_f", "lm_head",
+            "gpt2", "GPT-2", "GPT2Config", "GPT2Model", "GPT2LMHeadModel", "transformer.", "h", "wte", "ln_f", "lm_head",
             down="mlp.c_proj", positions="wpe", mlp_in=("mlp.c_fc",), conv1d=True,
             sizes=("n_embd", "n_head", "n_layer", "n_positions", "vocab_size"),
             legacy_prefixes=("",),

@@ -14,7 +14,9 @@ scans). Per token it is ``(3 x d_mlp + 8 x d_model) x`` the dtype's bytes: the M
 projection, its GELU and one temporary of the reduction at once (``d_mlp`` each; a gated MLP
 adds its second projection, 4 x), and the
 residual stream and its layer norm, the attention's query, key, value and output, and the
-hidden states in and out (``d_model`` each). Not counted: the allocator's slack, CUDA's
+hidden states in and out (``d_model`` each). Attention's scores are not held: PyTorch's SDPA,
+which every family runs here, computes them in blocks (an eager attention would hold
+``heads x tokens^2`` of them). Not counted: the allocator's slack, CUDA's
 workspaces and compiled kernels, and other stages loading on the same device at the same time
 (each sees the memory free when it checks).
 """
@@ -69,9 +71,9 @@ def footprint(path: str, config: PretrainedConfig, shard: ShardSpec, dtype: torc
     headers = tensor_headers(path, list(names))
     size = torch.finfo(dtype).bits // 8
     weights = reading = 0
-    for name, (shape, stored) in headers.items():
+    for shape, stored in headers.values():
         n = math.prod(shape)
-        weights += n * size * len(names[name])  # a tied head is a second copy of the embedding
+        weights += n * size  # a tied head on the embedding's stage is the same parameter
         if device == "cpu" and stored != SAFETENSORS_DTYPES.get(dtype):
             reading += n * ITEM_BYTES.get(stored, 1)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())

@@ -54,7 +54,7 @@ class TanhGELU(nn.Module):
 
     transformers writes it as eight elementwise ops, each a pass over the [batch, pos, d_mlp]
     activations; ``F.gelu(approximate="tanh")`` is the same function in one pass. It stays a
-    module because the stage's hooks hang on ``mlp.act``.
+    module, ``mlp.act``, as transformers' is.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,8 +111,8 @@ class StageModel(nn.Module):
 
     def checkpoint_names(self, stored: set[str] | None = None) -> dict[str, list[str]]:
         """Checkpoint tensor name -> this module's parameter names, for owned tensors only
-        (one tensor fills two parameters where a tied head is the embedding and this stage
-        holds both). ``stored``: the checkpoint's tensor names, to pick the prefix a legacy
+        (one tensor fills two parameters, which `load_stage` makes one, where a tied head is
+        the embedding and this stage holds both). ``stored``: the checkpoint's tensor names, to pick the prefix a legacy
         checkpoint uses and whether the head is stored or tied."""
         fam = self.family
         prefix = fam.prefix
@@ -154,8 +154,11 @@ def load_stage(path: str, config: PretrainedConfig, shard: ShardSpec, device: st
         model = StageModel(config, shard)
     names = model.checkpoint_names(set(tensor_files(Path(path))))
     for ckpt_name, tensor in read_tensors(path, list(names)).items():
-        for name in names[ckpt_name]:
-            set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
+        first, *tied_to = names[ckpt_name]
+        set_module_tensor_to_device(model, first, device, value=tensor, dtype=dtype)
+        for name in tied_to:  # a tied head on the embedding's stage: the same parameter, held once
+            module, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module), attr, model.get_parameter(first))
     for name, buf in list(model.named_buffers()):  # rotary tables, built at init on the CPU
         module_name, _, buf_name = name.rpartition(".")
         module = model.get_submodule(module_name)

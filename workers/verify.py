@@ -25,6 +25,7 @@ legitimately land on either side, and is not counted ``off``. A layer fails when
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -40,10 +41,12 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+from neuroscan.errors import UserError
 from neuroscan.manifest import LayerCheck, Manifest, SelectionInfo, Verification
 from neuroscan.schema import TABLES
-from workers.checkpoint import load_config
+from workers.checkpoint import load_config, tensor_files, tensor_headers
 from workers.families import family
+from workers.footprint import free_bytes
 
 SEED = 0
 """The prompts run again are drawn by this seed: the same run always checks the same prompts."""
@@ -80,15 +83,24 @@ class Float32Model:
         (index 0) and min (1) over the prompt's tokens."""
         with self.lock:
             if self.model is None:
+                self._check_room()
                 with _quiet_loading():
                     self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
                 self.model = self.model.to(self.device).eval()
             return _extremes(self.model, family(load_config(self.path)), prompts, self.device)
 
-
-def float32_extremes(model_path: str, prompts: dict[int, list[int]], device: str = "cpu") -> dict[int, np.ndarray]:
-    """`Float32Model.extremes` of a model loaded for this call alone."""
-    return Float32Model(model_path, device).extremes(prompts)
+    def _check_room(self) -> None:
+        """One line, before anything loads, when the float32 weights do not fit in what the
+        device has free (`workers.footprint.free_bytes`)."""
+        path = Path(self.path)
+        headers = tensor_headers(path, list(tensor_files(path)))
+        need = sum(math.prod(shape) for shape, _ in headers.values()) * 4
+        free = free_bytes(torch.device(self.device))
+        if need > free:
+            raise UserError(
+                f"the fidelity check needs {need / 2**30:.1f} GiB for the model in float32 on {self.device} but "
+                f"{free / 2**30:.1f} GiB is free: check with --verify 0 off, or where there is room"
+            )
 
 
 def _extremes(model, fam, prompts: dict[int, list[int]], device: str) -> dict[int, np.ndarray]:
@@ -185,7 +197,7 @@ def compare(
                 ext[0, layer], ext[1, layer], scan, n_selected.get((prompt_id, layer), 0), sel, atol, rtol
             )
             sums[layer] += counts
-            diffs[layer] = [max(a, b) for a, b in zip(diffs[layer], worst)]
+            diffs[layer] = [float(np.maximum(a, b)) for a, b in zip(diffs[layer], worst)]  # NaN stays NaN
     checks = {}
     for layer, (pairs, both, selected, selected_fp32, flips, off) in sums.items():
         checks[str(layer)] = LayerCheck(
@@ -217,7 +229,7 @@ def _check_one(
     near = (np.abs(mx - sel.high) <= tol_max) | (np.abs(mn - sel.low) <= tol_min)  # either side is fair
     neuron = scan["neuron"].astype(np.int64)
     d_max, d_min = np.abs(scan["max_act"] - mx[neuron]), np.abs(scan["min_act"] - mn[neuron])
-    off = set(neuron[(d_max > tol_max[neuron]) | (d_min > tol_min[neuron])].tolist())
+    off = set(neuron[~(d_max <= tol_max[neuron]) | ~(d_min <= tol_min[neuron])].tolist())  # NaN is off
 
     ours, theirs = set(ref.kept.tolist()), set(neuron.tolist())
     cap = sel.max_per_layer or len(mx)
@@ -244,7 +256,7 @@ def _check_one(
     counts = np.array(
         [len(ours | theirs), len(ours & theirs), n_selected, fp32_selected, max(seen, gap), len(off) + unexplained]
     )
-    worst = (float(d_max.max(initial=0.0)), float(d_min.max(initial=0.0)))
+    worst = (float(d_max.max(initial=0.0)), float(d_min.max(initial=0.0)))  # NaN stays NaN
     return counts, worst
 
 

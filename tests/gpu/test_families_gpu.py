@@ -38,7 +38,7 @@ def test_a_gpu_stage_of_each_family_gives_the_cpu_stage_rows(preset, tmp_path):
             if key in where:
                 i = where[key]
                 assert abs(a.rows["max_act"][i] - b.rows["max_act"][j]) < 1e-3 * max(1.0, abs(b.rows["max_act"][j]))
-                if "up_at_max" in b.rows:
-                    assert np.isclose(a.rows["up_at_max"][i], b.rows["up_at_max"][j], rtol=1e-3, atol=1e-3)
+                for name in ("up_at_max", "up_at_min") if "up_at_max" in b.rows else ():
+                    assert np.isclose(a.rows[name][i], b.rows[name][j], rtol=1e-3, atol=1e-3), name
                 compared += 1
     assert compared > 100

@@ -54,7 +54,7 @@ def test_bench_smoke(ray_session, tmp_path, capsys):
     "preset, skipped",
     [
         ("tiny-neox", {"bare_hf_gelu", "bare_hf_rotary"}),
-        ("tiny-llama", {"bare_hf_gelu", "bare_hf_rotary"}),
+        ("tiny-qwen2", {"bare_hf_gelu", "bare_hf_rotary"}),
         ("tiny-gpt2", {"bare_hf_rotary", "transformer_lens"}),
     ],
 )
@@ -82,7 +82,11 @@ def test_bench_refuses_an_unknown_mode(capsys):
     "flags, message",
     [
         (["--device", "gpu"], "--device 'gpu' is not known: use one of cpu, cuda"),
-        (["--preset", "gptj"], "--preset 'gptj' is not known: use one of tiny, gptj-6b (or --model DIR)"),
+        (
+            ["--preset", "gptj"],
+            "--preset 'gptj' is not known: use one of tiny, tiny-neox, tiny-llama, tiny-qwen2, tiny-mistral, "
+            "tiny-gpt2, gptj-6b, pythia-6.9b, llama-3-8b, gpt2-xl (or --model DIR)",
+        ),
         (["--dtype", "half"], "--dtype 'half' is not known: use one of auto, float32, float16, bfloat16"),
         (["--prompts", "0"], "--prompts 0 must be at least 1"),
         (["--prompt-tokens", "0"], "--prompt-tokens 0 must be at least 1"),

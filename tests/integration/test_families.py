@@ -199,3 +199,42 @@ def test_the_memory_check_counts_what_a_stage_holds(family_model):
         read = stage.checkpoint_names(set(tensor_files(family_model)))  # a tied tensor is read once
         assert need.reading == sum(params[names[0]].numel() * 4 for names in read.values())  # float32, held at load
         assert need.tokens == 2048
+
+
+def test_a_gpt2_checkpoint_of_the_first_releases_loads_as_a_current_one(tmp_path):
+    """openai-community/gpt2 stores its tensors without ``transformer.`` and no head (tied to
+    ``wte``): each stage reads the same weights from it as from a current checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    current = write_checkpoint(preset_config("tiny-gpt2"), tmp_path / "current")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for f in current.iterdir():
+        if f.suffix != ".safetensors":
+            (legacy / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(current / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, legacy / "model.safetensors")
+    check_checkpoint(legacy)
+    config = load_config(legacy)
+    n = config.num_hidden_layers
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(4))
+    outs = []
+    for path in (current, legacy):
+        x = ids
+        for start, stop in [(0, 2), (2, n)]:
+            stage = load_stage(str(path), config, ShardSpec(start, stop, n), "cpu", torch.float32)
+            with torch.no_grad():
+                x = stage(x, None, torch.arange(20)[None])
+        with torch.no_grad():
+            outs.append(stage.lm_head(x))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_key_value_heads_that_do_not_divide_the_heads_are_one_line(tmp_path, capsys):
+    model = write_checkpoint(preset_config("tiny-llama"), tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))
+    assert main(["scan", "seed", "--model", str(model), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "num_attention_heads 4 is not a multiple of num_key_value_heads 3" in err

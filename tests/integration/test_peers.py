@@ -20,7 +20,7 @@ from workers.shard import ShardSpec
 from workers.stage import Stage, StageSpec
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny-neox", "tiny-llama", "tiny-gpt2"])
+@pytest.fixture(scope="module", params=["tiny", "tiny-neox", "tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gpt2"])
 def setup(request, tiny_model, tmp_path_factory):
     """A stage holding every layer of the embedded GPT-J, or of a tiny model of another family."""
     model = tiny_model

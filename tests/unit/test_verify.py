@@ -10,7 +10,7 @@ import pytest
 from neuroscan.manifest import SelectionInfo, verification_line
 from tests.manifests import header, verification
 from tests.reference import reference_scan
-from workers.verify import compare, draw, float32_extremes, kept_neurons
+from workers.verify import Float32Model, compare, draw, kept_neurons
 
 SEL = SelectionInfo(high=3.0, low=0.0, max_per_layer=4)
 
@@ -128,7 +128,7 @@ def test_selected_counts_further_apart_than_the_neurons_near_a_threshold_are_off
 def test_the_float32_pass_takes_what_enters_each_mlp_output_projection(tiny_model):
     texts = ["Monday, Tuesday, Wednesday,", "x"]
     ref = reference_scan(tiny_model, texts)
-    got = float32_extremes(str(tiny_model), {i: ref[i]["token_ids"] for i in range(len(texts))})
+    got = Float32Model(str(tiny_model)).extremes({i: ref[i]["token_ids"] for i in range(len(texts))})
     for i in range(len(texts)):
         acts = ref[i]["acts"]  # [layers, pos, d_mlp]
         assert got[i].shape == (2, *acts.shape[::2])
