@@ -238,3 +238,26 @@ def test_key_value_heads_that_do_not_divide_the_heads_are_one_line(tmp_path, cap
     assert main(["scan", "seed", "--model", str(model), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "num_attention_heads 4 is not a multiple of num_key_value_heads 3" in err
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_checkpoint_saved_by_transformers_loads_stage_by_stage(preset, tmp_path):
+    """What ``save_pretrained`` writes (transformers' own tensor names, Pythia's head as it
+    names it) passes the checks, and its stages chained give its model's logits."""
+    from workers.tokenizer import byte_tokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(preset_config(preset)).eval()
+    model.save_pretrained(tmp_path / "m")
+    byte_tokenizer().save_pretrained(tmp_path / "m")
+    check_checkpoint(tmp_path / "m")
+    config = load_config(tmp_path / "m")
+    n = config.num_hidden_layers
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(5))
+    x = ids
+    for start, stop in [(0, 3), (3, n)]:
+        stage = load_stage(str(tmp_path / "m"), config, ShardSpec(start, stop, n), "cpu", torch.float32)
+        with torch.no_grad():
+            x = stage(x, None, torch.arange(24)[None])
+    with torch.no_grad():
+        torch.testing.assert_close(stage.lm_head(x), model(ids).logits, rtol=1e-4, atol=1e-4)
