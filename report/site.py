@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from neuroscan import schema
 from neuroscan.config import ReportConfig
 from neuroscan.errors import UserError, make_dir
 from neuroscan.manifest import Manifest, blue_flood_line, verification_line
@@ -127,23 +128,7 @@ def _write(run, staging: Path, options: ReportConfig) -> None:
     _write_chunk(staging / "data" / "config.js", "config", config)
 
     for layer in range(run.n_layers):
-        rows = run.read(
-            "activations",
-            [
-                "prompt_id",
-                "neuron",
-                "max_act",
-                "max_pos",
-                "min_act",
-                "min_pos",
-                "n_above",
-                "n_below",
-                "bands",
-                "up_at_max",
-                "up_at_min",
-            ],
-            layer,
-        )
+        rows = run.read("activations", [c for c in schema.ACTIVATIONS.names if c != "layer"], layer)
         _write_layer(staging, layer, rows, ids, lengths, options)
         neurons = listed.get(layer, [])
         if neurons:

@@ -68,6 +68,20 @@ class Family:
         return getattr(transformers, {"config": self.config_class, "base": self.base_class}[kind])
 
 
+HF_SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "vocab_size")
+"""The size fields of the configs written after GPT-2 and GPT-J named theirs ``n_*``."""
+
+
+def _gated(model_type: str, name: str) -> Family:
+    """A Llama-like family: ``{Name}Config``, ``{Name}Model``, ``{Name}ForCausalLM``, the
+    gated MLP (``down_proj(act(gate_proj(x)) * up_proj(x))``) and the same module names."""
+    return Family(
+        model_type, name, f"{name}Config", f"{name}Model", f"{name}ForCausalLM", "model.", "layers", "embed_tokens",
+        "norm", "lm_head", down="mlp.down_proj", up="mlp.up_proj", mlp_in=("mlp.gate_proj",),
+        sizes=(*HF_SIZES, "intermediate_size"),
+    )  # fmt: skip
+
+
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
@@ -79,23 +93,9 @@ FAMILIES: dict[str, Family] = {
         Family(
             "gpt_neox", "GPT-NeoX", "GPTNeoXConfig", "GPTNeoXModel", "GPTNeoXForCausalLM", "gpt_neox.", "layers", "embed_in",
             "final_layer_norm", "embed_out", down="mlp.dense_4h_to_h", mlp_in=("mlp.dense_h_to_4h",),
-            sizes=("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "vocab_size", "intermediate_size"),
+            sizes=(*HF_SIZES, "intermediate_size"),
         ),
-        Family(
-            "llama", "Llama", "LlamaConfig", "LlamaModel", "LlamaForCausalLM", "model.", "layers", "embed_tokens", "norm", "lm_head",
-            down="mlp.down_proj", up="mlp.up_proj", mlp_in=("mlp.gate_proj",),
-            sizes=("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "vocab_size", "intermediate_size"),
-        ),
-        Family(
-            "mistral", "Mistral", "MistralConfig", "MistralModel", "MistralForCausalLM", "model.", "layers", "embed_tokens", "norm", "lm_head",
-            down="mlp.down_proj", up="mlp.up_proj", mlp_in=("mlp.gate_proj",),
-            sizes=("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "vocab_size", "intermediate_size"),
-        ),
-        Family(
-            "qwen2", "Qwen2", "Qwen2Config", "Qwen2Model", "Qwen2ForCausalLM", "model.", "layers", "embed_tokens", "norm", "lm_head",
-            down="mlp.down_proj", up="mlp.up_proj", mlp_in=("mlp.gate_proj",),
-            sizes=("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "vocab_size", "intermediate_size"),
-        ),
+        *(_gated(*names) for names in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"))),
         Family(
             "gpt2", "GPT-2", "GPT2Config", "GPT2Model", "GPT2LMHeadModel", "transformer.", "h", "wte", "ln_f", "lm_head",
             down="mlp.c_proj", positions="wpe", mlp_in=("mlp.c_fc",), conv1d=True,
