@@ -32,7 +32,6 @@ HUB_NAMES = {
     "llama": "meta-llama/Meta-Llama-3-8B",
     "mistral": "mistralai/Mistral-7B-v0.1",
     "qwen2": "Qwen/Qwen2-7B",
-    "gpt2": "openai-community/gpt2-xl",
 }
 """The name TransformerLens knows each family by (its adapter; the weights are the bench's own)."""
 LENS_FAMILIES = ("gptj", "gpt_neox", "llama", "mistral", "qwen2")

@@ -74,7 +74,7 @@ class StageModel(nn.Module):
     (first stage) or final norm and head (last).
 
     The base model is built with ``stop`` blocks and keeps [start, stop), so each block keeps
-    its index in the whole model (GPT-2 scales attention by it, Qwen2 and Mistral pick a
+    its index in the whole model (GPT-2 scales attention by it, Qwen2 picks a
     layer's attention kind by it); the config then says ``stop - start`` blocks, with each
     block's entry of ``layer_types``.
     """
