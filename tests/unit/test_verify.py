@@ -7,9 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
+from neuroscan.config import Selection
 from neuroscan.manifest import SelectionInfo, verification_line
 from tests.manifests import header, verification
-from tests.reference import reference_scan
+from tests.reference import expected_layer, reference_scan
 from workers.verify import Float32Model, compare, draw, kept_neurons
 
 SEL = SelectionInfo(high=3.0, low=0.0, max_per_layer=4)
@@ -33,24 +34,38 @@ def test_the_cap_keeps_red_first_by_distance_then_blue_only_ties_to_the_lower_ne
 
 
 def layers_of(rng, n_prompts=3, n_layers=2, d_mlp=64) -> dict[int, np.ndarray]:
-    """Made-up float32 extremes: prompt_id -> [2, layers, d_mlp] (max, min)."""
-    mx = rng.uniform(0.0, 6.0, (n_prompts, n_layers, d_mlp)).astype(np.float32)
+    """Made-up float32 extremes: prompt_id -> [2, layers, d_mlp] (max, min; every max above its min)."""
+    mx = rng.uniform(0.5, 6.0, (n_prompts, n_layers, d_mlp)).astype(np.float32)
     mn = rng.uniform(-0.17, 0.5, (n_prompts, n_layers, d_mlp)).astype(np.float32)
     return {p: np.stack([mx[p], mn[p]]) for p in range(n_prompts)}
 
 
 def scan_of(extremes: dict[int, np.ndarray], sel: SelectionInfo) -> tuple[dict, dict]:
-    """The rows and the selected counts a faithful scan writes for ``extremes``."""
+    """The rows and the selected counts a faithful scan writes for ``extremes``, by the tests'
+    own reference rules (`tests.reference.expected_layer`, on two tokens: the max and the min),
+    not by `workers.verify`'s."""
+    rule = Selection(high=sel.high, low=sel.low, max_per_layer=sel.max_per_layer)
     cols = {name: [] for name in ("prompt_id", "layer", "neuron", "max_act", "min_act")}
     selected = {}
     for p, ext in extremes.items():
         for layer in range(ext.shape[1]):
-            kept = kept_neurons(ext[0, layer], ext[1, layer], sel)
-            selected[(p, layer)] = int(kept.selected.sum())
-            for j in sorted(kept.kept.tolist()):
+            exp = expected_layer(ext[:, layer], rule)  # [2 tokens, d_mlp]
+            selected[(p, layer)] = int(exp["selected"].sum())
+            for j in sorted(exp["kept"]):
                 for name, value in zip(cols, (p, layer, j, ext[0, layer, j], ext[1, layer, j])):
                     cols[name].append(value)
     return {name: np.array(values) for name, values in cols.items()}, selected
+
+
+def one_row(neuron: int, max_act: float, min_act: float) -> dict[str, np.ndarray]:
+    """The scan's rows of prompt 0, layer 0: one kept neuron."""
+    return {
+        "prompt_id": np.array([0]),
+        "layer": np.array([0]),
+        "neuron": np.array([neuron]),
+        "max_act": np.array([max_act], np.float32),
+        "min_act": np.array([min_act], np.float32),
+    }
 
 
 def test_a_faithful_scan_agrees_everywhere():
@@ -82,13 +97,7 @@ def test_a_neuron_across_a_threshold_flips_but_is_not_off_when_it_lies_near_it()
     mx = np.array([[[3.0004, 1.0, 5.0]]], np.float32)  # prompt 0, layer 0: neuron 0 just above high
     mn = np.array([[[0.5, 0.5, 0.5]]], np.float32)
     extremes = {0: np.stack([mx[0], mn[0]])}
-    rows = {  # the scan saw neuron 0 just below high: not selected, no row
-        "prompt_id": np.array([0]),
-        "layer": np.array([0]),
-        "neuron": np.array([2]),
-        "max_act": np.array([5.0], np.float32),
-        "min_act": np.array([0.5], np.float32),
-    }
+    rows = one_row(2, 5.0, 0.5)  # the scan saw neuron 0 just below high: not selected, no row
     check = compare(extremes, rows, {(0, 0): 1}, sel, "float32")["0"]
     assert (check.pairs, check.flips, check.off, check.selected, check.selected_fp32) == (2, 1, 0, 1, 2)
     assert check.kept_agreement == 0.5
@@ -102,13 +111,7 @@ def test_a_near_tie_at_the_cap_may_go_either_way():
     mx = np.array([4.0, 4.0005, 3.2], np.float32)
     mn = np.array([0.5, 0.5, 0.5], np.float32)
     extremes = {0: np.stack([mx, mn])[:, None, :]}
-    rows = {
-        "prompt_id": np.array([0]),
-        "layer": np.array([0]),
-        "neuron": np.array([0]),
-        "max_act": np.array([4.0], np.float32),
-        "min_act": np.array([0.5], np.float32),
-    }
+    rows = one_row(0, 4.0, 0.5)
     check = compare(extremes, rows, {(0, 0): 3}, sel, "float32")["0"]
     assert (check.pairs, check.off, check.flips) == (2, 0, 0)  # the scan kept 0, float32 keeps 1: a near tie
     mx[1] = 4.5  # a clear winner the scan left out
