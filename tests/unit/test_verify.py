@@ -156,3 +156,32 @@ def test_the_line_says_passed_with_its_figures_or_the_first_failed_layer_and_wha
     assert failed.endswith("report it with this manifest.json")
     assert verification(off=1).failed() == [] and verification(off=2).failed() == [1]
     assert verification_line(header()) is None
+
+
+def test_a_check_without_room_for_the_float32_model_is_one_line_and_the_run_stays_unchecked(
+    tiny_model, tmp_path, monkeypatch, capsys
+):
+    """What README and docs/RELIABILITY.md say: no room is found before anything loads, and a
+    check that cannot run leaves the complete run as it was, said in one line."""
+    import workers.verify
+    from cluster import driver
+    from neuroscan.config import ScanConfig
+    from neuroscan.errors import UserError
+
+    monkeypatch.setattr(workers.verify, "free_bytes", lambda device: 1 << 20)
+    model = Float32Model(str(tiny_model))
+    with pytest.raises(
+        UserError, match=r"the fidelity check needs 0\.\d GiB for the model in float32 on cpu but 0\.0 GiB"
+    ):
+        model.extremes({0: [1, 2, 3]})
+    assert model.model is None  # nothing loaded
+
+    def no_room(*args, **kwargs):
+        raise UserError("no room")
+
+    monkeypatch.setattr(driver, "verify_scan", no_room)
+    done = header(status="complete")
+    cfg = ScanConfig(prompts="seed", out=str(tmp_path), quiet=True)
+    assert driver.verified(cfg, tmp_path, done, lambda line: None) is done
+    assert capsys.readouterr().err == "the fidelity check could not run: no room; the scan's tables are complete\n"
+    assert not (tmp_path / "manifest.json").exists()
