@@ -37,7 +37,7 @@ def check_consistent(path: Path, files: dict[str, str]) -> None:
             _json_object(path / name, "save the tokenizer there again with tokenizer.save_pretrained")
     _check_sizes(path / "config.json", config, fam)
     shapes = _shapes(path, files)
-    prefix = next((p for p in (fam.prefix, *fam.legacy_prefixes) if f"{p}{fam.embed}.weight" in shapes), fam.prefix)
+    prefix, head = fam.stored_names(shapes)
     layers_key = fam.sizes[2]
     n_layers = config[layers_key]
     block = f"{prefix}{fam.blocks}."
@@ -59,12 +59,7 @@ def check_consistent(path: Path, files: dict[str, str]) -> None:
             f"tensor {embed} in {shapes[embed][1]} is {list(shapes[embed][0])}, but config.json's sizes make it "
             f"{[config[vocab_key], config[d_key]]} ({vocab_key} {config[vocab_key]}, {d_key} {config[d_key]}): {RESTORE}"
         )
-    head = "lm_head" if f"{fam.head}.weight" not in shapes and "lm_head.weight" in shapes else fam.head
-    expected = expected_shapes(path, fam, prefix, tied=f"{head}.weight" not in shapes)
-    expected = {
-        (head + n.removeprefix(fam.head) if n.startswith(f"{fam.head}.") else n): s for n, s in expected.items()
-    }
-    for name, shape in expected.items():
+    for name, shape in expected_shapes(path, fam, prefix, head, tied=f"{head}.weight" not in shapes).items():
         found = shapes.get(name)
         if found is None:
             raise UserError(f"{path} has no tensor {name}, which config.json calls for: {RESTORE}")
@@ -76,13 +71,13 @@ def check_consistent(path: Path, files: dict[str, str]) -> None:
             )
 
 
-def expected_shapes(path: Path, fam: Family, prefix: str, tied: bool) -> dict[str, tuple[int, ...]]:
+def expected_shapes(path: Path, fam: Family, prefix: str, head: str, tied: bool) -> dict[str, tuple[int, ...]]:
     """The shape of every tensor a stage reads, as the family's own modules built from
     ``config.json`` hold them (`workers.families.tensor_shapes`); the head is left out where
     it is tied to the embedding and not stored."""
     try:
         config = fam.module("config").from_pretrained(path)
-        return tensor_shapes(config, prefix, head=not (tied and getattr(config, "tie_word_embeddings", False)))
+        return tensor_shapes(config, prefix, not (tied and getattr(config, "tie_word_embeddings", False)), head)
     except (ValueError, TypeError, AttributeError, RuntimeError, ZeroDivisionError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise _bad(path / "config.json", f"transformers cannot build a {fam.name} model from it ({reason})") from None

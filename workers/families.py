@@ -64,6 +64,16 @@ class Family:
     conv1d: bool = False
     """Weights stored [in, out] (GPT-2's ``Conv1D``) rather than [out, in] (``nn.Linear``)."""
 
+    def stored_names(self, stored) -> tuple[str, str]:
+        """The prefix and the head's name a checkpoint's tensors (``stored``, their names) use:
+        the family's, a legacy prefix (GPT-2's first releases), or transformers' ``lm_head``
+        (what it saves for a family whose released checkpoints name the head otherwise)."""
+        prefix = next(
+            (p for p in (self.prefix, *self.legacy_prefixes) if f"{p}{self.embed}.weight" in stored), self.prefix
+        )
+        head = "lm_head" if f"{self.head}.weight" not in stored and "lm_head.weight" in stored else self.head
+        return prefix, head
+
     def module(self, kind: str):
         return getattr(transformers, {"config": self.config_class, "base": self.base_class}[kind])
 
@@ -149,18 +159,22 @@ def tied(config: PretrainedConfig) -> bool:
     return bool(getattr(config, "tie_word_embeddings", False))
 
 
-def tensor_shapes(config: PretrainedConfig, prefix: str | None = None, head: bool = True) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(
+    config: PretrainedConfig, prefix: str | None = None, head: bool = True, head_name: str | None = None
+) -> dict[str, tuple[int, ...]]:
     """Every tensor of a checkpoint of ``config``, name -> shape, as the family's own modules
     built on the meta device (no memory) hold them, in the modules' order; ``head``: with the
-    output head (left out where it is tied to the embedding and not stored)."""
+    output head (left out where it is tied to the embedding and not stored); ``prefix`` and
+    ``head_name``: the checkpoint's (`Family.stored_names`), the family's by default."""
     fam = family(config)
     prefix = fam.prefix if prefix is None else prefix
+    head_name = head_name or fam.head
     with init_empty_weights(include_buffers=True):  # buffers are no checkpoint's tensors
         body = fam.module("base")(config)
     shapes = {prefix + name: tuple(p.shape) for name, p in body.named_parameters()}
     if head:
         vocab, d = shapes[f"{prefix}{fam.embed}.weight"]
-        shapes[f"{fam.head}.weight"] = (vocab, d)
+        shapes[f"{head_name}.weight"] = (vocab, d)
         if fam.head_bias:
-            shapes[f"{fam.head}.bias"] = (vocab,)
+            shapes[f"{head_name}.bias"] = (vocab,)
     return shapes

@@ -109,15 +109,13 @@ class StageModel(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return getattr(self.body, self.family.blocks)
 
-    def checkpoint_names(self, stored: set[str] | None = None) -> dict[str, list[str]]:
+    def checkpoint_names(self, stored: set[str]) -> dict[str, list[str]]:
         """Checkpoint tensor name -> this module's parameter names, for owned tensors only
         (one tensor fills two parameters, which `load_stage` makes one, where a tied head is
-        the embedding and this stage holds both). ``stored``: the checkpoint's tensor names, to pick the prefix a legacy
-        checkpoint uses and whether the head is stored or tied."""
+        the embedding and this stage holds both). ``stored``: the checkpoint's tensor names,
+        which say its prefix and head name (`Family.stored_names`) and whether the head is tied."""
         fam = self.family
-        prefix = fam.prefix
-        if stored is not None and f"{prefix}{fam.embed}.weight" not in stored:
-            prefix = next((p for p in fam.legacy_prefixes if f"{p}{fam.embed}.weight" in stored), prefix)
+        prefix, head = fam.stored_names(stored)
         blocks = f"body.{fam.blocks}."
         names: dict[str, list[str]] = {}
         for name, _ in self.named_parameters():
@@ -126,11 +124,9 @@ class StageModel(nn.Module):
                 ckpt = f"{prefix}{fam.blocks}.{int(local) + self.shard.start}.{rest}"
             elif name.startswith("body."):
                 ckpt = prefix + name.removeprefix("body.")
-            else:  # the head, under the family's name or transformers' usual one
-                ckpt = fam.head + name.removeprefix("lm_head")
-                if stored is not None and ckpt not in stored and name in stored:
-                    ckpt = name
-                elif name == "lm_head.weight" and stored is not None and ckpt not in stored and tied(self.body.config):
+            else:  # the head, under the name it is stored by, or the embedding it is tied to
+                ckpt = head + name.removeprefix("lm_head")
+                if name == "lm_head.weight" and ckpt not in stored and tied(self.body.config):
                     ckpt = f"{prefix}{fam.embed}.weight"
             names.setdefault(ckpt, []).append(name)
         return names
