@@ -156,6 +156,21 @@ def read_tensors(path: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_slices(path: str | Path, cuts: dict[str, tuple[slice, ...]]) -> dict[str, torch.Tensor]:
+    """Read the part ``cuts[name]`` (a slice a dimension) of each tensor, on the CPU: only
+    those bytes are read from the file."""
+    path = Path(path)
+    tensors = {}
+    for file, keys in _by_file(path, list(cuts)).items():
+        try:
+            with _open(path / file) as f:
+                for key in keys:
+                    tensors[key] = f.get_slice(key)[cuts[key]]
+        except (SafetensorError, OSError) as err:
+            raise _corrupt(path / file, err) from None
+    return tensors
+
+
 def tensor_headers(path: str | Path, names: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Each of ``names``' shape and safetensors dtype ("F32", "BF16"...), from the files'
     headers alone: no tensor's bytes are read."""

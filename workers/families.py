@@ -63,6 +63,8 @@ class Family:
     neurons should reach every band (`workers.embedded`)."""
     conv1d: bool = False
     """Weights stored [in, out] (GPT-2's ``Conv1D``) rather than [out, in] (``nn.Linear``)."""
+    tensor_parallel: bool = True
+    """Whether DeepSpeed AutoTP shards its blocks (``--tensor-parallel``; `workers.autotp`)."""
 
     def stored_names(self, stored) -> tuple[str, str]:
         """The prefix and the head's name a checkpoint's tensors (``stored``, their names) use:
@@ -108,7 +110,7 @@ FAMILIES: dict[str, Family] = {
         *(_gated(*names) for names in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"))),
         Family(
             "gpt2", "GPT-2", "GPT2Config", "GPT2Model", "GPT2LMHeadModel", "transformer.", "h", "wte", "ln_f", "lm_head",
-            down="mlp.c_proj", positions="wpe", mlp_in=("mlp.c_fc",), conv1d=True,
+            down="mlp.c_proj", positions="wpe", mlp_in=("mlp.c_fc",), conv1d=True, tensor_parallel=False,
             sizes=("n_embd", "n_head", "n_layer", "n_positions", "vocab_size"),
             legacy_prefixes=("",),
         ),

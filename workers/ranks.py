@@ -7,13 +7,44 @@ pick alone: a neuron among the ``k`` best of the layer is among the ``k`` best o
 (ties go to the lower index, and a slice's indices are in the layer's order), so each rank's
 ``k`` candidates, [batch, k] ranks and global indices, hold every kept neuron. Merging them
 needs ``T x k`` values a prompt, never the activations.
+
+`reduce_ranked` is `workers.reduce.reduce_layer` for a rank's slice: the candidates are
+gathered from every rank of the group, each rank fills the kept rows of its own neurons, and a
+sum over the ranks (every other rank adds zeros) gives each the whole layer's rows, bit for bit
+those of `reduce_layer` on the whole layer's activations. Per layer that is one all-gather of
+``T x B x (2k + 1)`` integers and two all-reduces of the kept rows (``B x k`` values a field and
+their band codes), issued on the calling stream: no host synchronisation.
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from workers.reduce import is_selected
+import torch
+import torch.distributed as dist
+
+from neuroscan.config import Selection
+from workers.fused import kept_rows_fused, pick_fused
+from workers.reduce import (
+    GATED_FIELDS,
+    cap,
+    is_selected,
+    kept_rows,
+    layer_rows,
+    pick_neurons,
+    scored,
+    up_at_extremes,
+)
+from workers.thresholds import thresholds
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A rank's neurons of every layer: ``width`` of them from ``offset``, of ``total``."""
+
+    offset: int
+    width: int
+    total: int
 
 
 def merge_candidates(
@@ -37,3 +68,77 @@ def merge_candidates(
     best = by_index.gather(1, rank_sorted.argsort(dim=1, descending=True, stable=True))[:, :k]  # [batch, k]
     kept = index.gather(1, best).masked_fill(~real.gather(1, best), n)
     return kept.sort(dim=1).values, n_selected.sum(dim=0).to(torch.int32)
+
+
+SUMMED_FLOATS = ("max_act", "min_act", *GATED_FIELDS)
+SUMMED_INTS = ("max_pos", "min_pos", "n_above", "n_below", "n_red")
+
+
+def reduce_ranked(
+    act: torch.Tensor,
+    n_tokens: torch.Tensor,
+    sel: Selection,
+    part: Slice,
+    fused: bool = False,
+    up: torch.Tensor | None = None,
+    group=None,
+) -> dict[str, torch.Tensor]:
+    """`workers.reduce.reduce_layer` of the whole layer, from this rank's slice ``act``
+    [batch, pos, part.width] (and ``up``'s) and the other ranks of ``group`` (the default: every
+    rank) doing the same with theirs. Every rank returns the same rows."""
+    b, n_local, n = act.shape[0], act.shape[2], part.total
+    stats, rank = scored(act, n_tokens, sel, fused)
+    high, low, _ = thresholds(sel, act.dtype)
+    k = cap(sel, n)
+    local, n_selected = (pick_fused if fused else pick_neurons)(rank, min(k, n_local))
+    found = local < n_local
+    candidates = torch.full((b, 2 * k + 1), n, dtype=torch.int64, device=act.device)
+    width = local.shape[1]
+    candidates[:, :width] = rank.gather(1, local.clamp(max=n_local - 1))
+    candidates[:, k : k + width] = torch.where(found, local + part.offset, n)
+    candidates[:, 2 * k] = n_selected
+    everyone = [torch.empty_like(candidates) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, candidates, group=group)
+    gathered = torch.stack(everyone)  # [T, batch, 2k + 1]
+    kept_neurons, n_selected = merge_candidates(
+        gathered[:, :, :k].to(torch.int32), gathered[:, :, k : 2 * k], gathered[:, :, 2 * k], k, n
+    )
+    kept = kept_neurons < n
+    mine = kept & (kept_neurons >= part.offset) & (kept_neurons < part.offset + n_local)
+    idx = (kept_neurons - part.offset).clamp(0, n_local - 1)
+    picked = (kept_rows_fused if fused else kept_rows)(act, idx, n_tokens, stats, sel)
+    if up is not None:
+        picked.update(up_at_extremes(up, idx, picked))
+    counts = {
+        "n_above_any": (stats["max_act"] > high).sum(dim=1).to(torch.int32),
+        "n_below_any": (stats["min_act"] < low).sum(dim=1).to(torch.int32),
+    }
+    whole = _summed(picked, counts, mine, group)
+    return layer_rows(kept, kept_neurons.clamp(max=n - 1), whole, {"n_selected": n_selected, **counts}, n_tokens)
+
+
+def _summed(
+    picked: dict[str, torch.Tensor], counts: dict[str, torch.Tensor], mine: torch.Tensor, group
+) -> dict[str, torch.Tensor]:
+    """Every rank's kept rows in one: each rank's own slots (``mine``) and zeros elsewhere,
+    summed over the group (float32 fields as their bits, which a sum with zeros keeps), and the
+    per-prompt ``counts`` summed; ``counts`` is updated in place."""
+    floats = [name for name in SUMMED_FLOATS if name in picked]
+    ints = torch.stack(
+        [
+            *(picked[name].view(torch.int32) for name in floats),
+            *(picked[name].to(torch.int32) for name in SUMMED_INTS),
+        ]
+    ).masked_fill(~mine, 0)  # [fields, batch, K]
+    per_prompt = torch.stack(list(counts.values()))  # [2, batch]
+    flat = torch.cat([ints.flatten(), per_prompt.flatten()])
+    bands = picked["bands"].masked_fill(~mine[:, :, None], 0)
+    dist.all_reduce(flat, group=group)
+    dist.all_reduce(bands, group=group)
+    ints, per_prompt = flat[: ints.numel()].view_as(ints), flat[ints.numel() :].view_as(per_prompt)
+    whole = {name: ints[i].view(torch.float32) for i, name in enumerate(floats)}
+    for i, name in enumerate(SUMMED_INTS, start=len(floats)):
+        whole[name] = ints[i].to(picked[name].dtype)
+    whole["bands"] = bands
+    counts.update(zip(counts, per_prompt))
+    return whole

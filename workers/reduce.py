@@ -103,43 +103,73 @@ def reduce_layer(
       up_at_max/up_at_min [B, K] float32: ``up`` at (max_pos, neuron) and (min_pos, neuron).
     """
     n = act.shape[2]
-    if fused:  # the kernel also gives each neuron's rank
-        stats = layer_stats_fused(act, n_tokens, sel)
-        rank = stats["rank"]
-    else:
-        stats = layer_stats(act, n_tokens, sel)
-        rank = rank_scores(stats["max_act"], stats["min_act"], sel, act.dtype)
+    stats, rank = scored(act, n_tokens, sel, fused)
     high, low, _ = thresholds(sel, act.dtype)
-    max_act = stats["max_act"]
-    k = n if sel.max_per_layer == 0 else min(sel.max_per_layer, n)
-    neuron, n_selected = (pick_fused if fused else pick_neurons)(rank, k)  # [batch, K] ascending, then n
+    neuron, n_selected = (pick_fused if fused else pick_neurons)(rank, cap(sel, n))  # [batch, K] ascending, then n
     kept = neuron < n
     idx = neuron.clamp(max=n - 1)  # [batch, K]
+    picked = (kept_rows_fused if fused else kept_rows)(act, idx, n_tokens, stats, sel)
+    if up is not None:
+        picked.update(up_at_extremes(up, idx, picked))
+    counts = {
+        "n_selected": n_selected,
+        "n_above_any": (stats["max_act"] > high).sum(dim=1).to(torch.int32),
+        "n_below_any": (stats["min_act"] < low).sum(dim=1).to(torch.int32),
+    }
+    return layer_rows(kept, idx, picked, counts, n_tokens)
 
-    if fused:  # one kernel: the kept neurons' statistics and packed band codes
-        picked = kept_rows_fused(act, idx, n_tokens, stats, sel)
-    else:
-        picked = kept_rows(act, idx, n_tokens, stats, sel)
+
+def scored(
+    act: torch.Tensor, n_tokens: torch.Tensor, sel: Selection, fused: bool
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every neuron's statistics (`layer_stats`) and rank (`rank_scores`), [batch, n] each."""
+    if fused:  # the kernel also gives each neuron's rank
+        stats = layer_stats_fused(act, n_tokens, sel)
+        return stats, stats["rank"]
+    stats = layer_stats(act, n_tokens, sel)
+    return stats, rank_scores(stats["max_act"], stats["min_act"], sel, act.dtype)
+
+
+def cap(sel: Selection, n: int) -> int:
+    """Neurons kept at most per (prompt, layer) of ``n``: the cap, or all of them with cap 0."""
+    return n if sel.max_per_layer == 0 else min(sel.max_per_layer, n)
+
+
+def up_at_extremes(up: torch.Tensor, idx: torch.Tensor, picked: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A gated MLP's up projection [batch, pos, n] at each neuron ``idx`` [batch, K]'s max and
+    min token: one gather of B x K values each, the up projection is not copied."""
+    n = up.shape[2]
+    flat = up.reshape(up.shape[0], -1)  # [batch, pos * n], a view
+    return {
+        name: flat.gather(1, picked[pos].long() * n + idx).float()
+        for name, pos in (("up_at_max", "max_pos"), ("up_at_min", "min_pos"))
+    }
+
+
+def layer_rows(
+    kept: torch.Tensor,
+    idx: torch.Tensor,
+    picked: dict[str, torch.Tensor],
+    counts: dict[str, torch.Tensor],
+    n_tokens: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """`reduce_layer`'s result from the kept slots ``kept`` [batch, K], their neurons ``idx``,
+    their statistics and bands (``picked``: `kept_rows`' fields, and GATED_FIELDS from a gated
+    MLP) and the per-prompt ``counts`` (n_selected, n_above_any, n_below_any): the coverages
+    are means over the kept rows."""
     n_kept = kept.sum(dim=1)
     per_token = (n_kept * n_tokens.clamp(min=1)).clamp(min=1).float()  # [batch]
 
     def coverage(counts: torch.Tensor) -> torch.Tensor:  # [batch, K] token counts -> [batch]
         return (counts * kept).sum(dim=1).float() / per_token
 
-    gated = {}
-    if up is not None:  # one gather of B x K values each: the up projection is not copied
-        flat = up.reshape(up.shape[0], -1)  # [batch, pos * d_mlp], a view
-        for name, pos in (("up_at_max", picked["max_pos"]), ("up_at_min", picked["min_pos"])):
-            gated[name] = flat.gather(1, pos.long() * n + idx).float()
     return {
-        **gated,
+        **{name: picked[name] for name in GATED_FIELDS if name in picked},
         "kept": kept,
         "neuron": idx.to(torch.int32),
         **{name: picked[name] for name in ROW_FIELDS if name != "neuron"},
-        "n_selected": n_selected,
+        **counts,
         "n_kept": n_kept.to(torch.int32),
-        "n_above_any": (max_act > high).sum(dim=1).to(torch.int32),
-        "n_below_any": (stats["min_act"] < low).sum(dim=1).to(torch.int32),
         "mean_coverage": coverage(picked["n_above"]),
         "red_coverage": coverage(picked["n_red"]),
         "blue_coverage": coverage(picked["n_below"]),
