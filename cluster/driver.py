@@ -46,6 +46,7 @@ from neuroscan.memory import MemoryWatch
 from neuroscan.schema import SCHEMA_VERSION
 from prompts.batching import PACKINGS, ReadAhead, chunk_batches
 from prompts.readers import corpus_stamp
+from workers.autotp import check_tensor_parallel
 from workers.checkpoint import fingerprint, load_config, load_tokenizer, resolve_model
 from workers.families import context, d_mlp, n_layers
 from workers.verify import verify_device, verify_scan
@@ -103,9 +104,10 @@ def plan(cfg: ScanConfig, loaded: str | None = None) -> Plan:
     ``loaded``: the fingerprint of weights already loaded (a service's, taken when its stages
     loaded them), recorded instead of that of the files on disk now."""
     cfg.validate()
-    placement.check_local_capacity(cfg.stages * cfg.replicas + 1)  # the stages and an aggregator process
+    placement.check_local_capacity(cfg.stages * cfg.replicas * cfg.tensor_parallel + 1)  # the ranks and an aggregator
     source = resolve_model(cfg.model)
     config = load_config(source.path)
+    check_tensor_parallel(config, cfg.tensor_parallel)
     bounds = partition_layers(n_layers(config), cfg.stages)
     tokenizer = load_tokenizer(source.path)
     stamp = corpus_stamp(cfg.prompts)  # before reading: an edit from here on is seen
@@ -235,6 +237,7 @@ def manifest_header(cfg: ScanConfig, p: Plan) -> Manifest:
         bands=BandEdges(low=sel.low, high=sel.high, red=sel.red),
         stages=cfg.stages,
         replicas=cfg.replicas,
+        tensor_parallel=cfg.tensor_parallel,
         partition=[list(b) for b in p.bounds],
         device=cfg.device,
         handoff=cfg.handoff,
@@ -321,7 +324,15 @@ def _scan(
     """The run itself, on a prepared and claimed ``out``: one job on pipelines of its own."""
     with corpus_batches(cfg, p) as batches:  # reading ahead while the actors load the model
         pipelines = Pipelines.open(
-            p.model_path, p.bounds, cfg.device, p.dtype, cfg.replicas, cfg.gpus_per_stage, cfg.handoff, say=say
+            p.model_path,
+            p.bounds,
+            cfg.device,
+            p.dtype,
+            cfg.replicas,
+            cfg.gpus_per_stage,
+            cfg.handoff,
+            say=say,
+            ranks=cfg.tensor_parallel,
         )
         aggregators = None
         try:

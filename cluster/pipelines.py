@@ -7,6 +7,7 @@ scan's selection, so scans with other thresholds share the same stages.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import uuid
@@ -49,6 +50,11 @@ class Pipelines:
     """Replicas placed again so far: in the new actors' names, which must be new."""
     stuck: dict[int, set[str]] = field(default_factory=dict)
     """Dropped replicas that failed to load again, with the nodes they tried: not tried there again."""
+    ranks: int = 1
+    """Actors a stage is (``--tensor-parallel``): ``pipes[r][s]`` is rank 0, ``peers[r][s]`` the others."""
+    peers: list[list[list]] = field(default_factory=list)
+    turns: dict[tuple[int, int], int] = field(default_factory=dict)
+    """Micro-batches sent so far to each (replica, stage) group of ranks: the next one's ``turn``."""
 
     @classmethod
     def open(
@@ -62,14 +68,16 @@ class Pipelines:
         handoff: str = "store",
         extra_actors: int = 1,
         say: Callable[[str], None] = lambda line: None,
+        ranks: int = 1,
     ) -> Pipelines:
         """Start (or join) Ray, place the stages and load their weights. ``extra_actors``: the
         aggregators that will share the cluster (a local Ray gets a logical CPU for each).
         ``say`` is told each step as it starts and ends (Ray started, each stage loaded), so
-        that loading a large model is not silent."""
+        that loading a large model is not silent. ``ranks``: the actors of each stage, which
+        form a tensor-parallel group (`workers.autotp`)."""
         stages, n_layers = len(bounds), bounds[-1][1]
-        n_actors = stages * replicas
-        self = cls(device=device)
+        n_actors = stages * replicas * ranks
+        self = cls(device=device, ranks=ranks)
         joined, address, t0 = ray.is_initialized(), os.environ.get("RAY_ADDRESS"), time.perf_counter()
         if not joined:
             say(f"joining the Ray cluster at RAY_ADDRESS={address} ..." if address else "starting a local Ray ...")
@@ -78,11 +86,12 @@ class Pipelines:
             say(f"Ray {'cluster joined' if address else 'started'} ({time.perf_counter() - t0:.1f} s)")
         direct = handoff == "direct" and stages > 1
         try:
+            of_ranks = f" of {ranks} ranks" if ranks > 1 else ""
             say(
-                f"loading {stages} stage{'s' * (stages > 1)} x {replicas} replica{'s' * (replicas > 1)} "
+                f"loading {stages} stage{'s' * (stages > 1)}{of_ranks} x {replicas} replica{'s' * (replicas > 1)} "
                 f"({n_layers} layers, {device}) ..."
             )
-            self.reserved = placement.reserve(device, stages, replicas, gpus_per_stage)
+            self.reserved = placement.reserve(device, stages, replicas, gpus_per_stage, ranks)
             placement.check_nodes(self.reserved, model_path)
             threads = max(1, (os.cpu_count() or 1) // n_actors) if device == "cpu" else 0
             self.gpus_per_stage = gpus_per_stage
@@ -90,8 +99,11 @@ class Pipelines:
                 StageSpec(model_path, ShardSpec(start, stop, n_layers), device, dtype, threads, direct)
                 for start, stop in bounds
             ]
-            self.pipes = [self._replica(r) for r in range(replicas)]
-            self._load([a.setup.remote() for a in self.actors], bounds, say)
+            for r in range(replicas):
+                pipe, peers = self._replica(r)
+                self.pipes.append(pipe)
+                self.peers.append(peers)
+            self._load(self._setups(), bounds, say)
             if direct:
                 hops, self.collectives = placement.connect([self.pipes[r] for r in self.live], device)
                 self.handoffs = [[] for _ in self.pipes]  # a dropped replica's stay empty: it gets no micro-batch
@@ -102,23 +114,52 @@ class Pipelines:
             raise
         return self
 
-    def _replica(self, r: int, generation: int = 0) -> list:
+    def _replica(self, r: int, generation: int = 0) -> tuple[list, list[list]]:
         """Start the stage actors of replica ``r`` in its bundles (``generation``: how many
-        times it was placed before, in the names of the new actors)."""
-        pipe = []
+        times it was placed before, in the names of the new actors): each stage's rank 0, and
+        its other ranks."""
+        pipe, peers = [], []
         for s, spec in enumerate(self.specs):
             name = f"neuroscan-{self.run_id}-stage-{r}-{s}" + (f"-{generation}" if generation else "")
-            actor = placement.stage_actor(
-                Stage,
-                self.reserved.group,
-                self.reserved.bundle(r, s),
-                self.device,
-                name,
-                self.gpus_per_stage,
-                spec.keep_hidden,
-            )
-            pipe.append(actor.remote(spec))
-        return pipe
+            group = []
+            for rank in range(self.ranks):
+                actor = placement.stage_actor(
+                    Stage,
+                    self.reserved.group,
+                    self.reserved.bundle(r, s),
+                    self.device,
+                    name + (f"-rank-{rank}" if self.ranks > 1 else ""),
+                    self.gpus_per_stage,
+                    spec.keep_hidden,
+                    ranked=self.ranks > 1,
+                )
+                group.append(actor.remote(dataclasses.replace(spec, ranks=self.ranks, rank=rank)))
+            pipe.append(group[0])
+            peers.append(group[1:])
+        return pipe, peers
+
+    def _setups(self) -> list[list]:
+        """Every stage's set-up calls, replica by replica, stage by stage: one a rank, the ranks
+        of a stage meeting where its rank 0 listens."""
+        calls = []
+        for pipe, peers in zip(self.pipes, self.peers):
+            for first, others in zip(pipe, peers):
+                address = ray.get(first.rendezvous.remote()) if others else None
+                calls.append([actor.setup.remote(address) for actor in (first, *others)])
+        return calls
+
+    def group(self, pipe: list, s: int) -> list:
+        """Every rank of stage ``s`` of the replica ``pipe``, rank 0 first."""
+        return [pipe[s], *self.peers[self.pipes.index(pipe)][s]] if self.ranks > 1 else [pipe[s]]
+
+    def next_turn(self, pipe: list, s: int) -> int | None:
+        """The ``turn`` of the next micro-batch sent to stage ``s`` of ``pipe``'s ranks (None
+        for a stage of one rank)."""
+        if self.ranks == 1:
+            return None
+        key = (self.pipes.index(pipe), s)
+        self.turns[key] = self.turns.get(key, -1) + 1
+        return self.turns[key]
 
     def regrow(self, say: Callable[[str], None]) -> None:
         """Place again the replicas dropped with a lost node, once Ray has placed their bundles
@@ -126,8 +167,8 @@ class Pipelines:
         stages load beside the scans, and the replica takes micro-batches once all have loaded.
         ``say`` is told each replica back. Asked between the service's steps; a one-shot scan
         goes on with the replicas it has. (Not with direct hand-offs: a new actor is outside
-        its pipeline's collective group.)"""
-        if not self.dropped or self.handoffs is not None or not placement.head_answers():
+        its pipeline's collective group; nor with tensor-parallel stages, for the same reason.)"""
+        if not self.dropped or self.handoffs is not None or self.ranks > 1 or not placement.head_answers():
             return
         alive = placement.alive_nodes()
         placed = placement.bundle_nodes(self.reserved.group)
@@ -138,7 +179,7 @@ class Pipelines:
                 continue
             self.reserved.bundle_nodes.update({b: placed[b] for b in bundles})
             self.generation += 1
-            actors = self._replica(r, self.generation)
+            actors, _ = self._replica(r, self.generation)
             self.replacing[r] = Replacement(actors, [a.setup.remote() for a in actors], time.perf_counter())
         for r, new in list(self.replacing.items()):
             ready, _ = ray.wait(new.calls, num_returns=len(new.calls), timeout=0)
@@ -173,18 +214,20 @@ class Pipelines:
 
     def _load(
         self,
-        calls: list,
+        calls: list[list],
         bounds: list[tuple[int, int]],
         say: Callable[[str], None],
         notice: Callable[[str], None] = tell,
     ) -> None:
         """Wait for every stage to load its weights (``calls``: replica by replica, stage by
-        stage), telling ``say`` of each as it finishes, in the order they finish. A node that
-        leaves the cluster meanwhile takes its replicas: ``notice`` is told, and the others go
-        on (as when a node leaves mid-scan); with none left, the start stops in one line."""
+        stage, the set-up call of each of its ranks), telling ``say`` of each as it finishes,
+        in the order they finish. A node that leaves the cluster meanwhile takes its replicas:
+        ``notice`` is told, and the others go on (as when a node leaves mid-scan); with none
+        left, the start stops in one line."""
         stages, replicas, t0 = len(bounds), len(calls) // len(bounds), time.perf_counter()
-        index = {ref: i for i, ref in enumerate(calls)}
-        pending = calls
+        index = {ref: i for i, refs in enumerate(calls) for ref in refs}
+        left = [len(refs) for refs in calls]
+        pending = list(index)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=NODE_CHECK_S)
             if (not ready or not _loaded(ready)) and self.lost():
@@ -201,6 +244,9 @@ class Pipelines:
             ready = [ref for ref in ready if index[ref] // stages in self.live]
             ray.get(ready)  # a stage that failed to load, on a node still there, stops the start now
             for ref in ready:
+                left[index[ref]] -= 1
+                if left[index[ref]]:
+                    continue  # other ranks of the stage still loading
                 r, s = divmod(index[ref], stages)
                 start, stop = bounds[s]
                 of = f" of replica {r + 1}/{replicas}" if replicas > 1 else ""
@@ -215,7 +261,7 @@ class Pipelines:
         gone = [r for r in self.live if not self.reserved.nodes(r) <= alive]
         for r in gone:
             self.dropped[r] = sorted(self.reserved.nodes(r) - alive)
-            for actor in self.pipes[r]:
+            for actor in self.replica_actors(r):
                 ray.kill(actor, no_restart=True)
         return gone
 
@@ -238,12 +284,16 @@ class Pipelines:
 
     @property
     def actors(self) -> list:
-        return [a for pipe in self.pipes for a in pipe]
+        return [a for r in range(len(self.pipes)) for a in self.replica_actors(r)]
+
+    def replica_actors(self, r: int) -> list:
+        """Every actor of replica ``r``: each stage's ranks."""
+        return [*self.pipes[r], *(a for peers in self.peers[r] for a in peers)] if self.peers else list(self.pipes[r])
 
     def memory(self, timeout_s: float = 10.0) -> list[dict | None]:
         """What each stage of the live replicas holds; None for one that does not answer
         within ``timeout_s`` (a stopped process: the manifest is written without it)."""
-        live = [a for r in self.live for a in self.pipes[r]]
+        live = [a for r in self.live for a in self.replica_actors(r)]
         return answers([a.memory.options(concurrency_group=placement.INFO).remote() for a in live], timeout_s)
 
     def close(self) -> None:
@@ -255,7 +305,7 @@ class Pipelines:
             placement.disconnect(self.collectives)
             if self.reserved is not None:
                 placement.remove_placement_group(self.reserved.group)
-        self.pipes, self.reserved, self.replacing = [], None, {}
+        self.pipes, self.peers, self.reserved, self.replacing = [], [], None, {}
         if self.started_ray:
             placement.stop_ray()
             self.started_ray = False

@@ -269,24 +269,25 @@ def fits(bundle: dict[str, float], count: int, nodes: list[dict[str, float]]) ->
     return True
 
 
-def reserve(device: str, stages: int, replicas: int, gpus: float = 1.0) -> Reserved:
-    """A ready placement group for S stages x R replicas.
+def reserve(device: str, stages: int, replicas: int, gpus: float = 1.0, ranks: int = 1) -> Reserved:
+    """A ready placement group for S stages x R replicas, each stage ``ranks`` actors.
 
     Each replica is one bundle of its S stages, so a replica lives on one node and its hidden
     state goes stage to stage through that node's shared memory (or its GPUs' NVLink), never
     the network; the bundles are spread across nodes (``SPREAD``), so losing a node loses the
     fewest replicas and the replicas share the nodes' network links to the aggregator. Where no
     node can hold a whole replica (more stages than a node has GPUs), each stage is a bundle of
-    its own and the group packs them onto as few nodes as it can (``PACK``).
+    its own and the group packs them onto as few nodes as it can (``PACK``). Either way a
+    tensor-parallel stage's ranks share one bundle, so one node (`workers.autotp`).
     """
-    n_actors = stages * replicas
+    n_actors = stages * replicas * ranks
     check_resources(device, n_actors, gpus)
-    whole = replica_bundle(device, stages, gpus)
+    whole = replica_bundle(device, stages * ranks, gpus)
     per_replica = fits(whole, replicas, [n["Resources"] for n in ray.nodes() if n["Alive"]])
     if per_replica:
         group = placement_group([whole] * replicas, strategy="SPREAD")
     else:
-        group = placement_group([stage_bundle(device, gpus)] * n_actors, strategy="PACK")
+        group = placement_group([replica_bundle(device, ranks, gpus)] * (stages * replicas), strategy="PACK")
     ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:
         remove_placement_group(group)
@@ -439,21 +440,26 @@ other waits for its copy and hands its result to Ray (`workers.stage`). A CPU st
 while it launches, so it runs one call at a time (two only competed for the same cores)."""
 
 
-def stage_actor(cls, group, bundle: int, device: str, name: str, gpus: float = 1.0, direct: bool = False):
+def stage_actor(
+    cls, group, bundle: int, device: str, name: str, gpus: float = 1.0, direct: bool = False, ranked: bool = False
+):
     """``ray.remote(cls)`` pinned to one bundle; it may be restarted and its calls retried.
 
     With ``direct`` (`workers.handoff`) the actor can hand tensors over through Ray Direct
     Transport, answers ``handoff`` calls in their own concurrency group, and is not restarted:
     a restarted actor is no longer in its pipeline's collective group and has lost the hidden
-    states it held, so its death stops the run (resumable) instead."""
-    concurrency = STAGE_CONCURRENCY if device == "cuda" else 1
+    states it held, so its death stops the run (resumable) instead. A rank of a tensor-parallel
+    stage (``ranked``) is not restarted either (a new process is outside its stage's group), and
+    runs one call at a time: its group's collectives pair up only if every rank runs the
+    micro-batches in the order they were sent."""
+    concurrency = STAGE_CONCURRENCY if device == "cuda" and not ranked else 1
     groups = {GROUP: 2, INFO: 1} if direct else {INFO: 1}
     return ray.remote(enable_tensor_transport=direct, concurrency_groups=groups)(cls).options(
         name=name,
         num_cpus=1,
         max_concurrency=concurrency,
         num_gpus=gpus if device == "cuda" else 0,
-        **({"max_restarts": 0} if direct else RESTARTS),
+        **({"max_restarts": 0} if direct or ranked else RESTARTS),
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
     )
 

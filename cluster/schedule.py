@@ -142,8 +142,11 @@ class Scheduler:
         crash, or after this) answers only once its process has started again."""
         named = {}
         for r in self.pipelines.live:
-            for s, stage in enumerate(self.pipes[r]):
-                named[stage] = f"stage {s + 1}/{len(self.pipes[r])} of replica {r}"
+            for s in range(len(self.pipes[r])):
+                group = self.pipelines.group(self.pipes[r], s)
+                for rank, actor in enumerate(group):
+                    of = f"rank {rank} of " if len(group) > 1 else ""
+                    named[actor] = f"{of}stage {s + 1}/{len(self.pipes[r])} of replica {r}"
         for i, host in enumerate({id(job.sink.host): job.sink.host for job in self.jobs}.values()):
             named[host] = f"aggregator host {i}"
         asked = {actor.memory.options(concurrency_group=placement.INFO).remote(): actor for actor in named}
@@ -188,8 +191,15 @@ class Scheduler:
         batch_ref = ray.put(batch)
         hidden, rows = None, []
         if self.handoffs is None:
-            for stage in pipe:
-                hidden, stage_rows = stage.forward.options(num_returns=2).remote(batch_ref, hidden)
+            for s in range(len(pipe)):
+                # A tensor-parallel stage: every rank gets the micro-batch, in the same turn; rank 0
+                # answers for the group (the others return None).
+                turn = self.pipelines.next_turn(pipe, s)
+                ranks = [
+                    rank.forward.options(num_returns=2).remote(batch_ref, hidden, turn)
+                    for rank in self.pipelines.group(pipe, s)
+                ]
+                hidden, stage_rows = ranks[0]
                 rows.append(stage_rows)
         else:  # the rows through the object store, the hidden state handed over directly (workers.handoff)
             hops = self.handoffs[self.pipes.index(pipe)]

@@ -110,6 +110,7 @@ class Service:
             self.template.handoff,
             extra_actors=self.cfg.aggregators,
             say=(lambda line: None) if self.template.quiet else tell,
+            ranks=self.template.tensor_parallel,
         )
         self.aggregators = Aggregators(
             self.cfg.aggregators,

@@ -195,7 +195,17 @@ BENCH_MODES = (
 """`bench.run` says what each mode measures; they run in this order."""
 
 
-PIPELINE_OPTIONS = ("model", "stages", "replicas", "device", "gpus_per_stage", "handoff", "dtype", "in_flight")
+PIPELINE_OPTIONS = (
+    "model",
+    "stages",
+    "replicas",
+    "tensor_parallel",
+    "device",
+    "gpus_per_stage",
+    "handoff",
+    "dtype",
+    "in_flight",
+)
 """`ScanConfig`'s flags that `neuroscan serve` fixes for every scan it runs: its pipelines."""
 SCAN_OPTIONS = (
     "high",
@@ -380,6 +390,13 @@ class ScanConfig(Config):
     replicas: int = option(
         1, "independent copies of the pipeline; micro-batches are dealt round-robin", minimum=1, group="how it runs"
     )
+    tensor_parallel: int = option(
+        1,
+        "processes each stage's blocks are sharded over by DeepSpeed AutoTP (one GPU each, on one node), each "
+        "reducing its own slice of every layer's neurons; needs the deepspeed extra",
+        minimum=1,
+        group="how it runs",
+    )
     device: str = option("cpu", "where stages run (cuda: one GPU per stage)", choices=DEVICES, group="how it runs")
     gpus_per_stage: float = option(
         1.0,
@@ -459,6 +476,16 @@ class ScanConfig(Config):
             raise UserError(
                 f"--gpus-per-stage {self.gpus_per_stage:g} must be in (0, 1]: a stage runs on one GPU, "
                 "so spread a model over more GPUs with --stages or --replicas"
+            )
+        if self.tensor_parallel > 1 and self.handoff == "direct":
+            raise UserError(
+                f"--handoff direct hands the hidden state to one process, but --tensor-parallel {self.tensor_parallel} "
+                "stages are several: use --handoff store"
+            )
+        if self.tensor_parallel > 1 and self.device == "cuda" and self.gpus_per_stage < 1:
+            raise UserError(
+                f"--gpus-per-stage {self.gpus_per_stage:g} with --tensor-parallel {self.tensor_parallel} would put two "
+                "ranks of a group on one GPU, which NCCL refuses: leave --gpus-per-stage at 1"
             )
 
     @property

@@ -27,11 +27,11 @@ class UserError(Exception):
 
 def user_line(err: BaseException) -> str | None:
     """The line of a `UserError`, raised here or in a Ray actor (Ray re-raises it wrapped in
-    the remote traceback, an error of both kinds that keeps the original as ``cause``); None
-    for any other error."""
-    cause = getattr(err, "cause", None)
-    if isinstance(cause, UserError):
-        return str(cause)
+    the remote traceback, an error of both kinds that keeps the original as ``cause``, maybe
+    twice: raised in a call whose result another call took as an argument); None for any other
+    error."""
+    while isinstance(getattr(err, "cause", None), BaseException):
+        err = err.cause
     return str(err) if isinstance(err, UserError) else None
 
 

@@ -204,6 +204,8 @@ class Manifest:
     packing: str = "longest-first"
     """How the corpus was cut into micro-batches (`prompts.batching.PACKINGS`); a manifest
     from before the key was written says nothing, and was packed longest first."""
+    tensor_parallel: int = 1
+    """Ranks each stage's blocks were sharded over (``--tensor-parallel``); the rows do not depend on it."""
     status: str = RUNNING
     parts: list[Part] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)

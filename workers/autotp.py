@@ -17,9 +17,13 @@ of the ranks before it, from every rank's shapes), and the whole of what it keep
 embedding, the norms, the head, the output projections' biases). Cut tensors are read by
 `safetensors`' slices: a rank's host memory holds its share of the blocks, never the whole stage.
 
-DeepSpeed's CPU build adds a shared-memory all-reduce that needs every rank of the group on one
-machine and ``LOCAL_SIZE`` equal to the group's size (its launcher sets it; without it the op
-crashes the process): `join` sets both, and the placement keeps a stage's ranks on one node.
+AutoTP's sums go through ``deepspeed.comm``, which on CPUs would compile (at run time, with the
+machine's C++ compiler) and use a shared-memory all-reduce of its own. That kernel waits for
+its peers by spinning on flags in shared memory: a rank that dies leaves the others spinning
+for ever, where Gloo's all-reduce fails at once ("connection closed by peer"), so that the run
+stops in one line. `join` keeps DeepSpeed on torch.distributed's all-reduce (Gloo on CPUs,
+NCCL on GPUs, where the kernel is not used anyway); it also sets ``LOCAL_SIZE`` to the group's
+size, without which that kernel, where a DeepSpeed build still loads it, crashes the process.
 GPT-2 is refused: AutoTP has no rule for its ``Conv1D`` layers (`Family.tensor_parallel`).
 """
 
@@ -42,12 +46,8 @@ from transformers import PretrainedConfig
 from neuroscan.errors import UserError
 from workers.checkpoint import read_slices, tensor_files, tensor_headers
 from workers.families import family
-from workers.ranks import Slice
+from workers.ranks import GROUP_TIMEOUT_S, Slice
 from workers.shard import ShardSpec, StageModel
-
-GROUP_TIMEOUT_S = 600
-"""How long a rank waits in a collective for the others (joining the group, every all-reduce)
-before it gives up: the ranks of a stage run the same micro-batch in step."""
 
 
 def check_tensor_parallel(config: PretrainedConfig, size: int) -> None:
@@ -95,6 +95,9 @@ def join(address: str, rank: int, size: int, device: str) -> None:
         DS_ACCELERATOR=device,
     )
     deepspeed = _deepspeed()
+    import deepspeed.comm.torch as ds_torch
+
+    ds_torch.build_shm_op = lambda: None  # torch.distributed's all-reduce: see the module's docstring
     deepspeed.init_distributed(
         dist_backend="gloo" if device == "cpu" else "nccl",
         timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S),

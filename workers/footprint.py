@@ -19,6 +19,10 @@ which every family runs here, computes them in blocks (an eager attention would 
 ``heads x tokens^2`` of them). Not counted: the allocator's slack, CUDA's
 workspaces and compiled kernels, and other stages loading on the same device at the same time
 (each sees the memory free when it checks).
+
+A rank of a tensor-parallel stage (``ranks`` > 1, `workers.autotp`) holds about its share of
+the blocks' matrices and of the MLP's working set, and the whole of the rest (the embedding,
+the head, the norms, the residual stream): counted so, not to the byte of AutoTP's cut.
 """
 
 from __future__ import annotations
@@ -62,24 +66,30 @@ class Footprint:
         return self.weights + self.buffers + self.reading + self.working
 
 
-def footprint(path: str, config: PretrainedConfig, shard: ShardSpec, dtype: torch.dtype, device: str) -> Footprint:
+def footprint(
+    path: str, config: PretrainedConfig, shard: ShardSpec, dtype: torch.dtype, device: str, ranks: int = 1
+) -> Footprint:
     """What the stage of ``shard`` of the checkpoint at ``path`` needs on ``device`` ("cpu" or
-    "cuda") at ``dtype``, from the checkpoint's headers and config alone."""
+    "cuda") at ``dtype``, from the checkpoint's headers and config alone; with ``ranks``, what
+    one of that many tensor-parallel ranks needs."""
     with init_empty_weights(include_buffers=False):
         model = StageModel(config, shard)
     names = model.checkpoint_names(set(tensor_files(Path(path))))
     headers = tensor_headers(path, list(names))
     size = torch.finfo(dtype).bits // 8
     weights = reading = 0
-    for shape, stored in headers.values():
+    blocks = f".{model.family.blocks}."
+    for name, (shape, stored) in headers.items():
         n = math.prod(shape)
+        if ranks > 1 and blocks in f".{name}" and len(shape) == 2:  # a block's matrix: cut over the ranks
+            n = -(-n // ranks)
         weights += n * size  # a tied head on the embedding's stage is the same parameter
         if device == "cpu" and stored != SAFETENSORS_DTYPES.get(dtype):
             reading += n * ITEM_BYTES.get(stored, 1)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     tokens = context(config)
     mlp = 4 if model.family.up else 3  # a gated MLP holds its gate, its up and their product
-    working = tokens * (mlp * d_mlp(config) + 8 * d_model(config)) * size
+    working = tokens * (mlp * -(-d_mlp(config) // ranks) + 8 * d_model(config)) * size
     return Footprint(weights, buffers, reading, working, tokens)
 
 

@@ -37,6 +37,10 @@ from workers.reduce import (
 )
 from workers.thresholds import thresholds
 
+GROUP_TIMEOUT_S = 600
+"""How long a rank waits for the others of its group (to join it, in a collective, for its next
+micro-batch) before it gives up: the ranks of a stage run the same micro-batches in step."""
+
 
 @dataclass(frozen=True)
 class Slice:

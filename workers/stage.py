@@ -43,6 +43,7 @@ from workers.families import d_model
 from workers.footprint import check_fits, footprint, free_bytes
 from workers.fused import available as fused_available
 from workers.handoff import Outbox
+from workers.ranks import GROUP_TIMEOUT_S, Slice, reduce_ranked
 from workers.reduce import compact, reduce_layer
 from workers.shard import ShardSpec, StageModel, load_stage
 from workers.split import forward_splitting
@@ -103,6 +104,11 @@ class StageSpec:
     keep_hidden: bool = False
     """Leave the hidden state for the next stage on the device, for a direct hand-off
     (`workers.handoff`), instead of copying it to host memory with the rows."""
+    ranks: int = 1
+    """Processes the stage's blocks are sharded over (``--tensor-parallel``, `workers.autotp`)."""
+    rank: int = 0
+    """This process's rank among them: rank 0 returns the stage's rows, predictions and hidden
+    state; the others return None for both."""
 
 
 @contextmanager
@@ -113,6 +119,7 @@ def reducing_hooks(
     sink: list,
     fused: bool = False,
     stream: torch.cuda.Stream | None = None,
+    part: Slice | None = None,
 ) -> Iterator[None]:
     """Reduce every owned block's neuron activations (what enters its MLP's output projection,
     `StageModel.neurons`) into ``sink`` while the context is open. In a gated MLP the up
@@ -122,16 +129,23 @@ def reducing_hooks(
     With ``stream`` (CUDA), each layer's reduction is queued on that side stream after the
     activations are written, so its small kernels run beside the next matmuls instead of
     between them; the activations are kept from reuse until the side stream has read them.
+    With ``part`` (a tensor-parallel rank's neurons), the reduction is `reduce_ranked`'s, with
+    the group's other ranks.
     """
     ups: dict[int, torch.Tensor] = {}
 
+    def layer(act: torch.Tensor, up: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        if part is None:
+            return reduce_layer(act, n_tokens, sel, fused, up)
+        return reduce_ranked(act, n_tokens, sel, part, fused, up)
+
     def reduce(act: torch.Tensor, up: torch.Tensor | None) -> None:
         if stream is None:
-            sink.append(reduce_layer(act, n_tokens, sel, fused, up))
+            sink.append(layer(act, up))
             return
         stream.wait_stream(torch.cuda.current_stream(act.device))  # a device-side wait, not a host sync
         with torch.cuda.stream(stream):
-            sink.append(reduce_layer(act, n_tokens, sel, fused, up))
+            sink.append(layer(act, up))
         for tensor in (act, up):
             if tensor is not None:
                 tensor.record_stream(stream)
@@ -175,11 +189,22 @@ class Stage:
         self.lock = threading.Lock()  # one launch at a time: the hooks and the side stream are shared
         self.streams = threading.local()  # each calling thread collects on its own stream
         self.outbox = Outbox()  # hidden states waiting for their direct hand-off
+        self.part: Slice | None = None  # a tensor-parallel rank's neurons
+        self.broken: str | None = None  # why a tensor-parallel rank's group cannot go on
+        self.turns = threading.Condition()  # a tensor-parallel rank's micro-batches launch in order:
+        self.turn = 0  # the one to launch next
 
-    def setup(self) -> dict:
+    def rendezvous(self) -> str:
+        """Where the ranks of a tensor-parallel stage meet (asked of rank 0): `workers.autotp.rendezvous`."""
+        from workers.autotp import rendezvous
+
+        return rendezvous()
+
+    def setup(self, address: str | None = None) -> dict:
         """Load this stage's weights on its device; returns what was loaded. Before anything
         loads, what the stage needs (`workers.footprint`) is checked against what the device
-        has free: one line if it does not fit."""
+        has free: one line if it does not fit. A rank of a tensor-parallel stage first joins
+        its group at ``address`` (`rendezvous`), then reads its own part of the weights."""
         if self.spec.threads:
             torch.set_num_threads(self.spec.threads)
         model_here(self.spec.model_path)
@@ -191,7 +216,7 @@ class Stage:
         # to measure the difference).
         self.reduce_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         dtype = getattr(torch, self.spec.dtype)
-        need = footprint(self.spec.model_path, config, self.spec.shard, dtype, self.device.type)
+        need = footprint(self.spec.model_path, config, self.spec.shard, dtype, self.device.type, self.spec.ranks)
         where = self.device if self.device.type == "cpu" else torch.device("cuda", torch.cuda.current_device())
         free = FAULT_MEMORY_BYTES or free_bytes(self.device)
         settled = time.monotonic() + MEMORY_SETTLE_S
@@ -199,7 +224,13 @@ class Stage:
             time.sleep(0.5)  # a process just gone (this actor before Ray restarted it) may still be freeing
             free = free_bytes(self.device)
         check_fits(need, free, self.spec.shard, self.spec.dtype, f"{where} of {node_name()}", self.device.type)
-        self.model = load_stage(self.spec.model_path, config, self.spec.shard, self.device, dtype)
+        if self.spec.ranks > 1:
+            from workers.autotp import join, load_ranked
+
+            join(address, self.spec.rank, self.spec.ranks, self.device.type)
+            self.model, self.part = load_ranked(self.spec.model_path, config, self.spec.shard, self.device, dtype)
+        else:
+            self.model = load_stage(self.spec.model_path, config, self.spec.shard, self.device, dtype)
         if self.spec.shard.start <= FAULT_PERTURB_LAYER < self.spec.shard.stop:
             block = self.model.blocks[FAULT_PERTURB_LAYER - self.spec.shard.start]
             for name in self.model.family.mlp_in:
@@ -209,6 +240,7 @@ class Stage:
             self._warm_up(d_model(config))
         return {
             "layers": (self.spec.shard.start, self.spec.shard.stop),
+            "rank": (self.spec.rank, self.spec.ranks),
             "weight_bytes": weights,
             "device": str(self.device),
             "reduction": "fused" if self.fused else "eager",
@@ -238,10 +270,46 @@ class Stage:
     def memory(self) -> dict[str, float]:
         return self.watch.report()
 
-    def forward(self, batch: MicroBatch, hidden: Hidden | None = None) -> tuple[Hidden | None, StageRows]:
+    def forward(
+        self, batch: MicroBatch, hidden: Hidden | None = None, turn: int | None = None
+    ) -> tuple[Hidden | None, StageRows | None]:
         """Run one micro-batch; out of memory, its halves are run and merged (`workers.split`).
-        Safe to call from two threads: launches take turns, collecting overlaps."""
-        return forward_splitting(self._forward, batch, hidden)
+        Safe to call from two threads: launches take turns, collecting overlaps.
+
+        A rank of a tensor-parallel stage launches the micro-batches in the order of ``turn``
+        (0, 1, 2 ... as the driver sent them to every rank of the group: their collectives pair
+        up only in the same order, and Ray does not keep a threaded actor's calls in order) and
+        returns (None, None) unless it is rank 0. Any failure there ends the group: this rank
+        leaves it, so that the others' next collective fails at once instead of waiting for it,
+        and every call from then on raises the same one line."""
+        if self.spec.ranks == 1:
+            return forward_splitting(self._forward, batch, hidden)
+        with self.turns:
+            came = self.turns.wait_for(lambda: self.turn == turn or self.broken is not None, timeout=GROUP_TIMEOUT_S)
+            if self.broken is None and not came:
+                self.broken = self._leave(TimeoutError(f"micro-batch {turn} never came, {self.turn} did"))
+        if self.broken is None:
+            try:
+                return self._forward(batch, hidden, ranked=True)
+            except Exception as err:
+                with self.turns:
+                    self.broken = self.broken or self._leave(err)
+                    self.turns.notify_all()
+        raise UserError(self.broken)
+
+    def _leave(self, err: Exception) -> str:
+        """Leave the tensor-parallel group after ``err``; the line every call then raises."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        shard = self.spec.shard
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        return (
+            f"rank {self.spec.rank} of the tensor-parallel stage of layers {shard.start}-{shard.stop - 1} failed "
+            f"({reason}): its group of {self.spec.ranks} cannot go on; committed parts are kept: fix the cause, "
+            "then rerun the same command with --resume"
+        )
 
     def scan(self, batch: MicroBatch, hidden=None) -> StageRows:
         """`forward` for a direct hand-off (`workers.handoff`): returns the rows and leaves the
@@ -264,7 +332,9 @@ class Stage:
         this stage's device)."""
         return self.outbox.take(key)
 
-    def _forward(self, batch: MicroBatch, hidden: Hidden | None) -> tuple[Hidden | None, StageRows]:
+    def _forward(
+        self, batch: MicroBatch, hidden: Hidden | None, ranked: bool = False
+    ) -> tuple[Hidden | None, StageRows]:
         if (
             self.model is not None
             and self.device.type == "cuda"
@@ -278,6 +348,10 @@ class Stage:
             if self.model is None:  # Ray restarted this actor: load the weights again
                 self.setup()
             launched = self._launch(batch, hidden)
+            if ranked:  # its collectives are queued: the next micro-batch may launch
+                with self.turns:
+                    self.turn += 1
+                    self.turns.notify_all()
         return self._collect(batch, launched)
 
     @torch.inference_mode()
@@ -293,13 +367,16 @@ class Stage:
 
         layers: list[dict[str, torch.Tensor]] = []
         side = self.reduce_stream
-        with reducing_hooks(self.model, n_tokens, batch.selection, layers, self.fused, side):
+        with reducing_hooks(self.model, n_tokens, batch.selection, layers, self.fused, side, self.part):
             # No attention mask: padding only ever follows a prompt's tokens (and its answer's),
             # so the causal mask alone keeps every real token from seeing it, and the rows never
             # read a padded position. (With a mask transformers checks it on the host, a sync,
             # and SDPA leaves its flash kernel.)
             h = self.model(x, None, position_ids)  # [batch, pos, d_model]
-        outputs = {"predictions": self._predict(h, batch)} if shard.last else {"hidden": {"data": h}}
+        if self.spec.rank > 0:  # rank 0 answers for the group
+            outputs = {}
+        else:
+            outputs = {"predictions": self._predict(h, batch)} if shard.last else {"hidden": {"data": h}}
         ready = []
         if dev.type == "cuda":
             if side is not None:
@@ -323,6 +400,9 @@ class Stage:
             for tensor in [*(t for layer in launched.layers for t in layer.values()), *leaves(launched.outputs)]:
                 tensor.record_stream(tail)  # written on other streams, read here: not to be reused before
             on_stream = torch.cuda.stream(tail)
+        if self.spec.rank > 0:
+            _wait_for(launched)
+            return None, None
         kept = launched.outputs.pop("hidden") if self.spec.keep_hidden and not shard.last else None
         with on_stream:
             rows, per_prompt = compact(launched.layers)  # nonzero: on a GPU, waits for this micro-batch only
@@ -368,6 +448,12 @@ class Stage:
         else:
             correct = torch.full((h.shape[0],), -1, dtype=torch.int8, device=dev)
         return {"top_ids": top_ids.to(torch.int32), "top_probs": top_probs, "correct": correct.to(torch.int8)}
+
+
+def _wait_for(launched: Launched) -> None:
+    """Wait for a launched micro-batch's device work (a rank > 0, which returns none of it)."""
+    for event in launched.ready:
+        event.synchronize()
 
 
 def _host_dtype(dtype: str) -> type:

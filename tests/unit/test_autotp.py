@@ -11,10 +11,10 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from neuroscan.config import Selection  # noqa: E402
-from tests.ranks import on_ranks  # noqa: E402
-from workers.ranks import Slice, reduce_ranked  # noqa: E402
-from workers.reduce import reduce_layer  # noqa: E402
+from neuroscan.config import Selection
+from tests.ranks import on_ranks
+from workers.ranks import Slice, reduce_ranked
+from workers.reduce import reduce_layer
 
 PRESETS = ("tiny", "tiny-neox", "tiny-llama", "tiny-mistral", "tiny-qwen2")
 
