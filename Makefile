@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 ifneq ($(HAS_CUDA),yes)
 	$(PY) -m pip install -q torch==2.13.0
 endif
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q -e '.[dev,bench,deepspeed]'
 	touch $(STAMP)
 
 # The demo: in-context prompts of three variants, scanned with the trained demo model

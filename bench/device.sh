@@ -30,18 +30,21 @@ step() {  # step NAME LIMIT COMMAND...: run COMMAND under a timeout; its output 
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; rc=$?
   echo "== $name: exit $rc after $((SECONDS - t0))s$( ((rc == 124)) && echo ', timed out')" | tee -a "$OUT/$name.log"
 }
-step gpu-tests "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/gpu --ignore tests/gpu/test_handoff_gpu.py
+step gpu-tests "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/gpu --ignore tests/gpu/test_handoff_gpu.py \
+  --ignore tests/gpu/test_tensor_parallel_gpu.py
 tail -25 "$OUT/gpu-tests.log"
 PRESET=${PRESET:-gptj-6b}  # or pythia-6.9b, llama-3-8b, gpt2-xl: each family's benchmark of record
 step bench "${BENCH_TIMEOUT:-420}" python3 -m cluster.cli bench --device cuda --preset "$PRESET" --prompts "${PROMPTS:-512}" \
-  --prompt-tokens 256 --batch-tokens 8192 --cache /tmp/neuroscan-bench --out "$OUT/bench.json" ${MODES:+--modes "$MODES"}
+  --prompt-tokens 256 --batch-tokens 8192 --cache /tmp/neuroscan-bench --out "$OUT/bench.json" ${MODES:+--modes "$MODES"} \
+  ${TP:+--tensor-parallel "$TP"}
 tail -40 "$OUT/bench.log"
 if [ -n "${KERNELS:-}" ]; then
   step kernels 120 python3 -m bench.kernels
   tail -30 "$OUT/kernels.log"
 fi
-# The direct hand-off through Ray (CUDA IPC between two stages on the GPU) in its own process and Ray.
-step gpu-handoff "${HANDOFF_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/gpu/test_handoff_gpu.py
+# The direct hand-off through Ray (CUDA IPC between two stages on the GPU) and, on a machine of two
+# GPUs or more, --tensor-parallel 2 over NCCL: in their own process and Ray.
+step gpu-handoff "${HANDOFF_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/gpu/test_handoff_gpu.py tests/gpu/test_tensor_parallel_gpu.py
 tail -5 "$OUT/gpu-handoff.log"
 if [ -n "${PROFILE:-}" ]; then
   step profile 120 python3 -m bench.profile "/tmp/neuroscan-bench/$PRESET-seed0-cuda"

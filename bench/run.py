@@ -22,6 +22,10 @@ Modes (tokens are the prompts' own tokens; ratios are against ``bare`` of the sa
   scan_2stage_direct  ``scan_2stage`` with the hidden state handed over as a tensor
                     (``--handoff direct``: CUDA IPC on one GPU, Gloo on a CPU) instead of
                     through pinned host memory and Ray's object store
+With ``--tensor-parallel T`` the Ray modes run each stage as T ranks (`workers.autotp`), one
+device each (``scan_2stage`` then needs 2T GPUs, and is skipped on CUDA; ``scan_2stage_direct``
+always is); the in-process modes stay on one device, so ``scan`` / ``bare`` is the whole
+speed-up or cost of the ranks.
 The peers run when their packages are installed (the ``bench`` extra); a default run skips
 the missing ones and says so in the report.
 MFU is model FLOPs per second over a large matmul's FLOPs per second measured in the same run.
@@ -51,6 +55,7 @@ from cluster.placement import STAGE_CONCURRENCY
 from neuroscan.config import BENCH_MODES, BenchConfig, ScanConfig, Selection, resolve_dtype
 from neuroscan.errors import UserError, file_out
 from prompts.batching import micro_batches
+from workers.autotp import check_tensor_parallel
 from workers.checkpoint import load_config, load_tokenizer, resolve_model
 from workers.families import context, d_mlp, d_model, family, n_layers
 from workers.rotary import RotaryAttention
@@ -233,10 +238,14 @@ def bench_in_process(
         saved(results)
 
 
-def skipped_modes(config) -> dict[str, str]:
-    """The modes a family has nothing to measure for (``bare_hf_*``) or that would time another
-    computation (`bench.peers.LENS_FAMILIES`), and why."""
+def skipped_modes(config, ranks: int = 1, device: str = "cpu") -> dict[str, str]:
+    """The modes a family has nothing to measure for (``bare_hf_*``), that would time another
+    computation (`bench.peers.LENS_FAMILIES`), or that ``--tensor-parallel ranks`` rules out, and why."""
     skipped = {}
+    if ranks > 1:
+        skipped["scan_2stage_direct"] = "--handoff direct hands the hidden state to one process, not a group of ranks"
+        if device == "cuda":
+            skipped["scan_2stage"] = f"its two stages share one GPU, which {ranks} ranks each cannot"
     if config.model_type != "gptj":
         skipped["bare_hf_rotary"] = "GPT-J only: no other family's attention is replaced"
     if getattr(config, "activation_function", None) != "gelu_new":
@@ -283,6 +292,7 @@ def bench_ray(
     stages: int,
     sel: Selection,
     handoff: str = "store",
+    ranks: int = 1,
 ) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ScanConfig(
@@ -293,7 +303,8 @@ def bench_ray(
             device=device,
             dtype=dtype,
             handoff=handoff,
-            gpus_per_stage=1.0 / stages if device == "cuda" else 1.0,
+            tensor_parallel=ranks,
+            gpus_per_stage=1.0 / stages if device == "cuda" and ranks == 1 else 1.0,
             selection=sel,
             batch_tokens=batch_tokens,
             quiet=True,
@@ -324,6 +335,11 @@ def run_bench(cfg: BenchConfig) -> dict:
         file_out(Path(cfg.out), "bench.json")
     if cfg.nodes and cfg.service:
         raise UserError("--nodes and --service are two benchmarks: run one, then the other")
+    if cfg.tensor_parallel > 1 and (cfg.nodes or cfg.service):
+        raise UserError(
+            f"--tensor-parallel {cfg.tensor_parallel} shards the stages of the one-shot Ray modes: leave out "
+            f"--{'nodes' if cfg.nodes else 'service'}, or --tensor-parallel"
+        )
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but torch sees no CUDA device: use --device cpu or run on a GPU machine")
@@ -353,6 +369,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         corpus = synthetic_corpus(Path(tmp) / "bench.jsonl", cfg.prompts, cfg.prompt_tokens)
         tokenizer = load_tokenizer(path)
         config = load_config(path)
+        check_tensor_parallel(config, cfg.tensor_parallel)
         dtype = resolve_dtype(cfg.dtype, device.type, getattr(config, "dtype", None))
         if cfg.prompt_tokens > context(config):
             raise UserError(
@@ -367,7 +384,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             raise UserError(
                 f"--modes {','.join(missing)}: not installed here: pip install 'neuroscan[bench]' (or leave them out)"
             )
-        not_here = {m: why for m, why in skipped_modes(config).items() if m in modes}
+        not_here = {m: why for m, why in skipped_modes(config, cfg.tensor_parallel, device.type).items() if m in modes}
         modes = [m for m in modes if m not in missing and m not in not_here]
         peak = matmul_flops(device, getattr(torch, dtype))
         per_token = flops_per_token(config, float(np.mean([b.n_tokens.mean() for b in batches])))
@@ -378,7 +395,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             if device.type == "cuda"
             else platform.processor() or platform.machine(),
             "versions": {
-                p: package_version(p) for p in ("torch", "transformers", "triton", "ray", "pyarrow", *PEER_PACKAGES)
+                p: package_version(p)
+                for p in ("torch", "transformers", "triton", "ray", "pyarrow", "deepspeed", *PEER_PACKAGES)
             },
             "model": {
                 "path": path,
@@ -411,7 +429,9 @@ def run_bench(cfg: BenchConfig) -> dict:
             torch.cuda.empty_cache()  # the model is gone; the Ray modes' actors need the memory
         for mode, (stages, handoff) in RAY_MODES.items():
             if mode in modes:
-                run = bench_ray(corpus, model_arg, device.type, dtype, cfg.batch_tokens, stages, sel, handoff)
+                run = bench_ray(
+                    corpus, model_arg, device.type, dtype, cfg.batch_tokens, stages, sel, handoff, cfg.tensor_parallel
+                )
                 results[mode] = {**run, "tokens": tokens}
                 saved(results)
     return finished(head, results, per_token, complete=True)

@@ -440,6 +440,11 @@ other waits for its copy and hands its result to Ray (`workers.stage`). A CPU st
 while it launches, so it runs one call at a time (two only competed for the same cores)."""
 
 
+RANK_CALLS = 256
+"""Calls a tensor-parallel rank takes at once, more than are ever in flight to one stage (a
+thread each, started as calls come)."""
+
+
 def stage_actor(
     cls, group, bundle: int, device: str, name: str, gpus: float = 1.0, direct: bool = False, ranked: bool = False
 ):
@@ -450,9 +455,10 @@ def stage_actor(
     a restarted actor is no longer in its pipeline's collective group and has lost the hidden
     states it held, so its death stops the run (resumable) instead. A rank of a tensor-parallel
     stage (``ranked``) is not restarted either (a new process is outside its stage's group), and
-    runs one call at a time: its group's collectives pair up only if every rank runs the
-    micro-batches in the order they were sent."""
-    concurrency = STAGE_CONCURRENCY if device == "cuda" and not ranked else 1
+    takes every call sent to it at once (`RANK_CALLS`): its calls wait for their turn
+    (`workers.stage.Stage.forward`), and one waiting must not keep out the call whose turn it is
+    (Ray starts a threaded actor's calls in any order)."""
+    concurrency = RANK_CALLS if ranked else STAGE_CONCURRENCY if device == "cuda" else 1
     groups = {GROUP: 2, INFO: 1} if direct else {INFO: 1}
     return ray.remote(enable_tensor_transport=direct, concurrency_groups=groups)(cls).options(
         name=name,

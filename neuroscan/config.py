@@ -523,6 +523,11 @@ class BenchConfig(Config):
         "measure the scanning service instead (submit latency, warm against cold, many small scans "
         "against one, a small scan behind a large one; bench/service.py)",
     )
+    tensor_parallel: int = option(
+        1,
+        "run the Ray modes' stages over this many ranks each (DeepSpeed AutoTP; one GPU each on CUDA)",
+        minimum=1,
+    )
     nodes: int = option(
         0,
         "measure instead the same scan on Ray clusters of 1 to this many nodes started on this machine, "

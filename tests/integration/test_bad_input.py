@@ -37,6 +37,7 @@ def case_files(tmp_path, small_model):
     (tmp_path / "c.docx").write_text("x")
     (tmp_path / "blank.txt").write_text("\n  \n")
     good = jsonl(tmp_path, ['{"text": "fine"}'])
+    gpt2 = write_checkpoint(preset_config("tiny-gpt2"), tmp_path / "gpt2")
     return {
         "empty corpus": ([jsonl(tmp_path, [])], "holds no prompts: add at least one"),
         "blank-only text file": ([str(tmp_path / "blank.txt")], "holds no prompts"),
@@ -95,6 +96,21 @@ def case_files(tmp_path, small_model):
             [good, "--gpus-per-stage", "1.5"],
             "--gpus-per-stage 1.5 must be in (0, 1]: a stage runs on one GPU",
         ),
+        "zero ranks": ([good, "--tensor-parallel", "0"], "--tensor-parallel 0 must be at least 1"),
+        "ranks with a direct hand-off": (
+            [good, "--tensor-parallel", "2", "--handoff", "direct"],
+            "--handoff direct hands the hidden state to one process, but --tensor-parallel 2 stages are several: "
+            "use --handoff store",
+        ),
+        "ranks sharing a GPU": (
+            [good, "--tensor-parallel", "2", "--device", "cuda", "--gpus-per-stage", "0.5"],
+            "would put two ranks of a group on one GPU, which NCCL refuses: leave --gpus-per-stage at 1",
+        ),
+        "ranks of a GPT-2": (
+            [good, "--tensor-parallel", "2", "--model", str(gpt2)],
+            "--tensor-parallel 2: DeepSpeed AutoTP does not shard GPT-2 models (it has no rule for their Conv1D "
+            "layers): use --tensor-parallel 1 and spread the model with --stages",
+        ),
     }
 
 
@@ -125,6 +141,10 @@ CASES = [
     "unknown on-error",
     "out is a file",
     "more than a GPU per stage",
+    "zero ranks",
+    "ranks with a direct hand-off",
+    "ranks sharing a GPU",
+    "ranks of a GPT-2",
     "overwrite and resume",
     "empty out",
     "empty corpus name",
@@ -247,3 +267,18 @@ def test_a_checkpoint_without_safetensors_is_refused_with_the_command_that_conve
     assert main([*scan, "--model", str(old), "--out", str(tmp_path / "converted")]) == 0
     assert main([*scan, "--model", str(small_model), "--out", str(tmp_path / "original")]) == 0
     assert_same_output(tmp_path / "converted", tmp_path / "original")
+
+
+def test_tensor_parallel_without_deepspeed_is_one_line(tmp_path, small_model, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
+    good = jsonl(tmp_path, ['{"text": "fine"}'])
+    out = tmp_path / "out"
+    assert main(["scan", good, "--model", str(small_model), "--tensor-parallel", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "neuroscan: error: --tensor-parallel 2 shards each stage with DeepSpeed, which is not installed: "
+        "pip install 'neuroscan[deepspeed]' (or use --tensor-parallel 1)\n"
+    )
+    assert not out.exists()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cluster.driver import run_scan
-from neuroscan.config import ScanConfig, Selection
+from neuroscan.config import ScanConfig, Selection, ServeConfig
 from neuroscan.errors import UserError, user_line
 from tests.conftest import CORPUS
 from tests.integration.test_worker_faults import config, saboteur
@@ -103,3 +103,44 @@ def test_a_rank_that_dies_stops_the_run_in_one_line_and_resume_finishes_it(ray_s
     result = subprocess.run(resume, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_output(out, reference)
+
+
+def test_scans_through_the_service_equal_their_one_shot_scans(ray_session, corpus, tmp_path, tiny_reference):
+    """The service's resident stages of two ranks each run scans with other thresholds side by
+    side; each scan's tables are those of its one-shot scan, and the forward pass's."""
+    from cluster.client import Client
+    from cluster.serve import background
+    from cluster.service import Service
+
+    options = [{"high": 0.5, "low": -0.1, "max_per_layer": 40}, {"high": 1.0, "low": -0.05, "max_per_layer": 0}]
+    cfg = ServeConfig(results=str(tmp_path / "results"), port=0, aggregators=1)
+    service = Service(cfg, ScanConfig(prompts="seed", out=str(tmp_path), stages=2, tensor_parallel=2, verify=0))
+    try:
+        service.start()
+        url, stop = background(service, "127.0.0.1", 0)
+        client = Client(url)
+        jobs = [client.submit(str(corpus), name=f"tp{i}", **o) for i, o in enumerate(options * 2)]
+        for job in jobs:
+            assert job.wait()["state"] == "completed"
+        runs = [job.result() for job in jobs]
+        stop()
+    finally:
+        service.close()
+    for i, (run, o) in enumerate(zip(runs, options * 2)):
+        sel = Selection(**o)
+        one_shot = tmp_path / f"one-shot-{i}"
+        if i < len(options):
+            run_scan(
+                ScanConfig(
+                    prompts=str(corpus),
+                    out=str(one_shot),
+                    quiet=True,
+                    stages=2,
+                    tensor_parallel=2,
+                    selection=sel,
+                    verify=0,
+                )
+            )
+        assert run.manifest.tensor_parallel == 2
+        assert_same_output(run.out, tmp_path / f"one-shot-{i % len(options)}")
+        assert assert_scan_matches(run.out, tiny_reference, sel) > 0

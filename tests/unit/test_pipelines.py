@@ -33,8 +33,11 @@ class FakeRay:
                 raise RuntimeError(f"{ref} failed to load")
 
 
-def load(monkeypatch, fake: FakeRay, lost: list[list[int]]) -> tuple[list[str], list[str], Pipelines]:
-    """Load CALLS; ``lost``: what each question to Ray about lost nodes answers."""
+def load(
+    monkeypatch, fake: FakeRay, lost: list[list[int]], calls: list[list[str]] | None = None
+) -> tuple[list[str], list[str], Pipelines]:
+    """Load ``calls`` (each stage's ranks' calls; CALLS, one rank a stage, by default); ``lost``:
+    what each question to Ray about lost nodes answers."""
     monkeypatch.setattr(pipelines, "ray", fake)
     pipes = Pipelines(device="cpu", pipes=[["stage", "stage"], ["stage", "stage"]])
     answers = iter(lost)
@@ -48,7 +51,7 @@ def load(monkeypatch, fake: FakeRay, lost: list[list[int]]) -> tuple[list[str], 
     monkeypatch.setattr(pipes, "lost_line", lambda: "replica 1 lost with node 3f2a")
     said: list[str] = []
     noticed: list[str] = []
-    pipes._load(CALLS, BOUNDS, said.append, noticed.append)
+    pipes._load(calls or [[c] for c in CALLS], BOUNDS, said.append, noticed.append)
     return said, noticed, pipes
 
 
@@ -62,6 +65,20 @@ def test_each_stage_is_said_as_it_finishes(monkeypatch):
         "stage 1/2 of replica 2/2 loaded (layers 0-13)",
     ]
     assert all(re.search(r", \d+\.\d s\)$", line) for line in said) and not noticed
+
+
+def test_a_stage_of_two_ranks_is_said_loaded_once_both_are(monkeypatch):
+    calls = [[f"{c}-rank{k}" for k in (0, 1)] for c in CALLS]
+    steps = [["r0s1-rank0"], ["r0s0-rank1"], ["r0s1-rank1"], ["r1s0-rank0"], ["r1s0-rank1"], ["r0s0-rank0"]]
+    steps += [["r1s1-rank1"], ["r1s1-rank0"]]
+    said, noticed, _ = load(monkeypatch, FakeRay(steps), lost=[], calls=calls)
+    assert [line.split(" (")[0] for line in said] == [
+        "stage 2/2 of replica 1/2 loaded",
+        "stage 1/2 of replica 2/2 loaded",
+        "stage 1/2 of replica 1/2 loaded",
+        "stage 2/2 of replica 2/2 loaded",
+    ]
+    assert not noticed
 
 
 @pytest.mark.parametrize(

@@ -187,3 +187,47 @@ def test_split_halves_of_a_handed_over_tensor_merge_like_numpy_ones(other_model,
     stage.spec = dataclasses.replace(stage.spec, keep_hidden=True)
     h_kept, _ = stage.forward(batch, Hidden(torch.from_numpy(hidden.data), "float32"))
     assert isinstance(h_kept.data, torch.Tensor) and np.array_equal(h_kept.data.numpy(), h_want.data)
+
+
+def test_a_ranks_calls_launch_in_turn_order_whatever_order_they_come_in(tiny_model):
+    """Ray starts a threaded actor's calls in any order; a rank's collectives pair up with its
+    group's only in the order the driver sent the micro-batches (their ``turn``)."""
+    import threading
+
+    config = load_config(tiny_model)
+    stage = Stage(StageSpec(str(tiny_model), ShardSpec(0, config.n_layer, config.n_layer), "cpu", "float32", ranks=2))
+    stage.model, stage.device, launched = object(), torch.device("cpu"), []
+    stage._launch = lambda batch, hidden: launched.append(batch)
+    stage._collect = lambda batch, done: (None, None)
+    threads = [threading.Thread(target=stage.forward, args=(turn, None, turn)) for turn in (2, 0, 3, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert launched == [0, 1, 2, 3]
+
+
+def test_a_rank_that_failed_answers_every_later_call_with_the_same_line(tiny_model):
+    config = load_config(tiny_model)
+    spec = StageSpec(str(tiny_model), ShardSpec(0, 3, config.n_layer), "cpu", "float32", ranks=2, rank=1)
+    stage = Stage(spec)
+    stage.model, stage.device = object(), torch.device("cpu")
+
+    def fail(batch, hidden):
+        raise RuntimeError("[gloo] Connection closed by peer [10.0.0.2]:29500\ntraceback lines")
+
+    stage._launch = fail
+    lines = []
+    for turn in (0, 1):
+        with pytest.raises(UserError) as err:
+            stage.forward(None, None, turn)
+        lines.append(str(err.value))
+    assert (
+        lines[0]
+        == lines[1]
+        == (
+            "rank 1 of the tensor-parallel stage of layers 0-2 failed ([gloo] Connection closed by peer "
+            "[10.0.0.2]:29500): its group of 2 cannot go on; committed parts are kept: fix the cause, then rerun "
+            "the same command with --resume"
+        )
+    )
