@@ -185,6 +185,7 @@ def make_app(service: Service, token: str | None = None) -> FastAPI:
             "dtype": service.plan.dtype,
             "stages": service.template.stages,
             "replicas": service.template.replicas,
+            "tensor_parallel": service.template.tensor_parallel,
             "replicas_live": len(service.pipelines.live),
             "nodes": service.pipelines.nodes(),
             "device": service.template.device,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.util
 import io
 import logging
 import os
@@ -60,13 +61,11 @@ def check_tensor_parallel(config: PretrainedConfig, size: int) -> None:
             f"--tensor-parallel {size}: DeepSpeed AutoTP does not shard {fam.name} models (it has no rule for "
             "their Conv1D layers): use --tensor-parallel 1 and spread the model with --stages"
         )
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("deepspeed") is None:  # not imported here: it prints what it finds at import
         raise UserError(
             f"--tensor-parallel {size} shards each stage with DeepSpeed, which is not installed: "
             "pip install 'neuroscan[deepspeed]' (or use --tensor-parallel 1)"
-        ) from None
+        )
 
 
 def rendezvous() -> str:
@@ -95,9 +94,9 @@ def join(address: str, rank: int, size: int, device: str) -> None:
         DS_ACCELERATOR=device,
     )
     deepspeed = _deepspeed()
-    import deepspeed.comm.torch as ds_torch
-
-    ds_torch.build_shm_op = lambda: None  # torch.distributed's all-reduce: see the module's docstring
+    # torch.distributed's all-reduce: see the module's docstring. (`import deepspeed.comm.torch as`
+    # would bind the torch package, which deepspeed.comm imports under that name.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(
         dist_backend="gloo" if device == "cpu" else "nccl",
         timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S),

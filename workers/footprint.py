@@ -20,9 +20,12 @@ which every family runs here, computes them in blocks (an eager attention would 
 workspaces and compiled kernels, and other stages loading on the same device at the same time
 (each sees the memory free when it checks).
 
-A rank of a tensor-parallel stage (``ranks`` > 1, `workers.autotp`) holds about its share of
-the blocks' matrices and of the MLP's working set, and the whole of the rest (the embedding,
-the head, the norms, the residual stream): counted so, not to the byte of AutoTP's cut.
+A rank of a tensor-parallel stage (``ranks`` > 1, `workers.autotp`) holds its share of the
+blocks' matrices and of the MLP's working set, and the whole of the rest (the embedding, the
+head, the norms, the residual stream). AutoTP cuts the MLP in multiples of 64 neurons (`GRAIN`),
+so the first ranks may hold more than an even share of it: each is counted at the largest. With
+key-value heads that the ranks do not divide, the first rank holds the whole attention, and each
+is counted so.
 """
 
 from __future__ import annotations
@@ -79,18 +82,32 @@ def footprint(
     size = torch.finfo(dtype).bits // 8
     weights = reading = 0
     blocks = f".{model.family.blocks}."
+    kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, model.family.sizes[1])
     for name, (shape, stored) in headers.items():
         n = math.prod(shape)
         if ranks > 1 and blocks in f".{name}" and len(shape) == 2:  # a block's matrix: cut over the ranks
-            n = -(-n // ranks)
+            if d_mlp(config) in shape:  # the MLP's, cut in multiples of GRAIN
+                n = n * largest_share(d_mlp(config), ranks) // d_mlp(config)
+            elif kv_heads % ranks == 0:  # the attention's, by heads (or held whole by the first rank)
+                n = -(-n // ranks)
         weights += n * size  # a tied head on the embedding's stage is the same parameter
         if device == "cpu" and stored != SAFETENSORS_DTYPES.get(dtype):
             reading += n * ITEM_BYTES.get(stored, 1)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     tokens = context(config)
     mlp = 4 if model.family.up else 3  # a gated MLP holds its gate, its up and their product
-    working = tokens * (mlp * -(-d_mlp(config) // ranks) + 8 * d_model(config)) * size
+    working = tokens * (mlp * largest_share(d_mlp(config), ranks) + 8 * d_model(config)) * size
     return Footprint(weights, buffers, reading, working, tokens)
+
+
+GRAIN = 64
+
+
+def largest_share(width: int, ranks: int) -> int:
+    """The most of ``width`` rows any of ``ranks`` holds when cut in multiples of `GRAIN`."""
+    if ranks == 1:
+        return width
+    return min(width, -(-width // (ranks * GRAIN)) * GRAIN)
 
 
 def free_bytes(device: torch.device) -> int:

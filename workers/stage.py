@@ -17,6 +17,12 @@ on its own stream (one per calling thread) it waits for those events, compacts t
 waits for it and builds the result, which Ray then stores. While one call collects, the
 next launches, so the device always has the next micro-batch queued and never idles while
 the host compacts, copies or serialises.
+
+With ``--tensor-parallel T`` a stage is T of these, ranks of one group (`workers.autotp`): each
+loads its own part of the blocks, every micro-batch goes to all of them and launches in the
+order the driver sent it (``turn``), each reduces its own neurons into the whole layer's rows
+(`workers.ranks.reduce_ranked`), and rank 0 returns them with the predictions or the hidden
+state.
 """
 
 from __future__ import annotations

@@ -119,6 +119,7 @@ def test_scans_through_the_service_equal_their_one_shot_scans(ray_session, corpu
         service.start()
         url, stop = background(service, "127.0.0.1", 0)
         client = Client(url)
+        assert client.health()["tensor_parallel"] == 2
         jobs = [client.submit(str(corpus), name=f"tp{i}", **o) for i, o in enumerate(options * 2)]
         for job in jobs:
             assert job.wait()["state"] == "completed"

@@ -23,13 +23,16 @@ def _rank_parts(paths: dict[str, str]) -> dict:
     """On each rank, per preset: whether the rank's own reads equal AutoTP's cut of the whole
     stage (every parameter), the rank's slice, and the largest difference of the sharded
     stage's logits from the whole stage's."""
+    import deepspeed.comm.comm
     import torch.distributed as dist
 
     from workers.autotp import load_ranked, shard_blocks
     from workers.checkpoint import load_config
+    from workers.footprint import footprint
     from workers.shard import ShardSpec, load_stage
 
-    out = {}
+    # AutoTP's sums through Gloo, not DeepSpeed's shared-memory kernel (which spins on a dead peer)
+    out = {"shared_memory_all_reduce": getattr(deepspeed.comm.comm.cdb, "shm_comm_op", None) is not None}
     for preset, path in paths.items():
         config = load_config(path)
         n = config.num_hidden_layers if hasattr(config, "num_hidden_layers") else config.n_layer
@@ -50,6 +53,8 @@ def _rank_parts(paths: dict[str, str]) -> dict:
             "differ": [name for name in own if not torch.equal(own[name], cut[name])],
             "slice": part,
             "logits": (got - expected).abs().max().item(),
+            "bytes": sum(p.numel() * p.element_size() for p in ranked.parameters()),
+            "counted": footprint(path, config, spec, torch.float32, "cpu", dist.get_world_size()).weights,
         }
     return out
 
@@ -59,6 +64,7 @@ def test_each_rank_reads_exactly_its_own_part_and_the_sharded_stage_computes_the
 
     paths = {p: str(write_checkpoint(preset_config(p), tmp_path / p)) for p in PRESETS}
     ranks = on_ranks(_rank_parts, 2, paths)
+    assert not ranks[0]["shared_memory_all_reduce"] and not ranks[1]["shared_memory_all_reduce"]
     for preset in PRESETS:
         a, b = ranks[0][preset], ranks[1][preset]
         for rank in (a, b):
@@ -67,6 +73,9 @@ def test_each_rank_reads_exactly_its_own_part_and_the_sharded_stage_computes_the
             assert rank["logits"] < 1e-4, (preset, rank["logits"])
         assert a["slice"].offset == 0 and b["slice"].offset == a["slice"].width, preset
         assert a["slice"].width + b["slice"].width == a["slice"].total == b["slice"].total, preset
+        # the memory check counts each rank at the largest share, and not much more
+        most = max(a["bytes"], b["bytes"])
+        assert most <= a["counted"] <= 1.02 * most, (preset, a["counted"], a["bytes"], b["bytes"])
     # AutoTP cuts gated MLPs in multiples of 64 neurons: tiny-llama's 192 as 128 + 64
     assert (ranks[0]["tiny-llama"]["slice"].width, ranks[1]["tiny-llama"]["slice"].width) == (128, 64)
 
