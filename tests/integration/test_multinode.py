@@ -213,6 +213,28 @@ print(json.dumps(found))
     assert not per_replica and len(nodes) == 2  # a replica across two nodes, as few as hold it
 
 
+def test_a_tensor_parallel_stages_ranks_share_a_node_and_write_the_rows_of_one_rank(
+    multinode, prompts, one_node, tmp_path
+):
+    """Two stages of two ranks: no 2-CPU node holds a replica's four actors, so each stage is a
+    bundle of its own, and its two ranks (one group, Gloo over the node's loopback) run on one
+    node. The rows are those of the one-node scan of one rank a stage."""
+    pytest.importorskip("deepspeed")
+    from tests.reference import assert_same_rows
+
+    before = set(multinode.actors())
+    done = scan(multinode.env(), prompts, tmp_path / "out", "--tensor-parallel", "2", "--verify", "0")
+    assert done.returncode == 0, done.stderr
+    assert assert_same_rows(tmp_path / "out", one_node) > 0
+    ran = {name: label for name, label in multinode.actors(before).items() if "-stage-" in name}
+    assert sorted(name.split("-stage-")[1] for name in ran) == ["0-0-rank-0", "0-0-rank-1", "0-1-rank-0", "0-1-rank-1"]
+    for stage in ("0-0", "0-1"):
+        assert (
+            ran[next(n for n in ran if n.endswith(f"{stage}-rank-0"))]
+            == ran[next(n for n in ran if n.endswith(f"{stage}-rank-1"))]
+        ), ran
+
+
 def test_ray_job_submit_runs_a_scan_on_the_cluster(multinode, prompts, one_node, tmp_path):
     """The job's driver runs on the head with RAY_ADDRESS set, so the scan joins the cluster.
     Before any node is lost or added: run after them (every node here shares one IP), Ray's
