@@ -44,7 +44,7 @@ if [ -n "${KERNELS:-}" ]; then
 fi
 # The direct hand-off through Ray (CUDA IPC between two stages on the GPU) and, on a machine of two
 # GPUs or more, --tensor-parallel 2 over NCCL: in their own process and Ray.
-step gpu-handoff "${HANDOFF_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/gpu/test_handoff_gpu.py tests/gpu/test_tensor_parallel_gpu.py
+step gpu-handoff "${HANDOFF_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/gpu/test_handoff_gpu.py tests/gpu/test_tensor_parallel_gpu.py
 tail -5 "$OUT/gpu-handoff.log"
 if [ -n "${PROFILE:-}" ]; then
   step profile 120 python3 -m bench.profile "/tmp/neuroscan-bench/$PRESET-seed0-cuda"

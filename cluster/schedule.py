@@ -154,10 +154,12 @@ class Scheduler:
         silent = {asked[ref] for ref in unanswered}
         for actor in silent & self.suspects:
             ray.kill(actor, no_restart=False)
-            self.notice(
-                f"{named[actor]} answered nothing for {time.monotonic() - self.answered:.0f} s: restarted it, "
-                "its calls sent again"
+            done = (
+                "stopped it (a rank of a tensor-parallel stage is not restarted)"
+                if self.pipelines.ranks > 1 and "stage" in named[actor]
+                else "restarted it, its calls sent again"
             )
+            self.notice(f"{named[actor]} answered nothing for {time.monotonic() - self.answered:.0f} s: {done}")
         self.suspects = silent - self.suspects
         if not self.suspects:
             self.answered = time.monotonic()
@@ -195,10 +197,9 @@ class Scheduler:
                 # A tensor-parallel stage: every rank gets the micro-batch, in the same turn; rank 0
                 # answers for the group (the others return None).
                 turn = self.pipelines.next_turn(pipe, s)
-                ranks = [
-                    rank.forward.options(num_returns=2).remote(batch_ref, hidden, turn)
-                    for rank in self.pipelines.group(pipe, s)
-                ]
+                group = self.pipelines.group(pipe, s)
+                given = hidden if len(group) == 1 else [hidden]  # the ranks read it in turn (Stage.forward)
+                ranks = [rank.forward.options(num_returns=2).remote(batch_ref, given, turn) for rank in group]
                 hidden, stage_rows = ranks[0]
                 rows.append(stage_rows)
         else:  # the rows through the object store, the hidden state handed over directly (workers.handoff)

@@ -397,7 +397,12 @@ class ScanConfig(Config):
         minimum=1,
         group="how it runs",
     )
-    device: str = option("cpu", "where stages run (cuda: one GPU per stage)", choices=DEVICES, group="how it runs")
+    device: str = option(
+        "cpu",
+        "where stages run (cuda: one GPU per stage, or per rank with --tensor-parallel)",
+        choices=DEVICES,
+        group="how it runs",
+    )
     gpus_per_stage: float = option(
         1.0,
         "the share of a GPU each stage reserves, at most 1; 0.5 puts two stages on one GPU",

@@ -7,8 +7,9 @@ projections (and the attention's query, key and value) by output rows, the outpu
 input columns, whose partial results it sums over the group. So rank r holds a contiguous slice
 of every layer's neurons and computes their activations itself: what enters its slice of the
 MLP's output projection, which `workers.ranks.reduce_ranked` reduces there (`Slice`: where the
-rank's neurons start, read from every rank's width: AutoTP cuts the gated MLPs of Llama, Mistral
-and Qwen2 in multiples of 64 neurons, so the slices may differ by up to 64).
+rank's neurons start, read from every rank's width: AutoTP cuts every MLP in multiples of 64
+neurons, so the slices differ where the ranks do not divide the layer in such multiples:
+Llama's 192 neurons of the tiny test model as 128 and 64).
 
 Loading: the stage is built on the meta device and sharded there, so that each parameter has
 its rank's shape; then each rank reads from the safetensors files only its own part of every
@@ -46,7 +47,8 @@ from transformers import PretrainedConfig
 
 from neuroscan.errors import UserError
 from workers.checkpoint import read_slices, tensor_files, tensor_headers
-from workers.families import family
+from workers.families import d_mlp, family
+from workers.footprint import GRAIN
 from workers.ranks import GROUP_TIMEOUT_S, Slice
 from workers.shard import ShardSpec, StageModel
 
@@ -60,6 +62,14 @@ def check_tensor_parallel(config: PretrainedConfig, size: int) -> None:
         raise UserError(
             f"--tensor-parallel {size}: DeepSpeed AutoTP does not shard {fam.name} models (it has no rule for "
             "their Conv1D layers): use --tensor-parallel 1 and spread the model with --stages"
+        )
+    heads = getattr(config, fam.sizes[1])
+    most = min(heads, d_mlp(config) // GRAIN)
+    if size > most:
+        raise UserError(
+            f"--tensor-parallel {size} is more ranks than this model can be cut into: AutoTP gives each rank at least "
+            f"one of its {heads} attention heads and {GRAIN} of its {d_mlp(config)} neurons a layer; use at most "
+            f"--tensor-parallel {most}"
         )
     if importlib.util.find_spec("deepspeed") is None:  # not imported here: it prints what it finds at import
         raise UserError(

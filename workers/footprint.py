@@ -24,8 +24,8 @@ A rank of a tensor-parallel stage (``ranks`` > 1, `workers.autotp`) holds its sh
 blocks' matrices and of the MLP's working set, and the whole of the rest (the embedding, the
 head, the norms, the residual stream). AutoTP cuts the MLP in multiples of 64 neurons (`GRAIN`),
 so the first ranks may hold more than an even share of it: each is counted at the largest. With
-key-value heads that the ranks do not divide, the first rank holds the whole attention, and each
-is counted so.
+key-value heads that the ranks do not divide, AutoTP gives the ranks unequal numbers of heads;
+each is then counted with the whole attention (more than any holds).
 """
 
 from __future__ import annotations

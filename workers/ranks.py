@@ -18,12 +18,15 @@ their band codes), issued on the calling stream: no host synchronisation.
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from neuroscan.config import Selection
+from neuroscan.errors import UserError
 from workers.fused import kept_rows_fused, pick_fused
 from workers.reduce import (
     GATED_FIELDS,
@@ -40,6 +43,52 @@ from workers.thresholds import thresholds
 GROUP_TIMEOUT_S = 600
 """How long a rank waits for the others of its group (to join it, in a collective, for its next
 micro-batch) before it gives up: the ranks of a stage run the same micro-batches in step."""
+
+
+class Turns:
+    """A tensor-parallel rank's micro-batches, launched in the order the driver sent them.
+
+    Every rank of a group gets each micro-batch with the same ``turn`` (0, 1, 2 ...). Ray may
+    start a threaded actor's calls in any order, and the group's collectives pair up only when
+    every rank runs them in the same order: each call waits for its turn (`take`) and passes it
+    on once its collectives are queued (`pass_on`). A call waits at most ``timeout_s`` without
+    any turn passing; once the group is broken (`fail`), every call raises its line.
+    """
+
+    def __init__(self, timeout_s: float = GROUP_TIMEOUT_S):
+        self.timeout_s = timeout_s
+        self.next = 0
+        self.broken: str | None = None
+        self.changed = threading.Condition()
+
+    def take(self, turn: int) -> None:
+        """Wait for ``turn``: `UserError` if the group is broken, `TimeoutError` if no turn
+        passed for ``timeout_s``."""
+        with self.changed:
+            seen, deadline = self.next, time.monotonic() + self.timeout_s
+            while self.broken is None and self.next != turn:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"micro-batch turn {turn} waited {self.timeout_s:.0f} s for turn {self.next}, which never came"
+                    )
+                self.changed.wait(left)
+                if self.next != seen:  # the group goes on: wait again as long
+                    seen, deadline = self.next, time.monotonic() + self.timeout_s
+            if self.broken is not None:
+                raise UserError(self.broken)
+
+    def pass_on(self) -> None:
+        with self.changed:
+            self.next += 1
+            self.changed.notify_all()
+
+    def fail(self, line: str) -> str:
+        """Mark the group broken (the first line stays); returns the line every call raises."""
+        with self.changed:
+            self.broken = self.broken or line
+            self.changed.notify_all()
+            return self.broken
 
 
 @dataclass(frozen=True)
@@ -75,7 +124,9 @@ def merge_candidates(
 
 
 SUMMED_FLOATS = ("max_act", "min_act", *GATED_FIELDS)
+"""A kept row's float32 fields: summed over the ranks as their int32 bits."""
 SUMMED_INTS = ("max_pos", "min_pos", "n_above", "n_below", "n_red")
+"""A kept row's integer fields: summed over the ranks as int32."""
 
 
 def reduce_ranked(
@@ -117,16 +168,16 @@ def reduce_ranked(
         "n_above_any": (stats["max_act"] > high).sum(dim=1).to(torch.int32),
         "n_below_any": (stats["min_act"] < low).sum(dim=1).to(torch.int32),
     }
-    whole = _summed(picked, counts, mine, group)
+    whole, counts = _summed(picked, counts, mine, group)
     return layer_rows(kept, kept_neurons.clamp(max=n - 1), whole, {"n_selected": n_selected, **counts}, n_tokens)
 
 
 def _summed(
     picked: dict[str, torch.Tensor], counts: dict[str, torch.Tensor], mine: torch.Tensor, group
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Every rank's kept rows in one: each rank's own slots (``mine``) and zeros elsewhere,
-    summed over the group (float32 fields as their bits, which a sum with zeros keeps), and the
-    per-prompt ``counts`` summed; ``counts`` is updated in place."""
+    summed over the group (float32 fields as their bits, which a sum with zeros keeps); and the
+    per-prompt ``counts`` summed over the group."""
     floats = [name for name in SUMMED_FLOATS if name in picked]
     ints = torch.stack(
         [
@@ -144,5 +195,4 @@ def _summed(
     for i, name in enumerate(SUMMED_INTS, start=len(floats)):
         whole[name] = ints[i].to(picked[name].dtype)
     whole["bands"] = bands
-    counts.update(zip(counts, per_prompt))
-    return whole
+    return whole, dict(zip(counts, per_prompt))

@@ -49,7 +49,7 @@ from workers.families import d_model
 from workers.footprint import check_fits, footprint, free_bytes
 from workers.fused import available as fused_available
 from workers.handoff import Outbox
-from workers.ranks import GROUP_TIMEOUT_S, Slice, reduce_ranked
+from workers.ranks import Slice, Turns, reduce_ranked
 from workers.reduce import compact, reduce_layer
 from workers.shard import ShardSpec, StageModel, load_stage
 from workers.split import forward_splitting
@@ -196,9 +196,11 @@ class Stage:
         self.streams = threading.local()  # each calling thread collects on its own stream
         self.outbox = Outbox()  # hidden states waiting for their direct hand-off
         self.part: Slice | None = None  # a tensor-parallel rank's neurons
-        self.broken: str | None = None  # why a tensor-parallel rank's group cannot go on
-        self.turns = threading.Condition()  # a tensor-parallel rank's micro-batches launch in order:
-        self.turn = 0  # the one to launch next
+        self.turns = Turns()  # a tensor-parallel rank's micro-batches, in the driver's order
+        self.lock_break = threading.Lock()
+        # A tensor-parallel rank takes every call at once (they wait for their turn): as many
+        # micro-batches are on its device at a time as a stage of one rank has.
+        self.slots = threading.Semaphore(2 if spec.device == "cuda" else 1)
 
     def rendezvous(self) -> str:
         """Where the ranks of a tensor-parallel stage meet (asked of rank 0): `workers.autotp.rendezvous`."""
@@ -277,45 +279,49 @@ class Stage:
         return self.watch.report()
 
     def forward(
-        self, batch: MicroBatch, hidden: Hidden | None = None, turn: int | None = None
+        self, batch: MicroBatch, hidden: Hidden | list | None = None, turn: int | None = None
     ) -> tuple[Hidden | None, StageRows | None]:
         """Run one micro-batch; out of memory, its halves are run and merged (`workers.split`).
         Safe to call from two threads: launches take turns, collecting overlaps.
 
-        A rank of a tensor-parallel stage launches the micro-batches in the order of ``turn``
-        (0, 1, 2 ... as the driver sent them to every rank of the group: their collectives pair
-        up only in the same order, and Ray does not keep a threaded actor's calls in order) and
-        returns (None, None) unless it is rank 0. Any failure there ends the group: this rank
-        leaves it, so that the others' next collective fails at once instead of waiting for it,
-        and every call from then on raises the same one line."""
+        A rank of a tensor-parallel stage runs the micro-batches in the order of ``turn``
+        (`workers.ranks.Turns`), gets the hidden state as ``[its Ray reference]``, read once the
+        turn is its own (a previous stage that failed then costs the turn, not a wait), and
+        returns (None, None) unless it is rank 0. Out of memory is not split there (every rank
+        would have to split alike). Any failure ends the group: this rank leaves it, so that the
+        others' next collective fails (at once over Gloo; NCCL waits for its timeout), and every
+        call from then on raises the same one line."""
         if self.spec.ranks == 1:
             return forward_splitting(self._forward, batch, hidden)
-        with self.turns:
-            came = self.turns.wait_for(lambda: self.turn == turn or self.broken is not None, timeout=GROUP_TIMEOUT_S)
-            if self.broken is None and not came:
-                self.broken = self._leave(TimeoutError(f"micro-batch {turn} never came, {self.turn} did"))
-        if self.broken is None:
-            try:
+        try:
+            self.turns.take(turn)
+        except TimeoutError as err:
+            raise UserError(self._break(err)) from None
+        try:
+            hidden = _resolved(hidden)
+        except Exception:
+            self.turns.pass_on()  # the previous stage failed: no rank of the group runs this one
+            raise
+        try:
+            with self.slots:
                 return self._forward(batch, hidden, ranked=True)
-            except Exception as err:
-                with self.turns:
-                    self.broken = self.broken or self._leave(err)
-                    self.turns.notify_all()
-        raise UserError(self.broken)
+        except Exception as err:
+            raise UserError(self._break(err)) from None
 
-    def _leave(self, err: Exception) -> str:
-        """Leave the tensor-parallel group after ``err``; the line every call then raises."""
+    def _break(self, err: BaseException) -> str:
+        """End this rank's tensor-parallel group after ``err`` (once); the line every call raises."""
         import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        shard = self.spec.shard
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        return (
-            f"rank {self.spec.rank} of the tensor-parallel stage of layers {shard.start}-{shard.stop - 1} failed "
-            f"({reason}): its group of {self.spec.ranks} cannot go on; committed parts are kept: fix the cause, "
-            "then rerun the same command with --resume"
-        )
+        with self.lock_break:
+            if self.turns.broken is None and dist.is_initialized():
+                dist.destroy_process_group()
+            shard = self.spec.shard
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            return self.turns.fail(
+                f"rank {self.spec.rank} of the tensor-parallel stage of layers {shard.start}-{shard.stop - 1} failed "
+                f"({reason}): its group of {self.spec.ranks} cannot go on; committed parts are kept: fix the cause, "
+                "then rerun the same command with --resume"
+            )
 
     def scan(self, batch: MicroBatch, hidden=None) -> StageRows:
         """`forward` for a direct hand-off (`workers.handoff`): returns the rows and leaves the
@@ -355,9 +361,7 @@ class Stage:
                 self.setup()
             launched = self._launch(batch, hidden)
             if ranked:  # its collectives are queued: the next micro-batch may launch
-                with self.turns:
-                    self.turn += 1
-                    self.turns.notify_all()
+                self.turns.pass_on()
         return self._collect(batch, launched)
 
     @torch.inference_mode()
@@ -372,7 +376,10 @@ class Stage:
         x = to_device(batch.input_ids, dev).long() if shard.first else _from_host(hidden, dev)
 
         layers: list[dict[str, torch.Tensor]] = []
-        side = self.reduce_stream
+        # A tensor-parallel rank reduces on the forward pass's own stream: its gathers then follow
+        # AutoTP's all-reduces in one order on one stream (two NCCL communicators with kernels on two
+        # streams at once may deadlock).
+        side = self.reduce_stream if self.part is None else None
         with reducing_hooks(self.model, n_tokens, batch.selection, layers, self.fused, side, self.part):
             # No attention mask: padding only ever follows a prompt's tokens (and its answer's),
             # so the causal mask alone keeps every real token from seeing it, and the rows never
@@ -406,8 +413,13 @@ class Stage:
             for tensor in [*(t for layer in launched.layers for t in layer.values()), *leaves(launched.outputs)]:
                 tensor.record_stream(tail)  # written on other streams, read here: not to be reused before
             on_stream = torch.cuda.stream(tail)
-        if self.spec.rank > 0:
-            _wait_for(launched)
+        if self.spec.rank > 0:  # rank 0 answers for the group
+            for event in launched.ready:
+                event.synchronize()
+            del launched
+            if self.device.type == "cpu":
+                release_free_heap()
+            self.watch.sample()
             return None, None
         kept = launched.outputs.pop("hidden") if self.spec.keep_hidden and not shard.last else None
         with on_stream:
@@ -456,10 +468,14 @@ class Stage:
         return {"top_ids": top_ids.to(torch.int32), "top_probs": top_probs, "correct": correct.to(torch.int8)}
 
 
-def _wait_for(launched: Launched) -> None:
-    """Wait for a launched micro-batch's device work (a rank > 0, which returns none of it)."""
-    for event in launched.ready:
-        event.synchronize()
+def _resolved(hidden):
+    """A tensor-parallel rank's hidden state: ``[a Ray reference]`` (or ``[None]`` on the first
+    stage) read now."""
+    if not isinstance(hidden, list):
+        return hidden
+    import ray
+
+    return None if hidden[0] is None else ray.get(hidden[0])
 
 
 def _host_dtype(dtype: str) -> type:

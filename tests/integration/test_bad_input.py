@@ -106,6 +106,11 @@ def case_files(tmp_path, small_model):
             [good, "--tensor-parallel", "2", "--device", "cuda", "--gpus-per-stage", "0.5"],
             "would put two ranks of a group on one GPU, which NCCL refuses: leave --gpus-per-stage at 1",
         ),
+        "more ranks than heads": (
+            [good, "--tensor-parallel", "3", "--model", str(small_model)],
+            "--tensor-parallel 3 is more ranks than this model can be cut into: AutoTP gives each rank at least one of "
+            "its 2 attention heads and 64 of its 64 neurons a layer; use at most --tensor-parallel 1",
+        ),
         "ranks of a GPT-2": (
             [good, "--tensor-parallel", "2", "--model", str(gpt2)],
             "--tensor-parallel 2: DeepSpeed AutoTP does not shard GPT-2 models (it has no rule for their Conv1D "
@@ -144,6 +149,7 @@ CASES = [
     "zero ranks",
     "ranks with a direct hand-off",
     "ranks sharing a GPU",
+    "more ranks than heads",
     "ranks of a GPT-2",
     "overwrite and resume",
     "empty out",

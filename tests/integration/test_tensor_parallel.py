@@ -1,6 +1,7 @@
 """``--tensor-parallel 2`` on CPU: each stage is two Ray actors, two Gloo ranks sharded by
 DeepSpeed AutoTP, each reducing its own neurons. The tables are those of one rank a stage, row
-by row (bands included), and both are the per-prompt forward pass's (tests/reference.py).
+by row (`assert_same_rows`), and both are the per-prompt forward pass's, bands included
+(`assert_scan_matches`, tests/reference.py).
 A rank that dies stops the run in one line, and ``--resume`` finishes it.
 """
 

@@ -13,6 +13,7 @@ pytest.importorskip("deepspeed")
 
 from neuroscan.config import Selection
 from tests.ranks import on_ranks
+from tests.triton_cpu import HAS_TRITON
 from workers.ranks import Slice, reduce_ranked
 from workers.reduce import reduce_layer
 
@@ -86,18 +87,20 @@ def _ranked_rows(cases: list) -> list:
     import torch.distributed as dist
 
     rank, out = dist.get_rank(), []
-    for acts, ups, n_tokens, widths, sel in cases:
+    for acts, ups, n_tokens, widths, sel, fused in cases:
         start = sum(widths[:rank])
         part = Slice(start, widths[rank], sum(widths))
         mine = slice(start, start + widths[rank])
-        out.append(reduce_ranked(acts[:, :, mine], n_tokens, sel, part, up=None if ups is None else ups[:, :, mine]))
+        up = None if ups is None else ups[:, :, mine]
+        out.append(reduce_ranked(acts[:, :, mine], n_tokens, sel, part, fused, up))
     return out
 
 
 def test_the_ranks_rows_are_the_whole_layers_rows_on_every_rank():
     """Even and uneven slices, plain and gated, capped, uncapped, a cap above the width and
     nothing selected; ties included: activations on a coarse grid make many neurons rank alike,
-    and the cap must break them by the lower global index across the ranks' boundary."""
+    and the cap must break them by the lower global index across the ranks' boundary. The
+    fused kernels (under Triton's interpreter on a CPU) on the capped selections too."""
     g = torch.Generator().manual_seed(3)
     selections = [
         Selection(high=2.0, low=-2.0, max_per_layer=5),
@@ -111,9 +114,11 @@ def test_the_ranks_rows_are_the_whole_layers_rows_on_every_rank():
             acts = (torch.randint(-8, 9, (3, 11, 64), generator=g) / 2).float()
             ups = torch.randn(3, 11, 64, generator=g) if gated else None
             n_tokens = torch.tensor([11, 7, 1])
-            cases += [(acts, ups, n_tokens, widths, sel) for sel in selections]
+            cases += [(acts, ups, n_tokens, widths, sel, False) for sel in selections]
+            if HAS_TRITON:
+                cases += [(acts, ups, n_tokens, widths, sel, True) for sel in selections[:1]]
     ranks = on_ranks(_ranked_rows, 2, cases)
-    for i, (acts, ups, n_tokens, widths, sel) in enumerate(cases):
+    for i, (acts, ups, n_tokens, widths, sel, _) in enumerate(cases):
         expected = reduce_layer(acts, n_tokens, sel, up=ups)
         kept = expected["kept"]
         assert kept.any() or sel.high == 100.0

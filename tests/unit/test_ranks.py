@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
-from workers.ranks import merge_candidates
+from neuroscan.errors import UserError
+from workers.ranks import Turns, merge_candidates
 from workers.reduce import pick_neurons
 from workers.thresholds import UNSELECTED
 
@@ -36,3 +40,29 @@ def test_the_merged_cap_is_the_whole_layers(t, k):
     want, want_n = pick_neurons(rank, min(k, n))
     got, got_n = merge_candidates(*_slices_pick(rank, t, k), min(k, n), n)
     assert torch.equal(got, want) and torch.equal(got_n, want_n)
+
+
+def test_turns_let_calls_through_in_order_and_wait_while_the_group_goes_on():
+    turns, order = Turns(timeout_s=0.5), []
+
+    def call(turn: int, work_s: float) -> None:
+        turns.take(turn)
+        order.append(turn)
+        time.sleep(work_s)  # a long micro-batch: the later calls wait longer than the timeout in all
+        turns.pass_on()
+
+    threads = [threading.Thread(target=call, args=(t, 0.3)) for t in (3, 1, 2, 0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert order == [0, 1, 2, 3]
+
+
+def test_turns_give_up_when_no_turn_passes_and_say_the_broken_groups_line():
+    turns = Turns(timeout_s=0.2)
+    with pytest.raises(TimeoutError, match="micro-batch turn 1 waited 0 s for turn 0, which never came"):
+        turns.take(1)
+    assert turns.fail("rank 1 ... failed") == turns.fail("a later line") == "rank 1 ... failed"
+    with pytest.raises(UserError, match=r"rank 1 \.\.\. failed"):
+        turns.take(0)
