@@ -197,9 +197,9 @@ class Scheduler:
                 # A tensor-parallel stage: every rank gets the micro-batch, in the same turn; rank 0
                 # answers for the group (the others return None).
                 turn = self.pipelines.next_turn(pipe, s)
-                group = self.pipelines.group(pipe, s)
-                given = hidden if len(group) == 1 else [hidden]  # the ranks read it in turn (Stage.forward)
-                ranks = [rank.forward.options(num_returns=2).remote(batch_ref, given, turn) for rank in group]
+                actors = self.pipelines.group(pipe, s)
+                given = hidden if len(actors) == 1 else [hidden]  # the ranks read it in turn (Stage.forward)
+                ranks = [rank.forward.options(num_returns=2).remote(batch_ref, given, turn) for rank in actors]
                 hidden, stage_rows = ranks[0]
                 rows.append(stage_rows)
         else:  # the rows through the object store, the hidden state handed over directly (workers.handoff)

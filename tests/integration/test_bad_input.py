@@ -275,13 +275,13 @@ def test_a_checkpoint_without_safetensors_is_refused_with_the_command_that_conve
     assert_same_output(tmp_path / "converted", tmp_path / "original")
 
 
-def test_tensor_parallel_without_deepspeed_is_one_line(tmp_path, small_model, capsys, monkeypatch):
+def test_tensor_parallel_without_deepspeed_is_one_line(tmp_path, capsys, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
     good = jsonl(tmp_path, ['{"text": "fine"}'])
     out = tmp_path / "out"
-    assert main(["scan", good, "--model", str(small_model), "--tensor-parallel", "2", "--out", str(out)]) == 2
+    assert main(["scan", good, "--tensor-parallel", "2", "--out", str(out)]) == 2  # the embedded model: 4 heads
     err = capsys.readouterr().err
     assert err == (
         "neuroscan: error: --tensor-parallel 2 shards each stage with DeepSpeed, which is not installed: "
