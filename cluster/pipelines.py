@@ -141,12 +141,10 @@ class Pipelines:
     def _setups(self) -> list[list]:
         """Every stage's set-up calls, replica by replica, stage by stage: one a rank, the ranks
         of a stage meeting where its rank 0 listens."""
-        calls = []
-        for pipe, peers in zip(self.pipes, self.peers):
-            for first, others in zip(pipe, peers):
-                address = ray.get(first.rendezvous.remote()) if others else None
-                calls.append([actor.setup.remote(address) for actor in (first, *others)])
-        return calls
+        groups = [(first, *others) for pipe, peers in zip(self.pipes, self.peers) for first, others in zip(pipe, peers)]
+        # every rank 0 asked at once: each answers once its process has started
+        addresses = ray.get([g[0].rendezvous.remote() for g in groups]) if self.ranks > 1 else [None] * len(groups)
+        return [[actor.setup.remote(address) for actor in group] for group, address in zip(groups, addresses)]
 
     def group(self, pipe: list, s: int) -> list:
         """Every rank of stage ``s`` of the replica ``pipe``, rank 0 first."""

@@ -140,13 +140,15 @@ class Scheduler:
         not within ``PING_S`` twice in a row (its node alive, its process stopped), so that Ray
         restarts it and retries its calls. Twice: an actor that Ray is restarting (after a
         crash, or after this) answers only once its process has started again."""
-        named = {}
+        named, ranked = {}, set()  # ranked: the ranks of tensor-parallel stages, never restarted
         for r in self.pipelines.live:
             for s in range(len(self.pipes[r])):
                 group = self.pipelines.group(self.pipes[r], s)
                 for rank, actor in enumerate(group):
                     of = f"rank {rank} of " if len(group) > 1 else ""
                     named[actor] = f"{of}stage {s + 1}/{len(self.pipes[r])} of replica {r}"
+                    if len(group) > 1:
+                        ranked.add(actor)
         for i, host in enumerate({id(job.sink.host): job.sink.host for job in self.jobs}.values()):
             named[host] = f"aggregator host {i}"
         asked = {actor.memory.options(concurrency_group=placement.INFO).remote(): actor for actor in named}
@@ -156,7 +158,7 @@ class Scheduler:
             ray.kill(actor, no_restart=False)
             done = (
                 "stopped it (a rank of a tensor-parallel stage is not restarted)"
-                if self.pipelines.ranks > 1 and "stage" in named[actor]
+                if actor in ranked
                 else "restarted it, its calls sent again"
             )
             self.notice(f"{named[actor]} answered nothing for {time.monotonic() - self.answered:.0f} s: {done}")

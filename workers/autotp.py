@@ -47,7 +47,7 @@ from transformers import PretrainedConfig
 
 from neuroscan.errors import UserError
 from workers.checkpoint import read_slices, tensor_files, tensor_headers
-from workers.families import d_mlp, family
+from workers.families import d_mlp, family, heads
 from workers.footprint import GRAIN
 from workers.ranks import GROUP_TIMEOUT_S, Slice
 from workers.shard import ShardSpec, StageModel
@@ -63,12 +63,11 @@ def check_tensor_parallel(config: PretrainedConfig, size: int) -> None:
             f"--tensor-parallel {size}: DeepSpeed AutoTP does not shard {fam.name} models (it has no rule for "
             "their Conv1D layers): use --tensor-parallel 1 and spread the model with --stages"
         )
-    heads = getattr(config, fam.sizes[1])
-    most = min(heads, d_mlp(config) // GRAIN)
+    most = min(heads(config), d_mlp(config) // GRAIN)
     if size > most:
         raise UserError(
             f"--tensor-parallel {size} is more ranks than this model can be cut into: AutoTP gives each rank at least "
-            f"one of its {heads} attention heads and {GRAIN} of its {d_mlp(config)} neurons a layer; use at most "
+            f"one of its {heads(config)} attention heads and {GRAIN} of its {d_mlp(config)} neurons a layer; use at most "
             f"--tensor-parallel {most}"
         )
     if importlib.util.find_spec("deepspeed") is None:  # not imported here: it prints what it finds at import

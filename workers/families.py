@@ -145,6 +145,15 @@ def d_model(config: PretrainedConfig) -> int:
     return config.hidden_size
 
 
+def heads(config: PretrainedConfig) -> int:
+    return config.num_attention_heads
+
+
+def kv_heads(config: PretrainedConfig) -> int:
+    """Key-value heads: fewer than the heads in grouped-query attention (Llama, Mistral, Qwen2)."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
 def d_mlp(config: PretrainedConfig) -> int:
     """Neurons a layer: the width of the MLP (GPT-J and GPT-2 default to 4 x d_model)."""
     inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)

@@ -40,7 +40,7 @@ from transformers import PretrainedConfig
 
 from neuroscan.errors import UserError
 from workers.checkpoint import tensor_files, tensor_headers
-from workers.families import context, d_mlp, d_model
+from workers.families import context, d_mlp, d_model, kv_heads
 from workers.shard import ShardSpec, StageModel
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -82,13 +82,13 @@ def footprint(
     size = torch.finfo(dtype).bits // 8
     weights = reading = 0
     blocks = f".{model.family.blocks}."
-    kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, model.family.sizes[1])
+    even_heads = kv_heads(config) % ranks == 0
     for name, (shape, stored) in headers.items():
         n = math.prod(shape)
         if ranks > 1 and blocks in f".{name}" and len(shape) == 2:  # a block's matrix: cut over the ranks
             if d_mlp(config) in shape:  # the MLP's, cut in multiples of GRAIN
                 n = n * largest_share(d_mlp(config), ranks) // d_mlp(config)
-            elif kv_heads % ranks == 0:  # the attention's, by heads (or held whole by the first rank)
+            elif even_heads:  # the attention's, by heads (or held whole by the first rank)
                 n = -(-n // ranks)
         weights += n * size  # a tied head on the embedding's stage is the same parameter
         if device == "cpu" and stored != SAFETENSORS_DTYPES.get(dtype):

@@ -222,7 +222,11 @@ class Stage:
         self.fused = fused_available(self.device)  # one Triton pass on a GPU, the eager reference elsewhere
         # On a GPU the reductions run on a side stream, beside the forward pass (bench turns it off
         # to measure the difference).
-        self.reduce_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # A tensor-parallel rank reduces on the forward pass's own stream: its gathers then follow
+        # AutoTP's all-reduces in one order on one stream (two NCCL communicators with kernels on two
+        # streams at once may deadlock).
+        side = self.device.type == "cuda" and self.spec.ranks == 1
+        self.reduce_stream = torch.cuda.Stream(self.device) if side else None
         dtype = getattr(torch, self.spec.dtype)
         need = footprint(self.spec.model_path, config, self.spec.shard, dtype, self.device.type, self.spec.ranks)
         where = self.device if self.device.type == "cpu" else torch.device("cuda", torch.cuda.current_device())
@@ -376,10 +380,7 @@ class Stage:
         x = to_device(batch.input_ids, dev).long() if shard.first else _from_host(hidden, dev)
 
         layers: list[dict[str, torch.Tensor]] = []
-        # A tensor-parallel rank reduces on the forward pass's own stream: its gathers then follow
-        # AutoTP's all-reduces in one order on one stream (two NCCL communicators with kernels on two
-        # streams at once may deadlock).
-        side = self.reduce_stream if self.part is None else None
+        side = self.reduce_stream
         with reducing_hooks(self.model, n_tokens, batch.selection, layers, self.fused, side, self.part):
             # No attention mask: padding only ever follows a prompt's tokens (and its answer's),
             # so the causal mask alone keeps every real token from seeing it, and the rows never
